@@ -1,0 +1,138 @@
+"""MLflow -> tidy DataFrame -> the paper's tables (Markdown, LaTeX, CSV) and plots (PNG).
+
+    clustermask-report SWEEP_DIR            # what the report job of a sweep runs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+POINT_COLUMNS = ["point", "strategy", "features", "ratio", "attention", "seed", "status"]
+HEADLINE = {  # metric key suffix -> short column name, in table order
+    "zeroshot_classification/wds/shapes/acc1": "zs_acc1",
+    "linear_probe/wds/shapes/lp_acc1": "lp_acc1",
+    "zeroshot_retrieval/wds/scenes/image_retrieval_recall_at_1": "i2t_r1",
+    "zeroshot_retrieval/wds/scenes/text_retrieval_recall_at_1": "t2i_r1",
+}
+
+
+def strategy_label(row) -> str:
+    if row["strategy"] == "cluster":
+        return f"cluster-{row['features']}" + ("-attn" if str(row.get("attention")) == "True" else "")
+    return str(row["strategy"])
+
+
+def sweep_frame(tracking_uri: str, experiment: str, sweep_id: str) -> pd.DataFrame:
+    """One row per point: what it was (strategy, ratio, ...) and every metric's last value."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[experiment],
+                              filter_string=f"tags.sweep_id = '{sweep_id}' and tags.kind = 'point'",
+                              output_format="pandas")
+    if runs.empty:
+        return pd.DataFrame(columns=POINT_COLUMNS)
+    frame = pd.DataFrame({
+        "point": runs["tags.mlflow.runName"],
+        "strategy": runs["params.masking.strategy"],
+        "features": runs["params.masking.features"],
+        "ratio": runs["params.masking.ratio"].astype(float),
+        "attention": runs["params.masking.attention"],
+        "seed": runs["params.train.seed"].astype(int),
+        "status": runs["status"],
+        "run_id": runs["run_id"],
+    })
+    metrics = runs[[c for c in runs.columns if c.startswith("metrics.")]]
+    metrics.columns = [c[len("metrics."):] for c in metrics.columns]
+    frame = pd.concat([frame, metrics], axis=1)
+    frame["label"] = frame.apply(strategy_label, axis=1)
+    return frame.sort_values(["label", "ratio", "seed"]).reset_index(drop=True)
+
+
+def headline_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """A row per point, a column per headline metric, SugarCrepe per edit and its mean."""
+    columns = {key: name for key, name in HEADLINE.items() if key in frame}
+    sugar = sorted(c for c in frame.columns if c.startswith("image_caption_selection/sugar_crepe/") and c.endswith("/acc"))
+    table = frame[["label", "ratio", "seed"]].copy()
+    for key, name in columns.items():
+        table[name] = frame[key]
+    for key in sugar:
+        table["sc_" + key.split("/")[-2]] = frame[key]
+    if sugar:
+        table["sc_mean"] = frame[sugar].mean(axis=1)
+    return table
+
+
+def plot_metric(frame: pd.DataFrame, metric: str, path: Path, title: Optional[str] = None) -> Path:
+    """`metric` against mask ratio, a line per strategy (mean over seeds)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if metric in frame:
+        for label, group in frame.groupby("label"):
+            means = group.groupby("ratio")[metric].mean().sort_index()
+            ax.plot(means.index, means.values, marker="o", label=label)
+    if "zeroshot_classification/wds/shapes/chance" in frame and metric.endswith("acc1"):
+        ax.axhline(frame["zeroshot_classification/wds/shapes/chance"].mean(), ls="--", c="grey", label="chance")
+    ax.set_xlabel("mask ratio")
+    ax.set_ylabel(metric.split("/")[-1])
+    ax.set_title(title or metric, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_tables(table: pd.DataFrame, frame: pd.DataFrame, out_dir: Path) -> List[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown = out_dir / "results.md"
+    markdown.write_text(table.to_markdown(index=False, floatfmt=".3f") + "\n")
+    latex = out_dir / "results.tex"
+    latex.write_text(table.to_latex(index=False, float_format="%.3f"))
+    csv = out_dir / "results_all_metrics.csv"
+    frame.to_csv(csv, index=False)
+    return [markdown, latex, csv]
+
+
+def build_report(sweep_dir: Path, plot_metrics: Optional[List[str]] = None) -> Path:
+    """Reads manifest.json for the MLflow location; writes <sweep_dir>/report/. Returns that directory."""
+    manifest = json.loads((Path(sweep_dir) / "manifest.json").read_text())
+    frame = sweep_frame(manifest["tracking_uri"], manifest["experiment"], manifest["sweep_id"])
+    out_dir = Path(sweep_dir) / "report"
+    table = headline_table(frame)
+    write_tables(table, frame, out_dir)
+    for metric in plot_metrics or list(HEADLINE)[:2] + ["image_caption_selection/sugar_crepe/swap_att/acc"]:
+        plot_metric(frame, metric, out_dir / f"{metric.replace('/', '_')}.png")
+    _copy_mask_pictures(manifest, out_dir)
+    print(f"report: {len(frame)} point(s) -> {out_dir}")
+    return out_dir
+
+
+def _copy_mask_pictures(manifest: dict, out_dir: Path) -> None:
+    import shutil
+
+    for point in manifest["points"]:
+        picture = Path(point["run_dir"]) / "masks.png"
+        if picture.exists():
+            shutil.copy(picture, out_dir / f"masks_{point['name']}.png")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Tables and plots of a sweep from MLflow")
+    parser.add_argument("sweep_dir")
+    parser.add_argument("--metric", action="append", help="metric key to plot against the mask ratio (repeatable)")
+    args = parser.parse_args(argv)
+    out = build_report(Path(args.sweep_dir), args.metric)
+    print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""clustermask: CLIP pretraining whose image tower drops clusters of similar patches."""

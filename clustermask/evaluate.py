@@ -1,0 +1,193 @@
+"""Evaluation stage: a registry of evaluators over clip_benchmark's datasets and metrics.
+
+An evaluator is a function ``(model, transform, tokenizer, task, ctx) -> iterable of (metric, value)``,
+registered by name. Results are written one JSON per (checkpoint, task) in clip_benchmark's output
+format, so ``clip_benchmark build`` reads them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from clip_benchmark.datasets.builder import build_dataset, get_dataset_collate_fn, image_captions_collate_fn
+from clip_benchmark.metrics import image_caption_selection, linear_probe, zeroshot_classification, zeroshot_retrieval
+from torch.utils.data import DataLoader
+
+Metric = Tuple[str, float]
+
+
+@dataclass
+class EvalTask:
+    name: str  # evaluator name in EVALUATORS
+    dataset: str  # clip_benchmark dataset name: wds/<name>, sugar_crepe/<task>, ...
+    root: str  # local dataset root
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    tasks: List[EvalTask] = field(default_factory=list)
+    batch_size: int = 128
+    workers: int = 0
+    device: str = "auto"
+    amp: bool = False
+    fail: bool = False  # fault injection for tests
+
+
+@dataclass
+class EvalContext:
+    device: str
+    batch_size: int
+    workers: int
+    amp: bool
+    feature_dir: Path
+
+
+Evaluator = Callable[..., Iterable[Metric]]
+EVALUATORS: Dict[str, Evaluator] = {}
+
+
+def register_evaluator(name: str):
+    def wrap(fn: Evaluator) -> Evaluator:
+        EVALUATORS[name] = fn
+        return fn
+
+    return wrap
+
+
+def validate(cfg: EvalConfig, check_paths: bool = True) -> None:
+    for i, task in enumerate(cfg.tasks):
+        if task.name not in EVALUATORS:
+            raise ValueError(f"eval.tasks[{i}].name={task.name!r} is not one of {sorted(EVALUATORS)}")
+        if check_paths and not os.path.exists(task.root):
+            raise FileNotFoundError(f"eval.tasks[{i}].root={task.root!r} ({task.dataset}) does not exist")
+
+
+def _loader(dataset, ctx: EvalContext, collate_fn) -> DataLoader:
+    return DataLoader(dataset, batch_size=ctx.batch_size, num_workers=ctx.workers, collate_fn=collate_fn)
+
+
+def _dataset(task: EvalTask, transform, split: str = "test"):
+    return build_dataset(task.dataset, root=task.root, transform=transform, split=split, download=False,
+                         task=task.name)
+
+
+@register_evaluator("zeroshot_classification")
+def zeroshot_classification_eval(model, transform, tokenizer, task: EvalTask, ctx: EvalContext):
+    dataset = _dataset(task, transform)
+    metrics = zeroshot_classification.evaluate(
+        model, _loader(dataset, ctx, get_dataset_collate_fn(task.dataset)), tokenizer, dataset.classes,
+        dataset.templates, ctx.device, amp=ctx.amp)
+    yield from metrics.items()
+    yield "chance", 1.0 / len(dataset.classes)
+
+
+@register_evaluator("zeroshot_retrieval")
+def zeroshot_retrieval_eval(model, transform, tokenizer, task: EvalTask, ctx: EvalContext):
+    dataset = _dataset(task, transform)
+    recall_k = [int(k) for k in task.options.get("recall_k", [1, 5])]
+    yield from zeroshot_retrieval.evaluate(model, _loader(dataset, ctx, image_captions_collate_fn), tokenizer,
+                                           ctx.device, amp=ctx.amp, recall_k_list=recall_k).items()
+
+
+@register_evaluator("image_caption_selection")
+def image_caption_selection_eval(model, transform, tokenizer, task: EvalTask, ctx: EvalContext):
+    dataset = _dataset(task, transform)
+    yield from image_caption_selection.evaluate(model, _loader(dataset, ctx, image_captions_collate_fn), tokenizer,
+                                                ctx.device, amp=ctx.amp).items()
+
+
+@register_evaluator("linear_probe")
+def linear_probe_eval(model, transform, tokenizer, task: EvalTask, ctx: EvalContext):
+    """clip_benchmark's linear probe; its `evaluate` asserts CUDA, so on CPU we drive its own parts."""
+    train = _loader(_dataset(task, transform, "train"), ctx, get_dataset_collate_fn(task.dataset))
+    test = _loader(_dataset(task, transform, "test"), ctx, get_dataset_collate_fn(task.dataset))
+    lr, epochs = float(task.options.get("lr", 0.1)), int(task.options.get("epochs", 10))
+    if ctx.device.startswith("cuda"):
+        yield from linear_probe.evaluate(model, train, test, fewshot_k=-1, batch_size=ctx.batch_size,
+                                         num_workers=ctx.workers, lr=lr, epochs=epochs, model_id="model", seed=0,
+                                         feature_root=str(ctx.feature_dir), device="cuda", amp=ctx.amp).items()
+        return
+    yield from _linear_probe_cpu(model, train, test, lr, epochs, ctx).items()
+
+
+def _features(model, loader, device):
+    featurizer = linear_probe.Featurizer(model).to(device)
+    features, targets = [], []
+    with torch.no_grad():
+        for images, target in loader:
+            features.append(featurizer(images.to(device)).cpu())
+            targets.append(target)
+    return torch.cat(features), torch.cat(targets)
+
+
+def _linear_probe_cpu(model, train_loader, test_loader, lr: float, epochs: int, ctx: EvalContext) -> dict:
+    from sklearn.metrics import balanced_accuracy_score
+
+    train_x, train_y = _features(model, train_loader, ctx.device)
+    test_x, test_y = _features(model, test_loader, ctx.device)
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(train_x.shape[1], int(train_y.max()) + 1)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.0)
+    batches = DataLoader(linear_probe.FeatureDataset(train_x, train_y), batch_size=ctx.batch_size, shuffle=True)
+    scheduler = linear_probe.cosine_lr(optimizer, lr, 0.0, epochs * len(batches))
+    for epoch in range(epochs):
+        for i, (x, y) in enumerate(batches):
+            scheduler(i + epoch * len(batches))
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(probe(x), y).backward()
+            optimizer.step()
+    with torch.no_grad():
+        logits = probe(test_x)
+    acc1, acc5 = linear_probe.accuracy(logits, test_y, topk=(1, min(5, logits.shape[1])))
+    return {"lp_acc1": acc1, "lp_acc5": acc5,
+            "lp_mean_per_class_recall": balanced_accuracy_score(test_y, logits.argmax(1))}
+
+
+# ---------------------------------------------------------------- running and writing
+
+
+def metric_key(task: EvalTask, metric: str) -> str:
+    """MLflow key `<task>/<dataset>/<metric>`; MLflow rejects '@'."""
+    return f"{task.name}/{task.dataset}/{metric}".replace("@", "_at_")
+
+
+def result_path(out_dir: Path, task: EvalTask, model_name: str, checkpoint: str) -> Path:
+    """clip_benchmark's default output name: {dataset}_{pretrained}_{model}_{language}_{task}.json"""
+    dataset = task.dataset.replace("wds/", "", 1).replace("/", "_")
+    return Path(out_dir) / f"{dataset}_{os.path.basename(checkpoint)}_{model_name}_en_{task.name}.json"
+
+
+def run_task(model, transform, tokenizer, task: EvalTask, ctx: EvalContext) -> Dict[str, float]:
+    return {name: float(value) for name, value in EVALUATORS[task.name](model, transform, tokenizer, task, ctx)}
+
+
+def evaluate_checkpoint(model_name: str, checkpoint: str, cfg: EvalConfig, out_dir: Path,
+                        log: Optional[Callable[[Dict[str, float]], None]] = None) -> Dict[str, float]:
+    """Evaluate one checkpoint on every task; write one JSON per task; return the flat metric dict."""
+    from .model import load_for_eval
+    from .train import resolve_device
+
+    if cfg.fail:
+        raise RuntimeError("eval.fail=true: injected failure")
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    model, transform, tokenizer = load_for_eval(model_name, checkpoint, device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = EvalContext(device, cfg.batch_size, cfg.workers, cfg.amp, out_dir / "features")
+    flat = {}
+    for task in cfg.tasks:
+        metrics = run_task(model, transform, tokenizer, task, ctx)
+        dump = {"dataset": task.dataset, "model": model_name, "pretrained": checkpoint, "task": task.name,
+                "metrics": metrics, "language": "en"}
+        result_path(out_dir, task, model_name, checkpoint).write_text(json.dumps(dump, indent=1))
+        task_metrics = {metric_key(task, k): v for k, v in metrics.items()}
+        if log is not None:
+            log(task_metrics)
+        flat.update(task_metrics)
+    return flat

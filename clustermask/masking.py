@@ -1,0 +1,372 @@
+"""Which patch tokens the image tower sees during training.
+
+Every strategy is a function registered by name that scores each patch token; the tokens with the highest
+scores are dropped. Scores are ``priority + uniform noise`` so that tokens of equal priority are dropped in
+random order, with no bias towards low or high indices. Every image keeps exactly
+``L - round(ratio * L)`` patch tokens (plus CLS), so shapes are static and nothing here synchronises with
+the host: the masking path can be compiled with ``torch.compile(fullgraph=True)``.
+
+The masking module replaces open_clip's ``patch_dropout`` slot of a ``VisionTransformer`` (it sees the tokens
+after the positional embedding and before ``ln_pre``); forward pre-hooks hand it the pixels and, in
+``attention`` mode, give the transformer a per-image key-padding mask. The model's ``state_dict`` is
+unchanged, so checkpoints stay in open_clip's format.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FEATURES = ("rgb", "embedding", "mixed")
+
+
+@dataclass
+class MaskingConfig:
+    strategy: str = "none"  # a name in STRATEGIES
+    ratio: float = 0.5  # fraction of patch tokens dropped
+    features: str = "rgb"  # cluster features: rgb | embedding | mixed (rgb -> embedding over training)
+    anchor_fraction: float = 0.03  # anchors per image, as a fraction of the patches (at least one)
+    threshold: float = 0.5  # cosine similarity above which a patch joins an anchor's cluster
+    target_coverage: Optional[float] = None  # if set, calibrate the threshold to this mean cluster coverage
+    calibration_batches: int = 4
+    kmeans_k: int = 8
+    kmeans_iters: int = 3
+    attention: bool = False  # also hide the clustered tokens that were kept, with a key-padding mask
+
+
+class MaskingInputs(NamedTuple):
+    tokens: torch.Tensor  # (B, L, D) patch embeddings after the positional embedding, CLS excluded
+    pixels: Optional[torch.Tensor]  # (B, 3, H, W) the images the tokens came from
+    patch_size: int
+    threshold: torch.Tensor  # 0-dim, on the tokens' device
+    progress: torch.Tensor  # 0-dim in [0, 1]: fraction of training done (for `mixed`)
+
+
+class MaskScores(NamedTuple):
+    score: torch.Tensor  # (B, L) higher is dropped first
+    clustered: Optional[torch.Tensor]  # (B, L) bool: token belongs to a cluster
+    cluster_id: Optional[torch.Tensor]  # (B, L) long, -1 for none (for pictures)
+
+
+Strategy = Callable[[MaskingInputs, MaskingConfig], MaskScores]
+STRATEGIES: Dict[str, Strategy] = {}
+PIXEL_STRATEGIES: set = set()
+
+
+def register_strategy(name: str, needs_pixels: bool = False):
+    def wrap(fn: Strategy) -> Strategy:
+        STRATEGIES[name] = fn
+        if needs_pixels:
+            PIXEL_STRATEGIES.add(name)
+        return fn
+
+    return wrap
+
+
+def validate(cfg: MaskingConfig) -> None:
+    """Raise ValueError naming the bad key and value."""
+    if cfg.strategy not in STRATEGIES:
+        raise ValueError(f"masking.strategy={cfg.strategy!r} is not one of {sorted(STRATEGIES)}")
+    if not 0.0 <= cfg.ratio < 1.0:
+        raise ValueError(f"masking.ratio={cfg.ratio!r} must be in [0, 1)")
+    if cfg.features not in FEATURES:
+        raise ValueError(f"masking.features={cfg.features!r} is not one of {list(FEATURES)}")
+    if not 0.0 < cfg.anchor_fraction <= 1.0:
+        raise ValueError(f"masking.anchor_fraction={cfg.anchor_fraction!r} must be in (0, 1]")
+    if not -1.0 <= cfg.threshold <= 1.0:
+        raise ValueError(f"masking.threshold={cfg.threshold!r} must be a cosine similarity in [-1, 1]")
+    if cfg.target_coverage is not None and not 0.0 < cfg.target_coverage < 1.0:
+        raise ValueError(f"masking.target_coverage={cfg.target_coverage!r} must be in (0, 1)")
+    if cfg.kmeans_k < 1 or cfg.kmeans_iters < 0:
+        raise ValueError(f"masking.kmeans_k={cfg.kmeans_k!r} / kmeans_iters={cfg.kmeans_iters!r} out of range")
+
+
+def num_dropped(num_patches: int, ratio: float) -> int:
+    return int(round(ratio * num_patches))
+
+
+# ---------------------------------------------------------------- features
+
+
+def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, L, C * p * p), patches in the row-major order of open_clip's conv1 tokens."""
+    b, c, h, w = pixels.shape
+    gh, gw = h // patch_size, w // patch_size
+    x = pixels[:, :, : gh * patch_size, : gw * patch_size]
+    x = x.reshape(b, c, gh, patch_size, gw, patch_size).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, gh * gw, c * patch_size * patch_size)
+
+
+def rgb_features(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Unit-norm patch pixel vectors, standardised per channel with the image's own mean and std.
+
+    Standardising per patch (as MAE's normalised-pixel target does) would send every flat patch to the zero
+    vector, so a red and a blue flat region would be indistinguishable; per-image statistics keep colour.
+    """
+    x = pixels.float()
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    std = x.std(dim=(2, 3), keepdim=True)
+    x = (x - mean) / (std + 1e-6)
+    return F.normalize(patchify(x, patch_size), dim=-1, eps=1e-6)
+
+
+def _random_indices(batch: int, length: int, count: int, device) -> torch.Tensor:
+    return torch.rand(batch, length, device=device).topk(count, dim=1).indices
+
+
+def anchor_similarity(features: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity (B, L, A) of every patch to each image's anchor patches (features unit-norm)."""
+    anchor_feats = features.gather(1, anchors[..., None].expand(-1, -1, features.shape[-1]))
+    return torch.bmm(features, anchor_feats.transpose(1, 2))
+
+
+def num_anchors(num_patches: int, fraction: float) -> int:
+    return max(1, int(round(fraction * num_patches)))
+
+
+def cluster_similarity(inputs: MaskingInputs, cfg: MaskingConfig, anchors: torch.Tensor) -> torch.Tensor:
+    if cfg.features == "embedding":
+        return anchor_similarity(F.normalize(inputs.tokens.float(), dim=-1), anchors)
+    rgb = anchor_similarity(rgb_features(inputs.pixels, inputs.patch_size), anchors)
+    if cfg.features == "rgb":
+        return rgb
+    emb = anchor_similarity(F.normalize(inputs.tokens.float(), dim=-1), anchors)
+    weight = inputs.progress.clamp(0.0, 1.0)
+    return torch.lerp(rgb, emb, weight)
+
+
+def cluster_membership(inputs: MaskingInputs, cfg: MaskingConfig):
+    """Anchor-based clusters: (clustered (B, L) bool, cluster_id (B, L) long with -1 for none)."""
+    b, length, _ = inputs.tokens.shape
+    anchors = _random_indices(b, length, num_anchors(length, cfg.anchor_fraction), inputs.tokens.device)
+    sim = cluster_similarity(inputs, cfg, anchors)
+    is_anchor = torch.zeros(b, length, dtype=torch.bool, device=sim.device).scatter_(1, anchors, True)
+    best_sim, best_anchor = sim.max(dim=-1)
+    clustered = (best_sim > inputs.threshold) | is_anchor
+    cluster_id = torch.where(clustered, best_anchor, torch.full_like(best_anchor, -1))
+    return clustered, cluster_id
+
+
+# ---------------------------------------------------------------- strategies
+
+
+@register_strategy("none")
+def score_none(inputs: MaskingInputs, cfg: MaskingConfig) -> MaskScores:
+    b, length, _ = inputs.tokens.shape
+    return MaskScores(torch.zeros(b, length, device=inputs.tokens.device), None, None)
+
+
+@register_strategy("random")
+def score_random(inputs: MaskingInputs, cfg: MaskingConfig) -> MaskScores:
+    b, length, _ = inputs.tokens.shape
+    return MaskScores(torch.rand(b, length, device=inputs.tokens.device), None, None)
+
+
+@register_strategy("cluster", needs_pixels=True)
+def score_cluster(inputs: MaskingInputs, cfg: MaskingConfig) -> MaskScores:
+    clustered, cluster_id = cluster_membership(inputs, cfg)
+    noise = torch.rand(clustered.shape, device=clustered.device)
+    return MaskScores(clustered.float() + noise, clustered, cluster_id)
+
+
+@register_strategy("kmeans", needs_pixels=True)
+def score_kmeans(inputs: MaskingInputs, cfg: MaskingConfig) -> MaskScores:
+    """A few k-means iterations on rgb features; whole clusters are dropped in random order."""
+    feats = rgb_features(inputs.pixels, inputs.patch_size)
+    b, length, _ = feats.shape
+    k = min(cfg.kmeans_k, length)
+    centres = feats.gather(1, _random_indices(b, length, k, feats.device)[..., None].expand(-1, -1, feats.shape[-1]))
+    cluster_index = torch.arange(k, device=feats.device)
+    for _ in range(cfg.kmeans_iters):
+        # a comparison rather than F.one_hot, which may check its input on the host
+        onehot = (torch.bmm(feats, centres.transpose(1, 2)).argmax(-1)[..., None] == cluster_index).to(feats.dtype)
+        sums = torch.bmm(onehot.transpose(1, 2), feats)
+        counts = onehot.sum(1)[..., None]
+        centres = torch.where(counts > 0, F.normalize(sums, dim=-1, eps=1e-6), centres)
+    assignment = torch.bmm(feats, centres.transpose(1, 2)).argmax(-1)
+    cluster_rank = torch.rand(b, k, device=feats.device).argsort(dim=1).argsort(dim=1).to(feats.dtype)
+    score = cluster_rank.gather(1, assignment) + torch.rand(b, length, device=feats.device)
+    return MaskScores(score, None, assignment)
+
+
+# ---------------------------------------------------------------- the op
+
+
+class MaskResult(NamedTuple):
+    keep: torch.Tensor  # (B, L - n_drop) indices of kept patch tokens
+    dropped: torch.Tensor  # (B, L) bool
+    hidden: Optional[torch.Tensor]  # (B, L - n_drop) bool: kept but hidden from attention
+    scores: MaskScores
+
+
+def select_tokens(inputs: MaskingInputs, cfg: MaskingConfig) -> MaskResult:
+    """Decide which patch tokens to keep. Pure function of the inputs and the random generator."""
+    length = inputs.tokens.shape[1]
+    n_drop = num_dropped(length, cfg.ratio)
+    scores = STRATEGIES[cfg.strategy](inputs, cfg)
+    order = scores.score.argsort(dim=1, descending=True)
+    keep = order[:, n_drop:]
+    dropped = torch.ones_like(scores.score, dtype=torch.bool).scatter_(1, keep, False)
+    hidden = None
+    if cfg.attention and scores.clustered is not None:
+        hidden = scores.clustered.gather(1, keep)
+    return MaskResult(keep, dropped, hidden, scores)
+
+
+def key_padding_attn_mask(hidden: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B * heads, T, T), batch-major as nn.MultiheadAttention expects; CLS is never hidden."""
+    b, n = hidden.shape
+    with_cls = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=hidden.device), hidden], dim=1)
+    additive = torch.zeros(b, 1, 1, n + 1, dtype=dtype, device=hidden.device)
+    additive = additive.masked_fill(with_cls[:, None, None, :], float("-inf"))
+    return additive.expand(b, num_heads, n + 1, n + 1).reshape(b * num_heads, n + 1, n + 1)
+
+
+def mask_stats(result: MaskResult, threshold: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Device tensors only (no sync); read them at logging time."""
+    dropped = result.dropped.float().mean(1)
+    if result.hidden is not None:
+        dropped = dropped + result.hidden.float().sum(1) / result.dropped.shape[1]
+    stats = {"mask/drop_ratio": dropped.mean()}
+    clustered = result.scores.clustered
+    if clustered is not None:
+        coverage = clustered.float().mean(1)
+        stats.update({"mask/coverage_mean": coverage.mean(), "mask/coverage_std": coverage.std(),
+                      "mask/threshold": threshold.float()})
+    return stats
+
+
+class TokenMasker(nn.Module):
+    """Drop-in for open_clip's ``VisionTransformer.patch_dropout``; identity in evaluation mode."""
+
+    def __init__(self, cfg: MaskingConfig, patch_size: int, num_heads: int, total_steps: int = 1):
+        super().__init__()
+        validate(cfg)
+        self.cfg = cfg
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.total_steps = max(1, total_steps)
+        self.register_buffer("threshold", torch.tensor(float(cfg.threshold)), persistent=False)
+        self.register_buffer("progress", torch.tensor(0.0), persistent=False)
+        self.pixels: Optional[torch.Tensor] = None
+        self.attn_mask: Optional[torch.Tensor] = None
+        self.stats: Dict[str, torch.Tensor] = {}
+        self.last: Optional[MaskResult] = None
+
+    @property
+    def active(self) -> bool:
+        return self.training and self.cfg.strategy != "none"
+
+    def set_step(self, step: int) -> None:
+        self.progress.fill_(min(1.0, step / self.total_steps))  # in place: no recompilation
+
+    def set_threshold(self, value: float) -> None:
+        self.threshold.fill_(value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.attn_mask = None
+        if not self.active:
+            return x
+        cls_token, tokens = x[:, :1], x[:, 1:]
+        inputs = MaskingInputs(tokens, self.pixels, self.patch_size, self.threshold, self.progress)
+        result = select_tokens(inputs, self.cfg)
+        kept = tokens.gather(1, result.keep[..., None].expand(-1, -1, tokens.shape[-1]))
+        if result.hidden is not None:
+            self.attn_mask = key_padding_attn_mask(result.hidden, self.num_heads, x.dtype)
+        self.stats = mask_stats(result, self.threshold)
+        self.last = result
+        return torch.cat([cls_token, kept], dim=1)
+
+
+def _capture_pixels(masker: TokenMasker):
+    def hook(module, args):
+        masker.pixels = args[0] if masker.active and masker.cfg.strategy in PIXEL_STRATEGIES else None
+
+    return hook
+
+
+def _inject_attn_mask(masker: TokenMasker):
+    def hook(module, args, kwargs):
+        if masker.attn_mask is not None:
+            kwargs["attn_mask"] = masker.attn_mask
+        return args, kwargs
+
+    return hook
+
+
+def vision_tower(model: nn.Module) -> nn.Module:
+    visual = getattr(model, "visual", model)
+    for name in ("patch_dropout", "conv1", "transformer"):
+        if not hasattr(visual, name):
+            raise TypeError(f"{type(visual).__name__} is not an open_clip VisionTransformer (no `{name}`)")
+    return visual
+
+
+def install_masking(model: nn.Module, cfg: MaskingConfig, total_steps: int = 1) -> TokenMasker:
+    """Install a TokenMasker into an open_clip CLIP model (or its VisionTransformer) in place."""
+    visual = vision_tower(model)
+    patch = visual.conv1.kernel_size[0]
+    heads = visual.transformer.resblocks[0].attn.num_heads
+    masker = TokenMasker(cfg, patch, heads, total_steps).to(visual.conv1.weight.device)
+    visual.patch_dropout = masker
+    visual.register_forward_pre_hook(_capture_pixels(masker))
+    visual.transformer.register_forward_pre_hook(_inject_attn_mask(masker), with_kwargs=True)
+    return masker
+
+
+# ---------------------------------------------------------------- calibration
+
+
+@torch.no_grad()
+def collect_features(model: nn.Module, images: torch.Tensor) -> MaskingInputs:
+    """The tokens the masker would see for these images (runs the tower once in eval mode)."""
+    visual = vision_tower(model)
+    masker = visual.patch_dropout
+    captured = {}
+    handle = masker.register_forward_hook(lambda m, args, out: captured.setdefault("x", args[0]))
+    was_training = visual.training
+    visual.eval()
+    try:
+        visual(images)
+    finally:
+        visual.train(was_training)
+        handle.remove()
+    return MaskingInputs(captured["x"][:, 1:], images, masker.patch_size, masker.threshold, masker.progress)
+
+
+def mean_coverage(inputs: MaskingInputs, cfg: MaskingConfig, threshold: float, seed: int = 0) -> float:
+    torch.manual_seed(seed)  # same anchors for every threshold: coverage is then monotone in it
+    probe = inputs._replace(threshold=torch.tensor(threshold, device=inputs.tokens.device))
+    clustered, _ = cluster_membership(probe, cfg)
+    return clustered.float().mean().item()
+
+
+def calibrate_threshold(batches, cfg: MaskingConfig, target: float, iters: int = 30) -> float:
+    """Bisect the similarity threshold so that the mean cluster coverage over `batches` is `target`."""
+    def coverage(threshold: float) -> float:
+        return sum(mean_coverage(b, cfg, threshold, seed=i) for i, b in enumerate(batches)) / len(batches)
+
+    low, high = -1.0, 1.0  # coverage(low) = 1, coverage(high) = anchors only
+    for _ in range(iters):
+        mid = 0.5 * (low + high)
+        if coverage(mid) > target:
+            low = mid
+        else:
+            high = mid
+    return 0.5 * (low + high)
+
+
+def describe(cfg: MaskingConfig) -> str:
+    if cfg.strategy == "cluster":
+        return f"cluster-{cfg.features}{'-attn' if cfg.attention else ''}@{cfg.ratio:g}"
+    return f"{cfg.strategy}@{cfg.ratio:g}"
+
+
+__all__ = [
+    "MaskingConfig", "MaskingInputs", "MaskScores", "MaskResult", "STRATEGIES", "register_strategy",
+    "select_tokens", "install_masking", "TokenMasker", "calibrate_threshold", "collect_features",
+    "rgb_features", "patchify", "num_dropped", "validate", "key_padding_attn_mask", "mean_coverage",
+]

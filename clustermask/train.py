@@ -1,0 +1,210 @@
+"""Training stage: masked CLIP training that checkpoints in open_clip's format and resumes from its run dir."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import open_clip
+import torch
+from open_clip_train.scheduler import cosine_lr
+from tqdm import tqdm
+
+from . import masking as masking_lib
+from .data import DataConfig, sample_batches, training_stream
+from .masking import MaskingConfig
+from .model import ModelConfig, create
+
+LogFn = Callable[[Dict[str, float], int], None]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 40
+    seed: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 100
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    device: str = "auto"  # auto | cpu | cuda
+    fail_at_step: int = -1  # fault injection for tests: raise at this step (-1: never)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine")
+    return name
+
+
+def validate(cfg: TrainConfig) -> None:
+    for key in ("steps", "batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"train.{key}={getattr(cfg, key)!r} must be at least 1")
+    if cfg.lr <= 0:
+        raise ValueError(f"train.lr={cfg.lr!r} must be positive")
+
+
+def checkpoint_paths(run_dir: Path):
+    ckpt = Path(run_dir) / "checkpoints"
+    return ckpt / "latest.pt", ckpt / "final.pt"
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    return checkpoint_paths(run_dir)[1]
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, name: str, threshold: float) -> None:
+    """open_clip's checkpoint layout; only plain containers and tensors so weights_only loading works."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"epoch": 1, "step": step, "name": name, "state_dict": model.state_dict(),
+             "optimizer": optimizer.state_dict() if optimizer is not None else None,
+             "masking_threshold": float(threshold)}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, device: str) -> dict:
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """As open_clip_train: no weight decay on gains, biases and the logit scale."""
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": weight_decay}]
+
+
+def calibrate(model, masker, masking: MaskingConfig, data: DataConfig, transform, tokenizer, batch_size, device):
+    batches = sample_batches(data, transform, tokenizer, batch_size, masking.calibration_batches)
+    inputs = [masking_lib.collect_features(model, images.to(device)) for images, _ in batches]
+    threshold = masking_lib.calibrate_threshold(inputs, masking, masking.target_coverage)
+    masker.set_threshold(threshold)
+    return threshold
+
+
+def init_distributed(device: str):
+    """(rank, world size); joins the process group when WORLD_SIZE > 1 (set from SLURM by submitit)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return int(os.environ.get("RANK", "0")), world
+
+
+class Trainer:
+    """One training run in one run directory. `run()` resumes from the latest checkpoint there."""
+
+    def __init__(self, model_cfg: ModelConfig, masking: MaskingConfig, data: DataConfig, train: TrainConfig,
+                 run_dir: Path, log: Optional[LogFn] = None):
+        for check, cfg in ((masking_lib.validate, masking), (validate, train)):
+            check(cfg)
+        self.model_cfg, self.masking, self.data, self.cfg = model_cfg, masking, data, train
+        self.run_dir = Path(run_dir)
+        self.log = log or (lambda metrics, step: None)
+        self.device = resolve_device(train.device)
+        self.rank, self.world = 0, 1
+
+    def run(self) -> Path:
+        latest, final = checkpoint_paths(self.run_dir)
+        if final.exists():
+            return final
+        if self.cfg.threads > 0:
+            torch.set_num_threads(self.cfg.threads)
+        self.rank, self.world = init_distributed(self.device)
+        if self.world > 1:
+            print(f"distributed: rank {self.rank} of {self.world}", flush=True)
+            if self.device == "cuda":
+                self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.manual_seed(self.cfg.seed)
+        model, train_tf, _, tokenizer, masker = create(self.model_cfg, self.masking, self.cfg.steps, self.device)
+        optimizer = torch.optim.AdamW(param_groups(model, self.cfg.weight_decay), lr=self.cfg.lr, betas=(0.9, 0.98),
+                                      eps=1e-6)
+        start = self._resume(latest, model, optimizer, masker)
+        if start == 0 and self.masking.target_coverage is not None and self.masking.strategy == "cluster":
+            threshold = calibrate(model, masker, self.masking, self.data, train_tf, tokenizer, self.cfg.batch_size,
+                                  self.device)
+            self.log({"mask/calibrated_threshold": threshold}, 0)
+        if start == 0 and self.rank == 0:
+            self._save_mask_picture(model, masker, train_tf, tokenizer)
+        self._loop(model, optimizer, masker, train_tf, tokenizer, start, latest)
+        if self.rank == 0:
+            save_checkpoint(final, model, None, self.cfg.steps, self.model_cfg.name, masker.threshold.item())
+        if self.world > 1:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        return final
+
+    def _resume(self, latest: Path, model, optimizer, masker) -> int:
+        if not latest.exists():
+            return 0
+        state = load_checkpoint(latest, self.device)
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        masker.set_threshold(state["masking_threshold"])
+        print(f"resumed from {latest} at step {state['step']}", flush=True)
+        return int(state["step"])
+
+    def _save_mask_picture(self, model, masker, transform, tokenizer) -> None:
+        if self.masking.strategy == "none":
+            return
+        from .visualize import save_mask_grid
+
+        images, _ = sample_batches(self.data, transform, tokenizer, 8, 1, seed=self.cfg.seed)[0]
+        save_mask_grid(model, images.to(self.device), self.run_dir / "masks.png")
+
+    def _autocast(self):
+        if self.model_cfg.precision == "amp_bf16":
+            return torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _loop(self, model, optimizer, masker, transform, tokenizer, start: int, latest: Path) -> None:
+        cfg = self.cfg
+        loss_fn = open_clip.ClipLoss(gather_with_grad=True, rank=self.rank, world_size=self.world)
+        scheduler = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, cfg.steps)
+        forward = model
+        if self.world > 1:
+            forward = torch.nn.parallel.DistributedDataParallel(model)
+        if self.model_cfg.compile:
+            forward = torch.compile(forward)
+        model.train()
+        seed = (cfg.seed * 1000 + start) * 100 + self.rank
+        stream = training_stream(self.data, transform, tokenizer, cfg.batch_size, seed=seed)
+        timer, step = time.perf_counter(), start
+        progress = tqdm(total=cfg.steps, initial=start, desc=f"train[{self.rank}]", mininterval=5, disable=None)
+        for images, texts in stream:
+            if step >= cfg.steps:
+                break
+            if step == cfg.fail_at_step:
+                raise RuntimeError(f"train.fail_at_step={cfg.fail_at_step}: injected failure")
+            scheduler(step)
+            masker.set_step(step)
+            with self._autocast():
+                image_features, text_features, logit_scale = forward(images.to(self.device), texts.to(self.device))[:3]
+                loss = loss_fn(image_features, text_features, logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            progress.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                elapsed, timer = time.perf_counter() - timer, time.perf_counter()
+                metrics = {"train/loss": loss.item(), "train/lr": optimizer.param_groups[0]["lr"],
+                           "train/logit_scale": logit_scale.item(),
+                           "train/samples_per_s": cfg.log_every * cfg.batch_size / max(elapsed, 1e-9)}
+                metrics.update({k: v.item() for k, v in masker.stats.items()})
+                self.log(metrics, step)
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps and self.rank == 0:
+                save_checkpoint(latest, model, optimizer, step, self.model_cfg.name, masker.threshold.item())
+        progress.close()

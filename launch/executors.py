@@ -1,0 +1,198 @@
+"""Backends that run a sweep's graph: train tasks -> their evaluations -> one report.
+
+Both take the same plan (which points to train, which to evaluate) and return a submission record that is
+appended to the manifest. `SlurmExecutor` submits one train array, one eval array whose task i depends on
+train task i (aftercorr), and one report job (afterany), through submitit, and returns at once.
+`LocalExecutor` runs the same graph on this machine as subprocesses, with a parallelism cap.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from omegaconf import OmegaConf
+
+from . import graph
+
+
+@dataclass
+class Plan:
+    train: List[int] = field(default_factory=list)  # points to train, each evaluated after its training
+    eval_only: List[int] = field(default_factory=list)  # points already trained that still need evaluation
+    report: bool = True
+
+    @property
+    def empty(self) -> bool:
+        return not self.train and not self.eval_only
+
+
+def describe(plan: Plan, manifest: graph.Manifest) -> str:
+    """The dependency graph in words."""
+    lines = []
+    for i in plan.train:
+        lines.append(f"  train[{i}] {manifest.points[i].name} -> eval[{i}] (aftercorr)")
+    for i in plan.eval_only:
+        lines.append(f"  eval[{i}] {manifest.points[i].name} (already trained)")
+    if plan.report:
+        lines.append("  report (afterany: every train and eval task above)")
+    return "\n".join(lines)
+
+
+def _now() -> str:
+    return dt.datetime.now().isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- local
+
+
+class LocalExecutor:
+    """Runs the graph here, each task a subprocess whose log lands in <run_dir>/logs/<stage>.log."""
+
+    def __init__(self, max_parallel: int = 1):
+        if max_parallel < 1:
+            raise ValueError(f"launcher.max_parallel={max_parallel} must be at least 1")
+        self.max_parallel = max_parallel
+
+    def _task(self, stage: str, path: str, log: Path) -> bool:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "CLUSTERMASK_LOG": str(log)}
+        if self.max_parallel > 1:
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.max_parallel)))
+        with open(log, "ab") as out:
+            code = subprocess.call([sys.executable, "-m", "launch.jobs", stage, path], stdout=out,
+                                   stderr=subprocess.STDOUT, env=env)
+        print(f"[local] {stage} {Path(path).name}: {'done' if code == 0 else f'FAILED (exit {code}), log {log}'}",
+              flush=True)
+        return code == 0
+
+    def _train_then_eval(self, point: graph.Point) -> None:
+        run_dir = Path(point.run_dir)
+        if self._task("train", point.run_dir, run_dir / "logs" / "train.log"):
+            self._task("eval", point.run_dir, run_dir / "logs" / "eval.log")
+        else:
+            graph.mark(run_dir, "eval", "cancelled", reason="training failed")
+
+    def submit(self, manifest: graph.Manifest, plan: Plan) -> Dict:
+        points = manifest.points
+        with ThreadPoolExecutor(self.max_parallel) as pool:
+            futures = [pool.submit(self._train_then_eval, points[i]) for i in plan.train]
+            futures += [pool.submit(self._task, "eval", points[i].run_dir, Path(points[i].run_dir) / "logs" / "eval.log")
+                        for i in plan.eval_only]
+            for future in futures:
+                future.result()
+        record = {"time": _now(), "executor": "local",
+                  "train": [{"job_id": "local", "points": plan.train, "task_ids": ["local"] * len(plan.train)}],
+                  "eval": [{"job_id": "local", "points": plan.train + plan.eval_only,
+                            "task_ids": ["local"] * (len(plan.train) + len(plan.eval_only))}]}
+        if plan.report:
+            self._task("report", manifest.sweep_dir, Path(manifest.sweep_dir) / "logs" / "report.log")
+            record["report"] = {"job_id": "local"}
+        return record
+
+
+# ---------------------------------------------------------------- SLURM
+
+_BASE_KEYS = ("timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",
+              "stderr_to_stdout")
+_INIT_KEYS = ("_target_", "submitit_folder", "max_num_timeout")
+
+
+def executor_parameters(resources, name: str) -> Dict:
+    """hydra-submitit-launcher's mapping: base keys as they are, SLURM-specific ones prefixed `slurm_`."""
+    params = {k: v for k, v in OmegaConf.to_container(resources, resolve=True).items()
+              if k not in _INIT_KEYS and v is not None}
+    params["name"] = graph.safe_name(params.get("name") or name, 100)
+    return {k if k in _BASE_KEYS else f"slurm_{k}": v for k, v in params.items()}
+
+
+def check_resources(stage: str, resources) -> None:
+    gpus, tasks = resources.gpus_per_node, resources.tasks_per_node
+    if gpus and tasks != gpus:
+        raise ValueError(f"launcher.{stage}: tasks_per_node={tasks} must equal gpus_per_node={gpus} "
+                         "(one rank per GPU)")
+    if resources.nodes < 1 or tasks < 1:
+        raise ValueError(f"launcher.{stage}: nodes={resources.nodes} and tasks_per_node={tasks} must be >= 1")
+
+
+class SlurmExecutor:
+    def __init__(self, launcher_cfg, sweep_dir: Path, sweep_id: str, dry_run: bool = False):
+        self.cfg = launcher_cfg
+        self.sweep_dir = Path(sweep_dir)
+        self.sweep_id = sweep_id
+        self.dry_run = dry_run
+        for stage in ("train", "eval", "report"):
+            check_resources(stage, getattr(launcher_cfg, stage))
+
+    def _executor(self, stage: str, dependency: Optional[str] = None):
+        import submitit
+
+        resources = getattr(self.cfg, stage)
+        folder = resources.submitit_folder or str(self.sweep_dir / "slurm" / stage / "%j")
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
+                                         slurm_max_num_timeout=resources.max_num_timeout)
+        params = executor_parameters(resources, f"cm-{self.sweep_id}-{stage}")
+        extra = dict(params.pop("slurm_additional_parameters", {}) or {})
+        if dependency:
+            extra.update({"dependency": dependency, "kill-on-invalid-dep": "yes"})
+        executor.update_parameters(**params, slurm_additional_parameters=extra)
+        return executor
+
+    def _array(self, stage: str, paths: List[str], dependency: Optional[str] = None):
+        from .jobs import StageTask
+
+        executor = self._executor(stage, dependency)
+        if self.dry_run:
+            print(f"# ---- {stage}: array of {len(paths)} task(s) ----")
+            inner = executor._executor
+            inner.parameters["map_count"] = len(paths) if len(paths) > 1 else None
+            print(inner._make_submission_file_text(inner._submitit_command_str, "DRY-RUN"))
+            return [f"DRYRUN-{stage}_{i}" for i in range(len(paths))], f"DRYRUN-{stage}"
+        jobs = executor.map_array(StageTask(stage), paths)
+        job_id = jobs[0].job_id.split("_")[0]
+        return [job.job_id for job in jobs], job_id
+
+    @staticmethod
+    def _after(kind: str, job_id: str, array: bool) -> str:
+        return f"{kind}:{job_id}" if array else f"afterok:{job_id}"
+
+    def submit(self, manifest: graph.Manifest, plan: Plan) -> Dict:
+        record: Dict = {"time": _now(), "executor": "slurm", "train": [], "eval": []}
+        waits = []
+        if plan.train:
+            paths = [manifest.points[i].run_dir for i in plan.train]
+            task_ids, train_id = self._array("train", paths)
+            record["train"].append({"job_id": train_id, "points": plan.train, "task_ids": task_ids})
+            eval_ids, eval_id = self._array("eval", paths, self._after("aftercorr", train_id, len(paths) > 1))
+            record["eval"].append({"job_id": eval_id, "points": plan.train, "task_ids": eval_ids})
+            waits += [train_id, eval_id]
+        if plan.eval_only:
+            paths = [manifest.points[i].run_dir for i in plan.eval_only]
+            eval_ids, eval_id = self._array("eval", paths)
+            record["eval"].append({"job_id": eval_id, "points": plan.eval_only, "task_ids": eval_ids})
+            waits.append(eval_id)
+        if plan.report:
+            executor = self._executor("report", "afterany:" + ":".join(waits) if waits else None)
+            from .jobs import StageTask
+
+            if self.dry_run:
+                print("# ---- report: one job ----")
+                inner = executor._executor
+                print(inner._make_submission_file_text(inner._submitit_command_str, "DRY-RUN"))
+                record["report"] = {"job_id": "DRYRUN-report"}
+            else:
+                record["report"] = {"job_id": executor.submit(StageTask("report"), manifest.sweep_dir).job_id}
+        return record
+
+
+def make_executor(launcher_cfg, sweep_dir: Path, sweep_id: str):
+    if launcher_cfg.executor == "local":
+        return LocalExecutor(launcher_cfg.max_parallel)
+    if launcher_cfg.executor == "slurm":
+        return SlurmExecutor(launcher_cfg, sweep_dir, sweep_id, dry_run=launcher_cfg.dry_run)
+    raise ValueError(f"launcher.executor={launcher_cfg.executor!r} is not one of local, slurm")

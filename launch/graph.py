@@ -1,0 +1,139 @@
+"""A sweep on disk: points, run directories, per-stage state markers and manifest.json.
+
+A run directory is a pure function of the sweep directory and the point's overrides, so a requeued or
+resubmitted task finds its own checkpoints, results and MLflow run id.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+STAGES = ("train", "eval")
+NOT_POINT_KEYS = ("launcher", "experiment", "sweep_name", "paths", "hydra")
+
+
+@dataclass
+class Point:
+    index: int
+    name: str
+    overrides: List[str]
+    run_dir: str
+    mlflow_run_id: str = ""
+
+
+@dataclass
+class Manifest:
+    sweep_id: str
+    sweep_dir: str
+    created: str
+    executor: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    points: List[Point]
+    submissions: List[Dict] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.sweep_dir) / "manifest.json"
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, self.path)
+
+    @classmethod
+    def load(cls, sweep_dir) -> "Manifest":
+        path = Path(sweep_dir) / "manifest.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: is {sweep_dir} a sweep directory?")
+        data = json.loads(path.read_text())
+        data["points"] = [Point(**p) for p in data["points"]]
+        return cls(**data)
+
+    def latest_jobs(self, index: int) -> Dict[str, str]:
+        """stage -> job id of the newest submission that included this point (e.g. {'train': '12_3'})."""
+        jobs = {}
+        for submission in self.submissions:
+            for stage in ("train", "eval"):
+                for group in submission.get(stage, []):
+                    if index in group["points"]:
+                        position = group["points"].index(index)
+                        jobs[stage] = group["task_ids"][position]
+            if "report" in submission:
+                jobs["report"] = submission["report"]["job_id"]
+        return jobs
+
+
+def is_point_override(override: str) -> bool:
+    key = override.split("=", 1)[0].lstrip("+~")
+    return not any(key == k or key.startswith(k + ".") for k in NOT_POINT_KEYS)
+
+
+def point_overrides(task_overrides: List[str]) -> List[str]:
+    return sorted(o for o in task_overrides if is_point_override(o))
+
+
+def safe_name(text: str, limit: int = 60) -> str:
+    """Letters, digits, '.', '_' and '-' only: safe in paths, job names and shells."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:limit] or "point"
+
+
+def point_name(overrides: List[str]) -> str:
+    digest = hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:8]
+    readable = "_".join(f"{k.split('.')[-1]}-{v}" for k, _, v in (o.lstrip("+~").partition("=") for o in overrides))
+    return f"{safe_name(readable, 48)}-{digest}"
+
+
+def run_dir_for(sweep_dir: Path, overrides: List[str]) -> Path:
+    return Path(sweep_dir).resolve() / "points" / point_name(overrides)
+
+
+def new_sweep_id(name: str) -> str:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{safe_name(name, 40)}-{stamp}-{os.urandom(3).hex()}"
+
+
+# ---------------------------------------------------------------- per-point config and state
+
+
+def save_point_config(run_dir: Path, cfg: DictConfig) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def load_point_config(run_dir: Path):
+    """The point's config as typed library dataclasses (a SimpleNamespace-like OmegaConf object)."""
+    from .schema import Config
+
+    schema = OmegaConf.structured(Config)
+    return OmegaConf.merge(schema, OmegaConf.load(Path(run_dir) / "config.yaml"))
+
+
+def state_path(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / "status" / f"{stage}.json"
+
+
+def mark(run_dir: Path, stage: str, state: str, **info) -> None:
+    path = state_path(run_dir, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"state": state, "time": dt.datetime.now().isoformat(timespec="seconds"), **info}
+    path.write_text(json.dumps(record))
+
+
+def read_state(run_dir: Path, stage: str) -> Optional[dict]:
+    path = state_path(run_dir, stage)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def is_done(run_dir: Path, stage: str) -> bool:
+    record = read_state(run_dir, stage)
+    return record is not None and record["state"] == "done"

@@ -1,0 +1,147 @@
+"""What one task of the graph runs: train a point, evaluate a point, or build the sweep's report.
+
+Each reads everything it needs from the run directory (config.yaml, manifest.json), so the same function
+runs under the local executor (a subprocess: `python -m launch.jobs STAGE PATH`) and under SLURM (submitit
+pickles `StageTask`). A failure is marked in the run directory and re-raised so the task exits non-zero.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import submitit
+from omegaconf import OmegaConf
+
+from . import graph
+
+
+def _log_path() -> str:
+    if os.environ.get("CLUSTERMASK_LOG"):
+        return os.environ["CLUSTERMASK_LOG"]
+    try:
+        return str(submitit.JobEnvironment().paths.stdout).replace("%t", "0")
+    except RuntimeError:
+        return ""
+
+
+def _job_id() -> str:
+    return os.environ.get("SLURM_ARRAY_JOB_ID", "") and (
+        f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}") or os.environ.get(
+        "SLURM_JOB_ID", "local")
+
+
+def _manifest_for(run_dir: Path) -> graph.Manifest:
+    return graph.Manifest.load(Path(run_dir).parent.parent)
+
+
+def _point(run_dir: Path, manifest: graph.Manifest) -> graph.Point:
+    for point in manifest.points:
+        if Path(point.run_dir) == Path(run_dir).resolve():
+            return point
+    raise KeyError(f"{run_dir} is not a point of {manifest.sweep_dir}")
+
+
+def _typed(node):
+    return OmegaConf.to_object(node)
+
+
+def _stage(stage: str, run_dir: Path, body) -> str:
+    """Run `body`, keeping the stage marker and the MLflow run status in step with what happened."""
+    from clustermask.tracking import RunLogger
+
+    run_dir = Path(run_dir).resolve()
+    manifest = _manifest_for(run_dir)
+    logger = RunLogger(manifest.tracking_uri, _point(run_dir, manifest).mlflow_run_id)
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if rank == 0:
+        graph.mark(run_dir, stage, "running", job_id=_job_id(), log=_log_path())
+        logger.tags({f"{stage}_job_id": _job_id()})
+    try:
+        result = body(logger if rank == 0 else None)
+    except BaseException as error:  # noqa: BLE001 - re-raised below
+        if rank == 0 and not isinstance(error, submitit.core.utils.UncompletedJobError):
+            graph.mark(run_dir, stage, "failed", job_id=_job_id(), log=_log_path(), error=repr(error)[:2000])
+            logger.tags({f"{stage}_state": "failed"})
+            if stage == "train":
+                logger.finish("FAILED")
+        raise
+    if rank == 0:
+        graph.mark(run_dir, stage, "done", job_id=_job_id(), log=_log_path())
+        logger.tags({f"{stage}_state": "done"})
+        if stage == "eval":
+            logger.finish("FINISHED")
+    return result
+
+
+def train_point(run_dir: str) -> str:
+    from clustermask.train import Trainer
+
+    cfg = graph.load_point_config(Path(run_dir))
+
+    def body(logger):
+        log = (lambda metrics, step: logger.metrics(metrics, step)) if logger else None
+        trainer = Trainer(_typed(cfg.model), _typed(cfg.masking), _typed(cfg.data), _typed(cfg.train),
+                          Path(run_dir), log=log)
+        final = trainer.run()
+        if logger and (Path(run_dir) / "masks.png").exists():
+            logger.artifact(Path(run_dir) / "masks.png")
+        return str(final)
+
+    return _stage("train", run_dir, body)
+
+
+def eval_point(run_dir: str) -> str:
+    from clustermask.evaluate import evaluate_checkpoint
+    from clustermask.train import final_checkpoint
+
+    cfg = graph.load_point_config(Path(run_dir))
+
+    def body(logger):
+        checkpoint = final_checkpoint(Path(run_dir))
+        if not checkpoint.exists():
+            raise FileNotFoundError(f"no trained checkpoint at {checkpoint}: did training finish?")
+        evaluate_checkpoint(cfg.model.name, str(checkpoint), _typed(cfg.eval), Path(run_dir) / "results",
+                            log=logger.metrics if logger else None)
+        return str(Path(run_dir) / "results")
+
+    return _stage("eval", run_dir, body)
+
+
+def report(sweep_dir: str) -> str:
+    from analysis.report import build_report
+
+    return str(build_report(Path(sweep_dir)))
+
+
+STAGE_FUNCTIONS = {"train": train_point, "eval": eval_point, "report": report}
+
+
+class StageTask(submitit.helpers.Checkpointable):
+    """Picklable entry point for submitit; on a time limit or preemption it is requeued and resumes."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def __call__(self, path: str) -> str:
+        if self.stage == "train" and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        return STAGE_FUNCTIONS[self.stage](path)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] not in STAGE_FUNCTIONS:
+        print(f"usage: clustermask-job {{{'|'.join(STAGE_FUNCTIONS)}}} PATH", file=sys.stderr)
+        return 2
+    try:
+        print(STAGE_FUNCTIONS[argv[0]](argv[1]), flush=True)
+    except Exception:  # noqa: BLE001 - the exit status is what the caller reads
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Typed configuration: the library's dataclasses plus the launcher's, registered in Hydra's ConfigStore.
+
+YAML files in configs/ extend these; struct mode rejects unknown keys, and OmegaConf checks types.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+from omegaconf import MISSING
+
+from clustermask.data import DataConfig
+from clustermask.evaluate import EvalConfig
+from clustermask.masking import MaskingConfig
+from clustermask.model import ModelConfig
+from clustermask.tracking import TrackingConfig
+from clustermask.train import TrainConfig
+
+
+@dataclass
+class StageResources(SlurmQueueConf):
+    """hydra-submitit-launcher's SLURM schema, one per stage (train, eval, report)."""
+
+    _target_: str = "launch.executors.SlurmExecutor"
+    submitit_folder: str = ""  # empty: <sweep_dir>/slurm
+    name: str = ""  # empty: clustermask-<sweep>-<stage>
+    timeout_min: int = 60
+    mem_gb: Optional[int] = 4
+    cpus_per_task: Optional[int] = 1
+    max_num_timeout: int = 3  # requeues after a time limit / preemption
+
+
+@dataclass
+class LauncherConfig:
+    executor: str = "local"  # local | slurm: the one attribute that differs
+    max_parallel: int = 1  # local: points trained at once
+    dry_run: bool = False  # print job scripts and the dependency graph, submit nothing
+    train: StageResources = field(default_factory=lambda: StageResources(timeout_min=240))
+    eval: StageResources = field(default_factory=lambda: StageResources(timeout_min=60))
+    report: StageResources = field(default_factory=lambda: StageResources(timeout_min=15, mem_gb=2))
+
+
+@dataclass
+class PathsConfig:
+    root: str = "outputs"
+    data: str = "${paths.root}/data/synthetic"
+
+
+@dataclass
+class Config:
+    sweep_name: str = "default"
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelConfig = MISSING
+    masking: MaskingConfig = MISSING
+    data: DataConfig = MISSING
+    train: TrainConfig = MISSING
+    eval: EvalConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    launcher: LauncherConfig = MISSING
+    report: Dict[str, Any] = field(default_factory=lambda: {"plot_metric": "zeroshot_classification/wds/shapes/acc1"})
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, node in (("model", ModelConfig), ("masking", MaskingConfig), ("data", DataConfig),
+                        ("train", TrainConfig), ("eval", EvalConfig), ("tracking", TrackingConfig),
+                        ("launcher", LauncherConfig)):
+        cs.store(group=group, name=f"base_{group}", node=node)

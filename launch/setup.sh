@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set-up: a virtual environment in .venv with clustermask and everything it needs.
+#   bash launch/setup.sh            # venv + packages
+#   bash launch/setup.sh --slurm    # ... and a local single-node SLURM for the integration tests (root)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=".venv/bin/python -m pip"
+$pip install -q --upgrade pip
+if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+  # builds whose torchvision imports beside them (see DEVELOPERS.md / the env notes)
+  if [ "$(uname -m)" = "x86_64" ]; then
+    $pip install -q torch==2.14.1 torchvision==0.29.1
+  else
+    $pip install -q torch==2.9.1 torchvision==0.24.1
+  fi
+fi
+$pip install -q -e '.[test]'
+.venv/bin/python -c "import torch, open_clip, clip_benchmark, webdataset, mlflow, hydra, submitit; print('clustermask environment ready: torch', torch.__version__)"
+if [ "${1:-}" = "--slurm" ]; then
+  bash .ci/start_slurm.sh
+fi

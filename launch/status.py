@@ -1,0 +1,162 @@
+"""`clustermask-status SWEEP_DIR` and `clustermask-resubmit SWEEP_DIR [key=value ...]`.
+
+State per point and stage comes from squeue (pending / running) and from the markers the tasks write in
+their run directory (done / failed); it needs no `sacct`. A task that left the queue without writing
+`done` was either killed while running (failed: time limit, memory) or never started (cancelled, e.g.
+its training failed and SLURM removed it with --kill-on-invalid-dep).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from . import graph
+from .executors import Plan, describe, make_executor
+
+QUEUE_STATES = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
+                "REQUEUED": "pending", "REQUEUE_HOLD": "pending", "REQUEUE_FED": "pending", "RESIZING": "running",
+                "SUSPENDED": "pending", "STAGE_OUT": "running", "SIGNALING": "running"}
+
+
+def queue_states() -> Dict[str, str]:
+    """job id ('12_3' for array tasks, '12' otherwise) -> our state, for jobs still known to squeue."""
+    if shutil.which("squeue") is None:
+        return {}
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], capture_output=True, text=True, timeout=60)
+    states = {}
+    for line in out.stdout.splitlines():
+        job_id, _, state = line.strip().partition(" ")
+        if job_id:
+            states[job_id] = QUEUE_STATES.get(state, state.lower())
+    return states
+
+
+def _state(run_dir: Path, stage: str, job_id: Optional[str], queue: Dict[str, str]) -> Tuple[str, str]:
+    marker = graph.read_state(run_dir, stage) or {}
+    log = marker.get("log", "")
+    if marker.get("state") == "done":
+        return "done", log
+    if job_id and job_id in queue:
+        return queue[job_id], log
+    if marker.get("state") == "failed":
+        return "failed", log
+    if marker.get("state") == "running":  # left the queue mid-run without a verdict: killed
+        return ("failed", log) if job_id and job_id != "local" else ("running", log)
+    if marker.get("state") == "cancelled":
+        return "cancelled", log
+    return ("cancelled", log) if job_id and job_id != "local" else ("pending", log)
+
+
+def sweep_status(manifest: graph.Manifest) -> List[Dict]:
+    queue = queue_states()
+    rows = []
+    for point in manifest.points:
+        jobs = manifest.latest_jobs(point.index)
+        row = {"index": point.index, "point": point.name}
+        for stage in graph.STAGES:
+            state, log = _state(Path(point.run_dir), stage, jobs.get(stage), queue)
+            row[stage], row[f"{stage}_job"], row[f"{stage}_log"] = state, jobs.get(stage, "-"), log
+        rows.append(row)
+    return rows
+
+
+def format_status(manifest: graph.Manifest, rows: List[Dict]) -> str:
+    lines = [f"sweep {manifest.sweep_id} ({manifest.executor}) in {manifest.sweep_dir}",
+             f"{'#':>3}  {'point':<44} {'train':<10} {'eval':<10} jobs"]
+    for r in rows:
+        lines.append(f"{r['index']:>3}  {r['point']:<44} {r['train']:<10} {r['eval']:<10} "
+                     f"{r['train_job']} / {r['eval_job']}")
+        for stage in graph.STAGES:
+            if r[stage] == "failed":
+                lines.append(f"       {stage} failed, log: {r[f'{stage}_log'] or 'unknown'}")
+    done = sum(r["eval"] == "done" for r in rows)
+    lines.append(f"{done}/{len(rows)} point(s) evaluated; report: {Path(manifest.sweep_dir) / 'report'}")
+    return "\n".join(lines)
+
+
+def plan_resubmission(rows: List[Dict]) -> Plan:
+    """Only unfinished work that is not already queued: never reruns a finished stage."""
+    in_flight = ("pending", "running")
+    train = [r["index"] for r in rows if r["train"] not in ("done",) + in_flight and r["eval"] not in in_flight]
+    eval_only = [r["index"] for r in rows if r["train"] == "done" and r["eval"] not in ("done",) + in_flight]
+    return Plan(train=train, eval_only=eval_only)
+
+
+def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: List[str]) -> None:
+    """Fix the configs of the points about to be resubmitted (typed: a bad key or value is refused)."""
+    from .app import preflight
+    from .schema import Config
+
+    for i in indices:
+        run_dir = Path(manifest.points[i].run_dir)
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_dir / "config.yaml"))
+        OmegaConf.set_struct(cfg, True)
+        for override in overrides:
+            key, sep, value = override.partition("=")
+            if not sep:
+                raise ValueError(f"override {override!r} is not key=value")
+            OmegaConf.update(cfg, key, _parse(value), merge=True)
+        preflight(cfg)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _parse(value: str):
+    import yaml
+
+    return yaml.safe_load(value) if value else value
+
+
+def resubmit(sweep_dir: Path, overrides: List[str], dry_run: bool = False) -> Optional[dict]:
+    manifest = graph.Manifest.load(sweep_dir)
+    plan = plan_resubmission(sweep_status(manifest))
+    if plan.empty:
+        print("nothing to resubmit: every point is done or still queued")
+        return None
+    print("resubmitting:\n" + describe(plan, manifest))
+    if overrides:
+        apply_overrides(manifest, plan.train + plan.eval_only, overrides)
+    launcher = graph.load_point_config(Path(manifest.points[0].run_dir)).launcher
+    launcher.dry_run = dry_run
+    record = make_executor(launcher, Path(manifest.sweep_dir), manifest.sweep_id).submit(manifest, plan)
+    if not dry_run:
+        manifest.submissions.append(record)
+        manifest.save()
+    from .app import print_submission
+
+    print_submission(manifest, record)
+    return record
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="State of every point and stage of a sweep")
+    parser.add_argument("sweep_dir")
+    args = parser.parse_args(argv)
+    manifest = graph.Manifest.load(args.sweep_dir)
+    rows = sweep_status(manifest)
+    print(format_status(manifest, rows))
+    return 1 if any(r[s] == "failed" for r in rows for s in graph.STAGES) else 0
+
+
+def resubmit_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Resubmit only the unfinished or failed points of a sweep")
+    parser.add_argument("sweep_dir")
+    parser.add_argument("overrides", nargs="*", help="key=value fixes applied to the resubmitted points")
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        resubmit(Path(args.sweep_dir), args.overrides, args.dry_run)
+    except (ValueError, FileNotFoundError, OmegaConfBaseException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

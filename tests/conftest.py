@@ -1,0 +1,38 @@
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from clustermask.synthetic import SyntheticConfig, generate
+
+REPO = Path(__file__).resolve().parent.parent
+
+SMALL = dict(seed=0, image_size=64, train_samples=2400, train_shards=4, classification_train=360,
+             classification_test=180, retrieval_test=60, sugarcrepe_per_task=30, eval_shards=2)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """Small synthetic data, generated once per test session (paths.data of the configs)."""
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    generate(SyntheticConfig(root=str(root), **SMALL))
+    return root
+
+
+def slurm_available() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return out.returncode == 0 and any(s.strip() in ("idle", "mixed", "allocated") for s in out.stdout.split())
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running SLURM controller; CI sets CLUSTERMASK_REQUIRE_SLURM=1 so that a missing one fails."""
+    if not slurm_available():
+        if os.environ.get("CLUSTERMASK_REQUIRE_SLURM") == "1":
+            pytest.fail("CLUSTERMASK_REQUIRE_SLURM=1 but no SLURM controller answers sinfo")
+        pytest.skip("no SLURM controller (run .ci/start_slurm.sh as root)")
+    return True

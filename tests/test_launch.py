@@ -1,0 +1,147 @@
+"""Configs compose, preflight names bad values, dry runs print the graph, hostile values stay inert."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigCompositionException
+
+from launch import app, graph
+from launch.executors import Plan, SlurmExecutor, executor_parameters
+from launch.status import plan_resubmission
+
+from conftest import REPO
+
+CONFIGS = REPO / "configs"
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+EXPECTED = Path(__file__).parent / "expected"
+
+
+def compose_cfg(*overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = compose_cfg(f"experiment={experiment}")
+    assert OmegaConf.is_struct(cfg)
+    typed = OmegaConf.to_object(cfg.masking)
+    assert typed.strategy in ("none", "random", "cluster", "kmeans")
+
+
+@pytest.mark.parametrize("group", ["model", "masking", "data", "train", "eval", "tracking", "launcher"])
+def test_every_group_option_composes(group):
+    for option in sorted(p.stem for p in (CONFIGS / group).glob("*.yaml")):
+        cfg = compose_cfg(f"{group}={option}")
+        assert cfg[group] is not None
+
+
+def test_struct_mode_catches_typos_and_types():
+    with pytest.raises(ConfigCompositionException, match="ratoi"):
+        compose_cfg("masking.ratoi=0.3")
+    with pytest.raises(ConfigCompositionException, match="steps"):
+        compose_cfg("train.steps=many")
+
+
+def test_preflight_names_the_bad_key(synthetic_root):
+    good = [f"paths.data={synthetic_root}"]
+    app.preflight(compose_cfg(*good))
+    cases = {"masking.strategy=blocks": "masking.strategy='blocks'",
+             "model.name=ViT-Nope": "model.name='ViT-Nope'",
+             f"data.train_shards={synthetic_root}/missing": "data.train_shards",
+             "eval.tasks.0.root=/nonexistent/shapes": r"eval.tasks\[0\].root='/nonexistent/shapes'",
+             "launcher.train.gpus_per_node=4": "tasks_per_node=1 must equal gpus_per_node=4"}
+    for override, message in cases.items():
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            app.preflight(compose_cfg(*good, override))
+
+
+def sweep_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "launch.app", "-m", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_preflight_failure_submits_nothing_and_names_the_point(tmp_path, synthetic_root):
+    result = sweep_cli(f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "masking=random,cluster",
+                       "masking.ratio=0.3,1.5")
+    assert result.returncode != 0
+    assert "nothing was submitted" in result.stderr
+    assert "masking.ratio=1.5" in result.stderr and "point 1" in result.stderr
+    assert not list(tmp_path.rglob("manifest.json"))
+
+
+def test_dry_run_prints_scripts_and_graph(tmp_path, synthetic_root):
+    result = sweep_cli(f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "launcher=slurm",
+                       "launcher.dry_run=true", "masking=random,cluster", "masking.ratio=0.3,0.5")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count("#SBATCH --array=0-3%8") == 1  # train array, parallelism from launcher.train
+    assert "#SBATCH --dependency=aftercorr:DRYRUN-train" in out and "#SBATCH --kill-on-invalid-dep=yes" in out
+    assert "#SBATCH --dependency=afterany:DRYRUN-train:DRYRUN-eval" in out
+    assert out.count("-> eval[") == 4 and "report (afterany" in out
+    assert not list(tmp_path.rglob("manifest.json"))
+
+
+def normalise(script: str, folder: str) -> str:
+    script = script.replace(folder, "<FOLDER>").replace(sys.executable, "<PYTHON>")
+    return re.sub(r"--job-name=\S+", "--job-name=<NAME>", script)
+
+
+def test_train_array_sbatch_script_matches_the_stored_one(tmp_path):
+    cfg = compose_cfg("launcher=slurm", "launcher.train.partition=gpu", "launcher.train.gpus_per_node=8",
+                      "launcher.train.tasks_per_node=8", "launcher.train.account=vlp", "launcher.train.qos=high")
+    executor = SlurmExecutor(cfg.launcher, tmp_path, "sweep-x")
+    inner = executor._executor("train")._executor
+    inner.parameters["map_count"] = 64
+    script = normalise(inner._make_submission_file_text(inner._submitit_command_str, "x"), str(tmp_path))
+    expected = EXPECTED / "train_array.sbatch"
+    if not expected.exists():  # pragma: no cover - written once, then reviewed and committed
+        expected.parent.mkdir(exist_ok=True)
+        expected.write_text(script)
+    assert script == expected.read_text()
+
+
+def test_executor_parameters_follow_hydra_submitit_launcher():
+    cfg = compose_cfg("launcher=slurm", "launcher.train.partition=gpu")
+    params = executor_parameters(cfg.launcher.train, "cm; rm -rf / `x` $(y)")
+    assert params["slurm_partition"] == "gpu" and params["timeout_min"] == 240 and params["mem_gb"] == 8
+    assert re.fullmatch(r"[A-Za-z0-9_.-]+", params["name"])
+
+
+HOSTILE = "it's \"quoted\"; touch PWNED $(touch PWNED2) `touch PWNED3` a  b\nnewline"
+
+
+def test_hostile_override_values_stay_inert_and_unchanged(tmp_path, synthetic_root):
+    result = sweep_cli(f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "launcher=slurm",
+                       "launcher.dry_run=true", "masking.ratio=0.3,0.5", f"sweep_name={json.dumps(HOSTILE)}",
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not list(tmp_path.rglob("PWNED*"))
+    names = re.findall(r"--job-name=(\S+)", result.stdout)
+    assert names and all(re.fullmatch(r"[A-Za-z0-9_.-]+", n) for n in names)
+    assert "touch" not in result.stdout.split("dependency graph")[0].replace("touch_PWNED", "")
+
+
+def test_point_names_are_pure_and_safe(tmp_path):
+    overrides = ["masking=cluster", "masking.ratio=0.5", f"tracking.experiment={HOSTILE}"]
+    assert graph.run_dir_for(tmp_path, overrides) == graph.run_dir_for(tmp_path, list(overrides))
+    assert graph.run_dir_for(tmp_path, overrides) != graph.run_dir_for(tmp_path, overrides[:2])
+    assert re.fullmatch(r"[A-Za-z0-9_.-]+", graph.point_name(overrides))
+    assert graph.point_overrides(["launcher=slurm", "masking.ratio=0.5", "experiment=demo", "sweep_name=x"]) == \
+        ["masking.ratio=0.5"]
+
+
+def test_resubmission_plan_skips_finished_and_queued_work():
+    rows = [{"index": 0, "train": "done", "eval": "done"},
+            {"index": 1, "train": "failed", "eval": "cancelled"},
+            {"index": 2, "train": "done", "eval": "failed"},
+            {"index": 3, "train": "running", "eval": "pending"},
+            {"index": 4, "train": "done", "eval": "pending"},
+            {"index": 5, "train": "cancelled", "eval": "cancelled"}]
+    plan = plan_resubmission(rows)
+    assert plan == Plan(train=[1, 5], eval_only=[2])

@@ -1,0 +1,295 @@
+import open_clip
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clustermask import masking
+from clustermask.data import DataConfig, sample_batches
+from clustermask.masking import MaskingConfig, MaskingInputs, TokenMasker, select_tokens
+from clustermask.model import ModelConfig, create
+
+PATCH = 4
+
+
+def make_masker(**kw) -> TokenMasker:
+    masker = TokenMasker(MaskingConfig(**kw), patch_size=PATCH, num_heads=2)
+    return masker.train()
+
+
+def tokens_and_pixels(batch, grid_h, grid_w, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, 3, grid_h * PATCH, grid_w * PATCH, generator=g)
+    x = torch.randn(batch, 1 + grid_h * grid_w, dim, generator=g)
+    return x, pixels
+
+
+def run(masker, x, pixels):
+    masker.pixels = pixels
+    return masker(x)
+
+
+STRATEGY_CONFIGS = [dict(strategy="random"), dict(strategy="cluster", features="rgb"),
+                    dict(strategy="cluster", features="embedding"), dict(strategy="cluster", features="mixed"),
+                    dict(strategy="kmeans", kmeans_k=3), dict(strategy="cluster", attention=True)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 3), grid_h=st.integers(1, 5), grid_w=st.integers(1, 5),
+       ratio=st.floats(0.0, 0.95), config=st.sampled_from(STRATEGY_CONFIGS), seed=st.integers(0, 10))
+def test_exact_kept_count_and_cls_kept(batch, grid_h, grid_w, ratio, config, seed):
+    x, pixels = tokens_and_pixels(batch, grid_h, grid_w, seed=seed)
+    length = grid_h * grid_w
+    out = run(make_masker(ratio=ratio, **config), x, pixels)
+    assert out.shape == (batch, 1 + length - round(ratio * length), x.shape[-1])
+    assert torch.equal(out[:, 0], x[:, 0])
+    for b in range(batch):  # kept tokens are distinct input tokens
+        matches = (out[b, 1:, None, :] == x[b, None, 1:, :]).all(-1)
+        assert (matches.sum(1) == 1).all() and (matches.sum(0) <= 1).all()
+
+
+def two_halves_and_noise(noise_seed: int):
+    """Image 0: left half red, right half blue (flat). Image 1: noise. 8x8 patches of 4 px."""
+    img = torch.zeros(2, 3, 32, 32)
+    img[0, 0, :, :16] = 1.0
+    img[0, 2, :, 16:] = 1.0
+    img[1] = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(noise_seed))
+    x = torch.randn(2, 65, 8, generator=torch.Generator().manual_seed(1))
+    return x, img
+
+
+def test_clusters_follow_the_halves_of_a_flat_image_and_ignore_other_images():
+    masker = make_masker(strategy="cluster", features="rgb", ratio=0.3, anchor_fraction=0.05)
+    column = torch.arange(64) % 8
+    left = column < 4
+    results = []
+    for noise_seed in (0, 1):
+        x, img = two_halves_and_noise(noise_seed)
+        torch.manual_seed(123)
+        run(masker, x, img)
+        results.append(masker.last)
+    res = results[0]
+    clustered, ids = res.scores.clustered[0], res.scores.cluster_id[0]
+    # every cluster lies within one half, and a half with an anchor is entirely clustered
+    for cluster in ids[clustered].unique():
+        members = ids == cluster
+        assert left[members].all() or (~left[members]).all()
+    for half in (left, ~left):
+        assert clustered[half].all() or not clustered[half].any()
+    assert clustered.any()
+    # changing image 1 changes nothing for image 0
+    assert torch.equal(results[0].keep[0], results[1].keep[0])
+    assert torch.equal(results[0].scores.clustered[0], results[1].scores.clustered[0])
+
+
+def test_clustered_tokens_are_dropped_first_and_quota_is_filled_randomly():
+    masker = make_masker(strategy="cluster", ratio=0.75, anchor_fraction=0.02)
+    x, img = two_halves_and_noise(0)
+    torch.manual_seed(0)
+    run(masker, x, img)
+    res = masker.last
+    clustered, dropped = res.scores.clustered[0], res.dropped[0]
+    n_drop = round(0.75 * 64)
+    assert dropped.sum() == n_drop
+    if clustered.sum() <= n_drop:
+        assert dropped[clustered].all()
+    else:
+        assert clustered[dropped].all()
+
+
+def test_no_positional_bias_in_the_order_of_equals():
+    torch.manual_seed(0)
+    length, draws = 16, 4000
+    x = torch.zeros(draws, 1 + length, 4)
+    flat = torch.zeros(draws, 3, 4 * PATCH, 4 * PATCH)  # one colour: every patch clustered, ties everywhere
+    for cfg in (dict(strategy="random"), dict(strategy="cluster"), dict(strategy="kmeans", kmeans_k=2)):
+        masker = make_masker(ratio=0.5, **cfg)
+        run(masker, x, flat)
+        frequency = masker.last.dropped.float().mean(0)
+        assert (frequency - 0.5).abs().max() < 0.04, (cfg, frequency)
+
+
+def test_evaluation_mode_is_the_identity():
+    model, *_ , masker = create(ModelConfig(), MaskingConfig(strategy="cluster", ratio=0.5))
+    reference, *_ = create(ModelConfig(), None)
+    reference.load_state_dict(model.state_dict())
+    model.eval(), reference.eval()
+    images = torch.randn(3, 3, 64, 64)
+    x = torch.randn(3, 65, 128)
+    assert masker.eval()(x) is x
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(images), reference.encode_image(images), atol=1e-6)
+
+
+def test_masking_leaves_the_checkpoint_format_alone(tmp_path):
+    plain, *_ = create(ModelConfig(), None)
+    masked, *_ = create(ModelConfig(), MaskingConfig(strategy="kmeans"))
+    assert list(plain.state_dict()) == list(masked.state_dict())
+    path = tmp_path / "ckpt.pt"
+    torch.save({"epoch": 1, "state_dict": masked.state_dict()}, path)
+    loaded, _, _ = open_clip.create_model_and_transforms("ViT-Tiny-8-64", pretrained=str(path), weights_only=True)
+    assert torch.equal(loaded.visual.conv1.weight, masked.visual.conv1.weight)
+
+
+def test_seeded_and_reproducible():
+    x, img = tokens_and_pixels(4, 4, 4)
+    torch.manual_seed(7)
+    a = make_masker(strategy="kmeans", ratio=0.5)
+    run(a, x, img)
+    torch.manual_seed(7)
+    b = make_masker(strategy="kmeans", ratio=0.5)
+    run(b, x, img)
+    assert torch.equal(a.last.keep, b.last.keep)
+    torch.manual_seed(8)
+    run(b, x, img)
+    assert not torch.equal(a.last.keep, b.last.keep)
+
+
+def test_attention_mode_hidden_tokens_change_nothing():
+    """CLS output with hidden tokens masked == CLS output with those tokens physically removed."""
+    torch.manual_seed(0)
+    model, *_ , masker = create(ModelConfig(), MaskingConfig(strategy="cluster", ratio=0.3, attention=True,
+                                                               threshold=0.2))
+    visual = model.visual.train()
+    images = torch.zeros(2, 3, 64, 64)
+    images[:, 0, :, :32] = 1.0  # two flat halves: big clusters, more than the quota can drop
+    images[1, 1] = torch.rand(64, 64)
+    with torch.no_grad():
+        masked_out = visual(images)
+    result = masker.last
+    assert result.hidden is not None and result.hidden.any(), "the test needs hidden tokens"
+
+    class Select(torch.nn.Module):
+        def __init__(self, index):
+            super().__init__()
+            self.index = index
+
+        def forward(self, x):
+            return torch.cat([x[:, :1], x[:, 1:][:, self.index]], dim=1)
+
+    for i in range(2):
+        visible = result.keep[i][~result.hidden[i]]
+        visual.patch_dropout = Select(visible)
+        masker.attn_mask = None
+        with torch.no_grad():
+            removed_out = visual(images[i:i + 1])
+        torch.testing.assert_close(masked_out[i:i + 1], removed_out, atol=1e-5, rtol=1e-4)
+    visual.patch_dropout = masker
+
+
+def test_attention_mask_is_batch_major_per_image():
+    hidden = torch.tensor([[True, False, False], [False, False, True]])
+    mask = masking.key_padding_attn_mask(hidden, num_heads=3, dtype=torch.float32)
+    assert mask.shape == (6, 4, 4)
+    per_image = mask.view(2, 3, 4, 4)
+    assert torch.isinf(per_image[0, :, :, 1]).all() and torch.isfinite(per_image[0, :, :, 3]).all()
+    assert torch.isinf(per_image[1, :, :, 3]).all() and torch.isfinite(per_image[1, :, :, 1]).all()
+    assert torch.isfinite(mask[:, :, 0]).all()  # CLS never hidden
+
+
+def synthetic_inputs(synthetic_root, model, count, seed):
+    _, train_tf, _, tokenizer, _ = create(ModelConfig(), None)
+    cfg = DataConfig(train_shards=str(synthetic_root / "train"), workers=0)
+    return [masking.collect_features(model, images) for images, _ in
+            sample_batches(cfg, train_tf, tokenizer, 64, count, seed=seed)]
+
+
+def test_calibration_lands_on_the_target_coverage(synthetic_root):
+    model, *_ , masker = create(ModelConfig(), MaskingConfig(strategy="cluster"))
+    cfg = MaskingConfig(strategy="cluster", features="rgb")
+    calibration = synthetic_inputs(synthetic_root, model, 4, seed=1)
+    held_out = synthetic_inputs(synthetic_root, model, 4, seed=2)
+    for target in (0.2, 0.4):
+        threshold = masking.calibrate_threshold(calibration, cfg, target)
+        achieved = sum(masking.mean_coverage(b, cfg, threshold, seed=100 + i) for i, b in enumerate(held_out)) / 4
+        assert abs(achieved - target) <= 0.02, (target, threshold, achieved)
+
+
+def dropped_neighbours(dropped: torch.Tensor, grid: int) -> float:
+    """Mean number of dropped 4-neighbours of a dropped patch."""
+    d = dropped.view(-1, grid, grid).float()
+    padded = torch.nn.functional.pad(d, (1, 1, 1, 1))
+    neighbours = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
+    return ((neighbours * d).sum() / d.sum()).item()
+
+
+@pytest.mark.parametrize("config", [dict(strategy="cluster", features="rgb"),
+                                    dict(strategy="cluster", features="embedding"),
+                                    dict(strategy="cluster", features="mixed"),
+                                    dict(strategy="kmeans")])
+def test_structured_strategies_drop_spatially_clustered_patches(synthetic_root, config):
+    model, *_ = create(ModelConfig(), MaskingConfig(strategy="cluster"))
+    inputs = synthetic_inputs(synthetic_root, model, 2, seed=3)
+    cfg = MaskingConfig(ratio=0.3, threshold=0.6 if config.get("features") != "embedding" else 0.8, **config)
+    random_cfg = MaskingConfig(strategy="random", ratio=0.3)
+    torch.manual_seed(0)
+    structured = [dropped_neighbours(select_tokens(b._replace(progress=torch.tensor(0.5)), cfg).dropped, 8)
+                  for b in inputs]
+    unstructured = [dropped_neighbours(select_tokens(b, random_cfg).dropped, 8) for b in inputs]
+    assert sum(structured) / 2 > sum(unstructured) / 2 + 0.3, (structured, unstructured)
+
+
+def test_per_step_statistics():
+    masker = make_masker(strategy="cluster", ratio=0.5, attention=True)
+    x, img = two_halves_and_noise(0)
+    run(masker, x, img)
+    stats = {k: v.item() for k, v in masker.stats.items()}
+    assert set(stats) == {"mask/drop_ratio", "mask/coverage_mean", "mask/coverage_std", "mask/threshold"}
+    assert stats["mask/threshold"] == pytest.approx(0.5)
+    assert stats["mask/drop_ratio"] >= 0.5
+    assert 0 < stats["mask/coverage_mean"] <= 1
+
+
+@pytest.mark.parametrize("config", STRATEGY_CONFIGS)
+def test_masking_op_compiles_fullgraph(config):
+    """No graph breaks (and so no host sync) in the masking op: dynamo must capture it whole."""
+    torch._dynamo.reset()
+    cfg = MaskingConfig(ratio=0.5, **config)
+    x, img = tokens_and_pixels(2, 4, 4)
+    inputs = MaskingInputs(x[:, 1:], img, PATCH, torch.tensor(0.5), torch.tensor(0.3))
+    compiled = torch.compile(lambda i: select_tokens(i, cfg).keep, fullgraph=True, backend="eager")
+    torch.manual_seed(0)
+    eager = select_tokens(inputs, cfg).keep
+    torch.manual_seed(0)
+    assert torch.equal(compiled(inputs), eager)
+
+
+def test_masker_module_compiles_fullgraph():
+    torch._dynamo.reset()
+    masker = make_masker(strategy="cluster", ratio=0.5, attention=True)
+    x, img = tokens_and_pixels(2, 4, 4)
+    masker.pixels = img
+    out = torch.compile(masker, fullgraph=True, backend="eager")(x)
+    assert out.shape == (2, 9, 8) and masker.attn_mask.shape == (4, 9, 9)
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ValueError, match="masking.strategy='blocks'"):
+        masking.validate(MaskingConfig(strategy="blocks"))
+    with pytest.raises(ValueError, match="masking.ratio=1.2"):
+        masking.validate(MaskingConfig(strategy="random", ratio=1.2))
+    with pytest.raises(ValueError, match="masking.features='depth'"):
+        masking.validate(MaskingConfig(strategy="cluster", features="depth"))
+
+
+def test_anchor_count():
+    assert masking.num_anchors(196, 0.03) == 6
+    assert masking.num_anchors(10, 0.03) == 1
+    assert masking.num_dropped(196, 0.5) == 98 and masking.num_dropped(49, 0.3) == round(14.7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("config", STRATEGY_CONFIGS)
+def test_no_host_sync_on_gpu(config):
+    masker = TokenMasker(MaskingConfig(ratio=0.5, **config), patch_size=16, num_heads=12).cuda().train()
+    x = torch.randn(8, 197, 768, device="cuda")
+    masker.pixels = torch.randn(8, 3, 224, 224, device="cuda")
+    masker(x)  # warm-up (lazy init may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = masker(x)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert out.shape == (8, 1 + 196 - 98, 768)

@@ -1,0 +1,134 @@
+"""The whole vertical slice on the embedded default (local executor): train -> eval -> MLflow -> report."""
+import json
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from launch import graph
+from launch.status import format_status, plan_resubmission, sweep_status
+
+from conftest import REPO
+
+STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory, synthetic_root):
+    root = tmp_path_factory.mktemp("outputs")
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.app", "-m", "experiment=demo", f"paths.root={root}",
+         f"paths.data={synthetic_root}", f"train.steps={STEPS}", "train.checkpoint_every=30", "sweep_name=e2e"],
+        capture_output=True, text=True, cwd=REPO, timeout=1500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root / "sweeps" / "e2e", result.stdout
+
+
+def test_manifest_and_run_directories(local_sweep):
+    sweep_dir, stdout = local_sweep
+    manifest = graph.Manifest.load(sweep_dir)
+    assert len(manifest.points) == 4 and manifest.executor == "local"
+    assert {tuple(p.overrides) for p in manifest.points} == {
+        ("masking.ratio=0.3", "masking=random"), ("masking.ratio=0.5", "masking=random"),
+        ("masking.ratio=0.3", "masking=cluster"), ("masking.ratio=0.5", "masking=cluster")}
+    for point in manifest.points:
+        run_dir = graph.Path(point.run_dir)
+        assert (run_dir / "checkpoints" / "final.pt").exists()
+        assert (run_dir / "masks.png").stat().st_size > 1000
+        results = list((run_dir / "results").glob("*.json"))
+        assert len(results) == 10
+        dump = json.loads(results[0].read_text())
+        assert set(dump) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+    assert "manifest:" in stdout
+
+
+def test_models_beat_chance_by_a_clear_margin(local_sweep):
+    sweep_dir, _ = local_sweep
+    manifest = graph.Manifest.load(sweep_dir)
+    for point in manifest.points:
+        path = next((graph.Path(point.run_dir) / "results").glob("shapes_*zeroshot_classification.json"))
+        metrics = json.loads(path.read_text())["metrics"]
+        assert metrics["acc1"] >= 2 * metrics["chance"], (point.name, metrics)
+
+
+def test_mlflow_holds_one_run_per_point_with_the_metrics(local_sweep):
+    sweep_dir, _ = local_sweep
+    manifest = graph.Manifest.load(sweep_dir)
+    mlflow.set_tracking_uri(manifest.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[manifest.experiment],
+                              filter_string=f"tags.sweep_id = '{manifest.sweep_id}' and tags.kind = 'point'")
+    assert len(runs) == 4
+    assert set(runs["run_id"]) == {p.mlflow_run_id for p in manifest.points}
+    assert (runs["tags.mlflow.parentRunId"] == manifest.parent_run_id).all()
+    assert (runs["status"] == "FINISHED").all()
+    expected = ["metrics.zeroshot_classification/wds/shapes/acc1", "metrics.linear_probe/wds/shapes/lp_acc1",
+                "metrics.zeroshot_retrieval/wds/scenes/image_retrieval_recall_at_1",
+                "metrics.image_caption_selection/sugar_crepe/swap_att/acc", "metrics.train/loss"]
+    for column in expected:
+        assert runs[column].notna().all(), column
+    assert set(runs["params.masking.strategy"]) == {"random", "cluster"}
+    cluster = runs[runs["params.masking.strategy"] == "cluster"]
+    assert cluster["metrics.mask/coverage_mean"].notna().all()
+    history = mlflow.tracking.MlflowClient().get_metric_history(runs["run_id"][0], "train/loss")
+    assert len(history) == STEPS // 20
+
+
+def test_report_has_every_point(local_sweep):
+    sweep_dir, _ = local_sweep
+    report = sweep_dir / "report"
+    table = (report / "results.md").read_text().splitlines()
+    rows = [line for line in table[2:] if line.startswith("|")]
+    assert len(rows) == 4
+    labels = {(r.split("|")[1].strip(), float(r.split("|")[2])) for r in rows}
+    assert labels == {("random", 0.3), ("random", 0.5), ("cluster-rgb", 0.3), ("cluster-rgb", 0.5)}
+    assert "zs_acc1" in table[0] and "sc_mean" in table[0]
+    assert (report / "results.tex").read_text().count("\\\\") >= 5
+    plot = report / "zeroshot_classification_wds_shapes_acc1.png"
+    assert plot.stat().st_size > 5000
+    assert len(list(report.glob("masks_*.png"))) == 4
+
+
+def test_plot_draws_a_line_per_strategy_over_every_ratio(local_sweep):
+    from analysis.report import plot_metric, sweep_frame
+
+    sweep_dir, _ = local_sweep
+    manifest = graph.Manifest.load(sweep_dir)
+    frame = sweep_frame(manifest.tracking_uri, manifest.experiment, manifest.sweep_id)
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    original = plt.Axes.plot
+
+    def spy(self, x, y, *args, **kwargs):
+        captured[kwargs.get("label")] = (list(x), list(y))
+        return original(self, x, y, *args, **kwargs)
+
+    plt.Axes.plot = spy
+    try:
+        plot_metric(frame, "zeroshot_classification/wds/shapes/acc1", sweep_dir / "check.png")
+    finally:
+        plt.Axes.plot = original
+    assert set(captured) == {"random", "cluster-rgb"}
+    assert all(x == [0.3, 0.5] for x, _ in captured.values())
+
+
+def test_status_shows_done_and_resubmit_has_nothing_to_do(local_sweep):
+    sweep_dir, _ = local_sweep
+    manifest = graph.Manifest.load(sweep_dir)
+    rows = sweep_status(manifest)
+    assert all(r["train"] == "done" and r["eval"] == "done" for r in rows)
+    assert "4/4 point(s) evaluated" in format_status(manifest, rows)
+    assert plan_resubmission(rows).empty
+    again = subprocess.run([sys.executable, "-m", "launch.status", str(sweep_dir)], capture_output=True, text=True)
+    assert again.returncode == 0
+
+
+def test_relaunching_into_an_existing_sweep_is_refused(local_sweep, synthetic_root):
+    sweep_dir, _ = local_sweep
+    before = (sweep_dir / "manifest.json").read_text()
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.app", "-m", "experiment=demo", f"paths.root={sweep_dir.parent.parent}",
+         f"paths.data={synthetic_root}", "sweep_name=e2e"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode != 0 and "already holds a sweep" in (result.stderr + result.stdout)
+    assert (sweep_dir / "manifest.json").read_text() == before

@@ -1,0 +1,124 @@
+"""Against a real single-node SLURM (CI starts one with .ci/start_slurm.sh): arrays, aftercorr, afterany,
+failure handling, status, resubmission, requeue after a time-limit signal, and a 2-process gloo job."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch import graph
+from launch.status import format_status, resubmit, sweep_status
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slurm
+
+SMALL_RESOURCES = ["launcher=slurm", "launcher.train.mem_gb=3", "launcher.train.cpus_per_task=1",
+                   "launcher.eval.mem_gb=3", "launcher.report.mem_gb=2", "launcher.train.timeout_min=20",
+                   "train.batch_size=32", "data.workers=1"]
+
+
+def launch(root, data, *overrides):
+    started = time.time()
+    result = subprocess.run([sys.executable, "-m", "launch.app", "-m", f"paths.root={root}", f"paths.data={data}",
+                             *SMALL_RESOURCES, *overrides], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout, time.time() - started
+
+
+def queued() -> set:
+    out = subprocess.run(["squeue", "-h", "-o", "%F"], capture_output=True, text=True, check=True).stdout
+    return {line.strip() for line in out.splitlines() if line.strip()}
+
+
+def base_ids(manifest, submission=-1):
+    record = manifest.submissions[submission]
+    ids = {g["job_id"] for stage in ("train", "eval") for g in record[stage]}
+    return ids | {record["report"]["job_id"]}
+
+
+def wait_for(ids, timeout=900):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not (ids & queued()):
+            return
+        time.sleep(2)
+    raise TimeoutError(f"jobs {ids} still queued after {timeout}s:\n" + subprocess.run(
+        ["squeue"], capture_output=True, text=True).stdout)
+
+
+def test_sweep_with_a_failing_point_then_resubmit(slurm, tmp_path, synthetic_root):
+    # four points; the one with fail_at_step=5 crashes during training
+    stdout, seconds = launch(tmp_path, synthetic_root, "sweep_name=faulty", "train.steps=12", "train.log_every=4",
+                             "train.checkpoint_every=4", "train.fail_at_step=-1,-2,-3,5")
+    assert seconds < 60, f"submission took {seconds:.1f}s"
+    sweep_dir = tmp_path / "sweeps" / "faulty"
+    manifest = graph.Manifest.load(sweep_dir)
+    record = manifest.submissions[0]
+    assert len(record["train"]) == 1 and len(record["eval"]) == 1 and "report" in record  # three sbatch calls
+    assert "train job(s): " + record["train"][0]["job_id"] in stdout
+    wait_for(base_ids(manifest))
+
+    rows = {r["point"]: r for r in sweep_status(manifest)}
+    failing = next(p for p in manifest.points if "train.fail_at_step=5" in p.overrides)
+    others = [p for p in manifest.points if p is not failing]
+    assert rows[failing.name]["train"] == "failed" and rows[failing.name]["eval"] == "cancelled"
+    assert all(rows[p.name]["train"] == "done" and rows[p.name]["eval"] == "done" for p in others)
+    log = Path(rows[failing.name]["train_log"])
+    assert log.exists() and "injected failure" in log.read_text() + log.with_name(
+        log.name.replace("log.out", "log.err")).read_text()
+    text = format_status(manifest, list(rows.values()))
+    assert f"train failed, log: {log}" in text
+    report = (sweep_dir / "report" / "results.md").read_text()
+    assert report.count("\n|") >= 4  # every point has a row (the failed one without eval metrics)
+
+    finished = {p.name: Path(p.run_dir, "checkpoints", "final.pt").stat().st_mtime for p in others}
+    record = resubmit(sweep_dir, ["train.fail_at_step=-1"])
+    assert record["train"][0]["points"] == [failing.index] and record["eval"][0]["points"] == [failing.index]
+    manifest = graph.Manifest.load(sweep_dir)
+    assert len(manifest.submissions) == 2
+    wait_for(base_ids(manifest))
+    rows = {r["point"]: r for r in sweep_status(manifest)}
+    assert all(r["train"] == "done" and r["eval"] == "done" for r in rows.values())
+    assert finished == {p.name: Path(p.run_dir, "checkpoints", "final.pt").stat().st_mtime for p in others}
+    assert resubmit(sweep_dir, []) is None  # running it twice changes nothing
+    assert len(graph.Manifest.load(sweep_dir).submissions) == 2
+
+
+def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root):
+    launch(tmp_path, synthetic_root, "sweep_name=requeue", "train.steps=400", "train.checkpoint_every=10",
+           "eval.tasks=[{name: zeroshot_classification, dataset: wds/shapes, root: " + f"{synthetic_root}/eval/shapes" + "}]")
+    sweep_dir = tmp_path / "sweeps" / "requeue"
+    manifest = graph.Manifest.load(sweep_dir)
+    point = manifest.points[0]
+    train_job = manifest.submissions[0]["train"][0]["job_id"]
+    latest = Path(point.run_dir) / "checkpoints" / "latest.pt"
+    deadline = time.time() + 300
+    while not latest.exists():
+        assert time.time() < deadline, "training never checkpointed"
+        time.sleep(1)
+    # what SLURM sends ahead of the time limit (submitit asks for --signal=USR2@delay)
+    subprocess.run(["scancel", "--signal=USR2", train_job], check=True)
+    wait_for(base_ids(manifest), timeout=900)
+    rows = sweep_status(manifest)
+    assert rows[0]["train"] == "done" and rows[0]["eval"] == "done"
+    logs = "".join(p.read_text() for p in (sweep_dir / "slurm" / "train").rglob("*.out"))
+    logs += "".join(p.read_text() for p in (sweep_dir / "slurm" / "train").rglob("*.err"))
+    assert "resumed from" in logs and "Requeued job" in logs
+
+
+def test_two_process_gloo_training(slurm, tmp_path, synthetic_root):
+    launch(tmp_path, synthetic_root, "sweep_name=ddp", "train.steps=10", "launcher.train.tasks_per_node=2",
+           "train.threads=1", "eval.tasks=[{name: zeroshot_classification, dataset: wds/shapes, root: "
+           f"{synthetic_root}/eval/shapes" + "}]")
+    sweep_dir = tmp_path / "sweeps" / "ddp"
+    manifest = graph.Manifest.load(sweep_dir)
+    wait_for(base_ids(manifest))
+    rows = sweep_status(manifest)
+    assert rows[0]["train"] == "done" and rows[0]["eval"] == "done", format_status(manifest, rows)
+    logs = "".join(p.read_text() for p in (sweep_dir / "slurm" / "train").rglob("*_log.*"))
+    assert "distributed: rank 0 of 2" in logs and "distributed: rank 1 of 2" in logs
+    results = json.loads(next(Path(manifest.points[0].run_dir, "results").glob("*.json")).read_text())
+    assert results["metrics"]["acc1"] > 0

@@ -1,0 +1,115 @@
+import hashlib
+import json
+
+import pytest
+import webdataset as wds
+from clip_benchmark.datasets.builder import build_dataset
+
+from clustermask import synthetic
+from clustermask.data import DataConfig, check_workers, shard_urls, training_stream
+from clustermask.model import ModelConfig, create
+from clustermask.synthetic import SUGARCREPE_TASKS, SyntheticConfig, generate
+
+from conftest import SMALL
+
+
+def digest(root):
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_generation_is_deterministic_from_the_seed(tmp_path):
+    small = {**SMALL, "train_samples": 40, "classification_train": 36, "classification_test": 18,
+             "retrieval_test": 6, "sugarcrepe_per_task": 3}
+    a = generate(SyntheticConfig(root=str(tmp_path / "a"), **small))
+    b = generate(SyntheticConfig(root=str(tmp_path / "b"), **small))
+    c = generate(SyntheticConfig(root=str(tmp_path / "c"), **{**small, "seed": 1}))
+    assert digest(a / "train") == digest(b / "train")
+    assert digest(a / "eval") == digest(b / "eval")
+    assert digest(a / "train") != digest(c / "train")
+
+
+def test_generate_refuses_to_overwrite(tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match=str(tmp_path)):
+        generate(SyntheticConfig(root=str(tmp_path)))
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_training_shards_in_img2dataset_format(synthetic_root):
+    urls = shard_urls(str(synthetic_root / "train"))
+    assert len(urls) == SMALL["train_shards"] >= 2
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+    assert len(samples) == SMALL["train_samples"]
+    sample = samples[0]
+    assert {"jpg", "txt", "json"} <= set(sample)
+    meta = sample["json"]
+    assert meta["caption"] == sample["txt"] and meta["key"] == sample["__key__"] and meta["status"] == "success"
+    assert sample["jpg"].size == (64, 64)
+    # captions name colours and shapes, and pairs carry a spatial relation
+    captions = [s["txt"] for s in samples[:200]]
+    assert any(" left of " in c or " above " in c or " below " in c or " right of " in c for c in captions)
+    assert all(any(col in c for col in synthetic.COLOURS) for c in captions)
+
+
+def test_classification_set_reads_through_clip_benchmark(synthetic_root):
+    root = str(synthetic_root / "eval" / "shapes")
+    test = build_dataset("wds/shapes", root=root, split="test", download=False, task="zeroshot_classification")
+    train = build_dataset("wds/shapes", root=root, split="train", download=False, task="linear_probe")
+    assert test.classes == synthetic.classnames() and len(test.classes) == 18
+    assert all("{c}" in t for t in test.templates)
+    labels = [label for _, label in test]
+    assert len(labels) == SMALL["classification_test"] and set(labels) == set(range(18))
+    assert sum(1 for _ in train) == SMALL["classification_train"]
+
+
+def test_retrieval_set_has_several_captions_per_image(synthetic_root):
+    ds = build_dataset("wds/scenes", root=str(synthetic_root / "eval" / "scenes"), split="test", download=False,
+                       task="zeroshot_retrieval")
+    items = list(ds)
+    assert len(items) == SMALL["retrieval_test"]
+    assert all(len(captions) == 3 for _, captions in items)
+
+
+@pytest.mark.parametrize("task", SUGARCREPE_TASKS)
+def test_sugarcrepe_layout_and_negatives(synthetic_root, task):
+    ds = build_dataset(f"sugar_crepe/{task}", root=str(synthetic_root / "eval" / "sugar_crepe"), download=False,
+                       task="image_caption_selection")
+    assert len(ds) == SMALL["sugarcrepe_per_task"]
+    image, (positive, negative) = ds[0]
+    assert image.size == (64, 64) and positive != negative
+    annotations = json.loads((synthetic_root / "eval" / "sugar_crepe" / f"{task}.json").read_text())
+    assert set(annotations["0"]) == {"filename", "caption", "negative_caption"}
+
+
+def test_sugarcrepe_edits_do_what_their_name_says():
+    import random
+
+    a, b = synthetic.Thing("red", "circle"), synthetic.Thing("blue", "square")
+    rng = random.Random(0)
+    pos, neg = synthetic.sugarcrepe_negative("swap_att", a, "above", b, rng)
+    assert (pos, neg) == ("a red circle above a blue square.", "a blue circle above a red square.")
+    pos, neg = synthetic.sugarcrepe_negative("swap_obj", a, "above", b, rng)
+    assert neg == "a red square above a blue circle."
+    pos, neg = synthetic.sugarcrepe_negative("replace_rel", a, "above", b, rng)
+    assert neg == "a red circle below a blue square."
+    pos, neg = synthetic.sugarcrepe_negative("replace_att", a, "above", b, rng)
+    assert neg != pos and neg.endswith("circle above a blue square.") and not neg.startswith("a red")
+    pos, neg = synthetic.sugarcrepe_negative("add_obj", a, "above", b, rng)
+    assert neg.startswith(pos[:-1] + " and a ")
+
+
+def test_training_stream_with_as_many_workers_as_shards(synthetic_root):
+    _, train_tf, _, tokenizer, _ = create(ModelConfig(), None)
+    cfg = DataConfig(train_shards=str(synthetic_root / "train"), workers=2)
+    images, texts = next(iter(training_stream(cfg, train_tf, tokenizer, batch_size=16, seed=0)))
+    assert images.shape == (16, 3, 64, 64) and texts.shape == (16, 32)
+    assert check_workers(shard_urls(cfg.train_shards), 8) == SMALL["train_shards"]
+
+
+def test_missing_shards_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.train_shards"):
+        shard_urls(str(tmp_path / "nothing-{000..003}.tar"))
