@@ -31,6 +31,7 @@ SHAPES = ("circle", "square", "triangle")
 RELATIONS = {"to the left of": "to the right of", "to the right of": "to the left of",
              "above": "below", "below": "above"}
 TEMPLATES = ("a photo of a {c}.", "a {c}.", "a {c} on a textured background.")
+TAR_MTIME = 1_700_000_000  # fixed, so that the same seed writes byte-identical shards
 SUGARCREPE_TASKS = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
 
 
@@ -175,7 +176,7 @@ def write_training_shards(cfg: SyntheticConfig, out: Path) -> int:
     per_shard = _split_evenly(cfg.train_samples, cfg.train_shards)
     index = 0
     for shard in range(cfg.train_shards):
-        with wds.TarWriter(str(out / f"{shard:05d}.tar")) as sink:
+        with wds.TarWriter(str(out / f"{shard:05d}.tar"), mtime=TAR_MTIME) as sink:
             for _ in range(min(per_shard, cfg.train_samples - index)):
                 things, relation, caption = training_example(rng)
                 key = f"{shard:05d}{index:06d}"
@@ -193,7 +194,7 @@ def _write_wds_split(out: Path, split: str, samples, shards: int) -> None:
     split_dir.mkdir(parents=True, exist_ok=True)
     per_shard = _split_evenly(len(samples), shards)
     for shard in range(shards):
-        with wds.TarWriter(str(split_dir / f"{shard}.tar")) as sink:
+        with wds.TarWriter(str(split_dir / f"{shard}.tar"), mtime=TAR_MTIME) as sink:
             for i, sample in enumerate(samples[shard * per_shard:(shard + 1) * per_shard]):
                 sink.write({"__key__": f"s{shard * per_shard + i:07d}", **sample})
     (split_dir / "nshards.txt").write_text(f"{shards}\n")
