@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
-from clip_benchmark.datasets.builder import build_dataset, get_dataset_collate_fn, image_captions_collate_fn
-from clip_benchmark.metrics import image_caption_selection, linear_probe, zeroshot_classification, zeroshot_retrieval
 from torch.utils.data import DataLoader
+
+# clip_benchmark is imported where it is used: composing and checking a 64-point sweep should not pay for it.
 
 Metric = Tuple[str, float]
 
@@ -72,12 +72,17 @@ def _loader(dataset, ctx: EvalContext, collate_fn) -> DataLoader:
 
 
 def _dataset(task: EvalTask, transform, split: str = "test"):
+    from clip_benchmark.datasets.builder import build_dataset
+
     return build_dataset(task.dataset, root=task.root, transform=transform, split=split, download=False,
                          task=task.name)
 
 
 @register_evaluator("zeroshot_classification")
 def zeroshot_classification_eval(model, transform, tokenizer, task: EvalTask, ctx: EvalContext):
+    from clip_benchmark.datasets.builder import get_dataset_collate_fn
+    from clip_benchmark.metrics import zeroshot_classification
+
     dataset = _dataset(task, transform)
     metrics = zeroshot_classification.evaluate(
         model, _loader(dataset, ctx, get_dataset_collate_fn(task.dataset)), tokenizer, dataset.classes,
@@ -88,6 +93,9 @@ def zeroshot_classification_eval(model, transform, tokenizer, task: EvalTask, ct
 
 @register_evaluator("zeroshot_retrieval")
 def zeroshot_retrieval_eval(model, transform, tokenizer, task: EvalTask, ctx: EvalContext):
+    from clip_benchmark.datasets.builder import image_captions_collate_fn
+    from clip_benchmark.metrics import zeroshot_retrieval
+
     dataset = _dataset(task, transform)
     recall_k = [int(k) for k in task.options.get("recall_k", [1, 5])]
     yield from zeroshot_retrieval.evaluate(model, _loader(dataset, ctx, image_captions_collate_fn), tokenizer,
@@ -96,6 +104,9 @@ def zeroshot_retrieval_eval(model, transform, tokenizer, task: EvalTask, ctx: Ev
 
 @register_evaluator("image_caption_selection")
 def image_caption_selection_eval(model, transform, tokenizer, task: EvalTask, ctx: EvalContext):
+    from clip_benchmark.datasets.builder import image_captions_collate_fn
+    from clip_benchmark.metrics import image_caption_selection
+
     dataset = _dataset(task, transform)
     yield from image_caption_selection.evaluate(model, _loader(dataset, ctx, image_captions_collate_fn), tokenizer,
                                                 ctx.device, amp=ctx.amp).items()
@@ -104,6 +115,9 @@ def image_caption_selection_eval(model, transform, tokenizer, task: EvalTask, ct
 @register_evaluator("linear_probe")
 def linear_probe_eval(model, transform, tokenizer, task: EvalTask, ctx: EvalContext):
     """clip_benchmark's linear probe; its `evaluate` asserts CUDA, so on CPU we drive its own parts."""
+    from clip_benchmark.datasets.builder import get_dataset_collate_fn
+    from clip_benchmark.metrics import linear_probe
+
     train = _loader(_dataset(task, transform, "train"), ctx, get_dataset_collate_fn(task.dataset))
     test = _loader(_dataset(task, transform, "test"), ctx, get_dataset_collate_fn(task.dataset))
     lr, epochs = float(task.options.get("lr", 0.1)), int(task.options.get("epochs", 10))
@@ -116,6 +130,8 @@ def linear_probe_eval(model, transform, tokenizer, task: EvalTask, ctx: EvalCont
 
 
 def _features(model, loader, device):
+    from clip_benchmark.metrics import linear_probe
+
     featurizer = linear_probe.Featurizer(model).to(device)
     features, targets = [], []
     with torch.no_grad():
@@ -126,6 +142,7 @@ def _features(model, loader, device):
 
 
 def _linear_probe_cpu(model, train_loader, test_loader, lr: float, epochs: int, ctx: EvalContext) -> dict:
+    from clip_benchmark.metrics import linear_probe
     from sklearn.metrics import balanced_accuracy_score
 
     train_x, train_y = _features(model, train_loader, ctx.device)

@@ -78,13 +78,13 @@ def create_sweep(sweep_dir: Path, composed) -> "graph.Manifest":
     uri = resolve_uri(tracking, sweep_dir)
     parent = start_sweep(tracking, uri, sweep_id, {"points": str(len(composed)), "sweep_dir": str(sweep_dir)})
     points = []
+    shown = graph.varying_keys([o for o, _, _ in composed])
     for index, (overrides, cfg, _) in enumerate(composed):
-        run_dir = graph.run_dir_for(sweep_dir, overrides)
+        run_dir = graph.run_dir_for(sweep_dir, overrides, shown)
         graph.save_point_config(run_dir, cfg)
         params = flatten({k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("launcher", "paths")})
-        run_id = create_point_run(tracking, uri, parent, sweep_id, graph.point_name(overrides),
-                                  " ".join(overrides), params)
-        points.append(graph.Point(index, graph.point_name(overrides), overrides, str(run_dir), run_id))
+        run_id = create_point_run(tracking, uri, parent, sweep_id, run_dir.name, " ".join(overrides), params)
+        points.append(graph.Point(index, run_dir.name, overrides, str(run_dir), run_id))
     manifest = graph.Manifest(sweep_id=sweep_id, sweep_dir=str(sweep_dir), created=graph.dt.datetime.now().isoformat(
         timespec="seconds"), executor=first.launcher.executor, tracking_uri=uri, experiment=tracking.experiment,
         parent_run_id=parent, points=points)
@@ -128,9 +128,21 @@ class SubmitSweep(Callback):
         manifest.submissions.append(record)
         manifest.save()
         print_submission(manifest, record)
+        if launcher.executor == "local":
+            self._exit_on_failure(manifest)
+
+    @staticmethod
+    def _exit_on_failure(manifest) -> None:
+        from .status import format_status, sweep_status
+
+        rows = sweep_status(manifest)
+        if any(row[stage] != "done" for row in rows for stage in graph.STAGES):
+            print(format_status(manifest, rows), file=sys.stderr)
+            raise SystemExit(1)
 
     def _dry_run(self, sweep_dir: Path, composed) -> None:
-        points = [graph.Point(i, graph.point_name(o), o, str(graph.run_dir_for(sweep_dir, o)))
+        shown = graph.varying_keys([o for o, _, _ in composed])
+        points = [graph.Point(i, graph.point_name(o, shown), o, str(graph.run_dir_for(sweep_dir, o, shown)))
                   for i, (o, _, _) in enumerate(composed)]
         manifest = graph.Manifest("DRY-RUN", str(sweep_dir), "", composed[0][1].launcher.executor, "", "", "", points)
         plan = Plan(train=list(range(len(points))))

@@ -87,14 +87,23 @@ def safe_name(text: str, limit: int = 60) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:limit] or "point"
 
 
-def point_name(overrides: List[str]) -> str:
+def varying_keys(points_overrides: List[List[str]]) -> List[str]:
+    """Override keys whose value differs between the points of a sweep (what names should show)."""
+    keyed = [dict(o.lstrip("+~").partition("=")[::2] for o in overrides) for overrides in points_overrides]
+    keys = set().union(*keyed) if keyed else set()
+    return sorted(k for k in keys if len({d.get(k) for d in keyed}) > 1)
+
+
+def point_name(overrides: List[str], shown: Optional[List[str]] = None) -> str:
+    """Readable part (the shown keys, by default all) + a hash of every override: pure in the overrides."""
     digest = hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:8]
-    readable = "_".join(f"{k.split('.')[-1]}-{v}" for k, _, v in (o.lstrip("+~").partition("=") for o in overrides))
+    pairs = [o.lstrip("+~").partition("=") for o in overrides]
+    readable = "_".join(f"{k.split('.')[-1]}-{v}" for k, _, v in pairs if shown is None or k in shown)
     return f"{safe_name(readable, 48)}-{digest}"
 
 
-def run_dir_for(sweep_dir: Path, overrides: List[str]) -> Path:
-    return Path(sweep_dir).resolve() / "points" / point_name(overrides)
+def run_dir_for(sweep_dir: Path, overrides: List[str], shown: Optional[List[str]] = None) -> Path:
+    return Path(sweep_dir).resolve() / "points" / point_name(overrides, shown)
 
 
 def new_sweep_id(name: str) -> str:

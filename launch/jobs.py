@@ -60,8 +60,8 @@ def _stage(stage: str, run_dir: Path, body) -> str:
         logger.tags({f"{stage}_job_id": _job_id()})
     try:
         result = body(logger if rank == 0 else None)
-    except BaseException as error:  # noqa: BLE001 - re-raised below
-        if rank == 0 and not isinstance(error, submitit.core.utils.UncompletedJobError):
+    except Exception as error:  # not SystemExit: submitit exits that way after requeueing a preempted task
+        if rank == 0:
             graph.mark(run_dir, stage, "failed", job_id=_job_id(), log=_log_path(), error=repr(error)[:2000])
             logger.tags({f"{stage}_state": "failed"})
             if stage == "train":

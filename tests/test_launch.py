@@ -129,6 +129,9 @@ def test_point_names_are_pure_and_safe(tmp_path):
     assert graph.run_dir_for(tmp_path, overrides) == graph.run_dir_for(tmp_path, list(overrides))
     assert graph.run_dir_for(tmp_path, overrides) != graph.run_dir_for(tmp_path, overrides[:2])
     assert re.fullmatch(r"[A-Za-z0-9_.-]+", graph.point_name(overrides))
+    shown = graph.varying_keys([overrides, ["masking=cluster", "masking.ratio=0.3", overrides[2]]])
+    assert shown == ["masking.ratio"]
+    assert graph.point_name(overrides, shown).startswith("ratio-0.5-")
     assert graph.point_overrides(["launcher=slurm", "masking.ratio=0.5", "experiment=demo", "sweep_name=x"]) == \
         ["masking.ratio=0.5"]
 
