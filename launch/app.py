@@ -29,7 +29,7 @@ register_configs()
 OmegaConf.register_new_resolver("cm_safe", graph.safe_name, replace=True)  # sweep names become safe paths
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
-_composed: List[Tuple[List[str], DictConfig, str]] = []  # (point overrides, config, error or "")
+_composed: List[Tuple[List[str], dict, str]] = []  # (point overrides, resolved config, error or "")
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -55,8 +55,7 @@ def compose_point(cfg: DictConfig) -> None:
         error = ""
     except (ValueError, FileNotFoundError, TypeError) as exc:
         error = str(exc)
-    point_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    _composed.append((overrides, point_cfg, error))
+    _composed.append((overrides, OmegaConf.to_container(cfg, resolve=True), error))
 
 
 def _check_writable(sweep_dir: Path) -> None:
@@ -72,7 +71,7 @@ def _check_writable(sweep_dir: Path) -> None:
 def create_sweep(sweep_dir: Path, composed) -> "graph.Manifest":
     from clustermask.tracking import TrackingConfig, create_point_run, flatten, resolve_uri, start_sweep
 
-    first = composed[0][1]
+    first = OmegaConf.create(composed[0][1])
     sweep_id = graph.new_sweep_id(first.sweep_name)
     tracking = TrackingConfig(**OmegaConf.to_container(first.tracking))
     uri = resolve_uri(tracking, sweep_dir)
@@ -82,7 +81,7 @@ def create_sweep(sweep_dir: Path, composed) -> "graph.Manifest":
     for index, (overrides, cfg, _) in enumerate(composed):
         run_dir = graph.run_dir_for(sweep_dir, overrides, shown)
         graph.save_point_config(run_dir, cfg)
-        params = flatten({k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("launcher", "paths")})
+        params = flatten({k: v for k, v in cfg.items() if k not in ("launcher", "paths")})
         run_id = create_point_run(tracking, uri, parent, sweep_id, run_dir.name, " ".join(overrides), params)
         points.append(graph.Point(index, run_dir.name, overrides, str(run_dir), run_id))
     manifest = graph.Manifest(sweep_id=sweep_id, sweep_dir=str(sweep_dir), created=graph.dt.datetime.now().isoformat(
@@ -102,18 +101,19 @@ class SubmitSweep(Callback):
         self._submit(Path(str(config.hydra.run.dir)).resolve())
 
     def _submit(self, sweep_dir: Path) -> None:
-        composed, _composed[:] = list(_composed), []
+        composed = list(_composed)
+        _composed.clear()
         if not composed:
             return
         errors = [f"  point {i} ({' '.join(o) or 'defaults'}): {e}" for i, (o, _, e) in enumerate(composed) if e]
         if errors:
             print("error: preflight failed, nothing was submitted:\n" + "\n".join(errors), file=sys.stderr)
             raise SystemExit(2)
-        launcher = composed[0][1].launcher
+        launcher = OmegaConf.create(composed[0][1]).launcher
         if len({tuple(o) for o, _, _ in composed}) != len(composed):
             raise SystemExit("error: two points have the same overrides")
         if launcher.dry_run:
-            return self._dry_run(sweep_dir, composed)
+            return self._dry_run(sweep_dir, composed, launcher)
         if (sweep_dir / "manifest.json").exists():
             raise SystemExit(f"error: {sweep_dir} already holds a sweep (manifest.json); use `clustermask-resubmit "
                              f"{sweep_dir}` to finish it, or choose another sweep_name=")
@@ -140,15 +140,15 @@ class SubmitSweep(Callback):
             print(format_status(manifest, rows), file=sys.stderr)
             raise SystemExit(1)
 
-    def _dry_run(self, sweep_dir: Path, composed) -> None:
+    def _dry_run(self, sweep_dir: Path, composed, launcher: DictConfig) -> None:
         shown = graph.varying_keys([o for o, _, _ in composed])
         points = [graph.Point(i, graph.point_name(o, shown), o, str(graph.run_dir_for(sweep_dir, o, shown)))
                   for i, (o, _, _) in enumerate(composed)]
-        manifest = graph.Manifest("DRY-RUN", str(sweep_dir), "", composed[0][1].launcher.executor, "", "", "", points)
+        manifest = graph.Manifest("DRY-RUN", str(sweep_dir), "", launcher.executor, "", "", "", points)
         plan = Plan(train=list(range(len(points))))
         print(f"dry run: {len(points)} point(s), nothing submitted\n")
-        if composed[0][1].launcher.executor == "slurm":
-            make_executor(composed[0][1].launcher, sweep_dir, "DRY-RUN").submit(manifest, plan)
+        if launcher.executor == "slurm":
+            make_executor(launcher, sweep_dir, "DRY-RUN").submit(manifest, plan)
         print("dependency graph:\n" + describe(plan, manifest))
 
 

@@ -114,7 +114,8 @@ def new_sweep_id(name: str) -> str:
 # ---------------------------------------------------------------- per-point config and state
 
 
-def save_point_config(run_dir: Path, cfg: DictConfig) -> None:
+def save_point_config(run_dir: Path, cfg) -> None:
+    """cfg: the point's resolved config (a dict or a DictConfig)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
