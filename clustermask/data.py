@@ -52,7 +52,7 @@ def training_stream(cfg: DataConfig, transform, tokenizer, batch_size: int, seed
     pipeline = (
         wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node, seed=seed,
                        handler=wds.warn_and_continue)
-        .shuffle(cfg.shuffle_buffer, rng=None)
+        .shuffle(cfg.shuffle_buffer, seed=seed)
         .decode("pilrgb", handler=wds.warn_and_continue)
         .to_tuple("jpg;png;webp", "txt")
         .map_tuple(transform, lambda text: tokenizer([text])[0])

@@ -31,7 +31,7 @@ class MaskingConfig:
     anchor_fraction: float = 0.03  # anchors per image, as a fraction of the patches (at least one)
     threshold: float = 0.5  # cosine similarity above which a patch joins an anchor's cluster
     target_coverage: Optional[float] = None  # if set, calibrate the threshold to this mean cluster coverage
-    calibration_batches: int = 4
+    calibration_batches: int = 8
     kmeans_k: int = 8
     kmeans_iters: int = 3
     attention: bool = False  # also hide the clustered tokens that were kept, with a key-padding mask
@@ -344,10 +344,16 @@ def mean_coverage(inputs: MaskingInputs, cfg: MaskingConfig, threshold: float, s
     return clustered.float().mean().item()
 
 
-def calibrate_threshold(batches, cfg: MaskingConfig, target: float, iters: int = 30) -> float:
-    """Bisect the similarity threshold so that the mean cluster coverage over `batches` is `target`."""
+def calibrate_threshold(batches, cfg: MaskingConfig, target: float, iters: int = 30, draws: int = 4) -> float:
+    """Bisect the similarity threshold so that the mean cluster coverage over `batches` is `target`.
+
+    Coverage is averaged over `draws` anchor draws per batch: which patches become anchors is the main source
+    of variance, and a threshold fitted to one draw would not hold on the next batches.
+    """
     def coverage(threshold: float) -> float:
-        return sum(mean_coverage(b, cfg, threshold, seed=i) for i, b in enumerate(batches)) / len(batches)
+        values = [mean_coverage(b, cfg, threshold, seed=i * draws + d)
+                  for i, b in enumerate(batches) for d in range(draws)]
+        return sum(values) / len(values)
 
     low, high = -1.0, 1.0  # coverage(low) = 1, coverage(high) = anchors only
     for _ in range(iters):
