@@ -365,12 +365,6 @@ def calibrate_threshold(batches, cfg: MaskingConfig, target: float, iters: int =
     return 0.5 * (low + high)
 
 
-def describe(cfg: MaskingConfig) -> str:
-    if cfg.strategy == "cluster":
-        return f"cluster-{cfg.features}{'-attn' if cfg.attention else ''}@{cfg.ratio:g}"
-    return f"{cfg.strategy}@{cfg.ratio:g}"
-
-
 __all__ = [
     "MaskingConfig", "MaskingInputs", "MaskScores", "MaskResult", "STRATEGIES", "register_strategy",
     "select_tokens", "install_masking", "TokenMasker", "calibrate_threshold", "collect_features",

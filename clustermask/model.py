@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Optional
 
 import open_clip
-import torch
 
 from .masking import MaskingConfig, TokenMasker, install_masking
 
@@ -59,9 +58,4 @@ def load_for_eval(name: str, checkpoint: str, device: str = "cpu"):
     return model, eval_tf, open_clip.get_tokenizer(name)
 
 
-def image_size(model: torch.nn.Module) -> int:
-    size = model.visual.image_size
-    return size[0] if isinstance(size, (tuple, list)) else int(size)
-
-
-__all__ = ["ModelConfig", "create", "load_for_eval", "register_model_configs", "image_size", "TokenMasker"]
+__all__ = ["ModelConfig", "create", "load_for_eval", "register_model_configs", "TokenMasker"]

@@ -98,17 +98,18 @@ class LocalExecutor:
 
 # ---------------------------------------------------------------- SLURM
 
-_BASE_KEYS = ("timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",
-              "stderr_to_stdout")
 _INIT_KEYS = ("_target_", "submitit_folder", "max_num_timeout")
 
 
 def executor_parameters(resources, name: str) -> Dict:
     """hydra-submitit-launcher's mapping: base keys as they are, SLURM-specific ones prefixed `slurm_`."""
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    base_keys = set(OmegaConf.structured(BaseQueueConf).keys())
     params = {k: v for k, v in OmegaConf.to_container(resources, resolve=True).items()
               if k not in _INIT_KEYS and v is not None}
     params["name"] = graph.safe_name(params.get("name") or name, 100)
-    return {k if k in _BASE_KEYS else f"slurm_{k}": v for k, v in params.items()}
+    return {k if k in base_keys else f"slurm_{k}": v for k, v in params.items()}
 
 
 def check_resources(stage: str, resources) -> None:

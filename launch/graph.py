@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 STAGES = ("train", "eval")
 NOT_POINT_KEYS = ("launcher", "experiment", "sweep_name", "paths", "hydra")
@@ -142,8 +142,3 @@ def mark(run_dir: Path, stage: str, state: str, **info) -> None:
 def read_state(run_dir: Path, stage: str) -> Optional[dict]:
     path = state_path(run_dir, stage)
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def is_done(run_dir: Path, stage: str) -> bool:
-    record = read_state(run_dir, stage)
-    return record is not None and record["state"] == "done"

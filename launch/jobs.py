@@ -27,9 +27,10 @@ def _log_path() -> str:
 
 
 def _job_id() -> str:
-    return os.environ.get("SLURM_ARRAY_JOB_ID", "") and (
-        f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}") or os.environ.get(
-        "SLURM_JOB_ID", "local")
+    """As squeue -r prints it: '<array job>_<task>' for array tasks, the job id otherwise."""
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    return os.environ.get("SLURM_JOB_ID", "local")
 
 
 def _manifest_for(run_dir: Path) -> graph.Manifest:
