@@ -49,9 +49,15 @@ def git_sha() -> str:
         return "unknown"
 
 
-def experiment_id(mlflow_client, name: str) -> str:
+def experiment_id(mlflow_client, name: str, artifact_location: Optional[str] = None) -> str:
     found = mlflow_client.get_experiment_by_name(name)
-    return found.experiment_id if found else mlflow_client.create_experiment(name)
+    return found.experiment_id if found else mlflow_client.create_experiment(name, artifact_location)
+
+
+def artifact_location(cfg: TrackingConfig, sweep_dir: Path) -> Optional[str]:
+    """Beside the sqlite file for the local default (MLflow would use ./mlruns of the current directory);
+    a tracking server keeps its own."""
+    return None if cfg.uri else (Path(sweep_dir).resolve() / "mlartifacts").as_uri()
 
 
 def log_params(mlflow_client, run_id: str, params: Mapping[str, str]) -> None:
@@ -62,9 +68,10 @@ def log_params(mlflow_client, run_id: str, params: Mapping[str, str]) -> None:
         mlflow_client.log_batch(run_id, params=items[start:start + 100])
 
 
-def start_sweep(cfg: TrackingConfig, uri: str, sweep_id: str, params: Mapping[str, str]) -> str:
+def start_sweep(cfg: TrackingConfig, uri: str, sweep_id: str, params: Mapping[str, str],
+                artifacts: Optional[str] = None) -> str:
     c = client(uri)
-    run = c.create_run(experiment_id(c, cfg.experiment), run_name=sweep_id,
+    run = c.create_run(experiment_id(c, cfg.experiment, artifacts), run_name=sweep_id,
                        tags={"sweep_id": sweep_id, "kind": "sweep", "git_sha": git_sha()})
     log_params(c, run.info.run_id, params)
     return run.info.run_id

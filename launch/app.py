@@ -69,13 +69,15 @@ def _check_writable(sweep_dir: Path) -> None:
 
 
 def create_sweep(sweep_dir: Path, composed) -> "graph.Manifest":
-    from clustermask.tracking import TrackingConfig, create_point_run, flatten, resolve_uri, start_sweep
+    from clustermask.tracking import (TrackingConfig, artifact_location, create_point_run, flatten, resolve_uri,
+                                      start_sweep)
 
     first = OmegaConf.create(composed[0][1])
     sweep_id = graph.new_sweep_id(first.sweep_name)
     tracking = TrackingConfig(**OmegaConf.to_container(first.tracking))
     uri = resolve_uri(tracking, sweep_dir)
-    parent = start_sweep(tracking, uri, sweep_id, {"points": str(len(composed)), "sweep_dir": str(sweep_dir)})
+    parent = start_sweep(tracking, uri, sweep_id, {"points": str(len(composed)), "sweep_dir": str(sweep_dir)},
+                         artifact_location(tracking, sweep_dir))
     points = []
     shown = graph.varying_keys([o for o, _, _ in composed])
     for index, (overrides, cfg, _) in enumerate(composed):

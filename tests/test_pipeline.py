@@ -73,6 +73,9 @@ def test_mlflow_holds_one_run_per_point_with_the_metrics(local_sweep):
     assert cluster["metrics.mask/coverage_mean"].notna().all()
     history = mlflow.tracking.MlflowClient().get_metric_history(runs["run_id"][0], "train/loss")
     assert len(history) == STEPS // 20
+    artifacts = mlflow.tracking.MlflowClient().list_artifacts(runs["run_id"][0])
+    assert [a.path for a in artifacts] == ["masks.png"]
+    assert list((sweep_dir / "mlartifacts").rglob("masks.png")) and not (REPO / "mlruns").exists()
 
 
 def test_report_has_every_point(local_sweep):
