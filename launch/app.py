@@ -79,9 +79,8 @@ def create_sweep(sweep_dir: Path, composed) -> "graph.Manifest":
     parent = start_sweep(tracking, uri, sweep_id, {"points": str(len(composed)), "sweep_dir": str(sweep_dir)},
                          artifact_location(tracking, sweep_dir))
     points = []
-    shown = graph.varying_keys([o for o, _, _ in composed])
-    for index, (overrides, cfg, _) in enumerate(composed):
-        run_dir = graph.run_dir_for(sweep_dir, overrides, shown)
+    run_dirs = graph.run_dirs(sweep_dir, [o for o, _, _ in composed])
+    for index, ((overrides, cfg, _), run_dir) in enumerate(zip(composed, run_dirs)):
         graph.save_point_config(run_dir, cfg)
         params = flatten({k: v for k, v in cfg.items() if k not in ("launcher", "paths")})
         run_id = create_point_run(tracking, uri, parent, sweep_id, run_dir.name, " ".join(overrides), params)
@@ -143,9 +142,9 @@ class SubmitSweep(Callback):
             raise SystemExit(1)
 
     def _dry_run(self, sweep_dir: Path, composed, launcher: DictConfig) -> None:
-        shown = graph.varying_keys([o for o, _, _ in composed])
-        points = [graph.Point(i, graph.point_name(o, shown), o, str(graph.run_dir_for(sweep_dir, o, shown)))
-                  for i, (o, _, _) in enumerate(composed)]
+        overrides = [o for o, _, _ in composed]
+        points = [graph.Point(i, run_dir.name, o, str(run_dir))
+                  for i, (o, run_dir) in enumerate(zip(overrides, graph.run_dirs(sweep_dir, overrides)))]
         manifest = graph.Manifest("DRY-RUN", str(sweep_dir), "", launcher.executor, "", "", "", points)
         plan = Plan(train=list(range(len(points))))
         print(f"dry run: {len(points)} point(s), nothing submitted\n")

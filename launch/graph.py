@@ -106,6 +106,12 @@ def run_dir_for(sweep_dir: Path, overrides: List[str], shown: Optional[List[str]
     return Path(sweep_dir).resolve() / "points" / point_name(overrides, shown)
 
 
+def run_dirs(sweep_dir: Path, points_overrides: List[List[str]]) -> List[Path]:
+    """Run directory of every point of a sweep, named by what varies between them."""
+    shown = varying_keys(points_overrides)
+    return [run_dir_for(sweep_dir, overrides, shown) for overrides in points_overrides]
+
+
 def new_sweep_id(name: str) -> str:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{safe_name(name, 40)}-{stamp}-{os.urandom(3).hex()}"
@@ -121,7 +127,7 @@ def save_point_config(run_dir: Path, cfg) -> None:
 
 
 def load_point_config(run_dir: Path):
-    """The point's config as typed library dataclasses (a SimpleNamespace-like OmegaConf object)."""
+    """The point's saved config merged onto the typed schema (a DictConfig; OmegaConf.to_object per stage)."""
     from .schema import Config
 
     schema = OmegaConf.structured(Config)

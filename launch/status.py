@@ -92,11 +92,10 @@ def plan_resubmission(rows: List[Dict]) -> Plan:
 def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: List[str]) -> None:
     """Fix the configs of the points about to be resubmitted (typed: a bad key or value is refused)."""
     from .app import preflight
-    from .schema import Config
 
     for i in indices:
         run_dir = Path(manifest.points[i].run_dir)
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_dir / "config.yaml"))
+        cfg = graph.load_point_config(run_dir)
         OmegaConf.set_struct(cfg, True)
         for override in overrides:
             key, sep, value = override.partition("=")
@@ -104,7 +103,7 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
                 raise ValueError(f"override {override!r} is not key=value")
             OmegaConf.update(cfg, key, _parse(value), merge=True)
         preflight(cfg)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        graph.save_point_config(run_dir, cfg)
 
 
 def _parse(value: str):
