@@ -1,19 +1,31 @@
 """clustermask: CLIP pretraining whose image tower drops clusters of similar patches.
 
 The library: every stage is a function of the sub-config it needs (no Hydra, no SLURM here).
+Names are imported on first use, so `clustermask.config` (the typed configs) loads without torch.
 """
-from .data import DataConfig, training_stream
-from .evaluate import EVALUATORS, EvalConfig, EvalTask, evaluate_checkpoint, register_evaluator
-from .masking import STRATEGIES, MaskingConfig, TokenMasker, calibrate_threshold, install_masking, register_strategy
-from .model import ModelConfig, create as create_model, load_for_eval
-from .synthetic import SyntheticConfig, generate as generate_synthetic
-from .tracking import TrackingConfig
-from .train import TrainConfig, Trainer
-from .visualize import save_mask_grid
+from importlib import import_module
 
-__all__ = [
-    "DataConfig", "training_stream", "EVALUATORS", "EvalConfig", "EvalTask", "evaluate_checkpoint",
-    "register_evaluator", "STRATEGIES", "MaskingConfig", "TokenMasker", "calibrate_threshold", "install_masking",
-    "register_strategy", "ModelConfig", "create_model", "load_for_eval", "SyntheticConfig", "generate_synthetic",
-    "TrackingConfig", "TrainConfig", "Trainer", "save_mask_grid",
-]
+_PUBLIC = {
+    "config": ("DataConfig", "EvalConfig", "EvalTask", "MaskingConfig", "ModelConfig", "TrackingConfig",
+               "TrainConfig"),
+    "data": ("training_stream",),
+    "evaluate": ("EVALUATORS", "evaluate_checkpoint", "register_evaluator"),
+    "masking": ("STRATEGIES", "TokenMasker", "calibrate_threshold", "install_masking", "register_strategy"),
+    "model": ("create_model", "load_for_eval"),
+    "synthetic": ("SyntheticConfig", "generate_synthetic"),
+    "train": ("Trainer",),
+    "visualize": ("save_mask_grid",),
+}
+_RENAMED = {"create_model": "create", "generate_synthetic": "generate"}
+_WHERE = {name: module for module, names in _PUBLIC.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'clustermask' has no attribute {name!r}")
+    return getattr(import_module(f".{_WHERE[name]}", __name__), _RENAMED.get(name, name))
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

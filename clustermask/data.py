@@ -8,17 +8,8 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
 
-import webdataset as wds
-
-
-@dataclass
-class DataConfig:
-    train_shards: str = "${paths.data}/train/{00000..00007}.tar"  # brace pattern, directory or glob
-    eval_root: str = "${paths.data}/eval"
-    workers: int = 2
-    shuffle_buffer: int = 1000
+from .config import DataConfig
 
 
 def shard_urls(spec: str) -> list:
@@ -47,6 +38,8 @@ def check_workers(urls: list, workers: int) -> int:
 
 
 def training_stream(cfg: DataConfig, transform, tokenizer, batch_size: int, seed: int):
+    import webdataset as wds  # here, not at the top: the launcher checks shard paths without importing torch
+
     urls = shard_urls(cfg.train_shards)
     workers = check_workers(urls, cfg.workers)
     pipeline = (

@@ -8,34 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
+from .config import EvalConfig, EvalTask, validate_eval
+
 # clip_benchmark is imported where it is used: composing and checking a 64-point sweep should not pay for it.
 
 Metric = Tuple[str, float]
-
-
-@dataclass
-class EvalTask:
-    name: str  # evaluator name in EVALUATORS
-    dataset: str  # clip_benchmark dataset name: wds/<name>, sugar_crepe/<task>, ...
-    root: str  # local dataset root
-    options: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class EvalConfig:
-    tasks: List[EvalTask] = field(default_factory=list)
-    batch_size: int = 128
-    workers: int = 0
-    device: str = "auto"
-    amp: bool = False
-    fail: bool = False  # fault injection for tests
 
 
 @dataclass
@@ -60,11 +44,7 @@ def register_evaluator(name: str):
 
 
 def validate(cfg: EvalConfig, check_paths: bool = True) -> None:
-    for i, task in enumerate(cfg.tasks):
-        if task.name not in EVALUATORS:
-            raise ValueError(f"eval.tasks[{i}].name={task.name!r} is not one of {sorted(EVALUATORS)}")
-        if check_paths and not os.path.exists(task.root):
-            raise FileNotFoundError(f"eval.tasks[{i}].root={task.root!r} ({task.dataset}) does not exist")
+    validate_eval(cfg, EVALUATORS, check_paths)
 
 
 def _loader(dataset, ctx: EvalContext, collate_fn) -> DataLoader:

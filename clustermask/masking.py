@@ -13,29 +13,13 @@ unchanged, so checkpoints stay in open_clip's format.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-FEATURES = ("rgb", "embedding", "mixed")
-
-
-@dataclass
-class MaskingConfig:
-    strategy: str = "none"  # a name in STRATEGIES
-    ratio: float = 0.5  # fraction of patch tokens dropped
-    features: str = "rgb"  # cluster features: rgb | embedding | mixed (rgb -> embedding over training)
-    anchor_fraction: float = 0.03  # anchors per image, as a fraction of the patches (at least one)
-    threshold: float = 0.5  # cosine similarity above which a patch joins an anchor's cluster
-    target_coverage: Optional[float] = None  # if set, calibrate the threshold to this mean cluster coverage
-    calibration_batches: int = 8
-    kmeans_k: int = 8
-    kmeans_iters: int = 3
-    attention: bool = False  # also hide the clustered tokens that were kept, with a key-padding mask
-
+from .config import MaskingConfig, validate_masking
 
 class MaskingInputs(NamedTuple):
     tokens: torch.Tensor  # (B, L, D) patch embeddings after the positional embedding, CLS excluded
@@ -68,20 +52,7 @@ def register_strategy(name: str, needs_pixels: bool = False):
 
 def validate(cfg: MaskingConfig) -> None:
     """Raise ValueError naming the bad key and value."""
-    if cfg.strategy not in STRATEGIES:
-        raise ValueError(f"masking.strategy={cfg.strategy!r} is not one of {sorted(STRATEGIES)}")
-    if not 0.0 <= cfg.ratio < 1.0:
-        raise ValueError(f"masking.ratio={cfg.ratio!r} must be in [0, 1)")
-    if cfg.features not in FEATURES:
-        raise ValueError(f"masking.features={cfg.features!r} is not one of {list(FEATURES)}")
-    if not 0.0 < cfg.anchor_fraction <= 1.0:
-        raise ValueError(f"masking.anchor_fraction={cfg.anchor_fraction!r} must be in (0, 1]")
-    if not -1.0 <= cfg.threshold <= 1.0:
-        raise ValueError(f"masking.threshold={cfg.threshold!r} must be a cosine similarity in [-1, 1]")
-    if cfg.target_coverage is not None and not 0.0 < cfg.target_coverage < 1.0:
-        raise ValueError(f"masking.target_coverage={cfg.target_coverage!r} must be in (0, 1)")
-    if cfg.kmeans_k < 1 or cfg.kmeans_iters < 0:
-        raise ValueError(f"masking.kmeans_k={cfg.kmeans_k!r} / kmeans_iters={cfg.kmeans_iters!r} out of range")
+    validate_masking(cfg, STRATEGIES)
 
 
 def num_dropped(num_patches: int, ratio: float) -> int:

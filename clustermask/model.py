@@ -1,24 +1,14 @@
 """open_clip models: the project's tiny configs registered next to open_clip's own, masking installed."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import open_clip
 
-from .masking import MaskingConfig, TokenMasker, install_masking
+from .config import MODEL_CONFIG_DIR, MaskingConfig, ModelConfig, validate_model as validate
+from .masking import TokenMasker, install_masking
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
-
-
-@dataclass
-class ModelConfig:
-    name: str = "ViT-Tiny-8-64"  # any open_clip model name, e.g. ViT-B-16
-    precision: str = "fp32"  # fp32 | amp_bf16 (autocast) | bf16 (pure)
-    compile: bool = False
-    grad_checkpointing: bool = False
 
 
 def register_model_configs() -> None:
@@ -28,18 +18,11 @@ def register_model_configs() -> None:
         _registered = True
 
 
-def validate(cfg: ModelConfig) -> None:
-    register_model_configs()
-    if cfg.name not in open_clip.list_models():
-        raise ValueError(f"model.name={cfg.name!r} is not an open_clip model; e.g. {open_clip.list_models()[-5:]}")
-    if cfg.precision not in ("fp32", "amp_bf16", "bf16"):
-        raise ValueError(f"model.precision={cfg.precision!r} is not one of fp32, amp_bf16, bf16")
-
-
 def create(cfg: ModelConfig, masking: Optional[MaskingConfig] = None, total_steps: int = 1,
            device: str = "cpu", pretrained: Optional[str] = None):
     """Returns (model, train_transform, eval_transform, tokenizer, masker-or-None). No downloads."""
     validate(cfg)
+    register_model_configs()
     model, train_tf, eval_tf = open_clip.create_model_and_transforms(
         cfg.name, pretrained=pretrained, device=device, precision="bf16" if cfg.precision == "bf16" else "fp32",
         weights_only=True)

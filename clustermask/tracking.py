@@ -5,29 +5,53 @@ training tasks and the evaluation tasks, in different processes, write to the sa
 """
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from .config import TrackingConfig
+
+# compute nodes are often offline: no MLflow usage reports from our processes unless the user asks for them
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 MAX_PARAM_LENGTH = 6000
-
-
-@dataclass
-class TrackingConfig:
-    uri: str = ""  # empty: sqlite:///<sweep_dir>/mlflow.db ; or an `mlflow server` URI
-    experiment: str = "clustermask"
+SQLITE = "sqlite:///"
 
 
 def resolve_uri(cfg: TrackingConfig, sweep_dir: Path) -> str:
     # MLflow 3 refuses the plain file store: sqlite is the local default
-    return cfg.uri or f"sqlite:///{Path(sweep_dir).resolve() / 'mlflow.db'}"
+    return cfg.uri or f"{SQLITE}{Path(sweep_dir).resolve() / 'mlflow.db'}"
 
 
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith(SQLITE) and not Path(uri[len(SQLITE):]).exists():
+        db = Path(uri[len(SQLITE):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(empty_sqlite_store(), db)
     return MlflowClient(tracking_uri=uri)
+
+
+def empty_sqlite_store() -> Path:
+    """An empty sqlite store that MLflow has already migrated; new sweeps start from a copy. The migrations
+    take seconds and are the same for every sweep: one template per MLflow version, in the user's cache."""
+    from importlib.metadata import version
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clustermask"
+    template = cache / f"mlflow-{version('mlflow')}-empty.db"
+    if not template.exists():
+        from mlflow.tracking import MlflowClient
+
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            fresh = Path(tmp) / "empty.db"
+            MlflowClient(tracking_uri=f"{SQLITE}{fresh}").search_experiments()  # creates and migrates it
+            os.replace(fresh, template)  # atomic: concurrent launchers never see a half-written template
+    return template
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, str]:
@@ -68,23 +92,30 @@ def log_params(mlflow_client, run_id: str, params: Mapping[str, str]) -> None:
         mlflow_client.log_batch(run_id, params=items[start:start + 100])
 
 
-def start_sweep(cfg: TrackingConfig, uri: str, sweep_id: str, params: Mapping[str, str],
-                artifacts: Optional[str] = None) -> str:
-    c = client(uri)
-    run = c.create_run(experiment_id(c, cfg.experiment, artifacts), run_name=sweep_id,
-                       tags={"sweep_id": sweep_id, "kind": "sweep", "git_sha": git_sha()})
-    log_params(c, run.info.run_id, params)
-    return run.info.run_id
+@dataclass
+class PointRun:
+    name: str
+    overrides: str
+    params: Mapping[str, str]
 
 
-def create_point_run(cfg: TrackingConfig, uri: str, parent_run_id: str, sweep_id: str, name: str,
-                     overrides: str, params: Mapping[str, str]) -> str:
+def create_sweep_runs(cfg: TrackingConfig, uri: str, sweep_id: str, params: Mapping[str, str],
+                      points: List[PointRun], artifacts: Optional[str] = None) -> Tuple[str, List[str]]:
+    """The sweep's parent run and one child run per point, all created now (the launcher records their ids,
+    the jobs log into them). Returns (parent run id, child run ids in the order of `points`)."""
     c = client(uri)
-    run = c.create_run(experiment_id(c, cfg.experiment), run_name=name,
-                       tags={"mlflow.parentRunId": parent_run_id, "sweep_id": sweep_id, "kind": "point",
-                             "overrides": overrides, "git_sha": git_sha()})
-    log_params(c, run.info.run_id, params)
-    return run.info.run_id
+    experiment = experiment_id(c, cfg.experiment, artifacts)
+    sha = git_sha()
+    parent = c.create_run(experiment, run_name=sweep_id, tags={"sweep_id": sweep_id, "kind": "sweep", "git_sha": sha})
+    log_params(c, parent.info.run_id, params)
+    children = []
+    for point in points:
+        run = c.create_run(experiment, run_name=point.name,
+                           tags={"mlflow.parentRunId": parent.info.run_id, "sweep_id": sweep_id, "kind": "point",
+                                 "overrides": point.overrides, "git_sha": sha})
+        log_params(c, run.info.run_id, point.params)
+        children.append(run.info.run_id)
+    return parent.info.run_id, children
 
 
 class RunLogger:

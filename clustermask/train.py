@@ -5,7 +5,6 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -15,26 +14,11 @@ from open_clip_train.scheduler import cosine_lr
 from tqdm import tqdm
 
 from . import masking as masking_lib
-from .data import DataConfig, sample_batches, training_stream
-from .masking import MaskingConfig
-from .model import ModelConfig, create
+from .config import DataConfig, MaskingConfig, ModelConfig, TrainConfig, validate_train as validate
+from .data import sample_batches, training_stream
+from .model import create
 
 LogFn = Callable[[Dict[str, float], int], None]
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 400
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 40
-    seed: int = 0
-    log_every: int = 20
-    checkpoint_every: int = 100
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default
-    device: str = "auto"  # auto | cpu | cuda
-    fail_at_step: int = -1  # fault injection for tests: raise at this step (-1: never)
 
 
 def resolve_device(name: str) -> str:
@@ -43,14 +27,6 @@ def resolve_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine")
     return name
-
-
-def validate(cfg: TrainConfig) -> None:
-    for key in ("steps", "batch_size"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"train.{key}={getattr(cfg, key)!r} must be at least 1")
-    if cfg.lr <= 0:
-        raise ValueError(f"train.lr={cfg.lr!r} must be positive")
 
 
 def checkpoint_paths(run_dir: Path):

@@ -1,61 +1,78 @@
-"""`clustermask-sweep`: compose the sweep the Hydra way, check every point, then submit the whole graph.
+"""`clustermask-sweep`: expand the sweep the Hydra way, check every point, then submit the whole graph.
 
     clustermask-sweep -m experiment=demo                       # runs here (launcher=local, the default)
     clustermask-sweep -m experiment=ratio_ablation launcher=slurm
     clustermask-sweep -m masking=random,cluster masking.ratio=0.3,0.5 launcher=slurm launcher.dry_run=true
+    clustermask-sweep --cfg job experiment=demo                # Hydra's own flags: print, submit nothing
 
-Hydra's sweeper expands the points; for each, the task function below only composes and checks its config
-(no training happens in this process). When the sweep has been expanded, the `SubmitSweep` callback writes
-the run directories, MLflow runs and manifest.json, and hands the graph to the executor: SLURM arrays
+The points are Hydra's multirun points (command-line sweeps and the experiment's `hydra.sweeper.params`),
+composed by `launch.expand` and checked here, in this process, before anything is written. Then the run
+directories, MLflow runs and manifest.json are written and the graph goes to the executor: SLURM arrays
 (returns at once) or the local executor (runs it here).
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List, Mapping, Optional
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
+from hydra._internal.utils import get_args_parser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from . import graph
 from .executors import Plan, check_resources, describe, make_executor
-from .schema import register_configs
+from .expand import CONFIG_DIR, CONFIG_NAME, ComposedPoint, compose_sweep
+from .helpers import Registries, RegistriesInChild, TrackingInChild
 
-register_configs()
-OmegaConf.register_new_resolver("cm_safe", graph.safe_name, replace=True)  # sweep names become safe paths
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-
-_composed: List[Tuple[List[str], dict, str]] = []  # (point overrides, resolved config, error or "")
+HYDRA_ONLY_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "experimental_rerun")
 
 
-def preflight(cfg: DictConfig) -> None:
-    """Everything that can be checked before submission; raises ValueError/FileNotFoundError naming the key."""
-    from clustermask import data, evaluate, masking, model, train
+def _typed_stage_configs(cfg: Mapping) -> Dict:
+    from clustermask.config import EvalConfig, EvalTask, MaskingConfig, ModelConfig, TrainConfig
 
-    model.validate(OmegaConf.to_object(cfg.model))
-    masking.validate(OmegaConf.to_object(cfg.masking))
-    train.validate(OmegaConf.to_object(cfg.train))
-    data.shard_urls(cfg.data.train_shards)
-    evaluate.validate(OmegaConf.to_object(cfg.eval))
-    if cfg.launcher.executor not in ("local", "slurm"):
-        raise ValueError(f"launcher.executor={cfg.launcher.executor!r} is not one of local, slurm")
+    evaluation = dict(cfg["eval"])
+    evaluation["tasks"] = [EvalTask(**task) for task in evaluation["tasks"]]
+    return {"model": ModelConfig(**cfg["model"]), "masking": MaskingConfig(**cfg["masking"]),
+            "train": TrainConfig(**cfg["train"]), "eval": EvalConfig(**evaluation)}
+
+
+def preflight(cfg: Mapping, registries: Optional[Registries] = None) -> None:
+    """Everything that can be checked before submission; raises ValueError/FileNotFoundError naming the key.
+
+    cfg: a point's resolved config (a dict, or a DictConfig)."""
+    from clustermask import config, data
+
+    registries = registries or Registries.here()
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    typed = _typed_stage_configs(cfg)
+    config.validate_model(typed["model"])
+    config.validate_masking(typed["masking"], registries.strategies)
+    config.validate_train(typed["train"])
+    data.shard_urls(cfg["data"]["train_shards"])
+    config.validate_eval(typed["eval"], registries.evaluators)
+    if cfg["launcher"]["executor"] not in ("local", "slurm"):
+        raise ValueError(f"launcher.executor={cfg['launcher']['executor']!r} is not one of local, slurm")
     for stage in ("train", "eval", "report"):
-        check_resources(stage, cfg.launcher[stage])
+        check_resources(stage, cfg["launcher"][stage])
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def compose_point(cfg: DictConfig) -> None:
-    overrides = graph.point_overrides(list(HydraConfig.get().overrides.task))
+def point_error(point: ComposedPoint, registries: Registries) -> str:
+    if point.error:
+        return point.error
     try:
-        preflight(cfg)
-        error = ""
+        preflight(point.config, registries)
     except (ValueError, FileNotFoundError, TypeError) as exc:
-        error = str(exc)
-    _composed.append((overrides, OmegaConf.to_container(cfg, resolve=True), error))
+        return str(exc)
+    return ""
+
+
+def check_points(points: List[ComposedPoint], registries: Registries) -> List[str]:
+    """Compose and preflight errors, one line per failing point, naming it."""
+    errors = [(index, point, point_error(point, registries)) for index, point in enumerate(points)]
+    return [f"  point {i} ({' '.join(p.overrides) or 'defaults'}): {e}" for i, p, e in errors if e]
 
 
 def _check_writable(sweep_dir: Path) -> None:
@@ -68,89 +85,78 @@ def _check_writable(sweep_dir: Path) -> None:
         raise SystemExit(f"error: output directory {sweep_dir} is not writable: {exc}") from exc
 
 
-def create_sweep(sweep_dir: Path, composed) -> "graph.Manifest":
-    from clustermask.tracking import (TrackingConfig, artifact_location, create_point_run, flatten, resolve_uri,
-                                      start_sweep)
+def create_sweep(sweep_dir: Path, points: List[ComposedPoint], tracker: TrackingInChild) -> graph.Manifest:
+    from clustermask.config import TrackingConfig
+    from clustermask.tracking import PointRun, artifact_location, flatten, resolve_uri
 
-    first = OmegaConf.create(composed[0][1])
-    sweep_id = graph.new_sweep_id(first.sweep_name)
-    tracking = TrackingConfig(**OmegaConf.to_container(first.tracking))
+    first = points[0].config
+    sweep_id = graph.new_sweep_id(first["sweep_name"])
+    tracking = TrackingConfig(**first["tracking"])
     uri = resolve_uri(tracking, sweep_dir)
-    parent = start_sweep(tracking, uri, sweep_id, {"points": str(len(composed)), "sweep_dir": str(sweep_dir)},
-                         artifact_location(tracking, sweep_dir))
-    points = []
-    run_dirs = graph.run_dirs(sweep_dir, [o for o, _, _ in composed])
-    for index, ((overrides, cfg, _), run_dir) in enumerate(zip(composed, run_dirs)):
-        graph.save_point_config(run_dir, cfg)
-        params = flatten({k: v for k, v in cfg.items() if k not in ("launcher", "paths")})
-        run_id = create_point_run(tracking, uri, parent, sweep_id, run_dir.name, " ".join(overrides), params)
-        points.append(graph.Point(index, run_dir.name, overrides, str(run_dir), run_id))
+    run_dirs = graph.run_dirs(sweep_dir, [p.overrides for p in points])
+    runs = [PointRun(run_dir.name, " ".join(p.overrides),
+                     flatten({k: v for k, v in p.config.items() if k not in ("launcher", "paths")}))
+            for p, run_dir in zip(points, run_dirs)]
+    parent, run_ids = tracker.create_sweep_runs(first["tracking"], uri, sweep_id, {
+        "points": str(len(points)), "sweep_dir": str(sweep_dir)}, runs, artifact_location(tracking, sweep_dir))
+    manifest_points = []
+    for index, (point, run_dir, run_id) in enumerate(zip(points, run_dirs, run_ids)):
+        graph.save_point_config(run_dir, point.config)
+        manifest_points.append(graph.Point(index, run_dir.name, point.overrides, str(run_dir), run_id))
     manifest = graph.Manifest(sweep_id=sweep_id, sweep_dir=str(sweep_dir), created=graph.dt.datetime.now().isoformat(
-        timespec="seconds"), executor=first.launcher.executor, tracking_uri=uri, experiment=tracking.experiment,
-        parent_run_id=parent, points=points)
+        timespec="seconds"), executor=first["launcher"]["executor"], tracking_uri=uri,
+        experiment=tracking.experiment, parent_run_id=parent, points=manifest_points)
     manifest.save()
     return manifest
 
 
-class SubmitSweep(Callback):
-    """Runs once the sweeper has composed every point (also for a single run without -m)."""
+def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Registries,
+                 tracker: TrackingInChild) -> None:
+    """Preflight every point, then write the sweep and hand its graph to the executor."""
+    errors = check_points(points, registries)
+    if errors:
+        print("error: preflight failed, nothing was submitted:\n" + "\n".join(errors), file=sys.stderr)
+        raise SystemExit(2)
+    if len({tuple(p.overrides) for p in points}) != len(points):
+        raise SystemExit("error: two points have the same overrides")
+    launcher = OmegaConf.create(points[0].config["launcher"])
+    if launcher.dry_run:
+        return dry_run(sweep_dir, points, launcher)
+    if (sweep_dir / "manifest.json").exists():
+        raise SystemExit(f"error: {sweep_dir} already holds a sweep (manifest.json); use `clustermask-resubmit "
+                         f"{sweep_dir}` to finish it, or choose another sweep_name=")
+    _check_writable(sweep_dir)
+    manifest = create_sweep(sweep_dir, points, tracker)
+    executor = make_executor(launcher, sweep_dir, manifest.sweep_id)
+    plan = Plan(train=list(range(len(manifest.points))))
+    print(f"sweep {manifest.sweep_id}: {len(manifest.points)} point(s) in {sweep_dir}", flush=True)
+    record = executor.submit(manifest, plan)
+    manifest.submissions.append(record)
+    manifest.save()
+    print_submission(manifest, record)
+    if launcher.executor == "local":
+        exit_on_failure(manifest)
 
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        self._submit(Path(str(config.hydra.sweep.dir)).resolve())
 
-    def on_run_end(self, config: DictConfig, **kwargs) -> None:
-        self._submit(Path(str(config.hydra.run.dir)).resolve())
+def exit_on_failure(manifest: graph.Manifest) -> None:
+    from .status import format_status, sweep_status
 
-    def _submit(self, sweep_dir: Path) -> None:
-        composed = list(_composed)
-        _composed.clear()
-        if not composed:
-            return
-        errors = [f"  point {i} ({' '.join(o) or 'defaults'}): {e}" for i, (o, _, e) in enumerate(composed) if e]
-        if errors:
-            print("error: preflight failed, nothing was submitted:\n" + "\n".join(errors), file=sys.stderr)
-            raise SystemExit(2)
-        launcher = OmegaConf.create(composed[0][1]).launcher
-        if len({tuple(o) for o, _, _ in composed}) != len(composed):
-            raise SystemExit("error: two points have the same overrides")
-        if launcher.dry_run:
-            return self._dry_run(sweep_dir, composed, launcher)
-        if (sweep_dir / "manifest.json").exists():
-            raise SystemExit(f"error: {sweep_dir} already holds a sweep (manifest.json); use `clustermask-resubmit "
-                             f"{sweep_dir}` to finish it, or choose another sweep_name=")
-        _check_writable(sweep_dir)
-        manifest = create_sweep(sweep_dir, composed)
-        executor = make_executor(launcher, sweep_dir, manifest.sweep_id)
-        plan = Plan(train=list(range(len(manifest.points))))
-        print(f"sweep {manifest.sweep_id}: {len(manifest.points)} point(s) in {sweep_dir}", flush=True)
-        if launcher.executor == "slurm":  # record before submitting, so nothing is lost if sbatch fails midway
-            manifest.save()
-        record = executor.submit(manifest, plan)
-        manifest.submissions.append(record)
-        manifest.save()
-        print_submission(manifest, record)
-        if launcher.executor == "local":
-            self._exit_on_failure(manifest)
+    rows = sweep_status(manifest)
+    if any(row[stage] != "done" for row in rows for stage in graph.STAGES):
+        print(format_status(manifest, rows), file=sys.stderr)
+        raise SystemExit(1)
 
-    @staticmethod
-    def _exit_on_failure(manifest) -> None:
-        from .status import format_status, sweep_status
 
-        rows = sweep_status(manifest)
-        if any(row[stage] != "done" for row in rows for stage in graph.STAGES):
-            print(format_status(manifest, rows), file=sys.stderr)
-            raise SystemExit(1)
-
-    def _dry_run(self, sweep_dir: Path, composed, launcher: DictConfig) -> None:
-        overrides = [o for o, _, _ in composed]
-        points = [graph.Point(i, run_dir.name, o, str(run_dir))
-                  for i, (o, run_dir) in enumerate(zip(overrides, graph.run_dirs(sweep_dir, overrides)))]
-        manifest = graph.Manifest("DRY-RUN", str(sweep_dir), "", launcher.executor, "", "", "", points)
-        plan = Plan(train=list(range(len(points))))
-        print(f"dry run: {len(points)} point(s), nothing submitted\n")
-        if launcher.executor == "slurm":
-            make_executor(launcher, sweep_dir, "DRY-RUN").submit(manifest, plan)
-        print("dependency graph:\n" + describe(plan, manifest))
+def dry_run(sweep_dir: Path, points: List[ComposedPoint], launcher: DictConfig) -> None:
+    overrides = [p.overrides for p in points]
+    manifest_points = [graph.Point(i, run_dir.name, o, str(run_dir))
+                       for i, (o, run_dir) in enumerate(zip(overrides, graph.run_dirs(sweep_dir, overrides)))]
+    manifest = graph.Manifest("DRY-RUN", str(sweep_dir), "", launcher.executor, "", "", "", manifest_points)
+    plan = Plan(train=list(range(len(manifest_points))))
+    print(f"dry run: {len(manifest_points)} point(s), nothing submitted\n")
+    if launcher.executor == "slurm":
+        make_executor(launcher, sweep_dir, "DRY-RUN").submit(manifest, plan)
+    print("dependency graph:\n" + describe(plan, manifest))
 
 
 def print_submission(manifest: "graph.Manifest", record: dict) -> None:
@@ -161,13 +167,28 @@ def print_submission(manifest: "graph.Manifest", record: dict) -> None:
     print(f"status:   clustermask-status {manifest.sweep_dir}")
 
 
-def main() -> None:
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
-    compose_point()
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=CONFIG_NAME)
+def _hydra_cli(cfg: DictConfig) -> None:
+    """Only reached for Hydra's own flags (--cfg, --help, --info, ...), which print and never run the task."""
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = get_args_parser().parse_args(argv)
+    if any(getattr(args, flag) for flag in HYDRA_ONLY_FLAGS):
+        sys.argv = [sys.argv[0], *argv]
+        return _hydra_cli()
+    for flag in ("config_path", "config_name", "config_dir"):
+        if getattr(args, flag):
+            raise SystemExit(f"error: --{flag.replace('_', '-')} is not supported here: add your config folder "
+                             "with hydra.searchpath=[file:///path/to/configs] and pick experiment=NAME")
+    with RegistriesInChild() as registries, TrackingInChild() as tracker:
+        try:
+            sweep = compose_sweep(args.overrides, multirun=args.multirun)
+        except HydraException as exc:
+            raise SystemExit(f"error: {' '.join(str(exc).split())}") from None
+        submit_sweep(sweep.sweep_dir, sweep.points, registries.result(), tracker)
 
 
 if __name__ == "__main__":
-    # run the imported module, not __main__: the callback (launch.app.SubmitSweep) must see the same state
-    from launch.app import main as imported_main
-
-    imported_main()
+    main()

@@ -113,12 +113,12 @@ def executor_parameters(resources, name: str) -> Dict:
 
 
 def check_resources(stage: str, resources) -> None:
-    gpus, tasks = resources.gpus_per_node, resources.tasks_per_node
+    gpus, tasks, nodes = resources["gpus_per_node"], resources["tasks_per_node"], resources["nodes"]
     if gpus and tasks != gpus:
         raise ValueError(f"launcher.{stage}: tasks_per_node={tasks} must equal gpus_per_node={gpus} "
                          "(one rank per GPU)")
-    if resources.nodes < 1 or tasks < 1:
-        raise ValueError(f"launcher.{stage}: nodes={resources.nodes} and tasks_per_node={tasks} must be >= 1")
+    if nodes < 1 or tasks < 1:
+        raise ValueError(f"launcher.{stage}: nodes={nodes} and tasks_per_node={tasks} must be >= 1")
 
 
 class SlurmExecutor:

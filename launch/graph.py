@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import yaml
 from omegaconf import OmegaConf
 
 STAGES = ("train", "eval")
@@ -121,9 +122,13 @@ def new_sweep_id(name: str) -> str:
 
 
 def save_point_config(run_dir: Path, cfg) -> None:
-    """cfg: the point's resolved config (a dict or a DictConfig)."""
+    """cfg: the point's resolved config (a dict or a DictConfig). PyYAML's C dumper on the plain dict: a
+    64-point sweep writes its configs in milliseconds instead of seconds through OmegaConf.to_yaml."""
+    if OmegaConf.is_config(cfg):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    (run_dir / "config.yaml").write_text(yaml.dump(cfg, Dumper=dumper, sort_keys=False, allow_unicode=True))
 
 
 def load_point_config(run_dir: Path):

@@ -11,12 +11,7 @@ from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from omegaconf import MISSING
 
-from clustermask.data import DataConfig
-from clustermask.evaluate import EvalConfig
-from clustermask.masking import MaskingConfig
-from clustermask.model import ModelConfig
-from clustermask.tracking import TrackingConfig
-from clustermask.train import TrainConfig
+from clustermask.config import DataConfig, EvalConfig, MaskingConfig, ModelConfig, TrackingConfig, TrainConfig
 
 
 @dataclass

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, HydraException
 
 from launch import app, graph
+from launch.expand import compose_sweep
 from launch.executors import Plan, SlurmExecutor, executor_parameters
 from launch.status import plan_resubmission
 
@@ -48,6 +49,95 @@ def test_struct_mode_catches_typos_and_types():
         compose_cfg("train.steps=many")
 
 
+def _as_hydra_composes(points, common):
+    """point.overrides holds the point's own overrides; the rest of the command line comes from `common`."""
+    rest = [o for o in common if not graph.is_point_override(o)]
+    for point in points:
+        expected = OmegaConf.to_container(compose_cfg(*rest, *point.overrides), resolve=True)
+        assert point.config == expected, point.overrides
+
+
+def test_sweep_points_compose_exactly_as_hydra_composes_them(tmp_path):
+    common = [f"paths.root={tmp_path}", "launcher=slurm", "+report.note=extra"]
+    sweep = compose_sweep([*common, "masking=random,cluster,kmeans", "masking.ratio=0.3,0.5", "~report.plot_metric",
+                           "model=tiny,vit_b16", "train.seed=0,1"])
+    assert len(sweep.points) == 3 * 2 * 2 * 2 and not any(p.error for p in sweep.points)
+    assert sweep.sweep_dir == tmp_path / "sweeps" / "default"
+    assert len({tuple(p.overrides) for p in sweep.points}) == 24
+    _as_hydra_composes(sweep.points, [*common, "~report.plot_metric"])
+    assert {p.config["masking"]["strategy"] for p in sweep.points} == {"random", "cluster", "kmeans"}
+    assert all(p.config["report"] == {"note": "extra"} for p in sweep.points)
+
+
+def test_sweeper_params_of_the_experiment_expand_and_the_command_line_wins(tmp_path):
+    sweep = compose_sweep([f"paths.root={tmp_path}", "experiment=ratio_ablation"])
+    assert len(sweep.points) == 4 * 3  # hydra.sweeper.params: 4 strategies x 3 ratios
+    assert sweep.sweep_dir == tmp_path / "sweeps" / "ratio_ablation"
+    _as_hydra_composes(sweep.points, [f"paths.root={tmp_path}", "experiment=ratio_ablation"])
+    narrowed = compose_sweep([f"paths.root={tmp_path}", "experiment=ratio_ablation", "masking.ratio=0.1,0.2"])
+    assert sorted({p.config["masking"]["ratio"] for p in narrowed.points}) == [0.1, 0.2]
+    assert len(narrowed.points) == 4 * 2
+    single = compose_sweep([f"paths.root={tmp_path}", "experiment=ratio_ablation"], multirun=False)
+    assert len(single.points) == 1  # without -m Hydra ignores the sweeper params
+
+
+def test_a_researchers_own_experiment_folder_joins_through_hydra_searchpath(tmp_path):
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\nsweep_name: mine\nhydra:\n  sweeper:\n    params:\n      masking.ratio: 0.1,0.2\n")
+    sweep = compose_sweep([f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=mine",
+                           f"paths.root={tmp_path}", "masking=cluster"])
+    assert sweep.sweep_dir == tmp_path / "sweeps" / "mine"
+    assert [p.config["masking"]["ratio"] for p in sweep.points] == [0.1, 0.2]
+    assert all(p.config["masking"]["strategy"] == "cluster" for p in sweep.points)
+
+
+def test_a_point_that_does_not_compose_carries_its_error(tmp_path):
+    sweep = compose_sweep([f"paths.root={tmp_path}", "masking=random,blocks"])
+    assert sweep.points[0].config is not None and not sweep.points[0].error
+    assert sweep.points[1].config is None and "masking/blocks" in sweep.points[1].error
+    with pytest.raises(HydraException, match="experiment/nope"):
+        compose_sweep(["experiment=nope"])
+    with pytest.raises(HydraException, match="only Hydra's basic sweeper"):
+        compose_sweep(["hydra.sweeper._target_=my.OptunaSweeper", "masking.ratio=0.3,0.5"])
+    with pytest.raises(HydraException, match="INTERVAL"):
+        compose_sweep(["train.lr=interval(0.1,0.2)"])
+
+
+def test_composing_and_checking_a_sweep_imports_no_model_code(synthetic_root, tmp_path):
+    """The launcher composes and checks without torch: the registries' names come from a child process."""
+    script = (f"import sys; from launch import app; "
+              f"s = app.compose_sweep(['paths.root={tmp_path}', 'paths.data={synthetic_root}', "
+              f"'masking=random,cluster', 'masking.ratio=0.3,0.5']); "
+              f"registries = app.RegistriesInChild().result(); "
+              f"assert 'cluster' in registries.strategies and 'linear_probe' in registries.evaluators; "
+              f"assert not app.check_points(s.points, registries), app.check_points(s.points, registries); "
+              f"print(sorted(m for m in ('torch', 'open_clip', 'webdataset', 'mlflow', 'clip_benchmark') "
+              f"if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_model_names_read_from_files_match_open_clip_registry():
+    from clustermask.config import model_names
+    from clustermask.model import register_model_configs
+    import open_clip
+
+    register_model_configs()
+    assert model_names() == sorted(open_clip.list_models())
+
+
+def test_point_config_round_trips_through_its_yaml(tmp_path):
+    cfg = compose_sweep([f"paths.root={tmp_path}", f"sweep_name={json.dumps(HOSTILE)}",
+                         "masking.threshold=-0.25", "train.lr=1e-5"]).points[0].config
+    graph.save_point_config(tmp_path / "run", cfg)
+    loaded = graph.load_point_config(tmp_path / "run")
+    assert OmegaConf.to_container(loaded, resolve=True) == cfg
+    assert "$(touch PWNED2)" in loaded.sweep_name and '"quoted";' in loaded.sweep_name
+    assert loaded.train.lr == 1e-5 and loaded.masking.threshold == -0.25
+
+
 def test_preflight_names_the_bad_key(synthetic_root):
     good = [f"paths.data={synthetic_root}"]
     app.preflight(compose_cfg(*good))
@@ -72,7 +162,7 @@ def test_preflight_failure_submits_nothing_and_names_the_point(tmp_path, synthet
     assert result.returncode != 0
     assert "nothing was submitted" in result.stderr
     assert "masking.ratio=1.5" in result.stderr and "point 1" in result.stderr
-    assert not list(tmp_path.rglob("manifest.json"))
+    assert not list(tmp_path.rglob("manifest.json")) and not list(tmp_path.rglob("mlflow.db"))
 
 
 def test_dry_run_prints_scripts_and_graph(tmp_path, synthetic_root):
@@ -84,7 +174,7 @@ def test_dry_run_prints_scripts_and_graph(tmp_path, synthetic_root):
     assert "#SBATCH --dependency=aftercorr:DRYRUN-train" in out and "#SBATCH --kill-on-invalid-dep=yes" in out
     assert "#SBATCH --dependency=afterany:DRYRUN-train:DRYRUN-eval" in out
     assert out.count("-> eval[") == 4 and "report (afterany" in out
-    assert not list(tmp_path.rglob("manifest.json"))
+    assert not list(tmp_path.rglob("manifest.json")) and not list(tmp_path.rglob("mlflow.db"))
 
 
 def normalise(script: str, folder: str) -> str:

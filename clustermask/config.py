@@ -1,0 +1,140 @@
+"""Every stage's typed config, and the checks that need no model code.
+
+Plain dataclasses that import neither torch nor open_clip: the launcher composes and checks every point
+of a sweep with them before submitting, and should not pay seconds of imports for it. The stage modules
+re-export their own config (`clustermask.masking.MaskingConfig` is this `MaskingConfig`).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+FEATURES = ("rgb", "embedding", "mixed")
+PRECISIONS = ("fp32", "amp_bf16", "bf16")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "ViT-Tiny-8-64"  # any open_clip model name, e.g. ViT-B-16
+    precision: str = "fp32"  # fp32 | amp_bf16 (autocast) | bf16 (pure)
+    compile: bool = False
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class MaskingConfig:
+    strategy: str = "none"  # a name in clustermask.masking.STRATEGIES
+    ratio: float = 0.5  # fraction of patch tokens dropped
+    features: str = "rgb"  # cluster features: rgb | embedding | mixed (rgb -> embedding over training)
+    anchor_fraction: float = 0.03  # anchors per image, as a fraction of the patches (at least one)
+    threshold: float = 0.5  # cosine similarity above which a patch joins an anchor's cluster
+    target_coverage: Optional[float] = None  # if set, calibrate the threshold to this mean cluster coverage
+    calibration_batches: int = 8
+    kmeans_k: int = 8
+    kmeans_iters: int = 3
+    attention: bool = False  # also hide the clustered tokens that were kept, with a key-padding mask
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = "${paths.data}/train/{00000..00007}.tar"  # brace pattern, directory or glob
+    eval_root: str = "${paths.data}/eval"
+    workers: int = 2
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 40
+    seed: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 100
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    device: str = "auto"  # auto | cpu | cuda
+    fail_at_step: int = -1  # fault injection for tests: raise at this step (-1: never)
+
+
+@dataclass
+class EvalTask:
+    name: str  # evaluator name in clustermask.evaluate.EVALUATORS
+    dataset: str  # clip_benchmark dataset name: wds/<name>, sugar_crepe/<task>, ...
+    root: str  # local dataset root
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    tasks: List[EvalTask] = field(default_factory=list)
+    batch_size: int = 128
+    workers: int = 0
+    device: str = "auto"
+    amp: bool = False
+    fail: bool = False  # fault injection for tests
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # empty: sqlite:///<sweep_dir>/mlflow.db ; or an `mlflow server` URI
+    experiment: str = "clustermask"
+
+
+@functools.lru_cache(maxsize=None)
+def model_names() -> List[str]:
+    """open_clip's model names (its bundled configs) plus ours, read from the config files as open_clip's
+    registry does, without importing open_clip (tests/test_launch.py checks both lists agree)."""
+    spec = importlib.util.find_spec("open_clip")
+    folders = [Path(p) / "model_configs" for p in (spec.submodule_search_locations or [])] if spec else []
+    return sorted({path.stem for folder in folders + [MODEL_CONFIG_DIR] for path in folder.glob("*.json")})
+
+
+def validate_model(cfg: ModelConfig) -> None:
+    names = model_names()
+    if cfg.name not in names:
+        close = [n for n in names if n.lower().startswith(cfg.name.lower()[:5])][:5] or names[:5]
+        raise ValueError(f"model.name={cfg.name!r} is not an open_clip model; e.g. {close}")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"model.precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
+def validate_masking(cfg: MaskingConfig, strategies: Iterable[str]) -> None:
+    """strategies: the names registered in clustermask.masking.STRATEGIES."""
+    if cfg.strategy not in strategies:
+        raise ValueError(f"masking.strategy={cfg.strategy!r} is not one of {sorted(strategies)}")
+    if not 0.0 <= cfg.ratio < 1.0:
+        raise ValueError(f"masking.ratio={cfg.ratio!r} must be in [0, 1)")
+    if cfg.features not in FEATURES:
+        raise ValueError(f"masking.features={cfg.features!r} is not one of {list(FEATURES)}")
+    if not 0.0 < cfg.anchor_fraction <= 1.0:
+        raise ValueError(f"masking.anchor_fraction={cfg.anchor_fraction!r} must be in (0, 1]")
+    if not -1.0 <= cfg.threshold <= 1.0:
+        raise ValueError(f"masking.threshold={cfg.threshold!r} must be a cosine similarity in [-1, 1]")
+    if cfg.target_coverage is not None and not 0.0 < cfg.target_coverage < 1.0:
+        raise ValueError(f"masking.target_coverage={cfg.target_coverage!r} must be in (0, 1)")
+    if cfg.kmeans_k < 1 or cfg.kmeans_iters < 0:
+        raise ValueError(f"masking.kmeans_k={cfg.kmeans_k!r} / kmeans_iters={cfg.kmeans_iters!r} out of range")
+
+
+def validate_eval(cfg: EvalConfig, evaluators: Iterable[str], check_paths: bool = True) -> None:
+    """evaluators: the names registered in clustermask.evaluate.EVALUATORS."""
+    for i, task in enumerate(cfg.tasks):
+        if task.name not in evaluators:
+            raise ValueError(f"eval.tasks[{i}].name={task.name!r} is not one of {sorted(evaluators)}")
+        if check_paths and not os.path.exists(task.root):
+            raise FileNotFoundError(f"eval.tasks[{i}].root={task.root!r} ({task.dataset}) does not exist")
+
+
+def validate_train(cfg: TrainConfig) -> None:
+    for key in ("steps", "batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"train.{key}={getattr(cfg, key)!r} must be at least 1")
+    if cfg.lr <= 0:
+        raise ValueError(f"train.lr={cfg.lr!r} must be positive")

@@ -1,0 +1,100 @@
+"""Work of the sweep command that needs heavy imports, done in child processes started with the command.
+
+Importing torch (for the strategy and evaluator registries) and MLflow takes seconds; the children do it
+while the command composes the sweep, so submitting 64 points stays a matter of seconds. Neither child
+writes anything until the command has checked every point and asks it to:
+
+- `RegistriesInChild`: the names registered with the model code (strategies, evaluators), for preflight.
+- `TrackingInChild`: imports MLflow and readies the empty sqlite store, then, only when asked, creates the
+  sweep's parent run and a run per point, and answers their ids. Closing it unasked writes nothing.
+
+    python -m launch.helpers registries|tracking     # what the children run
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Tuple
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Registries:
+    """Names registered with the model code: masking strategies and evaluators."""
+    strategies: List[str]
+    evaluators: List[str]
+
+    @classmethod
+    def here(cls) -> "Registries":
+        from clustermask import evaluate, masking
+
+        return cls(sorted(masking.STRATEGIES), sorted(evaluate.EVALUATORS))
+
+
+class _Child:
+    role = ""
+
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, "-m", "launch.helpers", self.role], cwd=REPO, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:  # never asked (a dry run, or the sweep failed its checks)
+            self.process.kill()
+            self.process.communicate()
+
+    def _answer(self, request: str = "") -> dict:
+        out, err = self.process.communicate(request)
+        if self.process.returncode != 0:
+            raise SystemExit(f"error: the {self.role} helper process failed:\n{err[-3000:]}")
+        return json.loads(out.strip().splitlines()[-1])
+
+
+class RegistriesInChild(_Child):
+    role = "registries"
+
+    def result(self) -> Registries:
+        return Registries(**self._answer())
+
+
+class TrackingInChild(_Child):
+    role = "tracking"
+
+    def create_sweep_runs(self, tracking: dict, uri: str, sweep_id: str, params: dict, points: list,
+                          artifacts) -> Tuple[str, List[str]]:
+        """clustermask.tracking.create_sweep_runs, in the child (points: PointRun)."""
+        request = {"tracking": tracking, "uri": uri, "sweep_id": sweep_id, "params": params,
+                   "points": [dataclasses.asdict(p) for p in points], "artifacts": artifacts}
+        answer = self._answer(json.dumps(request))
+        return answer["parent"], answer["runs"]
+
+
+def _serve_tracking() -> dict:
+    from clustermask.config import TrackingConfig
+    from clustermask.tracking import PointRun, create_sweep_runs, empty_sqlite_store
+
+    empty_sqlite_store()  # imports MLflow, and builds the template on a machine's first sweep
+    request = sys.stdin.read()
+    if not request.strip():
+        return {}
+    req = json.loads(request)
+    parent, runs = create_sweep_runs(TrackingConfig(**req["tracking"]), req["uri"], req["sweep_id"], req["params"],
+                                     [PointRun(**p) for p in req["points"]], req["artifacts"])
+    return {"parent": parent, "runs": runs}
+
+
+def main(role: str) -> None:
+    answer = dataclasses.asdict(Registries.here()) if role == "registries" else _serve_tracking()
+    print(json.dumps(answer), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
