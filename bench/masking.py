@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -54,6 +55,16 @@ class Timer:
                 times.append((time.perf_counter() - t) * 1000)
         times.sort()
         return times[len(times) // 2]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} CPUs)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def build(args, masking_kw, compiled: bool):
@@ -113,7 +124,7 @@ def main(argv=None) -> int:
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    device_name = torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()
+    device_name = torch.cuda.get_device_name() if gpu else cpu_name()
     header = {"device": device_name, "torch": torch.__version__, "model": args.model, "batch": args.batch,
               "precision": "bf16 autocast" if gpu else "fp32", "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(header), flush=True)
