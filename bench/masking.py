@@ -57,6 +57,31 @@ class Timer:
         return times[len(times) // 2]
 
 
+def kernel_ms(fn, iters: int) -> float:
+    """GPU time of the kernels one call of fn launches (torch.profiler), averaged over iters calls.
+
+    The op's cost inside a training step, where the GPU runs ahead of Python and launch gaps are hidden;
+    CUDA events around a lone call also count the gaps between its kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return sum(e.time_range.elapsed_us() for e in kernels) / 1000 / iters
+
+
+def op_kernel_ms(mask_op, iters: int):
+    try:
+        return kernel_ms(mask_op, iters)
+    except Exception as exc:  # a measurement that fails must not cost the rest of a GPU session's runs
+        print(f"kernel timing failed: {exc!r}", flush=True)
+        return None
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -150,7 +175,9 @@ def main(argv=None) -> int:
                 warmup = 3 if mode == "compiled" else 2
                 step_ms = timer(step, args.steps, warmup)
                 op_ms = timer(mask_op, args.steps * 5, warmup) if label != "none" else 0.0
-                row = {"strategy": label, "ratio": kw["ratio"], "mode": mode, "step_ms": step_ms, "op_ms": op_ms}
+                op_kernels = op_kernel_ms(mask_op, args.steps * 5) if gpu and label != "none" else None
+                row = {"strategy": label, "ratio": kw["ratio"], "mode": mode, "step_ms": step_ms, "op_ms": op_ms,
+                       "op_kernel_ms": op_kernels}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del step, mask_op
@@ -168,15 +195,18 @@ def render(header, rows) -> str:
     random_op = {(r["ratio"], r["mode"]): r["op_ms"] for r in rows if r["strategy"] == "random"}
     lines = [f"# masking benchmark: {header['model']} batch {header['batch']}, {header['precision']}",
              f"device: {header['device']}; torch {header['torch']}; {header['date']}", "",
-             "| strategy | ratio | mode | step ms | step / random | op ms | op / random | op share of step |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| strategy | ratio | mode | step ms | step / random | op ms | op / random | op share of step | "
+             "op kernels ms | kernels share of step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         key = (r["ratio"], r["mode"])
         rel_step = r["step_ms"] / random_step[key] if key in random_step else float("nan")
         rel_op = r["op_ms"] / random_op[key] if random_op.get(key) else float("nan")
         share = r["op_ms"] / r["step_ms"] if r["step_ms"] else float("nan")
+        kernels = r.get("op_kernel_ms")
+        kernel_cells = f"{kernels:.3f} | {100 * kernels / r['step_ms']:.2f}%" if kernels is not None else "- | -"
         lines.append(f"| {r['strategy']} | {r['ratio']:g} | {r['mode']} | {r['step_ms']:.2f} | {rel_step:.3f} | "
-                     f"{r['op_ms']:.3f} | {rel_op:.2f} | {100 * share:.2f}% |")
+                     f"{r['op_ms']:.3f} | {rel_op:.2f} | {100 * share:.2f}% | {kernel_cells} |")
     return "\n".join(lines) + "\n"
 
 
