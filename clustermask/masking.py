@@ -71,17 +71,20 @@ def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(b, gh * gw, c * patch_size * patch_size)
 
 
-def rgb_features(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Unit-norm patch pixel vectors, standardised per channel with the image's own mean and std.
+def standardised_patches(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, L, C * p * p) patch pixel vectors, standardised per channel with the image's own mean and std.
 
     Standardising per patch (as MAE's normalised-pixel target does) would send every flat patch to the zero
     vector, so a red and a blue flat region would be indistinguishable; per-image statistics keep colour.
     """
     x = pixels.float()
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    std = x.std(dim=(2, 3), keepdim=True)
-    x = (x - mean) / (std + 1e-6)
-    return F.normalize(patchify(x, patch_size), dim=-1, eps=1e-6)
+    std, mean = torch.std_mean(x, dim=(2, 3), keepdim=True)
+    return patchify((x - mean) / (std + 1e-6), patch_size)
+
+
+def rgb_features(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Unit-norm standardised patch vectors (k-means, pictures)."""
+    return F.normalize(standardised_patches(pixels, patch_size), dim=-1, eps=1e-6)
 
 
 def _random_indices(batch: int, length: int, count: int, device) -> torch.Tensor:
@@ -89,9 +92,15 @@ def _random_indices(batch: int, length: int, count: int, device) -> torch.Tensor
 
 
 def anchor_similarity(features: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity (B, L, A) of every patch to each image's anchor patches (features unit-norm)."""
+    """Cosine similarity (B, L, A) of every patch to each image's anchor patches.
+
+    The (B, L, A) dot products are divided by the norms, rather than the (B, L, D) features normalised
+    first: one pass less over the features (compiled, on the development machine's CPU, the rgb similarity
+    got 1.6x faster at the tiny model's shapes and 1.2x at ViT-B-16's)."""
+    norms = features.norm(dim=-1).clamp_min(1e-6)
     anchor_feats = features.gather(1, anchors[..., None].expand(-1, -1, features.shape[-1]))
-    return torch.bmm(features, anchor_feats.transpose(1, 2))
+    dots = torch.bmm(features, anchor_feats.transpose(1, 2))
+    return dots / (norms[..., None] * norms.gather(1, anchors)[:, None, :])
 
 
 def num_anchors(num_patches: int, fraction: float) -> int:
@@ -100,11 +109,11 @@ def num_anchors(num_patches: int, fraction: float) -> int:
 
 def cluster_similarity(inputs: MaskingInputs, cfg: MaskingConfig, anchors: torch.Tensor) -> torch.Tensor:
     if cfg.features == "embedding":
-        return anchor_similarity(F.normalize(inputs.tokens.float(), dim=-1), anchors)
-    rgb = anchor_similarity(rgb_features(inputs.pixels, inputs.patch_size), anchors)
+        return anchor_similarity(inputs.tokens.float(), anchors)
+    rgb = anchor_similarity(standardised_patches(inputs.pixels, inputs.patch_size), anchors)
     if cfg.features == "rgb":
         return rgb
-    emb = anchor_similarity(F.normalize(inputs.tokens.float(), dim=-1), anchors)
+    emb = anchor_similarity(inputs.tokens.float(), anchors)
     weight = inputs.progress.clamp(0.0, 1.0)
     return torch.lerp(rgb, emb, weight)
 
