@@ -106,7 +106,10 @@ def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root)
     assert rows[0]["train"] == "done" and rows[0]["eval"] == "done"
     logs = "".join(p.read_text() for p in (sweep_dir / "slurm" / "train").rglob("*.out"))
     logs += "".join(p.read_text() for p in (sweep_dir / "slurm" / "train").rglob("*.err"))
-    assert "resumed from" in logs and "Requeued job" in logs
+    # submitit logs "Requeued job" after `scontrol requeue` returns, which can be after SLURM has already
+    # killed the step; slurmstepd's own line says the same
+    assert "Requeued job" in logs or "DUE TO JOB REQUEUE" in logs
+    assert "resumed from" in logs
 
 
 def test_two_process_gloo_training(slurm, tmp_path, synthetic_root):
