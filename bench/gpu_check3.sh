@@ -3,11 +3,7 @@
 # 0.3 for random, cluster-rgb, cluster-embedding and kmeans, each with the op's kernel time from
 # torch.profiler (the op's cost inside a step) next to the CUDA-event time of a lone call.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-OUT=${OUT:-bench/results}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+source bench/gpu_setup.sh
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_masking.py -k "no_host_sync or halves" 2>&1 | tail -6 | tee "$OUT/gpu_tests.txt"
 python3 bench/masking.py --out "$OUT/masking" --modes compiled --compile-ratios 0.5,0.3 \
   --strategies random,cluster-rgb,cluster-embedding,kmeans --budget-s ${BENCH_BUDGET_S:-400} 2>&1 | grep -v -i warn | tee "$OUT/masking.log"

@@ -1,0 +1,7 @@
+# Sourced by the gpu_check scripts, on the lent GPU machine from the repo root: the pure-Python wheels of
+# .whl/ (open_clip, webdataset, ...) into /tmp/site, the environment, the output folder and the GPU's name.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
