@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import MaskingConfig, validate_masking
 
+
 class MaskingInputs(NamedTuple):
     tokens: torch.Tensor  # (B, L, D) patch embeddings after the positional embedding, CLS excluded
     pixels: Optional[torch.Tensor]  # (B, 3, H, W) the images the tokens came from

@@ -29,8 +29,8 @@ def resolve_uri(cfg: TrackingConfig, sweep_dir: Path) -> str:
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    if uri.startswith(SQLITE) and not Path(uri[len(SQLITE):]).exists():
-        db = Path(uri[len(SQLITE):])
+    db = Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
+    if db is not None and not db.exists():
         db.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(empty_sqlite_store(), db)
     return MlflowClient(tracking_uri=uri)

@@ -76,20 +76,23 @@ class _Composer:
     def compose(self, overrides: List[str]) -> DictConfig:
         """The point's task config (without the hydra node, which is current in HydraConfig)."""
         parsed = self.parser.parse_overrides(overrides)
-        composing = tuple(o.input_line for o in parsed if self._composes(o))
-        if composing not in self.by_groups:
-            full = self.compose_config(CONFIG_NAME, list(composing), run_mode=RunMode.RUN, from_shell=False,
+        composing, applied = [], []
+        for override in parsed:
+            (composing if self._composes(override) else applied).append(override)
+        key = tuple(o.input_line for o in composing)
+        if key not in self.by_groups:
+            full = self.compose_config(CONFIG_NAME, list(key), run_mode=RunMode.RUN, from_shell=False,
                                        with_log_configuration=False)
             task = copy.deepcopy(full)
             with open_dict(task):
                 del task["hydra"]  # the biggest node, and the same for every point of this selection
-            self.by_groups[composing] = (full, task)
-        full, cfg = self.by_groups[composing]
+            self.by_groups[key] = (full, task)
+        full, cfg = self.by_groups[key]
         if self.current is not full:  # as Hydra does before a job: ${hydra:...} resolves
             HydraConfig.instance().set_config(full)
             self.current = full
         cfg = copy.deepcopy(cfg)
-        ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if not self._composes(o)], cfg)
+        ConfigLoaderImpl._apply_overrides_to_config(applied, cfg)
         return cfg
 
     def resolved_task_config(self, overrides: List[str]) -> dict:
