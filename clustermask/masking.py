@@ -83,11 +83,6 @@ def standardised_patches(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
     return patchify((x - mean) / (std + 1e-6), patch_size)
 
 
-def rgb_features(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Unit-norm standardised patch vectors (k-means, pictures)."""
-    return F.normalize(standardised_patches(pixels, patch_size), dim=-1, eps=1e-6)
-
-
 def _random_indices(batch: int, length: int, count: int, device) -> torch.Tensor:
     return torch.rand(batch, length, device=device).topk(count, dim=1).indices
 
@@ -153,22 +148,32 @@ def score_cluster(inputs: MaskingInputs, cfg: MaskingConfig) -> MaskScores:
     return MaskScores(clustered.float() + noise, clustered, cluster_id)
 
 
+def _one_hot(index: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    # a comparison rather than F.one_hot, which may check its input on the host
+    return (index[..., None] == torch.arange(k, device=index.device)).to(dtype)
+
+
+def kmeans_assignment(feats: torch.Tensor, initial: torch.Tensor, iters: int) -> torch.Tensor:
+    """Spherical k-means (B, L, D) -> (B, L) cluster index, from the centres `initial` (B, k) patch indices."""
+    feats = F.normalize(feats, dim=-1, eps=1e-6)
+    centres = feats.gather(1, initial[..., None].expand(-1, -1, feats.shape[-1]))
+    for _ in range(iters):
+        onehot = _one_hot(torch.bmm(feats, centres.transpose(1, 2)).argmax(-1), initial.shape[1], feats.dtype)
+        sums = torch.bmm(onehot.transpose(1, 2), feats)
+        # an empty cluster keeps its centre
+        centres = torch.where(onehot.sum(1)[..., None] > 0, F.normalize(sums, dim=-1, eps=1e-6), centres)
+    return torch.bmm(feats, centres.transpose(1, 2)).argmax(-1)
+
+
 @register_strategy("kmeans", needs_pixels=True)
 def score_kmeans(inputs: MaskingInputs, cfg: MaskingConfig) -> MaskScores:
-    """A few k-means iterations on rgb features; whole clusters are dropped in random order."""
-    feats = rgb_features(inputs.pixels, inputs.patch_size)
+    """A few spherical k-means iterations on rgb features; whole clusters are dropped in random order."""
+    feats = standardised_patches(inputs.pixels, inputs.patch_size)
     b, length, _ = feats.shape
     k = min(cfg.kmeans_k, length)
-    centres = feats.gather(1, _random_indices(b, length, k, feats.device)[..., None].expand(-1, -1, feats.shape[-1]))
-    cluster_index = torch.arange(k, device=feats.device)
-    for _ in range(cfg.kmeans_iters):
-        # a comparison rather than F.one_hot, which may check its input on the host
-        onehot = (torch.bmm(feats, centres.transpose(1, 2)).argmax(-1)[..., None] == cluster_index).to(feats.dtype)
-        sums = torch.bmm(onehot.transpose(1, 2), feats)
-        counts = onehot.sum(1)[..., None]
-        centres = torch.where(counts > 0, F.normalize(sums, dim=-1, eps=1e-6), centres)
-    assignment = torch.bmm(feats, centres.transpose(1, 2)).argmax(-1)
-    cluster_rank = torch.rand(b, k, device=feats.device).argsort(dim=1).argsort(dim=1).to(feats.dtype)
+    initial = _random_indices(b, length, k, feats.device)
+    assignment = kmeans_assignment(feats, initial, cfg.kmeans_iters)
+    cluster_rank = torch.rand(b, k, device=feats.device).argsort(dim=1).argsort(dim=1).float()
     score = cluster_rank.gather(1, assignment) + torch.rand(b, length, device=feats.device)
     return MaskScores(score, None, assignment)
 
@@ -207,7 +212,8 @@ def key_padding_attn_mask(hidden: torch.Tensor, num_heads: int, dtype: torch.dty
 
 
 def mask_stats(result: MaskResult, threshold: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Device tensors only (no sync); read them at logging time."""
+    """Device tensors only (no sync); read them at logging time. The coverage std is over the batch's images
+    (population std, so that a batch of one image logs 0 rather than NaN)."""
     dropped = result.dropped.float().mean(1)
     if result.hidden is not None:
         dropped = dropped + result.hidden.float().sum(1) / result.dropped.shape[1]
@@ -215,7 +221,7 @@ def mask_stats(result: MaskResult, threshold: torch.Tensor) -> Dict[str, torch.T
     clustered = result.scores.clustered
     if clustered is not None:
         coverage = clustered.float().mean(1)
-        stats.update({"mask/coverage_mean": coverage.mean(), "mask/coverage_std": coverage.std(),
+        stats.update({"mask/coverage_mean": coverage.mean(), "mask/coverage_std": coverage.std(correction=0),
                       "mask/threshold": threshold.float()})
     return stats
 
@@ -302,18 +308,26 @@ def install_masking(model: nn.Module, cfg: MaskingConfig, total_steps: int = 1) 
 
 
 @torch.no_grad()
-def collect_features(model: nn.Module, images: torch.Tensor) -> MaskingInputs:
-    """The tokens the masker would see for these images (runs the tower once in eval mode)."""
+def run_tower(model: nn.Module, images: torch.Tensor, training: bool) -> TokenMasker:
+    """Run the image tower once on `images` in training or evaluation mode, then restore its mode."""
     visual = vision_tower(model)
-    masker = visual.patch_dropout
-    captured = {}
-    handle = masker.register_forward_hook(lambda m, args, out: captured.setdefault("x", args[0]))
     was_training = visual.training
-    visual.eval()
+    visual.train(training)
     try:
         visual(images)
     finally:
         visual.train(was_training)
+    return visual.patch_dropout
+
+
+def collect_features(model: nn.Module, images: torch.Tensor) -> MaskingInputs:
+    """The tokens the masker would see for these images (runs the tower once in eval mode)."""
+    masker = vision_tower(model).patch_dropout
+    captured = {}
+    handle = masker.register_forward_hook(lambda m, args, out: captured.setdefault("x", args[0]))
+    try:
+        run_tower(model, images, training=False)
+    finally:
         handle.remove()
     return MaskingInputs(captured["x"][:, 1:], images, masker.patch_size, masker.threshold, masker.progress)
 
@@ -348,6 +362,6 @@ def calibrate_threshold(batches, cfg: MaskingConfig, target: float, iters: int =
 
 __all__ = [
     "MaskingConfig", "MaskingInputs", "MaskScores", "MaskResult", "STRATEGIES", "register_strategy",
-    "select_tokens", "install_masking", "TokenMasker", "calibrate_threshold", "collect_features",
-    "rgb_features", "patchify", "num_dropped", "validate", "key_padding_attn_mask", "mean_coverage",
+    "select_tokens", "install_masking", "TokenMasker", "calibrate_threshold", "collect_features", "run_tower",
+    "standardised_patches", "patchify", "num_dropped", "validate", "key_padding_attn_mask", "mean_coverage",
 ]

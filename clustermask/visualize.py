@@ -10,24 +10,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .masking import vision_tower  # noqa: E402
+from .masking import run_tower, vision_tower  # noqa: E402
 
 MEAN = np.array((0.48145466, 0.4578275, 0.40821073))  # open_clip OPENAI_DATASET_MEAN
 STD = np.array((0.26862954, 0.26130258, 0.27577711))
 
 
-@torch.no_grad()
 def mask_decisions(model, images: torch.Tensor):
     """Run the masker once in training mode: (dropped (B, L) bool, cluster_id (B, L) long or None)."""
-    visual = vision_tower(model)
-    masker = visual.patch_dropout
-    was_training = visual.training
-    visual.train()
-    try:
-        visual(images)
-    finally:
-        visual.train(was_training)
-    result = masker.last
+    result = run_tower(model, images, training=True).last
     cluster_id = result.scores.cluster_id
     return result.dropped.cpu(), None if cluster_id is None else cluster_id.cpu()
 

@@ -121,6 +121,27 @@ def test_evaluation_mode_is_the_identity():
         assert torch.allclose(model.encode_image(images), reference.encode_image(images), atol=1e-6)
 
 
+@pytest.mark.parametrize("config", STRATEGY_CONFIGS)
+def test_installs_into_vit_b_16(config):
+    """open_clip's ViT-B-16 (random weights, nothing downloaded): 98 of 196 patches dropped, gradients flow."""
+    torch.manual_seed(0)
+    model, *_, masker = create(ModelConfig(name="ViT-B-16"), MaskingConfig(ratio=0.5, **config))
+    visual = model.visual.train()
+    seen = []
+    visual.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    images = torch.randn(2, 3, 224, 224)
+    visual(images).sum().backward()
+    assert seen == [1 + 196 - 98]
+    assert masker.last.keep.shape == (2, 98)
+    assert visual.conv1.weight.grad is not None
+    if config.get("attention"):
+        assert masker.attn_mask.shape == (2 * 12, 99, 99)
+    visual.eval()
+    with torch.no_grad():
+        visual(images)
+    assert seen[-1] == 197
+
+
 def test_masking_leaves_the_checkpoint_format_alone(tmp_path):
     plain, *_ = create(ModelConfig(), None)
     masked, *_ = create(ModelConfig(), MaskingConfig(strategy="kmeans"))
@@ -233,6 +254,42 @@ def test_structured_strategies_drop_spatially_clustered_patches(synthetic_root, 
     assert min(structured) > max(unstructured) + 0.1, (structured, unstructured)
 
 
+def lloyd_assignment(pixels: torch.Tensor, patch: int, initial: torch.Tensor, iters: int) -> torch.Tensor:
+    """Spherical k-means written plainly, one image and one centre at a time: the reference."""
+    feats = torch.nn.functional.normalize(masking.standardised_patches(pixels, patch), dim=-1, eps=1e-6)
+    assignments = []
+    for f, start in zip(feats, initial):
+        centres = f[start]
+        for _ in range(iters):
+            nearest = (f @ centres.T).argmax(-1)
+            for c in range(len(centres)):
+                if (nearest == c).any():
+                    centres[c] = torch.nn.functional.normalize(f[nearest == c].sum(0), dim=0)
+        assignments.append((f @ centres.T).argmax(-1))
+    return torch.stack(assignments)
+
+
+def kmeans_images(seed: int, size=(20, 24)) -> torch.Tensor:
+    pixels = torch.randn(4, 3, *size, generator=torch.Generator().manual_seed(seed))
+    pixels[0, :, :, :12] = 0.0  # a flat region: equal features, and some empty clusters
+    return pixels
+
+
+@pytest.mark.parametrize("patch", [4, 1])
+@pytest.mark.parametrize("k, iters", [(3, 1), (4, 3), (6, 5)])
+def test_kmeans_assigns_as_lloyds_iterations_do(patch, k, iters):
+    pixels = kmeans_images(k)
+    length = (20 // patch) * (24 // patch)
+    cfg = MaskingConfig(strategy="kmeans", kmeans_k=k, kmeans_iters=iters)
+    inputs = MaskingInputs(torch.randn(4, length, 8), pixels, patch, torch.tensor(0.5), torch.tensor(0.0))
+    torch.manual_seed(7)
+    assignment = masking.score_kmeans(inputs, cfg).cluster_id
+    torch.manual_seed(7)  # the same initial centres: the strategy's first draw
+    initial = masking._random_indices(4, length, k, "cpu")
+    assert torch.equal(assignment, lloyd_assignment(pixels, patch, initial, iters))
+    assert len(assignment.unique()) > 1
+
+
 def test_per_step_statistics():
     masker = make_masker(strategy="cluster", ratio=0.5, attention=True)
     x, img = two_halves_and_noise(0)
@@ -242,6 +299,10 @@ def test_per_step_statistics():
     assert stats["mask/threshold"] == pytest.approx(0.5)
     assert stats["mask/drop_ratio"] >= 0.5
     assert 0 < stats["mask/coverage_mean"] <= 1
+    coverage = masker.last.scores.clustered.float().mean(1)
+    assert stats["mask/coverage_std"] == pytest.approx(abs(coverage[0] - coverage[1]).item() / 2)
+    run(masker, x[:1], img[:1])  # one image: every statistic is still a number
+    assert all(torch.isfinite(v) for v in masker.stats.values()) and masker.stats["mask/coverage_std"] == 0
 
 
 @pytest.mark.parametrize("config", STRATEGY_CONFIGS)
