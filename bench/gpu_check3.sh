@@ -2,7 +2,7 @@
 # Next device run (prepared 2026-11-27, not yet run): the CUDA no-sync tests, then compiled steps at 0.5 and
 # 0.3 for random, cluster-rgb, cluster-embedding and kmeans, each with the op's kernel time from
 # torch.profiler (the op's cost inside a step) and its time replayed as a CUDA graph, next to the CUDA-event
-# time of a lone call. k-means is the Gram-matrix version of 2026-11-27 (not yet timed on a GPU).
+# time of a lone call.
 set -u
 source bench/gpu_setup.sh
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_masking.py -k "no_host_sync or halves" 2>&1 | tail -6 | tee "$OUT/gpu_tests.txt"
