@@ -74,30 +74,28 @@ def kernel_ms(fn, iters: int) -> float:
     return sum(e.time_range.elapsed_us() for e in kernels) / 1000 / iters
 
 
-def op_kernel_ms(mask_op, iters: int):
-    try:
-        return kernel_ms(mask_op, iters)
-    except Exception as exc:  # a measurement that fails must not cost the rest of a GPU session's runs
-        print(f"kernel timing failed: {exc!r}", flush=True)
-        return None
-
-
-def op_graph_ms(mask_op, timer, iters: int):
-    """Milliseconds per replay of the op captured in a CUDA graph: its GPU time without launch gaps (a second
+def graph_ms(fn, timer, iters: int) -> float:
+    """Milliseconds per replay of fn captured in a CUDA graph: its GPU time without launch gaps (a second
     measure beside the profiler's, in case CUPTI is unavailable on the machine)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timer(graph.replay, iters, 3)
+
+
+def optional(what: str, measure, *args):
+    """measure(*args), or None and a line saying why: a measurement that fails must not cost the rest of a
+    GPU session's runs."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                mask_op()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            mask_op()
-        return timer(graph.replay, iters, 3)
-    except Exception as exc:  # as op_kernel_ms
-        print(f"CUDA graph timing failed: {exc!r}", flush=True)
+        return measure(*args)
+    except Exception as exc:
+        print(f"{what} failed: {exc!r}", flush=True)
         return None
 
 
@@ -194,8 +192,9 @@ def main(argv=None) -> int:
                 warmup = 3 if mode == "compiled" else 2
                 step_ms = timer(step, args.steps, warmup)
                 op_ms = timer(mask_op, args.steps * 5, warmup) if label != "none" else 0.0
-                op_kernels = op_kernel_ms(mask_op, args.steps * 5) if gpu and label != "none" else None
-                op_graph = op_graph_ms(mask_op, timer, args.steps * 5) if gpu and label != "none" else None
+                gpu_op = gpu and label != "none"
+                op_kernels = optional("kernel timing", kernel_ms, mask_op, args.steps * 5) if gpu_op else None
+                op_graph = optional("CUDA graph timing", graph_ms, mask_op, timer, args.steps * 5) if gpu_op else None
                 row = {"strategy": label, "ratio": kw["ratio"], "mode": mode, "step_ms": step_ms, "op_ms": op_ms,
                        "op_kernel_ms": op_kernels, "op_graph_ms": op_graph}
                 rows.append(row)
