@@ -133,8 +133,10 @@ def build(args, masking_kw, compiled: bool):
         optimizer.step()
 
     visual = model.visual
+    # in a step the masker sees conv1's output dtype: bf16 under autocast
+    token_dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     tokens = torch.randn(args.batch, 1 + (size // visual.conv1.kernel_size[0]) ** 2, visual.conv1.out_channels,
-                         device=args.device)
+                         device=args.device, dtype=token_dtype)
     op = torch.compile(masker) if compiled else masker
 
     def mask_op():

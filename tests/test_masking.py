@@ -319,6 +319,33 @@ def test_masking_op_compiles_fullgraph(config):
     assert torch.equal(compiled(inputs), eager)
 
 
+ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu,
+                                     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
+@pytest.mark.parametrize("num_anchors", [3, masking.UNROLLED_DOTS_MAX + 4])
+def test_compiled_rgb_similarity_matches_eager_without_writing_the_features(num_anchors, device):
+    """Compiled, few anchors: the similarity is fused into the pass over the pixels (no bmm, so the
+    standardised (B, L, D) patches are not written); many anchors: a bmm. Both agree with eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(3, 3, 6 * PATCH, 7 * PATCH, generator=g).to(device)
+    anchors = torch.randperm(42, generator=g)[:num_anchors].repeat(3, 1).to(device)
+
+    def similarity(px, idx):
+        return masking.anchor_similarity(masking.standardised_patches(px, PATCH), idx)
+
+    compiled, (code, *_) = run_and_get_code(torch.compile(similarity, fullgraph=True), pixels, anchors)
+    torch.testing.assert_close(compiled, similarity(pixels, anchors), rtol=1e-5, atol=1e-5)
+    fused = num_anchors <= masking.UNROLLED_DOTS_MAX
+    assert ("bmm" in code) != fused
+    patch_layout_buffer = f"empty_strided_{device}((3, 6, 7, 3, {PATCH}, {PATCH})"
+    assert (patch_layout_buffer in code) != fused
+
+
 def test_masker_module_compiles_fullgraph():
     torch._dynamo.reset()
     masker = make_masker(strategy="cluster", ratio=0.5, attention=True)
