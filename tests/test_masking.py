@@ -346,6 +346,26 @@ def test_compiled_rgb_similarity_matches_eager_without_writing_the_features(num_
     assert (patch_layout_buffer in code) != fused
 
 
+def test_compiled_tower_trains_masked_and_evaluates_unmasked():
+    """The image tower under inductor, as `model.compile: true` runs it: the hooks hand the pixels and the
+    attention mask to the compiled graph, the quota holds, gradients reach conv1, evaluation sees every token."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, *_, masker = create(ModelConfig(), MaskingConfig(strategy="cluster", features="mixed", ratio=0.5,
+                                                            attention=True, threshold=0.0), total_steps=10)
+    visual = model.visual.train()
+    compiled = torch.compile(visual)
+    images = torch.randn(4, 3, 64, 64)
+    masker.set_step(5)
+    compiled(images).square().sum().backward()
+    assert masker.last.keep.shape == (4, 32) and masker.attn_mask.shape == (4 * masker.num_heads, 33, 33)
+    assert masker.stats["mask/drop_ratio"] > 0.5 and masker.last.hidden.any()
+    assert visual.conv1.weight.grad.abs().sum() > 0
+    visual.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), visual(images))
+
+
 def test_masker_module_compiles_fullgraph():
     torch._dynamo.reset()
     masker = make_masker(strategy="cluster", ratio=0.5, attention=True)
