@@ -346,6 +346,17 @@ def test_compiled_rgb_similarity_matches_eager_without_writing_the_features(num_
     assert (patch_layout_buffer in code) != fused
 
 
+@pytest.mark.parametrize("config", STRATEGY_CONFIGS)
+def test_whole_clip_model_in_training_is_one_graph(config):
+    """Installed through hooks, the masking must not split the compiled model's graph (a break would cost a
+    host round trip every step)."""
+    torch._dynamo.reset()
+    model, *_ = create(ModelConfig(), MaskingConfig(ratio=0.5, **config))
+    model.train()
+    texts = torch.randint(0, 49407, (2, model.context_length))
+    torch.compile(model, fullgraph=True, backend="eager")(torch.randn(2, 3, 64, 64), texts)
+
+
 def test_compiled_tower_trains_masked_and_evaluates_unmasked():
     """The image tower under inductor, as `model.compile: true` runs it: the hooks hand the pixels and the
     attention mask to the compiled graph, the quota holds, gradients reach conv1, evaluation sees every token."""
