@@ -203,11 +203,18 @@ class MaskResult(NamedTuple):
     scores: MaskScores
 
 
+def full_precision(device: torch.device):
+    """Autocast off: a step's bf16 autocast would run the similarity's and k-means' bmm in bf16 (cosines off
+    by ~3e-3, so patches near the threshold change cluster)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def select_tokens(inputs: MaskingInputs, cfg: MaskingConfig) -> MaskResult:
     """Decide which patch tokens to keep. Pure function of the inputs and the random generator."""
     length = inputs.tokens.shape[1]
     n_drop = num_dropped(length, cfg.ratio)
-    scores = STRATEGIES[cfg.strategy](inputs, cfg)
+    with full_precision(inputs.tokens.device):
+        scores = STRATEGIES[cfg.strategy](inputs, cfg)
     order = scores.score.argsort(dim=1, descending=True)
     keep = order[:, n_drop:]
     dropped = torch.ones_like(scores.score, dtype=torch.bool).scatter_(1, keep, False)
@@ -350,7 +357,8 @@ def collect_features(model: nn.Module, images: torch.Tensor) -> MaskingInputs:
 def mean_coverage(inputs: MaskingInputs, cfg: MaskingConfig, threshold: float, seed: int = 0) -> float:
     torch.manual_seed(seed)  # same anchors for every threshold: coverage is then monotone in it
     probe = inputs._replace(threshold=torch.tensor(threshold, device=inputs.tokens.device))
-    clustered, _ = cluster_membership(probe, cfg)
+    with full_precision(inputs.tokens.device):
+        clustered, _ = cluster_membership(probe, cfg)
     return clustered.float().mean().item()
 
 
