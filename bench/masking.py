@@ -114,10 +114,11 @@ def build(args, masking_kw, compiled: bool):
     model, *_, masker = create(ModelConfig(name=args.model), MaskingConfig(**masking_kw), total_steps=1000,
                                device=args.device)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device.startswith("cuda"))
+    gpu = args.device.startswith("cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=gpu)
     loss_fn = open_clip.ClipLoss()
     forward = torch.compile(model) if compiled else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else \
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else \
         torch.autocast("cpu", enabled=False)
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
     images = torch.randn(args.batch, 3, size, size, device=args.device)
@@ -134,7 +135,7 @@ def build(args, masking_kw, compiled: bool):
 
     visual = model.visual
     # in a step the masker sees conv1's output dtype: bf16 under autocast
-    token_dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    token_dtype = torch.bfloat16 if gpu else torch.float32
     tokens = torch.randn(args.batch, 1 + (size // visual.conv1.kernel_size[0]) ** 2, visual.conv1.out_channels,
                          device=args.device, dtype=token_dtype)
     op = torch.compile(masker) if compiled else masker

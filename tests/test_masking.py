@@ -10,6 +10,7 @@ from clustermask.masking import MaskingConfig, MaskingInputs, TokenMasker, selec
 from clustermask.model import ModelConfig, create
 
 PATCH = 4
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def make_masker(**kw) -> TokenMasker:
@@ -336,8 +337,7 @@ def test_masking_op_compiles_fullgraph(config):
     assert torch.equal(compiled(inputs), eager)
 
 
-ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu,
-                                     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
+ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])
 
 
 @pytest.mark.parametrize("device", ["cpu", ON_GPU])
@@ -419,7 +419,7 @@ def test_anchor_count():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@NEEDS_CUDA
 @pytest.mark.parametrize("config", STRATEGY_CONFIGS)
 def test_no_host_sync_on_gpu(config):
     masker = TokenMasker(MaskingConfig(ratio=0.5, **config), patch_size=16, num_heads=12).cuda().train()
