@@ -9,14 +9,15 @@ python=${PYTHON:-python3}
 pip=".venv/bin/python -m pip"
 $pip install -q --upgrade pip
 if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
-  # builds whose torchvision imports beside them (see DEVELOPERS.md / the env notes)
+  # a torch/torchvision pair that import together (CPU torch 2.13 with PyPI's torchvision does not)
   if [ "$(uname -m)" = "x86_64" ]; then
     $pip install -q torch==2.14.1 torchvision==0.29.1
   else
     $pip install -q torch==2.9.1 torchvision==0.24.1
   fi
 fi
-$pip install -q -e '.[test]'
+# the versions CI passed with (launch/constraints.txt) on the interpreter it runs; the newest elsewhere
+$pip install -q -e '.[test]' -c launch/constraints.txt
 .venv/bin/python -c "import torch, open_clip, clip_benchmark, webdataset, mlflow, hydra, submitit; print('clustermask environment ready: torch', torch.__version__)"
 if [ "${1:-}" = "--slurm" ]; then
   bash .ci/start_slurm.sh
