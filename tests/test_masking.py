@@ -1,3 +1,6 @@
+import importlib.util
+from pathlib import Path
+
 import open_clip
 import pytest
 import torch
@@ -361,6 +364,27 @@ def test_compiled_rgb_similarity_matches_eager_without_writing_the_features(num_
     assert ("bmm" in code) != fused
     patch_layout_buffer = f"empty_strided_{device}((3, 6, 7, 3, {PATCH}, {PATCH})"
     assert (patch_layout_buffer in code) != fused
+
+
+def load_bench(name: str):
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compiled_cluster_op_moves_each_input_the_fewest_times():
+    """The op's memory traffic, as inductor counts it (bench/masking_traffic.py; the op is memory-bound, so
+    this is its GPU cost): rgb reads the pixels twice (their statistics, then the fused similarity) and
+    gathers the kept tokens; embedding reads the tokens once for the similarity, then gathers. The bmm form
+    reads the features two more times and writes them once."""
+    traffic = load_bench("masking_traffic")
+    with traffic.counting_traffic():
+        rgb, emb = (traffic.op_traffic("ViT-Tiny-8-64", 64, dict(strategy="cluster", features=f, ratio=0.5), "cpu",
+                                       torch.float32) for f in ("rgb", "embedding"))
+    assert rgb["pixel_bytes"] < rgb["bytes"] < 1.15 * (2 * rgb["pixel_bytes"] + rgb["token_bytes"]), rgb
+    assert emb["token_bytes"] < emb["bytes"] < 2.5 * emb["token_bytes"], emb
 
 
 @pytest.mark.parametrize("config", STRATEGY_CONFIGS)
