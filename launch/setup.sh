@@ -16,7 +16,7 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
     $pip install -q torch==2.9.1 torchvision==0.24.1
   fi
 fi
-# the versions CI passed with (launch/constraints.txt) on the interpreter it runs; the newest elsewhere
+# on CI's Python 3.11 / x86_64, the versions CI passed with (launch/constraints.txt); the newest elsewhere
 $pip install -q -e '.[test]' -c launch/constraints.txt
 .venv/bin/python -c "import torch, open_clip, clip_benchmark, webdataset, mlflow, hydra, submitit; print('clustermask environment ready: torch', torch.__version__)"
 if [ "${1:-}" = "--slurm" ]; then
