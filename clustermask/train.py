@@ -155,7 +155,7 @@ class Trainer:
         model.train()
         seed = (cfg.seed * 1000 + start) * 100 + self.rank
         stream = training_stream(self.data, transform, tokenizer, cfg.batch_size, seed=seed)
-        timer, step = time.perf_counter(), start
+        timer, logged_step, step = time.perf_counter(), start, start
         progress = tqdm(total=cfg.steps, initial=start, desc=f"train[{self.rank}]", mininterval=5, disable=None)
         for images, texts in stream:
             if step >= cfg.steps:
@@ -175,10 +175,12 @@ class Trainer:
             step += 1
             progress.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                elapsed, timer = time.perf_counter() - timer, time.perf_counter()
+                # the interval since the last log: shorter than log_every at the end or after a resume
+                now, samples = time.perf_counter(), (step - logged_step) * cfg.batch_size
                 metrics = {"train/loss": loss.item(), "train/lr": optimizer.param_groups[0]["lr"],
                            "train/logit_scale": logit_scale.item(),
-                           "train/samples_per_s": cfg.log_every * cfg.batch_size / max(elapsed, 1e-9)}
+                           "train/samples_per_s": samples / max(now - timer, 1e-9)}
+                timer, logged_step = now, step
                 metrics.update({k: v.item() for k, v in masker.stats.items()})
                 self.log(metrics, step)
             if step % cfg.checkpoint_every == 0 and step < cfg.steps and self.rank == 0:
