@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional, Tuple
@@ -102,11 +103,27 @@ def linear_probe_eval(model, transform, tokenizer, task: EvalTask, ctx: EvalCont
     test = _loader(_dataset(task, transform, "test"), ctx, get_dataset_collate_fn(task.dataset))
     lr, epochs = float(task.options.get("lr", 0.1)), int(task.options.get("epochs", 10))
     if ctx.device.startswith("cuda"):
-        yield from linear_probe.evaluate(model, train, test, fewshot_k=-1, batch_size=ctx.batch_size,
-                                         num_workers=ctx.workers, lr=lr, epochs=epochs, model_id="model", seed=0,
-                                         feature_root=str(ctx.feature_dir), device="cuda", amp=ctx.amp).items()
+        features = fresh_feature_dir(ctx, task)
+        try:
+            metrics = linear_probe.evaluate(model, train, test, fewshot_k=-1, batch_size=ctx.batch_size,
+                                            num_workers=ctx.workers, lr=lr, epochs=epochs, model_id=features.name,
+                                            seed=0, feature_root=str(features.parent), device="cuda", amp=ctx.amp)
+        finally:
+            shutil.rmtree(features, ignore_errors=True)
+        yield from metrics.items()
         return
     yield from _linear_probe_cpu(model, train, test, lr, epochs, ctx).items()
+
+
+def fresh_feature_dir(ctx: EvalContext, task: EvalTask) -> Path:
+    """An empty directory for this task's linear-probe features. clip_benchmark caches them in
+    feature_root/model_id and reuses any it finds there: a second dataset under the same id would be probed
+    on the first one's features, and a re-evaluated checkpoint on the old model's. Removed after the probe
+    (an ImageNet train split's features are gigabytes)."""
+    path = Path(ctx.feature_dir) / task.dataset.replace("/", "_")
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
 
 
 def _features(model, loader, device):
