@@ -70,11 +70,17 @@ def calibrate(model, masker, masking: MaskingConfig, data: DataConfig, transform
 
 
 def init_distributed(device: str):
-    """(rank, world size); joins the process group when WORLD_SIZE > 1 (set from SLURM by submitit)."""
+    """(rank, world size, this process's device); joins the process group when WORLD_SIZE > 1 (set from SLURM
+    by submitit). On CUDA each process takes the GPU of its LOCAL_RANK before NCCL starts: every task sees all
+    of the node's GPUs, and NCCL's device-less collectives (the final barrier) would otherwise all use GPU 0."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if world > 1 and device.startswith("cuda"):
+        torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return int(os.environ.get("RANK", "0")), world
+    return int(os.environ.get("RANK", "0")), world, device
 
 
 class Trainer:
@@ -96,11 +102,9 @@ class Trainer:
             return final
         if self.cfg.threads > 0:
             torch.set_num_threads(self.cfg.threads)
-        self.rank, self.world = init_distributed(self.device)
+        self.rank, self.world, self.device = init_distributed(self.device)
         if self.world > 1:
-            print(f"distributed: rank {self.rank} of {self.world}", flush=True)
-            if self.device == "cuda":
-                self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            print(f"distributed: rank {self.rank} of {self.world} on {self.device}", flush=True)
         torch.manual_seed(self.cfg.seed)
         model, train_tf, _, tokenizer, masker = create(self.model_cfg, self.masking, self.cfg.steps, self.device)
         optimizer = torch.optim.AdamW(param_groups(model, self.cfg.weight_decay), lr=self.cfg.lr, betas=(0.9, 0.98),
