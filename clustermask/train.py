@@ -61,9 +61,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
             {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": weight_decay}]
 
 
-def calibrate(model, masker, masking: MaskingConfig, data: DataConfig, transform, tokenizer, batch_size, device):
+def calibrate(model, masker, masking: MaskingConfig, data: DataConfig, transform, tokenizer, batch_size, device,
+              dtype: Optional[torch.dtype] = None):
     batches = sample_batches(data, transform, tokenizer, batch_size, masking.calibration_batches)
-    inputs = [masking_lib.collect_features(model, images.to(device)) for images, _ in batches]
+    inputs = [masking_lib.collect_features(model, images.to(device=device, dtype=dtype)) for images, _ in batches]
     threshold = masking_lib.calibrate_threshold(inputs, masking, masking.target_coverage)
     masker.set_threshold(threshold)
     return threshold
@@ -94,6 +95,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.log = log or (lambda metrics, step: None)
         self.device = resolve_device(train.device)
+        # a model in pure bf16 takes bf16 images (open_clip_train casts them the same way); None keeps fp32
+        self.input_dtype = open_clip.get_input_dtype(model_cfg.precision)
         self.rank, self.world = 0, 1
 
     def run(self) -> Path:
@@ -112,7 +115,7 @@ class Trainer:
         start = self._resume(latest, model, optimizer, masker)
         if start == 0 and self.masking.target_coverage is not None and self.masking.strategy == "cluster":
             threshold = calibrate(model, masker, self.masking, self.data, train_tf, tokenizer, self.cfg.batch_size,
-                                  self.device)
+                                  self.device, self.input_dtype)
             self.log({"mask/calibrated_threshold": threshold}, 0)
         if start == 0 and self.rank == 0:
             self._save_mask_picture(model, masker, train_tf, tokenizer)
@@ -140,7 +143,10 @@ class Trainer:
         from .visualize import save_mask_grid
 
         images, _ = sample_batches(self.data, transform, tokenizer, 8, 1, seed=self.cfg.seed)[0]
-        save_mask_grid(model, images.to(self.device), self.run_dir / "masks.png")
+        save_mask_grid(model, self._inputs(images), self.run_dir / "masks.png")
+
+    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(device=self.device, dtype=self.input_dtype)
 
     def _autocast(self):
         if self.model_cfg.precision == "amp_bf16":
@@ -169,7 +175,7 @@ class Trainer:
             scheduler(step)
             masker.set_step(step)
             with self._autocast():
-                image_features, text_features, logit_scale = forward(images.to(self.device), texts.to(self.device))[:3]
+                image_features, text_features, logit_scale = forward(self._inputs(images), texts.to(self.device))[:3]
                 loss = loss_fn(image_features, text_features, logit_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,6 +1,7 @@
 import itertools
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from clustermask import train
@@ -35,3 +36,21 @@ def test_each_cuda_process_takes_its_local_gpu_before_nccl_starts(monkeypatch):
     calls.clear()
     assert train.init_distributed("cpu") == (1, 2, "cpu")
     assert calls == [("init", "gloo")]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "amp_bf16"])
+def test_trains_in_each_bf16_precision(tmp_path, synthetic_root, precision):
+    """Pure bf16 casts the images to the model's dtype (else conv1 refuses fp32 input), in the steps, the
+    threshold calibration and the mask picture alike; amp_bf16 keeps fp32 weights under autocast."""
+    losses = {}
+    trainer = train.Trainer(ModelConfig(precision=precision),
+                            MaskingConfig(strategy="cluster", ratio=0.5, target_coverage=0.3, calibration_batches=1),
+                            DataConfig(train_shards=str(synthetic_root / "train"), workers=0),
+                            TrainConfig(steps=2, batch_size=8, log_every=1, warmup_steps=1, device="cpu"),
+                            tmp_path / "run", log=lambda metrics, step: losses.update({step: metrics}))
+    final = trainer.run()
+    weights = torch.load(final, weights_only=True)["state_dict"]["visual.conv1.weight"]
+    assert weights.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    assert 0 < losses[0]["mask/calibrated_threshold"] < 1
+    assert all(torch.isfinite(torch.tensor(losses[step]["train/loss"])) for step in (1, 2))
+    assert (tmp_path / "run" / "masks.png").stat().st_size > 1000
