@@ -48,8 +48,18 @@ def validate(cfg: EvalConfig, check_paths: bool = True) -> None:
     validate_eval(cfg, EVALUATORS, check_paths)
 
 
-def _loader(dataset, ctx: EvalContext, collate_fn) -> DataLoader:
-    return DataLoader(dataset, batch_size=ctx.batch_size, num_workers=ctx.workers, collate_fn=collate_fn)
+def _loader(dataset, ctx: EvalContext, collate_fn, task: EvalTask, split: str = "test") -> DataLoader:
+    return DataLoader(dataset, batch_size=ctx.batch_size, num_workers=_workers(task, split, ctx.workers),
+                      collate_fn=collate_fn)
+
+
+def _workers(task: EvalTask, split: str, workers: int) -> int:
+    """webdataset 1.x fails when a loader has more workers than the split has shards; clip_benchmark's wds
+    layout gives their number in <root>/<split>/nshards.txt."""
+    nshards = Path(task.root) / split / "nshards.txt"
+    if task.dataset.startswith("wds/") and nshards.is_file():
+        return min(workers, int(nshards.read_text()))
+    return workers
 
 
 def _dataset(task: EvalTask, transform, split: str = "test"):
@@ -66,7 +76,7 @@ def zeroshot_classification_eval(model, transform, tokenizer, task: EvalTask, ct
 
     dataset = _dataset(task, transform)
     metrics = zeroshot_classification.evaluate(
-        model, _loader(dataset, ctx, get_dataset_collate_fn(task.dataset)), tokenizer, dataset.classes,
+        model, _loader(dataset, ctx, get_dataset_collate_fn(task.dataset), task), tokenizer, dataset.classes,
         dataset.templates, ctx.device, amp=ctx.amp)
     yield from metrics.items()
     yield "chance", 1.0 / len(dataset.classes)
@@ -79,7 +89,7 @@ def zeroshot_retrieval_eval(model, transform, tokenizer, task: EvalTask, ctx: Ev
 
     dataset = _dataset(task, transform)
     recall_k = [int(k) for k in task.options.get("recall_k", [1, 5])]
-    yield from zeroshot_retrieval.evaluate(model, _loader(dataset, ctx, image_captions_collate_fn), tokenizer,
+    yield from zeroshot_retrieval.evaluate(model, _loader(dataset, ctx, image_captions_collate_fn, task), tokenizer,
                                            ctx.device, amp=ctx.amp, recall_k_list=recall_k).items()
 
 
@@ -89,8 +99,8 @@ def image_caption_selection_eval(model, transform, tokenizer, task: EvalTask, ct
     from clip_benchmark.metrics import image_caption_selection
 
     dataset = _dataset(task, transform)
-    yield from image_caption_selection.evaluate(model, _loader(dataset, ctx, image_captions_collate_fn), tokenizer,
-                                                ctx.device, amp=ctx.amp).items()
+    loader = _loader(dataset, ctx, image_captions_collate_fn, task)
+    yield from image_caption_selection.evaluate(model, loader, tokenizer, ctx.device, amp=ctx.amp).items()
 
 
 @register_evaluator("linear_probe")
@@ -99,8 +109,8 @@ def linear_probe_eval(model, transform, tokenizer, task: EvalTask, ctx: EvalCont
     from clip_benchmark.datasets.builder import get_dataset_collate_fn
     from clip_benchmark.metrics import linear_probe
 
-    train = _loader(_dataset(task, transform, "train"), ctx, get_dataset_collate_fn(task.dataset))
-    test = _loader(_dataset(task, transform, "test"), ctx, get_dataset_collate_fn(task.dataset))
+    train, test = (_loader(_dataset(task, transform, split), ctx, get_dataset_collate_fn(task.dataset), task, split)
+                   for split in ("train", "test"))
     lr, epochs = float(task.options.get("lr", 0.1)), int(task.options.get("epochs", 10))
     if ctx.device.startswith("cuda"):
         features = fresh_feature_dir(ctx, task)

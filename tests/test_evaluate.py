@@ -2,7 +2,10 @@ from pathlib import Path
 
 from clip_benchmark.metrics import linear_probe
 
-from clustermask.evaluate import EvalContext, EvalTask, linear_probe_eval
+from clustermask.evaluate import EvalContext, EvalTask, linear_probe_eval, run_task
+from clustermask.model import ModelConfig, create
+
+from conftest import SMALL
 
 
 def test_each_cuda_linear_probe_starts_from_an_empty_feature_cache(tmp_path, synthetic_root, monkeypatch):
@@ -30,3 +33,14 @@ def test_each_cuda_linear_probe_starts_from_an_empty_feature_cache(tmp_path, syn
     assert [files for _, files in calls] == [[], []]
     assert calls[0][0] != calls[1][0]
     assert not any(cache.exists() for cache, _ in calls)
+
+
+def test_more_loader_workers_than_shards_give_the_same_metrics(tmp_path, synthetic_root):
+    """webdataset 1.x fails a loader that has more workers than the split has shards: evaluation takes at most
+    one worker per shard, as training does."""
+    model, _, transform, tokenizer, _ = create(ModelConfig(), None)
+    model.eval()
+    task = EvalTask("zeroshot_classification", "wds/shapes", str(synthetic_root / "eval" / "shapes"))
+    results = [run_task(model, transform, tokenizer, task, EvalContext("cpu", 32, workers, False, tmp_path))
+               for workers in (0, SMALL["eval_shards"] + 2)]
+    assert results[0] == results[1] and results[0]["acc1"] >= 0
