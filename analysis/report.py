@@ -19,8 +19,10 @@ POINT_COLUMNS = ["point", "strategy", "features", "ratio", "attention", "seed", 
 HEADLINE = {  # metric key suffix -> short column name, in table order
     "zeroshot_classification/wds/shapes/acc1": "zs_acc1",
     "linear_probe/wds/shapes/lp_acc1": "lp_acc1",
-    "zeroshot_retrieval/wds/scenes/image_retrieval_recall_at_1": "i2t_r1",
-    "zeroshot_retrieval/wds/scenes/text_retrieval_recall_at_1": "t2i_r1",
+    # clip_benchmark's "text retrieval" finds an image's captions (image -> text), its "image retrieval" a
+    # caption's image (text -> image)
+    "zeroshot_retrieval/wds/scenes/text_retrieval_recall_at_1": "i2t_r1",
+    "zeroshot_retrieval/wds/scenes/image_retrieval_recall_at_1": "t2i_r1",
 }
 
 
