@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import matplotlib
 
@@ -16,14 +16,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 POINT_COLUMNS = ["point", "strategy", "features", "ratio", "attention", "seed", "status"]
-HEADLINE = {  # metric key suffix -> short column name, in table order
-    "zeroshot_classification/wds/shapes/acc1": "zs_acc1",
-    "linear_probe/wds/shapes/lp_acc1": "lp_acc1",
+HEADLINE = [  # (task, metric, column) in table order: a column per evaluated dataset, named after it if several
+    ("zeroshot_classification", "acc1", "zs_acc1"),
+    ("linear_probe", "lp_acc1", "lp_acc1"),
     # clip_benchmark's "text retrieval" finds an image's captions (image -> text), its "image retrieval" a
     # caption's image (text -> image)
-    "zeroshot_retrieval/wds/scenes/text_retrieval_recall_at_1": "i2t_r1",
-    "zeroshot_retrieval/wds/scenes/image_retrieval_recall_at_1": "t2i_r1",
-}
+    ("zeroshot_retrieval", "text_retrieval_recall_at_1", "i2t_r1"),
+    ("zeroshot_retrieval", "image_retrieval_recall_at_1", "t2i_r1"),
+]
+SUGARCREPE = "image_caption_selection/sugar_crepe/"
 
 
 def strategy_label(row) -> str:
@@ -59,10 +60,21 @@ def sweep_frame(tracking_uri: str, experiment: str, sweep_id: str) -> pd.DataFra
     return frame.sort_values(["label", "ratio", "seed"]).reset_index(drop=True)
 
 
+def headline_columns(frame: pd.DataFrame) -> Dict[str, str]:
+    """Metric key (`<task>/<dataset>/<metric>`) -> column name, for the headline metrics the sweep has."""
+    columns = {}
+    for task, metric, name in HEADLINE:
+        keys = sorted(c for c in frame.columns if c.startswith(f"{task}/") and c.endswith(f"/{metric}"))
+        for key in keys:
+            dataset = key[len(task) + 1:-len(metric) - 1].split("/")[-1]
+            columns[key] = name if len(keys) == 1 else f"{name}_{dataset}"
+    return columns
+
+
 def headline_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """A row per point, a column per headline metric, SugarCrepe per edit and its mean."""
-    columns = {key: name for key, name in HEADLINE.items() if key in frame}
-    sugar = sorted(c for c in frame.columns if c.startswith("image_caption_selection/sugar_crepe/") and c.endswith("/acc"))
+    """A row per point, a column per headline metric and dataset, SugarCrepe per edit and its mean."""
+    columns = headline_columns(frame)
+    sugar = sorted(c for c in frame.columns if c.startswith(SUGARCREPE) and c.endswith("/acc"))
     table = frame[["label", "ratio", "seed"]].copy()
     for key, name in columns.items():
         table[name] = frame[key]
@@ -80,8 +92,10 @@ def plot_metric(frame: pd.DataFrame, metric: str, path: Path, title: Optional[st
         for label, group in frame.groupby("label"):
             means = group.groupby("ratio")[metric].mean().sort_index()
             ax.plot(means.index, means.values, marker="o", label=label)
-    if "zeroshot_classification/wds/shapes/chance" in frame and metric.endswith("acc1"):
-        ax.axhline(frame["zeroshot_classification/wds/shapes/chance"].mean(), ls="--", c="grey", label="chance")
+    _, *dataset, name = metric.split("/")
+    chance = f"zeroshot_classification/{'/'.join(dataset)}/chance"
+    if chance in frame and name.endswith("acc1"):
+        ax.axhline(frame[chance].mean(), ls="--", c="grey", label="chance")
     ax.set_xlabel("mask ratio")
     ax.set_ylabel(metric.split("/")[-1])
     ax.set_title(title or metric, fontsize=9)
@@ -104,14 +118,24 @@ def write_tables(table: pd.DataFrame, frame: pd.DataFrame, out_dir: Path) -> Lis
     return [markdown, latex, csv]
 
 
+def default_plot_metrics(frame: pd.DataFrame) -> List[str]:
+    """Zero-shot and linear-probe accuracy on every dataset, and SugarCrepe's swap-attribute accuracy."""
+    keys = [k for k in headline_columns(frame) if k.startswith(("zeroshot_classification/", "linear_probe/"))]
+    return keys + [k for k in (SUGARCREPE + "swap_att/acc",) if k in frame]
+
+
 def build_report(sweep_dir: Path, plot_metrics: Optional[List[str]] = None) -> Path:
-    """Reads manifest.json for the MLflow location; writes <sweep_dir>/report/. Returns that directory."""
+    """Reads manifest.json for the MLflow location; writes <sweep_dir>/report/. Returns that directory.
+    Plots the default metrics and `plot_metrics` against the mask ratio."""
     manifest = json.loads((Path(sweep_dir) / "manifest.json").read_text())
     frame = sweep_frame(manifest["tracking_uri"], manifest["experiment"], manifest["sweep_id"])
     out_dir = Path(sweep_dir) / "report"
     table = headline_table(frame)
     write_tables(table, frame, out_dir)
-    for metric in plot_metrics or list(HEADLINE)[:2] + ["image_caption_selection/sugar_crepe/swap_att/acc"]:
+    for metric in dict.fromkeys(default_plot_metrics(frame) + list(plot_metrics or [])):
+        if metric not in frame:
+            print(f"report: no metric {metric!r} in this sweep, not plotted")
+            continue
         plot_metric(frame, metric, out_dir / f"{metric.replace('/', '_')}.png")
     _copy_mask_pictures(manifest, out_dir)
     print(f"report: {len(frame)} point(s) -> {out_dir}")
@@ -130,7 +154,8 @@ def _copy_mask_pictures(manifest: dict, out_dir: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Tables and plots of a sweep from MLflow")
     parser.add_argument("sweep_dir")
-    parser.add_argument("--metric", action="append", help="metric key to plot against the mask ratio (repeatable)")
+    parser.add_argument("--metric", action="append",
+                        help="a metric key to plot against the mask ratio besides the defaults (repeatable)")
     args = parser.parse_args(argv)
     out = build_report(Path(args.sweep_dir), args.metric)
     print((out / "results.md").read_text())

@@ -111,9 +111,12 @@ def eval_point(run_dir: str) -> str:
 
 
 def report(sweep_dir: str) -> str:
+    """The sweep's tables and plots; also plots the sweep config's `report.plot_metric` (the same in every point)."""
     from analysis.report import build_report
 
-    return str(build_report(Path(sweep_dir)))
+    manifest = graph.Manifest.load(Path(sweep_dir))
+    metric = graph.load_point_config(Path(manifest.points[0].run_dir)).report.get("plot_metric")
+    return str(build_report(Path(sweep_dir), [metric] if metric else None))
 
 
 STAGE_FUNCTIONS = {"train": train_point, "eval": eval_point, "report": report}

@@ -54,7 +54,9 @@ class Config:
     eval: EvalConfig = MISSING
     tracking: TrackingConfig = MISSING
     launcher: LauncherConfig = MISSING
-    report: Dict[str, Any] = field(default_factory=lambda: {"plot_metric": "zeroshot_classification/wds/shapes/acc1"})
+    # plot_metric: one more metric key (`<task>/<dataset>/<metric>`) to plot against the mask ratio, besides
+    # zero-shot and linear-probe accuracy on every dataset and SugarCrepe's swap-attribute accuracy
+    report: Dict[str, Any] = field(default_factory=lambda: {"plot_metric": ""})
 
 
 def register_configs() -> None:

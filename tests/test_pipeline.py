@@ -19,7 +19,8 @@ def local_sweep(tmp_path_factory, synthetic_root):
     root = tmp_path_factory.mktemp("outputs")
     result = subprocess.run(
         [sys.executable, "-m", "launch.app", "-m", "experiment=demo", f"paths.root={root}",
-         f"paths.data={synthetic_root}", f"train.steps={STEPS}", "train.checkpoint_every=30", "sweep_name=e2e"],
+         f"paths.data={synthetic_root}", f"train.steps={STEPS}", "train.checkpoint_every=30", "sweep_name=e2e",
+         "report.plot_metric=linear_probe/wds/shapes/lp_acc5"],
         capture_output=True, text=True, cwd=REPO, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root / "sweeps" / "e2e", result.stdout
@@ -88,8 +89,9 @@ def test_report_has_every_point(local_sweep):
     assert labels == {("random", 0.3), ("random", 0.5), ("cluster-rgb", 0.3), ("cluster-rgb", 0.5)}
     assert "zs_acc1" in table[0] and "sc_mean" in table[0]
     assert (report / "results.tex").read_text().count("\\\\") >= 5
-    plot = report / "zeroshot_classification_wds_shapes_acc1.png"
-    assert plot.stat().st_size > 5000
+    for plot in ("zeroshot_classification_wds_shapes_acc1", "linear_probe_wds_shapes_lp_acc1",
+                 "image_caption_selection_sugar_crepe_swap_att_acc", "linear_probe_wds_shapes_lp_acc5"):
+        assert (report / f"{plot}.png").stat().st_size > 5000, plot  # the last one: report.plot_metric
     assert len(list(report.glob("masks_*.png"))) == 4
 
 

@@ -2,7 +2,7 @@ import pandas as pd
 import torch
 from clip_benchmark.metrics import zeroshot_retrieval
 
-from analysis.report import headline_table
+from analysis.report import default_plot_metrics, headline_table
 from clustermask.evaluate import EvalTask, metric_key
 
 # two images and one caption each; caption b is closest to image A, so the directions disagree:
@@ -28,3 +28,18 @@ def test_retrieval_columns_name_the_direction_clip_benchmark_measured():
                            **{metric_key(task, name): value for name, value in metrics.items()}}])
     row = headline_table(frame).iloc[0]
     assert row["t2i_r1"] == 0.5 and row["i2t_r1"] == 0.0
+
+
+def test_headline_has_a_column_per_dataset_named_after_it_when_there_are_several():
+    """A paper sweep evaluates zero-shot on many datasets: each gets its column (and a plot); a task evaluated
+    on one dataset keeps the short name."""
+    metrics = {"zeroshot_classification/wds/imagenet1k/acc1": 0.3, "zeroshot_classification/wds/cifar10/acc1": 0.6,
+               "zeroshot_retrieval/wds/mscoco_captions/text_retrieval_recall_at_1": 0.2,
+               "image_caption_selection/sugar_crepe/swap_att/acc": 0.7}
+    frame = pd.DataFrame([{"label": "cluster-rgb", "ratio": 0.5, "seed": 0, **metrics}])
+    row = headline_table(frame).iloc[0].to_dict()
+    assert row == {"label": "cluster-rgb", "ratio": 0.5, "seed": 0, "zs_acc1_cifar10": 0.6, "zs_acc1_imagenet1k": 0.3,
+                   "i2t_r1": 0.2, "sc_swap_att": 0.7, "sc_mean": 0.7}
+    assert default_plot_metrics(frame) == ["zeroshot_classification/wds/cifar10/acc1",
+                                           "zeroshot_classification/wds/imagenet1k/acc1",
+                                           "image_caption_selection/sugar_crepe/swap_att/acc"]
