@@ -121,7 +121,8 @@ def write_tables(table: pd.DataFrame, frame: pd.DataFrame, out_dir: Path) -> Lis
 def default_plot_metrics(frame: pd.DataFrame) -> List[str]:
     """Zero-shot and linear-probe accuracy on every dataset, and SugarCrepe's swap-attribute accuracy."""
     keys = [k for k in headline_columns(frame) if k.startswith(("zeroshot_classification/", "linear_probe/"))]
-    return keys + [k for k in (SUGARCREPE + "swap_att/acc",) if k in frame]
+    swap_att = SUGARCREPE + "swap_att/acc"
+    return keys + ([swap_att] if swap_att in frame else [])
 
 
 def build_report(sweep_dir: Path, plot_metrics: Optional[List[str]] = None) -> Path:

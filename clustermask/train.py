@@ -74,14 +74,16 @@ def init_distributed(device: str):
     """(rank, world size, this process's device); joins the process group when WORLD_SIZE > 1 (set from SLURM
     by submitit). On CUDA each process takes the GPU of its LOCAL_RANK before NCCL starts: every task sees all
     of the node's GPUs, and NCCL's device-less collectives (the final barrier) would otherwise all use GPU 0."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and device == "cuda":
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return rank, world, device
+    if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    if world > 1 and device.startswith("cuda"):
+    if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
+    if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return int(os.environ.get("RANK", "0")), world, device
+    return rank, world, device
 
 
 class Trainer:
