@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
@@ -16,6 +17,7 @@ from typing import Any, Dict, Iterable, List, Optional
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 FEATURES = ("rgb", "embedding", "mixed")
 PRECISIONS = ("fp32", "amp_bf16", "bf16")
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -119,12 +121,31 @@ def validate_masking(cfg: MaskingConfig, strategies: Iterable[str]) -> None:
         raise ValueError(f"masking.threshold={cfg.threshold!r} must be a cosine similarity in [-1, 1]")
     if cfg.target_coverage is not None and not 0.0 < cfg.target_coverage < 1.0:
         raise ValueError(f"masking.target_coverage={cfg.target_coverage!r} must be in (0, 1)")
-    if cfg.kmeans_k < 1 or cfg.kmeans_iters < 0:
-        raise ValueError(f"masking.kmeans_k={cfg.kmeans_k!r} / kmeans_iters={cfg.kmeans_iters!r} out of range")
+    check_minimums("masking", cfg, {"calibration_batches": 1, "kmeans_k": 1, "kmeans_iters": 0})
+
+
+def check_minimums(section: str, cfg, minimums: Dict[str, float]) -> None:
+    """Raise ValueError naming `section.key=value` for the first key below its minimum."""
+    for key, low in minimums.items():
+        value = getattr(cfg, key)
+        if value < low:
+            raise ValueError(f"{section}.{key}={value!r} must be at least {low}")
+
+
+def check_device(key: str, name: str) -> None:
+    # the syntax only: the login node that submits a sweep may have no GPU
+    if not DEVICE.fullmatch(name):
+        raise ValueError(f"{key}={name!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+def validate_data(cfg: DataConfig) -> None:
+    check_minimums("data", cfg, {"workers": 0, "shuffle_buffer": 0})
 
 
 def validate_eval(cfg: EvalConfig, evaluators: Iterable[str], check_paths: bool = True) -> None:
     """evaluators: the names registered in clustermask.evaluate.EVALUATORS."""
+    check_minimums("eval", cfg, {"batch_size": 1, "workers": 0})
+    check_device("eval.device", cfg.device)
     for i, task in enumerate(cfg.tasks):
         if task.name not in evaluators:
             raise ValueError(f"eval.tasks[{i}].name={task.name!r} is not one of {sorted(evaluators)}")
@@ -133,8 +154,9 @@ def validate_eval(cfg: EvalConfig, evaluators: Iterable[str], check_paths: bool 
 
 
 def validate_train(cfg: TrainConfig) -> None:
-    for key in ("steps", "batch_size"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"train.{key}={getattr(cfg, key)!r} must be at least 1")
+    # log_every and checkpoint_every divide the step count: 0 would fail the job after its first step
+    check_minimums("train", cfg, {"steps": 1, "batch_size": 1, "log_every": 1, "checkpoint_every": 1,
+                                  "warmup_steps": 0, "weight_decay": 0.0, "threads": 0})
     if cfg.lr <= 0:
         raise ValueError(f"train.lr={cfg.lr!r} must be positive")
+    check_device("train.device", cfg.device)

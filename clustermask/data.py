@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import os
 
-from .config import DataConfig
+from .config import DataConfig, validate_data as validate
 
 
 def shard_urls(spec: str) -> list:
@@ -32,14 +32,13 @@ def shard_urls(spec: str) -> list:
 
 def check_workers(urls: list, workers: int) -> int:
     """webdataset 1.x raises when a worker gets no shard: never start more workers than shards."""
-    if workers < 0:
-        raise ValueError(f"data.workers={workers} must be >= 0")
     return min(workers, len(urls))
 
 
 def training_stream(cfg: DataConfig, transform, tokenizer, batch_size: int, seed: int):
     import webdataset as wds  # here, not at the top: the launcher checks shard paths without importing torch
 
+    validate(cfg)
     urls = shard_urls(cfg.train_shards)
     workers = check_workers(urls, cfg.workers)
     pipeline = (

@@ -355,11 +355,16 @@ def collect_features(model: nn.Module, images: torch.Tensor) -> MaskingInputs:
 
 
 def mean_coverage(inputs: MaskingInputs, cfg: MaskingConfig, threshold: float, seed: int = 0) -> float:
-    torch.manual_seed(seed)  # same anchors for every threshold: coverage is then monotone in it
-    probe = inputs._replace(threshold=torch.tensor(threshold, device=inputs.tokens.device))
-    with full_precision(inputs.tokens.device):
-        clustered, _ = cluster_membership(probe, cfg)
-    return clustered.float().mean().item()
+    """Mean cluster coverage at `threshold`, anchors drawn from `seed`; the global random state is left as it
+    was (reseeding it would give every training run after a calibration the same masking noise, whatever
+    its train.seed)."""
+    device = inputs.tokens.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # same anchors for every threshold: coverage is then monotone in it
+        probe = inputs._replace(threshold=torch.tensor(threshold, device=device))
+        with full_precision(device):
+            clustered, _ = cluster_membership(probe, cfg)
+        return clustered.float().mean().item()
 
 
 def calibrate_threshold(batches, cfg: MaskingConfig, target: float, iters: int = 30, draws: int = 4) -> float:

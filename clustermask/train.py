@@ -14,7 +14,7 @@ from open_clip_train.scheduler import cosine_lr
 from tqdm import tqdm
 
 from . import masking as masking_lib
-from .config import DataConfig, MaskingConfig, ModelConfig, TrainConfig, validate_train as validate
+from .config import DataConfig, MaskingConfig, ModelConfig, TrainConfig, validate_data, validate_train as validate
 from .data import sample_batches, training_stream
 from .model import create
 
@@ -91,7 +91,7 @@ class Trainer:
 
     def __init__(self, model_cfg: ModelConfig, masking: MaskingConfig, data: DataConfig, train: TrainConfig,
                  run_dir: Path, log: Optional[LogFn] = None):
-        for check, cfg in ((masking_lib.validate, masking), (validate, train)):
+        for check, cfg in ((masking_lib.validate, masking), (validate_data, data), (validate, train)):
             check(cfg)
         self.model_cfg, self.masking, self.data, self.cfg = model_cfg, masking, data, train
         self.run_dir = Path(run_dir)
@@ -166,6 +166,7 @@ class Trainer:
             forward = torch.compile(forward)
         model.train()
         seed = (cfg.seed * 1000 + start) * 100 + self.rank
+        torch.manual_seed(seed)  # the masks' noise, like the data: each rank's own, and fresh after a resume
         stream = training_stream(self.data, transform, tokenizer, cfg.batch_size, seed=seed)
         timer, logged_step, step = time.perf_counter(), start, start
         progress = tqdm(total=cfg.steps, initial=start, desc=f"train[{self.rank}]", mininterval=5, disable=None)

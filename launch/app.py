@@ -22,7 +22,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from . import graph
-from .executors import Plan, check_resources, describe, make_executor
+from .executors import Plan, check_launcher, describe, make_executor
 from .expand import CONFIG_DIR, CONFIG_NAME, ComposedPoint, compose_sweep
 from .helpers import Registries, RegistriesInChild, TrackingInChild
 
@@ -30,12 +30,12 @@ HYDRA_ONLY_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "ex
 
 
 def _typed_stage_configs(cfg: Mapping) -> Dict:
-    from clustermask.config import EvalConfig, EvalTask, MaskingConfig, ModelConfig, TrainConfig
+    from clustermask.config import DataConfig, EvalConfig, EvalTask, MaskingConfig, ModelConfig, TrainConfig
 
     evaluation = dict(cfg["eval"])
     evaluation["tasks"] = [EvalTask(**task) for task in evaluation["tasks"]]
     return {"model": ModelConfig(**cfg["model"]), "masking": MaskingConfig(**cfg["masking"]),
-            "train": TrainConfig(**cfg["train"]), "eval": EvalConfig(**evaluation)}
+            "data": DataConfig(**cfg["data"]), "train": TrainConfig(**cfg["train"]), "eval": EvalConfig(**evaluation)}
 
 
 def preflight(cfg: Mapping, registries: Optional[Registries] = None) -> None:
@@ -51,12 +51,10 @@ def preflight(cfg: Mapping, registries: Optional[Registries] = None) -> None:
     config.validate_model(typed["model"])
     config.validate_masking(typed["masking"], registries.strategies)
     config.validate_train(typed["train"])
+    config.validate_data(typed["data"])
     data.shard_urls(cfg["data"]["train_shards"])
     config.validate_eval(typed["eval"], registries.evaluators)
-    if cfg["launcher"]["executor"] not in ("local", "slurm"):
-        raise ValueError(f"launcher.executor={cfg['launcher']['executor']!r} is not one of local, slurm")
-    for stage in ("train", "eval", "report"):
-        check_resources(stage, cfg["launcher"][stage])
+    check_launcher(cfg["launcher"])
 
 
 def point_error(point: ComposedPoint, registries: Registries) -> str:

@@ -112,6 +112,16 @@ def executor_parameters(resources, name: str) -> Dict:
     return {k if k in base_keys else f"slurm_{k}": v for k, v in params.items()}
 
 
+def check_launcher(launcher) -> None:
+    """The launcher's values, checked before the sweep writes anything (launcher: a mapping)."""
+    if launcher["executor"] not in ("local", "slurm"):
+        raise ValueError(f"launcher.executor={launcher['executor']!r} is not one of local, slurm")
+    if launcher["max_parallel"] < 1:
+        raise ValueError(f"launcher.max_parallel={launcher['max_parallel']} must be at least 1")
+    for stage in ("train", "eval", "report"):
+        check_resources(stage, launcher[stage])
+
+
 def check_resources(stage: str, resources) -> None:
     gpus, tasks, nodes = resources["gpus_per_node"], resources["tasks_per_node"], resources["nodes"]
     if gpus and tasks != gpus:

@@ -90,20 +90,36 @@ def plan_resubmission(rows: List[Dict]) -> Plan:
 
 
 def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: List[str]) -> None:
-    """Fix the configs of the points about to be resubmitted (typed: a bad key or value is refused)."""
+    """Fix the configs of the points about to be resubmitted (typed: a bad key or value is refused). Every
+    point is checked before any is saved, so a fix refused for one point changes none. The fixes are tagged
+    on each point's MLflow run (`resubmit_overrides`): its params keep the values it was created with."""
+    from clustermask.tracking import RunLogger
+
     from .app import preflight
 
+    fixed = {}
     for i in indices:
-        run_dir = Path(manifest.points[i].run_dir)
-        cfg = graph.load_point_config(run_dir)
+        point = manifest.points[i]
+        cfg = graph.load_point_config(Path(point.run_dir))
         OmegaConf.set_struct(cfg, True)
         for override in overrides:
             key, sep, value = override.partition("=")
             if not sep:
                 raise ValueError(f"override {override!r} is not key=value")
             OmegaConf.update(cfg, key, _parse(value), merge=True)
-        preflight(cfg)
-        graph.save_point_config(run_dir, cfg)
+        try:
+            preflight(cfg)
+        except (ValueError, FileNotFoundError, TypeError) as exc:
+            raise type(exc)(f"point {i} ({point.name}), nothing changed: {exc}") from exc
+        fixed[i] = cfg
+    for i, cfg in fixed.items():
+        point = manifest.points[i]
+        graph.save_point_config(Path(point.run_dir), cfg)
+        if not point.mlflow_run_id:
+            continue
+        logger = RunLogger(manifest.tracking_uri, point.mlflow_run_id)
+        earlier = logger.client.get_run(point.mlflow_run_id).data.tags.get("resubmit_overrides")
+        logger.tags({"resubmit_overrides": " ".join(filter(None, [earlier, *overrides]))})
 
 
 def _parse(value: str):

@@ -145,7 +145,18 @@ def test_preflight_names_the_bad_key(synthetic_root):
              "model.name=ViT-Nope": "model.name='ViT-Nope'",
              f"data.train_shards={synthetic_root}/missing": "data.train_shards",
              "eval.tasks.0.root=/nonexistent/shapes": r"eval.tasks\[0\].root='/nonexistent/shapes'",
-             "launcher.train.gpus_per_node=4": "tasks_per_node=1 must equal gpus_per_node=4"}
+             "launcher.train.gpus_per_node=4": "tasks_per_node=1 must equal gpus_per_node=4",
+             # each of these would pass submission and fail the job (a division by zero at the first log or
+             # checkpoint, a DataLoader refusing its batch size, torch refusing the device name)
+             "train.log_every=0": "train.log_every=0 must be at least 1",
+             "train.checkpoint_every=0": "train.checkpoint_every=0",
+             "train.warmup_steps=-5": "train.warmup_steps=-5",
+             "train.device=gpu": "train.device='gpu'",
+             "masking.calibration_batches=0": "masking.calibration_batches=0",
+             "data.workers=-1": "data.workers=-1",
+             "eval.batch_size=0": "eval.batch_size=0",
+             "eval.device=cuda0": "eval.device='cuda0'",
+             "launcher.max_parallel=0": "launcher.max_parallel=0"}
     for override, message in cases.items():
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             app.preflight(compose_cfg(*good, override))
@@ -235,3 +246,38 @@ def test_resubmission_plan_skips_finished_and_queued_work():
             {"index": 5, "train": "cancelled", "eval": "cancelled"}]
     plan = plan_resubmission(rows)
     assert plan == Plan(train=[1, 5], eval_only=[2])
+
+
+class TrackingHere:
+    """`create_sweep`'s tracker, in this process rather than the helper child."""
+
+    def create_sweep_runs(self, tracking, uri, sweep_id, params, points, artifacts):
+        from clustermask import tracking as tracking_lib
+
+        return tracking_lib.create_sweep_runs(tracking_lib.TrackingConfig(**tracking), uri, sweep_id, params, points,
+                                              artifacts)
+
+
+def test_resubmit_fixes_all_points_or_none_and_tags_them_in_mlflow(tmp_path, synthetic_root):
+    from launch.status import apply_overrides
+    from mlflow.tracking import MlflowClient
+
+    # point 1's data has gone since submission: a fix for both points must not change point 0 alone
+    sweep = compose_sweep([f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "masking.ratio=0.3,0.5"],
+                          multirun=True)
+    for point, data in zip(sweep.points, (synthetic_root, tmp_path / "moved")):
+        point.config["data"] = dict(point.config["data"], train_shards=f"{data}/train")
+    manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
+
+    def lrs():
+        return [graph.load_point_config(Path(p.run_dir)).train.lr for p in manifest.points]
+
+    before = lrs()
+    with pytest.raises(FileNotFoundError, match=r"point 1 .*nothing changed.*data.train_shards"):
+        apply_overrides(manifest, [0, 1], ["train.lr=0.01"])
+    assert lrs() == before
+    apply_overrides(manifest, [0], ["train.lr=0.01"])
+    apply_overrides(manifest, [0], ["train.steps=7"])
+    assert lrs() == [0.01, before[1]]
+    tags = MlflowClient(manifest.tracking_uri).get_run(manifest.points[0].mlflow_run_id).data.tags
+    assert tags["resubmit_overrides"] == "train.lr=0.01 train.steps=7"

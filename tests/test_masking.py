@@ -250,6 +250,19 @@ def test_calibration_lands_on_the_target_coverage(synthetic_root):
         assert abs(sum(achieved) / len(achieved) - target) <= 0.02, (target, threshold, achieved)
 
 
+def test_calibration_leaves_the_random_state_alone():
+    """Calibration seeds its own anchor draws; the training run's random state, and so its masks, must still
+    depend on train.seed."""
+    x, pixels = tokens_and_pixels(2, 4, 4)
+    inputs = MaskingInputs(x[:, 1:], pixels, PATCH, torch.tensor(0.5), torch.tensor(0.0))
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        expected = torch.rand(8)
+        torch.manual_seed(seed)
+        masking.calibrate_threshold([inputs], MaskingConfig(strategy="cluster"), 0.5, iters=3, draws=2)
+        assert torch.equal(torch.rand(8), expected)
+
+
 def dropped_neighbours(dropped: torch.Tensor, grid: int) -> float:
     """Mean number of dropped 4-neighbours of a dropped patch."""
     d = dropped.view(-1, grid, grid).float()

@@ -54,3 +54,33 @@ def test_trains_in_each_bf16_precision(tmp_path, synthetic_root, precision):
     assert 0 < losses[0]["mask/calibrated_threshold"] < 1
     assert all(torch.isfinite(torch.tensor(losses[step]["train/loss"])) for step in (1, 2))
     assert (tmp_path / "run" / "masks.png").stat().st_size > 1000
+
+
+def first_step_mask(tmp_path, synthetic_root, monkeypatch, rank: int) -> torch.Tensor:
+    """The kept-token indices of a 1-step random-masking run as process `rank` (the process group itself is
+    not started: the seeding under test does not need it)."""
+    maskers = []
+
+    def create(*args, **kwargs):
+        made = original_create(*args, **kwargs)
+        maskers.append(made[-1])
+        return made
+
+    original_create = train.create
+    monkeypatch.setattr(train, "create", create)
+    monkeypatch.setattr(train, "init_distributed", lambda device: (rank, 1, device))
+    # the picture is rank 0's only; it must not be what sets the ranks' masks apart
+    monkeypatch.setattr(train.Trainer, "_save_mask_picture", lambda *args: None)
+    run_dir = tmp_path / f"rank{rank}-{len(list(tmp_path.iterdir()))}"
+    train.Trainer(ModelConfig(), MaskingConfig(strategy="random", ratio=0.5),
+                  DataConfig(train_shards=str(synthetic_root / "train"), workers=0),
+                  TrainConfig(steps=1, batch_size=8, warmup_steps=1, device="cpu"), run_dir).run()
+    return maskers[0].last.keep
+
+
+def test_each_rank_draws_its_own_masks(tmp_path, synthetic_root, monkeypatch):
+    """Random masks are pure noise: with the same seed on every rank, image j of every rank's batch would be
+    masked alike, and a multi-GPU run would see a fraction of the masks it should."""
+    rank0, rank1, rank0_again = (first_step_mask(tmp_path, synthetic_root, monkeypatch, rank) for rank in (0, 1, 0))
+    assert torch.equal(rank0, rank0_again)
+    assert not torch.equal(rank0, rank1)
