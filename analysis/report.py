@@ -27,10 +27,27 @@ HEADLINE = [  # (task, metric, column) in table order: a column per evaluated da
 SUGARCREPE = "image_caption_selection/sugar_crepe/"
 
 
+# the params a point's label shows by their own (strategy_label) or that are the table's own columns
+IN_LABEL = ("masking.strategy", "masking.features", "masking.attention", "masking.ratio", "train.seed")
+
+
 def strategy_label(row) -> str:
     if row["strategy"] == "cluster":
         return f"cluster-{row['features']}" + ("-attn" if str(row.get("attention")) == "True" else "")
     return str(row["strategy"])
+
+
+def swept_settings(runs: pd.DataFrame, strategies: pd.Series) -> pd.Series:
+    """Per run, `name=value` for every param that differs between the runs of its strategy, besides ratio and
+    seed (a sweep of masking.threshold, masking.kmeans_k or train.lr): a label without them would merge
+    different settings into one line of a plot and one group of the mean over seeds."""
+    params = [c for c in runs.columns if c.startswith("params.") and c[len("params."):] not in IN_LABEL]
+    settings = pd.Series("", index=runs.index)
+    for _, group in runs.groupby(strategies):
+        varying = [c for c in params if group[c].nunique(dropna=False) > 1]
+        for index, row in group[varying].iterrows():
+            settings[index] = " ".join(f"{c.split('.')[-1]}={row[c]}" for c in varying)
+    return settings
 
 
 def sweep_frame(tracking_uri: str, experiment: str, sweep_id: str) -> pd.DataFrame:
@@ -56,7 +73,8 @@ def sweep_frame(tracking_uri: str, experiment: str, sweep_id: str) -> pd.DataFra
     metrics = runs[[c for c in runs.columns if c.startswith("metrics.")]]
     metrics.columns = [c[len("metrics."):] for c in metrics.columns]
     frame = pd.concat([frame, metrics], axis=1)
-    frame["label"] = frame.apply(strategy_label, axis=1)
+    strategies = frame.apply(strategy_label, axis=1)
+    frame["label"] = (strategies + " " + swept_settings(runs, strategies)).str.strip()
     return frame.sort_values(["label", "ratio", "seed"]).reset_index(drop=True)
 
 
@@ -83,6 +101,19 @@ def headline_table(frame: pd.DataFrame) -> pd.DataFrame:
     if sugar:
         table["sc_mean"] = frame[sugar].mean(axis=1)
     return table
+
+
+def seed_summary(table: pd.DataFrame, plus_minus: str = " ± ") -> pd.DataFrame:
+    """A row per (label, ratio): how many seeds, and every metric column of `table` as `mean ± std` over
+    them (the mean alone for one seed; empty where no seed has the metric)."""
+    metrics = [c for c in table.columns if c not in ("label", "ratio", "seed")]
+    grouped = table.groupby(["label", "ratio"], sort=True)
+    summary = grouped.size().rename("seeds").reset_index()
+    for column in metrics:
+        means, stds = grouped[column].mean(), grouped[column].std()
+        summary[column] = [("" if pd.isna(m) else f"{m:.3f}" if pd.isna(sd) else f"{m:.3f}{plus_minus}{sd:.3f}")
+                           for m, sd in zip(means.values, stds.values)]
+    return summary
 
 
 def plot_metric(frame: pd.DataFrame, metric: str, path: Path, title: Optional[str] = None) -> Path:
@@ -115,7 +146,11 @@ def write_tables(table: pd.DataFrame, frame: pd.DataFrame, out_dir: Path) -> Lis
     latex.write_text(table.to_latex(index=False, float_format="%.3f"))
     csv = out_dir / "results_all_metrics.csv"
     frame.to_csv(csv, index=False)
-    return [markdown, latex, csv]
+    mean_markdown = out_dir / "results_mean.md"
+    mean_markdown.write_text(seed_summary(table).to_markdown(index=False, floatfmt=".3f") + "\n")
+    mean_latex = out_dir / "results_mean.tex"
+    mean_latex.write_text(seed_summary(table, r" $\pm$ ").to_latex(index=False, float_format="%.3f"))
+    return [markdown, latex, csv, mean_markdown, mean_latex]
 
 
 def default_plot_metrics(frame: pd.DataFrame) -> List[str]:

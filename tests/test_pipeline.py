@@ -89,6 +89,8 @@ def test_report_has_every_point(local_sweep):
     assert labels == {("random", 0.3), ("random", 0.5), ("cluster-rgb", 0.3), ("cluster-rgb", 0.5)}
     assert "zs_acc1" in table[0] and "sc_mean" in table[0]
     assert (report / "results.tex").read_text().count("\\\\") >= 5
+    mean_rows = [line for line in (report / "results_mean.md").read_text().splitlines()[2:] if line.startswith("|")]
+    assert len(mean_rows) == 4 and all(r.split("|")[3].strip() == "1" for r in mean_rows)  # one seed each
     for plot in ("zeroshot_classification_wds_shapes_acc1", "linear_probe_wds_shapes_lp_acc1",
                  "image_caption_selection_sugar_crepe_swap_att_acc", "linear_probe_wds_shapes_lp_acc5"):
         assert (report / f"{plot}.png").stat().st_size > 5000, plot  # the last one: report.plot_metric

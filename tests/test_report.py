@@ -43,3 +43,29 @@ def test_headline_has_a_column_per_dataset_named_after_it_when_there_are_several
     assert default_plot_metrics(frame) == ["zeroshot_classification/wds/cifar10/acc1",
                                            "zeroshot_classification/wds/imagenet1k/acc1",
                                            "image_caption_selection/sugar_crepe/swap_att/acc"]
+
+
+def test_a_swept_setting_gets_its_own_label_and_seeds_are_averaged_within_it(tmp_path):
+    """A threshold sweep of cluster masking, two seeds each, beside random masking, in a real MLflow store:
+    the thresholds must not be merged into one line, and the mean over seeds is per threshold."""
+    from analysis.report import seed_summary, sweep_frame
+    from clustermask.tracking import PointRun, RunLogger, TrackingConfig, create_sweep_runs, flatten
+
+    points, accuracy = [], []
+    for strategy, threshold, seed, acc in [("cluster", 0.3, 0, 0.40), ("cluster", 0.3, 1, 0.50),
+                                           ("cluster", 0.7, 0, 0.20), ("cluster", 0.7, 1, 0.30),
+                                           ("random", 0.5, 0, 0.45)]:
+        config = {"masking": {"strategy": strategy, "features": "rgb", "attention": False, "ratio": 0.5,
+                              "threshold": threshold}, "train": {"seed": seed, "lr": 0.001}}
+        points.append(PointRun(f"p{len(points)}", "", flatten(config)))
+        accuracy.append(acc)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, run_ids = create_sweep_runs(TrackingConfig(experiment="t"), uri, "s1", {}, points)
+    for run_id, acc in zip(run_ids, accuracy):
+        RunLogger(uri, run_id).metrics({"zeroshot_classification/wds/shapes/acc1": acc})
+    frame = sweep_frame(uri, "t", "s1")
+    assert sorted(frame["label"]) == ["cluster-rgb threshold=0.3"] * 2 + ["cluster-rgb threshold=0.7"] * 2 + ["random"]
+    summary = seed_summary(headline_table(frame)).set_index("label")
+    assert summary.loc["cluster-rgb threshold=0.3", "zs_acc1"] == "0.450 ± 0.071"
+    assert summary.loc["cluster-rgb threshold=0.7", "zs_acc1"] == "0.250 ± 0.071"
+    assert summary.loc["random", "zs_acc1"] == "0.450" and summary.loc["random", "seeds"] == 1
