@@ -117,12 +117,17 @@ def seed_summary(table: pd.DataFrame, plus_minus: str = " ± ") -> pd.DataFrame:
 
 
 def plot_metric(frame: pd.DataFrame, metric: str, path: Path, title: Optional[str] = None) -> Path:
-    """`metric` against mask ratio, a line per strategy (mean over seeds)."""
+    """`metric` against mask ratio, a line per strategy (mean over seeds), shaded ± one std where a ratio has
+    several seeds."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     if metric in frame:
         for label, group in frame.groupby("label"):
-            means = group.groupby("ratio")[metric].mean().sort_index()
-            ax.plot(means.index, means.values, marker="o", label=label)
+            by_ratio = group.groupby("ratio")[metric]
+            means, stds = by_ratio.mean().sort_index(), by_ratio.std().sort_index()
+            line, = ax.plot(means.index, means.values, marker="o", label=label)
+            if stds.notna().any():
+                ax.fill_between(means.index, means - stds, means + stds, color=line.get_color(), alpha=0.2,
+                                linewidth=0)
     _, *dataset, name = metric.split("/")
     chance = f"zeroshot_classification/{'/'.join(dataset)}/chance"
     if chance in frame and name.endswith("acc1"):

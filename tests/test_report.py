@@ -1,4 +1,5 @@
 import pandas as pd
+import pytest
 import torch
 from clip_benchmark.metrics import zeroshot_retrieval
 
@@ -69,3 +70,23 @@ def test_a_swept_setting_gets_its_own_label_and_seeds_are_averaged_within_it(tmp
     assert summary.loc["cluster-rgb threshold=0.3", "zs_acc1"] == "0.450 ± 0.071"
     assert summary.loc["cluster-rgb threshold=0.7", "zs_acc1"] == "0.250 ± 0.071"
     assert summary.loc["random", "zs_acc1"] == "0.450" and summary.loc["random", "seeds"] == 1
+
+
+def test_plot_shades_one_std_over_seeds(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from analysis.report import plot_metric
+
+    key = "zeroshot_classification/wds/shapes/acc1"
+    frame = pd.DataFrame({"label": ["random"] * 3 + ["cluster-rgb"], "ratio": [0.3, 0.3, 0.5, 0.5],
+                          "seed": [0, 1, 0, 0], key: [0.4, 0.6, 0.5, 0.2]})
+    bands = []
+    original = plt.Axes.fill_between
+    monkeypatch.setattr(plt.Axes, "fill_between", lambda self, x, low, high, **kw: bands.append(
+        (list(x), list(low), list(high))) or original(self, x, low, high, **kw))
+    plot_metric(frame, key, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    assert len(bands) == 1  # cluster-rgb has one seed: no band
+    x, low, high = bands[0]
+    assert x == [0.3, 0.5] and low[0] == pytest.approx(0.5 - 0.1414, abs=1e-3)
+    assert high[0] == pytest.approx(0.5 + 0.1414, abs=1e-3)
