@@ -117,8 +117,8 @@ def seed_summary(table: pd.DataFrame, plus_minus: str = " ± ") -> pd.DataFrame:
 
 
 def plot_metric(frame: pd.DataFrame, metric: str, path: Path, title: Optional[str] = None) -> Path:
-    """`metric` against mask ratio, a line per strategy (mean over seeds), shaded ± one std where a ratio has
-    several seeds."""
+    """`metric` against mask ratio, a line per strategy (mean over seeds), with bars of ± one std where a ratio
+    has several seeds."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     if metric in frame:
         for label, group in frame.groupby("label"):
@@ -126,8 +126,8 @@ def plot_metric(frame: pd.DataFrame, metric: str, path: Path, title: Optional[st
             means, stds = by_ratio.mean().sort_index(), by_ratio.std().sort_index()
             line, = ax.plot(means.index, means.values, marker="o", label=label)
             if stds.notna().any():
-                ax.fill_between(means.index, means - stds, means + stds, color=line.get_color(), alpha=0.2,
-                                linewidth=0)
+                ax.errorbar(means.index, means.values, yerr=stds.values, fmt="none", ecolor=line.get_color(),
+                            capsize=3, alpha=0.7)
     _, *dataset, name = metric.split("/")
     chance = f"zeroshot_classification/{'/'.join(dataset)}/chance"
     if chance in frame and name.endswith("acc1"):

@@ -72,7 +72,7 @@ def test_a_swept_setting_gets_its_own_label_and_seeds_are_averaged_within_it(tmp
     assert summary.loc["random", "zs_acc1"] == "0.450" and summary.loc["random", "seeds"] == 1
 
 
-def test_plot_shades_one_std_over_seeds(tmp_path, monkeypatch):
+def test_plot_bars_one_std_over_seeds(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
     from analysis.report import plot_metric
@@ -80,13 +80,13 @@ def test_plot_shades_one_std_over_seeds(tmp_path, monkeypatch):
     key = "zeroshot_classification/wds/shapes/acc1"
     frame = pd.DataFrame({"label": ["random"] * 3 + ["cluster-rgb"], "ratio": [0.3, 0.3, 0.5, 0.5],
                           "seed": [0, 1, 0, 0], key: [0.4, 0.6, 0.5, 0.2]})
-    bands = []
-    original = plt.Axes.fill_between
-    monkeypatch.setattr(plt.Axes, "fill_between", lambda self, x, low, high, **kw: bands.append(
-        (list(x), list(low), list(high))) or original(self, x, low, high, **kw))
+    bars = []
+    original = plt.Axes.errorbar
+    monkeypatch.setattr(plt.Axes, "errorbar", lambda self, x, y, yerr=None, **kw: bars.append(
+        (list(x), list(y), list(yerr))) or original(self, x, y, yerr=yerr, **kw))
     plot_metric(frame, key, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
-    assert len(bands) == 1  # cluster-rgb has one seed: no band
-    x, low, high = bands[0]
-    assert x == [0.3, 0.5] and low[0] == pytest.approx(0.5 - 0.1414, abs=1e-3)
-    assert high[0] == pytest.approx(0.5 + 0.1414, abs=1e-3)
+    assert len(bars) == 1  # cluster-rgb has one seed: no bar
+    x, y, err = bars[0]
+    assert x == [0.3, 0.5] and y == pytest.approx([0.5, 0.5])
+    assert err[0] == pytest.approx(0.1414, abs=1e-3) and pd.isna(err[1])  # 0.5: one seed
