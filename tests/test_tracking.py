@@ -1,4 +1,12 @@
-"""MLflow records of a sweep: one parent run, a child per point, in a sqlite store started from a template."""
+"""MLflow records of a sweep: one parent run, a child per point, in a sqlite store started from a template,
+or on a real `mlflow server`."""
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
 from clustermask.config import TrackingConfig
 from clustermask.tracking import PointRun, artifact_location, client, create_sweep_runs, resolve_uri
 
@@ -22,3 +30,63 @@ def test_new_sqlite_stores_start_from_one_migrated_template(tmp_path, monkeypatc
     templates = list((tmp_path / "cache" / "clustermask").glob("mlflow-*-empty.db"))
     assert len(templates) == 1
     assert client(f"sqlite:///{templates[0]}").get_experiment_by_name("ablation") is None  # it stays empty
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (sqlite backend, artifacts served over HTTP), as a team would run one."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                                "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+                                "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+                               stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"))
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    try:
+        while True:
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert process.poll() is None and time.time() < deadline, (root / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield uri, root
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_a_tracking_server_holds_the_same_records(mlflow_server, tmp_path):
+    """tracking.uri=http://...: runs, params, metrics, tags and the mask picture go to the server, and the
+    report reads them back as from the sqlite default."""
+    from analysis.report import sweep_frame
+    from clustermask.tracking import RunLogger
+
+    uri, root = mlflow_server
+    cfg = TrackingConfig(uri=uri, experiment="team")
+    assert resolve_uri(cfg, tmp_path) == uri and artifact_location(cfg, tmp_path) is None
+    params = {"masking.strategy": "cluster", "masking.features": "rgb", "masking.attention": "False",
+              "masking.ratio": "0.5", "train.seed": "0"}
+    _, (run_id,) = create_sweep_runs(cfg, uri, "s", {}, [PointRun("p0", "masking=cluster", params)])
+    logger = RunLogger(uri, run_id)
+    logger.metrics({"zeroshot_classification/wds/shapes/acc1": 0.4, "train/loss": 2.0}, step=3)
+    logger.tags({"train_state": "done"})
+    picture = tmp_path / "masks.png"
+    picture.write_bytes(b"\x89PNG not really")
+    logger.artifact(picture)
+    logger.finish()
+    frame = sweep_frame(uri, "team", "s")
+    assert frame.loc[0, "label"] == "cluster-rgb" and frame.loc[0, "zeroshot_classification/wds/shapes/acc1"] == 0.4
+    stored = list((root / "artifacts").rglob("masks.png"))
+    assert len(stored) == 1 and stored[0].read_bytes() == picture.read_bytes()
+    assert client(uri).get_run(run_id).data.tags["train_state"] == "done"
