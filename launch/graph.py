@@ -47,9 +47,7 @@ class Manifest:
         return Path(self.sweep_dir) / "manifest.json"
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, sweep_dir) -> "Manifest":
@@ -72,6 +70,17 @@ class Manifest:
             if "report" in submission:
                 jobs["report"] = submission["report"]["job_id"]
         return jobs
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Readers (status, a requeued task) see the old file or the new one, never a half-written one; a failed
+    write (disk full, quota) leaves the old one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def is_point_override(override: str) -> bool:
@@ -128,7 +137,7 @@ def save_point_config(run_dir: Path, cfg) -> None:
         cfg = OmegaConf.to_container(cfg, resolve=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-    (run_dir / "config.yaml").write_text(yaml.dump(cfg, Dumper=dumper, sort_keys=False, allow_unicode=True))
+    write_atomic(run_dir / "config.yaml", yaml.dump(cfg, Dumper=dumper, sort_keys=False, allow_unicode=True))
 
 
 def load_point_config(run_dir: Path):
@@ -147,7 +156,7 @@ def mark(run_dir: Path, stage: str, state: str, **info) -> None:
     path = state_path(run_dir, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"state": state, "time": dt.datetime.now().isoformat(timespec="seconds"), **info}
-    path.write_text(json.dumps(record))
+    write_atomic(path, json.dumps(record))
 
 
 def read_state(run_dir: Path, stage: str) -> Optional[dict]:

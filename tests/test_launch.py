@@ -281,3 +281,25 @@ def test_resubmit_fixes_all_points_or_none_and_tags_them_in_mlflow(tmp_path, syn
     assert lrs() == [0.01, before[1]]
     tags = MlflowClient(manifest.tracking_uri).get_run(manifest.points[0].mlflow_run_id).data.tags
     assert tags["resubmit_overrides"] == "train.lr=0.01 train.steps=7"
+
+
+def test_a_failed_write_keeps_the_previous_marker_and_config(tmp_path, monkeypatch):
+    """A disk that fills up mid-write must not leave a half-written status marker (clustermask-status would
+    crash on it) or point config (the task could not start again)."""
+    graph.mark(tmp_path, "train", "running", job_id="12_0")
+    graph.save_point_config(tmp_path, {"train": {"lr": 0.001}})
+    write_text = Path.write_text
+
+    def disk_full(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    for write in (lambda: graph.mark(tmp_path, "train", "done"),
+                  lambda: graph.save_point_config(tmp_path, {"train": {"lr": 0.01}})):
+        with pytest.raises(OSError, match="No space"):
+            write()
+    monkeypatch.undo()
+    assert graph.read_state(tmp_path, "train")["state"] == "running"
+    assert OmegaConf.load(tmp_path / "config.yaml").train.lr == 0.001
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
