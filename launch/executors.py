@@ -55,8 +55,6 @@ class LocalExecutor:
     """Runs the graph here, each task a subprocess whose log lands in <run_dir>/logs/<stage>.log."""
 
     def __init__(self, max_parallel: int = 1):
-        if max_parallel < 1:
-            raise ValueError(f"launcher.max_parallel={max_parallel} must be at least 1")
         self.max_parallel = max_parallel
 
     def _task(self, stage: str, path: str, log: Path) -> bool:
@@ -137,8 +135,6 @@ class SlurmExecutor:
         self.sweep_dir = Path(sweep_dir)
         self.sweep_id = sweep_id
         self.dry_run = dry_run
-        for stage in ("train", "eval", "report"):
-            check_resources(stage, getattr(launcher_cfg, stage))
 
     def _executor(self, stage: str, dependency: Optional[str] = None):
         import submitit
@@ -202,8 +198,7 @@ class SlurmExecutor:
 
 
 def make_executor(launcher_cfg, sweep_dir: Path, sweep_id: str):
+    check_launcher(launcher_cfg)
     if launcher_cfg.executor == "local":
         return LocalExecutor(launcher_cfg.max_parallel)
-    if launcher_cfg.executor == "slurm":
-        return SlurmExecutor(launcher_cfg, sweep_dir, sweep_id, dry_run=launcher_cfg.dry_run)
-    raise ValueError(f"launcher.executor={launcher_cfg.executor!r} is not one of local, slurm")
+    return SlurmExecutor(launcher_cfg, sweep_dir, sweep_id, dry_run=launcher_cfg.dry_run)
