@@ -51,6 +51,10 @@ def mlflow_server(tmp_path_factory):
                                stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"))
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
+    # the client's default retries a failing server for minutes per call; here a failure should show at once
+    env = pytest.MonkeyPatch()
+    env.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    env.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     try:
         while True:
             try:
@@ -62,6 +66,7 @@ def mlflow_server(tmp_path_factory):
             time.sleep(0.5)
         yield uri, root
     finally:
+        env.undo()
         process.terminate()
         process.wait(timeout=30)
 
