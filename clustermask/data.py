@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 
 from .config import DataConfig, validate_data as validate
 
@@ -35,18 +36,41 @@ def check_workers(urls: list, workers: int) -> int:
     return min(workers, len(urls))
 
 
+class SkipUnreadable:
+    """A webdataset handler: skip an unreadable shard or sample with a warning, as img2dataset data needs, but
+    raise once `limit` fail in a row. The stream is resampled, so where every shard is unreadable (truncated,
+    not tar) skipping alone would spin for ever and a job would burn its whole time limit, then requeue."""
+
+    def __init__(self, spec: str, limit: int = 1000):
+        self.spec, self.limit, self.failures_in_a_row = spec, limit, 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.failures_in_a_row += 1
+        if self.failures_in_a_row >= self.limit:
+            raise RuntimeError(f"data.train_shards={self.spec!r}: {self.limit} shards or samples in a row could not "
+                               f"be read, the last with {exn!r}") from exn
+        warnings.warn(repr(exn))
+        return True
+
+    def read(self, sample):
+        self.failures_in_a_row = 0
+        return sample
+
+
 def training_stream(cfg: DataConfig, transform, tokenizer, batch_size: int, seed: int):
     import webdataset as wds  # here, not at the top: the launcher checks shard paths without importing torch
 
     validate(cfg)
     urls = shard_urls(cfg.train_shards)
     workers = check_workers(urls, cfg.workers)
+    skip = SkipUnreadable(cfg.train_shards)
     pipeline = (
         wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node, seed=seed,
-                       handler=wds.warn_and_continue)
+                       handler=skip)
         .shuffle(cfg.shuffle_buffer, seed=seed)
-        .decode("pilrgb", handler=wds.warn_and_continue)
-        .to_tuple("jpg;png;webp", "txt")
+        .decode("pilrgb", handler=skip)
+        .to_tuple("jpg;png;webp", "txt", handler=skip)
+        .map(skip.read)
         .map_tuple(transform, lambda text: tokenizer([text])[0])
         .batched(batch_size, partial=False)
     )

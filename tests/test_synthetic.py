@@ -113,3 +113,32 @@ def test_training_stream_with_as_many_workers_as_shards(synthetic_root):
 def test_missing_shards_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.train_shards"):
         shard_urls(str(tmp_path / "nothing-{000..003}.tar"))
+
+
+
+def stream(shards: str, workers: int, batch_size: int = 16):
+    _, train_tf, _, tokenizer, _ = create(ModelConfig(), None)
+    cfg = DataConfig(train_shards=shards, workers=workers)
+    return iter(training_stream(cfg, train_tf, tokenizer, batch_size=batch_size, seed=0))
+
+
+@pytest.mark.timeout(180)  # the stream is resampled: before the guard this spun for ever
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_of_unreadable_shards_fails_naming_them(tmp_path, workers):
+    for i in range(2):
+        (tmp_path / f"bad-{i}.tar").write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(RuntimeError, match=r"data.train_shards=.*bad-\{0\.\.1\}.tar.*in a row could not be read"):
+        next(stream(str(tmp_path / "bad-{0..1}.tar"), workers))
+
+
+@pytest.mark.timeout(180)
+def test_a_truncated_shard_beside_a_good_one_is_skipped_with_a_warning(synthetic_root, tmp_path):
+    """A shard cut short (a copy that died midway) ends in a sample without its caption: skipped, training goes on
+    (before, to_tuple raised and the job died)."""
+    good, cut = sorted((synthetic_root / "train").glob("*.tar"))[:2]
+    (tmp_path / "0.tar").write_bytes(good.read_bytes())
+    (tmp_path / "1.tar").write_bytes(cut.read_bytes()[: cut.stat().st_size // 3])
+    samples_per_shard = SMALL["train_samples"] // SMALL["train_shards"]
+    with pytest.warns(UserWarning, match=r"didn't find \['txt'\]"):
+        batches = [batch for batch, _ in zip(stream(str(tmp_path), 0, batch_size=100), range(4 * samples_per_shard // 100))]
+    assert all(images.shape[0] == 100 for images, _ in batches)
