@@ -112,14 +112,19 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
         except (ValueError, FileNotFoundError, TypeError) as exc:
             raise type(exc)(f"point {i} ({point.name}), nothing changed: {exc}") from exc
         fixed[i] = cfg
+    # read before any config is saved: a tracking server that is down stops the fix here, with nothing changed
+    loggers = {i: RunLogger(manifest.tracking_uri, manifest.points[i].mlflow_run_id)
+               for i in fixed if manifest.points[i].mlflow_run_id}
+    try:
+        earlier = {i: logger.client.get_run(logger.run_id).data.tags.get("resubmit_overrides")
+                   for i, logger in loggers.items()}
+    except Exception as exc:  # MlflowException, or the HTTP client's own on a server that is down
+        raise RuntimeError(f"the MLflow runs at {manifest.tracking_uri} cannot be read, nothing changed: "
+                           f"{exc}") from exc
     for i, cfg in fixed.items():
-        point = manifest.points[i]
-        graph.save_point_config(Path(point.run_dir), cfg)
-        if not point.mlflow_run_id:
-            continue
-        logger = RunLogger(manifest.tracking_uri, point.mlflow_run_id)
-        earlier = logger.client.get_run(point.mlflow_run_id).data.tags.get("resubmit_overrides")
-        logger.tags({"resubmit_overrides": " ".join(filter(None, [earlier, *overrides]))})
+        graph.save_point_config(Path(manifest.points[i].run_dir), cfg)
+    for i, logger in loggers.items():
+        logger.tags({"resubmit_overrides": " ".join(filter(None, [earlier[i], *overrides]))})
 
 
 def _parse(value: str):

@@ -1,6 +1,7 @@
 """Configs compose, preflight names bad values, dry runs print the graph, hostile values stay inert."""
 import json
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -281,6 +282,20 @@ def test_resubmit_fixes_all_points_or_none_and_tags_them_in_mlflow(tmp_path, syn
     assert lrs() == [0.01, before[1]]
     tags = MlflowClient(manifest.tracking_uri).get_run(manifest.points[0].mlflow_run_id).data.tags
     assert tags["resubmit_overrides"] == "train.lr=0.01 train.steps=7"
+
+
+def test_resubmit_with_the_tracking_server_down_changes_no_config(tmp_path, synthetic_root, monkeypatch):
+    from launch.status import apply_overrides
+
+    sweep = compose_sweep([f"paths.root={tmp_path}", f"paths.data={synthetic_root}"])
+    manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        manifest.tracking_uri = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, not listening: refused
+        with pytest.raises(RuntimeError, match=r"MLflow runs at http://127.0.0.1:\d+ cannot be read, nothing changed"):
+            apply_overrides(manifest, [0], ["train.lr=0.01"])
+    assert graph.load_point_config(Path(manifest.points[0].run_dir)).train.lr != 0.01
 
 
 def test_a_failed_write_keeps_the_previous_marker_and_config(tmp_path, monkeypatch):

@@ -140,5 +140,6 @@ def test_a_truncated_shard_beside_a_good_one_is_skipped_with_a_warning(synthetic
     (tmp_path / "1.tar").write_bytes(cut.read_bytes()[: cut.stat().st_size // 3])
     samples_per_shard = SMALL["train_samples"] // SMALL["train_shards"]
     with pytest.warns(UserWarning, match=r"didn't find \['txt'\]"):
-        batches = [batch for batch, _ in zip(stream(str(tmp_path), 0, batch_size=100), range(4 * samples_per_shard // 100))]
+        batches = [batch for batch, _ in zip(stream(str(tmp_path), 0, batch_size=100),
+                                             range(4 * samples_per_shard // 100))]
     assert all(images.shape[0] == 100 for images, _ in batches)
