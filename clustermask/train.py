@@ -49,6 +49,21 @@ def save_checkpoint(path: Path, model, optimizer, step: int, name: str, threshol
     os.replace(tmp, path)
 
 
+def finite_loss(loss: torch.Tensor, step: int, lr: float) -> float:
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"train/loss={value} at step {step} with train.lr={lr:g}: training diverged")
+    return value
+
+
+def check_finite_weights(model: torch.nn.Module, step: int, lr: float) -> None:
+    """Before a checkpoint (one host sync each): a diverged run stops instead of saving NaN weights that a
+    resume would continue from and the evaluation would score as if trained."""
+    if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+        raise FloatingPointError(f"non-finite weights at step {step} with train.lr={lr:g}: training diverged, "
+                                 "any checkpoint saved is from before")
+
+
 def load_checkpoint(path: Path, device: str) -> dict:
     return torch.load(path, map_location=device, weights_only=True)
 
@@ -122,6 +137,7 @@ class Trainer:
         if start == 0 and self.rank == 0:
             self._save_mask_picture(model, masker, train_tf, tokenizer)
         self._loop(model, optimizer, masker, train_tf, tokenizer, start, latest)
+        check_finite_weights(model, self.cfg.steps, self.cfg.lr)
         if self.rank == 0:
             save_checkpoint(final, model, None, self.cfg.steps, self.model_cfg.name, masker.threshold.item())
         if self.world > 1:
@@ -190,12 +206,14 @@ class Trainer:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 # the interval since the last log: shorter than log_every at the end or after a resume
                 now, samples = time.perf_counter(), (step - logged_step) * cfg.batch_size
-                metrics = {"train/loss": loss.item(), "train/lr": optimizer.param_groups[0]["lr"],
+                metrics = {"train/loss": finite_loss(loss, step, cfg.lr), "train/lr": optimizer.param_groups[0]["lr"],
                            "train/logit_scale": logit_scale.item(),
                            "train/samples_per_s": samples / max(now - timer, 1e-9)}
                 timer, logged_step = now, step
                 metrics.update({k: v.item() for k, v in masker.stats.items()})
                 self.log(metrics, step)
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps and self.rank == 0:
-                save_checkpoint(latest, model, optimizer, step, self.model_cfg.name, masker.threshold.item())
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                check_finite_weights(model, step, cfg.lr)  # on every rank, so that all stop together
+                if self.rank == 0:
+                    save_checkpoint(latest, model, optimizer, step, self.model_cfg.name, masker.threshold.item())
         progress.close()

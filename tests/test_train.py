@@ -84,3 +84,25 @@ def test_each_rank_draws_its_own_masks(tmp_path, synthetic_root, monkeypatch):
     rank0, rank1, rank0_again = (first_step_mask(tmp_path, synthetic_root, monkeypatch, rank) for rank in (0, 1, 0))
     assert torch.equal(rank0, rank0_again)
     assert not torch.equal(rank0, rank1)
+
+
+
+@pytest.mark.parametrize("log_every, checkpoint_every, seen", [(1, 100, "train/loss=nan"),
+                                                               (100, 1, "non-finite weights")])
+def test_a_diverged_run_stops_and_keeps_only_finite_checkpoints(tmp_path, synthetic_root, log_every,
+                                                                 checkpoint_every, seen):
+    """train.lr=1e3 makes the weights NaN in step 2. The job used to train on to the end, save NaN weights and
+    have them evaluated; now it fails at the first log step (the loss) or checkpoint (the weights) after, and
+    latest.pt, from before, is what a resubmission with a sane lr resumes from."""
+    trainer = train.Trainer(ModelConfig(), MaskingConfig(strategy="random", ratio=0.5),
+                            DataConfig(train_shards=str(synthetic_root / "train"), workers=0),
+                            TrainConfig(steps=8, batch_size=8, lr=1e3, warmup_steps=0, log_every=log_every,
+                                        checkpoint_every=checkpoint_every, device="cpu"),
+                            tmp_path / "run", log=lambda metrics, step: None)
+    with pytest.raises(FloatingPointError, match=rf"{seen} at step [2-7] with train.lr=1000: training diverged"):
+        trainer.run()
+    latest, final = train.checkpoint_paths(tmp_path / "run")
+    assert not final.exists()
+    if checkpoint_every == 1:
+        state = torch.load(latest, weights_only=True)
+        assert state["step"] >= 1 and all(torch.isfinite(w).all() for w in state["state_dict"].values())
