@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -157,6 +158,6 @@ def validate_train(cfg: TrainConfig) -> None:
     # log_every and checkpoint_every divide the step count: 0 would fail the job after its first step
     check_minimums("train", cfg, {"steps": 1, "batch_size": 1, "log_every": 1, "checkpoint_every": 1,
                                   "warmup_steps": 0, "weight_decay": 0.0, "threads": 0})
-    if cfg.lr <= 0:
-        raise ValueError(f"train.lr={cfg.lr!r} must be positive")
+    if not 0 < cfg.lr < math.inf:  # also refuses nan
+        raise ValueError(f"train.lr={cfg.lr!r} must be positive and finite")
     check_device("train.device", cfg.device)

@@ -152,6 +152,7 @@ def test_preflight_names_the_bad_key(synthetic_root):
              "train.log_every=0": "train.log_every=0 must be at least 1",
              "train.checkpoint_every=0": "train.checkpoint_every=0",
              "train.warmup_steps=-5": "train.warmup_steps=-5",
+             "train.lr=nan": "train.lr=nan must be positive and finite",
              "train.device=gpu": "train.device='gpu'",
              "masking.calibration_batches=0": "masking.calibration_batches=0",
              "data.workers=-1": "data.workers=-1",
