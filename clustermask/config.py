@@ -129,7 +129,7 @@ def check_minimums(section: str, cfg, minimums: Dict[str, float]) -> None:
     """Raise ValueError naming `section.key=value` for the first key below its minimum."""
     for key, low in minimums.items():
         value = getattr(cfg, key)
-        if value < low:
+        if not value >= low:  # also refuses nan
             raise ValueError(f"{section}.{key}={value!r} must be at least {low}")
 
 

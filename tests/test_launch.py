@@ -153,6 +153,7 @@ def test_preflight_names_the_bad_key(synthetic_root):
              "train.checkpoint_every=0": "train.checkpoint_every=0",
              "train.warmup_steps=-5": "train.warmup_steps=-5",
              "train.lr=nan": "train.lr=nan must be positive and finite",
+             "train.weight_decay=nan": "train.weight_decay=nan must be at least 0",
              "train.device=gpu": "train.device='gpu'",
              "masking.calibration_batches=0": "masking.calibration_batches=0",
              "data.workers=-1": "data.workers=-1",
