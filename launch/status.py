@@ -26,10 +26,15 @@ QUEUE_STATES = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "runn
 
 
 def queue_states() -> Dict[str, str]:
-    """job id ('12_3' for array tasks, '12' otherwise) -> our state, for jobs still known to squeue."""
+    """job id ('12_3' for array tasks, '12' otherwise) -> our state, for jobs still known to squeue. A squeue
+    that fails (controller unreachable) raises: read as an empty queue, it would make every queued task look
+    killed, and a resubmission would start each a second time beside itself, in the same run directory."""
     if shutil.which("squeue") is None:
-        return {}
+        raise RuntimeError("squeue not found: the state of a SLURM sweep's tasks needs SLURM's client commands")
     out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise RuntimeError(f"squeue failed (exit {out.returncode}: {out.stderr.strip()[-500:]}), so which tasks "
+                           "are still queued is unknown; try again when SLURM answers")
     states = {}
     for line in out.stdout.splitlines():
         job_id, _, state = line.strip().partition(" ")
@@ -55,7 +60,8 @@ def _state(run_dir: Path, stage: str, job_id: Optional[str], queue: Dict[str, st
 
 
 def sweep_status(manifest: graph.Manifest) -> List[Dict]:
-    queue = queue_states()
+    submitted = [job for point in manifest.points for job in manifest.latest_jobs(point.index).values()]
+    queue = queue_states() if any(job != "local" for job in submitted) else {}
     rows = []
     for point in manifest.points:
         jobs = manifest.latest_jobs(point.index)
@@ -159,7 +165,11 @@ def main(argv=None) -> int:
     parser.add_argument("sweep_dir")
     args = parser.parse_args(argv)
     manifest = graph.Manifest.load(args.sweep_dir)
-    rows = sweep_status(manifest)
+    try:
+        rows = sweep_status(manifest)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(format_status(manifest, rows))
     return 1 if any(r[s] == "failed" for r in rows for s in graph.STAGES) else 0
 
@@ -172,7 +182,7 @@ def resubmit_main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         resubmit(Path(args.sweep_dir), args.overrides, args.dry_run)
-    except (ValueError, FileNotFoundError, OmegaConfBaseException) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, OmegaConfBaseException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,5 +1,6 @@
 """Configs compose, preflight names bad values, dry runs print the graph, hostile values stay inert."""
 import json
+import os
 import re
 import socket
 import subprocess
@@ -298,6 +299,30 @@ def test_resubmit_with_the_tracking_server_down_changes_no_config(tmp_path, synt
         with pytest.raises(RuntimeError, match=r"MLflow runs at http://127.0.0.1:\d+ cannot be read, nothing changed"):
             apply_overrides(manifest, [0], ["train.lr=0.01"])
     assert graph.load_point_config(Path(manifest.points[0].run_dir)).train.lr != 0.01
+
+
+def test_status_and_resubmit_refuse_when_squeue_fails(tmp_path, synthetic_root, monkeypatch, capsys):
+    """slurmctld unreachable, squeue exits 1. Read as an empty queue (as before), the running training task
+    looked killed, and a resubmission started it a second time, into its own run directory."""
+    from launch import status
+
+    sweep = compose_sweep([f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "launcher=slurm"])
+    manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
+    manifest.submissions.append({"train": [{"job_id": "41", "points": [0], "task_ids": ["41_0"]}],
+                                 "eval": [{"job_id": "42", "points": [0], "task_ids": ["42_0"]}],
+                                 "report": {"job_id": "43"}})
+    manifest.save()
+    graph.mark(Path(manifest.points[0].run_dir), "train", "running", job_id="41_0")
+    squeue = tmp_path / "bin" / "squeue"
+    squeue.parent.mkdir()
+    squeue.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n")
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{squeue.parent}{os.pathsep}{os.environ['PATH']}")
+    assert status.main([manifest.sweep_dir]) == 2
+    assert status.resubmit_main([manifest.sweep_dir]) == 2
+    refusal = "squeue failed (exit 1: slurm_load_jobs error: Unable to contact slurm controller)"
+    assert capsys.readouterr().err.count(refusal) == 2
+    assert len(graph.Manifest.load(manifest.sweep_dir).submissions) == 1
 
 
 def test_a_failed_write_keeps_the_previous_marker_and_config(tmp_path, monkeypatch):
