@@ -60,11 +60,11 @@ def _state(run_dir: Path, stage: str, job_id: Optional[str], queue: Dict[str, st
 
 
 def sweep_status(manifest: graph.Manifest) -> List[Dict]:
-    submitted = [job for point in manifest.points for job in manifest.latest_jobs(point.index).values()]
-    queue = queue_states() if any(job != "local" for job in submitted) else {}
+    jobs_of = {point.index: manifest.latest_jobs(point.index) for point in manifest.points}
+    queue = queue_states() if any(job != "local" for jobs in jobs_of.values() for job in jobs.values()) else {}
     rows = []
     for point in manifest.points:
-        jobs = manifest.latest_jobs(point.index)
+        jobs = jobs_of[point.index]
         row = {"index": point.index, "point": point.name}
         for stage in graph.STAGES:
             state, log = _state(Path(point.run_dir), stage, jobs.get(stage), queue)

@@ -102,24 +102,22 @@ def test_sugarcrepe_edits_do_what_their_name_says():
     assert neg.startswith(pos[:-1] + " and a ")
 
 
-def test_training_stream_with_as_many_workers_as_shards(synthetic_root):
+def stream(shards: str, workers: int, batch_size: int = 16):
     _, train_tf, _, tokenizer, _ = create(ModelConfig(), None)
-    cfg = DataConfig(train_shards=str(synthetic_root / "train"), workers=2)
-    images, texts = next(iter(training_stream(cfg, train_tf, tokenizer, batch_size=16, seed=0)))
+    cfg = DataConfig(train_shards=shards, workers=workers)
+    return iter(training_stream(cfg, train_tf, tokenizer, batch_size=batch_size, seed=0))
+
+
+def test_training_stream_with_as_many_workers_as_shards(synthetic_root):
+    shards = str(synthetic_root / "train")
+    images, texts = next(stream(shards, workers=2))
     assert images.shape == (16, 3, 64, 64) and texts.shape == (16, 32)
-    assert check_workers(shard_urls(cfg.train_shards), 8) == SMALL["train_shards"]
+    assert check_workers(shard_urls(shards), 8) == SMALL["train_shards"]
 
 
 def test_missing_shards_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.train_shards"):
         shard_urls(str(tmp_path / "nothing-{000..003}.tar"))
-
-
-
-def stream(shards: str, workers: int, batch_size: int = 16):
-    _, train_tf, _, tokenizer, _ = create(ModelConfig(), None)
-    cfg = DataConfig(train_shards=shards, workers=workers)
-    return iter(training_stream(cfg, train_tf, tokenizer, batch_size=batch_size, seed=0))
 
 
 @pytest.mark.timeout(180)  # the stream is resampled: before the guard this spun for ever

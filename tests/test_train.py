@@ -86,7 +86,6 @@ def test_each_rank_draws_its_own_masks(tmp_path, synthetic_root, monkeypatch):
     assert not torch.equal(rank0, rank1)
 
 
-
 @pytest.mark.parametrize("log_every, checkpoint_every, seen", [(1, 100, "train/loss=nan"),
                                                                (100, 1, "non-finite weights")])
 def test_a_diverged_run_stops_and_keeps_only_finite_checkpoints(tmp_path, synthetic_root, log_every,
