@@ -19,6 +19,9 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 FEATURES = ("rgb", "embedding", "mixed")
 PRECISIONS = ("fp32", "amp_bf16", "bf16")
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# the kind of wds dataset (its dataset_type.txt) each built-in evaluator reads
+WDS_KIND = {"zeroshot_classification": "classification", "linear_probe": "classification",
+            "zeroshot_retrieval": "retrieval"}
 
 
 @dataclass
@@ -152,6 +155,46 @@ def validate_eval(cfg: EvalConfig, evaluators: Iterable[str], check_paths: bool 
             raise ValueError(f"eval.tasks[{i}].name={task.name!r} is not one of {sorted(evaluators)}")
         if check_paths and not os.path.exists(task.root):
             raise FileNotFoundError(f"eval.tasks[{i}].root={task.root!r} ({task.dataset}) does not exist")
+        problem = layout_problem(task) if check_paths else ""
+        if problem:
+            raise FileNotFoundError(f"eval.tasks[{i}].root={task.root!r} ({task.name} on {task.dataset}): {problem}")
+
+
+def layout_problem(task: EvalTask) -> str:
+    """What a local root lacks for clip_benchmark to read `task.dataset` from it; '' if nothing.
+
+    Checked before submission because clip_benchmark finds out late and badly: it fetches (wget, from the
+    evaluation job) any part of SugarCrepe that it does not find, leaving a partial download in the dataset
+    directory, and reads a wds dataset's metadata only once that job starts, after the training."""
+    root = Path(task.root)
+    if task.dataset.startswith("sugar_crepe/"):
+        needed = {"val2017/": (root / "val2017").is_dir()}
+        annotations = f"{task.dataset.split('/', 1)[1]}.json"
+        needed[annotations] = (root / annotations).is_file()
+        missing = [name for name, present in needed.items() if not present]
+        return f"lacks {', '.join(missing)} (SugarCrepe's layout: COCO's val2017/ images and the edit's json)" \
+            if missing else ""
+    if not task.dataset.startswith("wds/"):
+        return ""
+    kind_file = root / "dataset_type.txt"  # clip_benchmark's default, when absent, is classification
+    kind = kind_file.read_text().strip().lower() if kind_file.is_file() else "classification"
+    if task.name in WDS_KIND and (kind == "retrieval") != (WDS_KIND[task.name] == "retrieval"):
+        return f"dataset_type.txt says {kind!r}; {task.name} needs a {WDS_KIND[task.name]} dataset"
+    splits = ("train", "test") if task.name == "linear_probe" else ("test",)
+    needed = [f"{split}/nshards.txt" for split in splits]
+    if task.name == "zeroshot_classification":
+        needed += ["classnames.txt", "zeroshot_classification_templates.txt"]
+    missing = [name for name in needed if not (root / name).is_file()]
+    if missing:
+        return f"lacks {', '.join(missing)} (clip_benchmark's wds layout)"
+    for split in splits:
+        count = (root / split / "nshards.txt").read_text().strip()
+        if not count.isdigit() or int(count) < 1:
+            return f"{split}/nshards.txt holds {count!r}, not a number of shards"
+        absent = [f"{split}/{n}.tar" for n in range(int(count)) if not (root / split / f"{n}.tar").is_file()]
+        if absent:
+            return f"{split}/nshards.txt names {count} shards, {len(absent)} missing, e.g. {absent[0]}"
+    return ""
 
 
 def validate_train(cfg: TrainConfig) -> None:

@@ -25,7 +25,7 @@ from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from . import graph
 from .schema import register_configs
@@ -96,7 +96,8 @@ class _Composer:
         return cfg
 
     def resolved_task_config(self, overrides: List[str]) -> dict:
-        return OmegaConf.to_container(self.compose(overrides), resolve=True)
+        # a `???` left unset raises, naming its key (else the string '???' would reach the checks as a value)
+        return OmegaConf.to_container(self.compose(overrides), resolve=True, throw_on_missing=True)
 
     def expand(self, task_overrides: List[str], sweep_cfg: DictConfig) -> List[List[str]]:
         """BasicSweeper.sweep's expansion: sweeper params first, then the command line's task overrides."""
@@ -125,6 +126,8 @@ def compose_sweep(overrides: List[str], multirun: bool = True) -> Sweep:
             own = graph.point_overrides(point)
             try:  # as Hydra composes a job of a sweep: the hydra overrides, then the point's
                 points.append(ComposedPoint(own, composer.resolved_task_config(hydra_overrides + point)))
+            except MissingMandatoryValue as exc:
+                points.append(ComposedPoint(own, None, f"{exc.full_key}=??? must be given, e.g. on the command line"))
             except (HydraException, OmegaConfBaseException, ValueError) as exc:
                 points.append(ComposedPoint(own, None, " ".join(str(exc).split())))
     return Sweep(sweep_dir, points)

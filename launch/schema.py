@@ -28,6 +28,15 @@ class StageResources(SlurmQueueConf):
 
 
 @dataclass
+class DataSchema(DataConfig):
+    """A sweep's data has no default location: a data preset gives it (data/synthetic.yaml) or leaves `???`,
+    which the command line must fill (data/shards.yaml); a `???` left unset stops the sweep, naming the key."""
+
+    train_shards: str = MISSING
+    eval_root: str = MISSING
+
+
+@dataclass
 class LauncherConfig:
     executor: str = "local"  # local | slurm: the one attribute that differs
     max_parallel: int = 1  # local: points trained at once
@@ -49,7 +58,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = MISSING
     masking: MaskingConfig = MISSING
-    data: DataConfig = MISSING
+    data: DataSchema = MISSING
     train: TrainConfig = MISSING
     eval: EvalConfig = MISSING
     tracking: TrackingConfig = MISSING
@@ -62,7 +71,7 @@ class Config:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    for group, node in (("model", ModelConfig), ("masking", MaskingConfig), ("data", DataConfig),
+    for group, node in (("model", ModelConfig), ("masking", MaskingConfig), ("data", DataSchema),
                         ("train", TrainConfig), ("eval", EvalConfig), ("tracking", TrackingConfig),
                         ("launcher", LauncherConfig)):
         cs.store(group=group, name=f"base_{group}", node=node)

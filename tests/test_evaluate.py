@@ -1,8 +1,11 @@
+import os
+import shutil
 from pathlib import Path
 
+import pytest
 from clip_benchmark.metrics import linear_probe
 
-from clustermask.evaluate import EvalContext, EvalTask, linear_probe_eval, run_task
+from clustermask.evaluate import EvalConfig, EvalContext, EvalTask, linear_probe_eval, run_task, validate
 from clustermask.model import ModelConfig, create
 
 from conftest import SMALL
@@ -44,3 +47,59 @@ def test_more_loader_workers_than_shards_give_the_same_metrics(tmp_path, synthet
     results = [run_task(model, transform, tokenizer, task, EvalContext("cpu", 32, workers, False, tmp_path))
                for workers in (0, SMALL["eval_shards"] + 2)]
     assert results[0] == results[1] and results[0]["acc1"] >= 0
+
+
+def test_an_incomplete_sugarcrepe_root_fails_the_eval_job_before_clip_benchmark_downloads_into_it(tmp_path):
+    """clip_benchmark's builder fetches whatever part of SugarCrepe it does not find (wget from the evaluation
+    job, then unzip), leaving a partial download in the dataset directory and failing on a missing image. A
+    root with the annotations but not COCO's images must fail at once, naming what it lacks, untouched."""
+    from clustermask.evaluate import evaluate_checkpoint
+    from clustermask.synthetic import SUGARCREPE_TASKS
+    from clustermask.train import save_checkpoint
+
+    checkpoint = tmp_path / "final.pt"
+    save_checkpoint(checkpoint, create(ModelConfig(), None)[0], None, 0, "ViT-Tiny-8-64", 0.5)
+    root = tmp_path / "sugar_crepe"
+    root.mkdir()
+    for edit in SUGARCREPE_TASKS:
+        (root / f"{edit}.json").write_text("{}")
+    before = sorted(os.listdir(root))
+    cfg = EvalConfig(tasks=[EvalTask("image_caption_selection", "sugar_crepe/swap_att", str(root))], device="cpu")
+    with pytest.raises(FileNotFoundError, match=r"tasks\[0\].root=.*sugar_crepe/swap_att.*lacks val2017/ "):
+        evaluate_checkpoint("ViT-Tiny-8-64", str(checkpoint), cfg, tmp_path / "results")
+    assert sorted(os.listdir(root)) == before
+
+
+def broken_copy(source: Path, destination: Path, remove: str) -> str:
+    shutil.copytree(source, destination)
+    target = destination / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return str(destination)
+
+
+def test_preflight_names_what_a_wds_root_lacks_for_its_task(tmp_path, synthetic_root):
+    """Each of these passed the old check (the root exists) and failed the evaluation job, after training."""
+    shapes, scenes = synthetic_root / "eval" / "shapes", synthetic_root / "eval" / "scenes"
+    cases = [
+        (EvalTask("linear_probe", "wds/shapes", broken_copy(shapes, tmp_path / "a", "train")),
+         "lacks train/nshards.txt"),
+        (EvalTask("zeroshot_classification", "wds/shapes",
+                  broken_copy(shapes, tmp_path / "b", "zeroshot_classification_templates.txt")),
+         "lacks zeroshot_classification_templates.txt"),
+        (EvalTask("zeroshot_classification", "wds/shapes", broken_copy(shapes, tmp_path / "c", "test/1.tar")),
+         r"test/nshards.txt names 2 shards, 1 missing, e.g. test/1.tar"),
+        (EvalTask("zeroshot_retrieval", "wds/shapes", str(shapes)),
+         "dataset_type.txt says 'classification'; zeroshot_retrieval needs a retrieval dataset"),
+        (EvalTask("zeroshot_classification", "wds/scenes", str(scenes)),
+         "dataset_type.txt says 'retrieval'; zeroshot_classification needs a classification dataset"),
+    ]
+    for task, message in cases:
+        with pytest.raises(FileNotFoundError, match=rf"eval.tasks\[0\].root='{task.root}' \({task.name} on "):
+            validate(EvalConfig(tasks=[task]))
+        with pytest.raises(FileNotFoundError, match=message):
+            validate(EvalConfig(tasks=[task]))
+    for task in (EvalTask("zeroshot_classification", "wds/shapes", str(shapes)),
+                 EvalTask("linear_probe", "wds/shapes", str(shapes)),
+                 EvalTask("zeroshot_retrieval", "wds/scenes", str(scenes)),
+                 EvalTask("image_caption_selection", "sugar_crepe/add_att", str(synthetic_root / "eval" / "sugar_crepe"))):
+        validate(EvalConfig(tasks=[task]))

@@ -106,6 +106,37 @@ def test_a_point_that_does_not_compose_carries_its_error(tmp_path):
         compose_sweep(["train.lr=interval(0.1,0.2)"])
 
 
+def test_the_paper_experiment_needs_real_data_and_checks_every_benchmark_root(tmp_path, synthetic_root):
+    """experiment=paper_vit_b16 has no data of its own: the shards and the evaluation root must be given
+    (data/shards.yaml's `???`, which merged onto a default would have silently kept the synthetic data), and
+    every benchmark root of eval/benchmarks.yaml is checked, here against synthetic stand-ins."""
+    from launch.helpers import Registries
+
+    sweep = ["experiment=paper_vit_b16", f"paths.root={tmp_path}"]
+    errors = [p.error for p in compose_sweep(sweep).points]
+    assert errors == ["data.train_shards=??? must be given, e.g. on the command line"] * 4
+    errors = [p.error for p in compose_sweep([*sweep, f"data.train_shards={synthetic_root / 'train'}"]).points]
+    assert errors == ["data.eval_root=??? must be given, e.g. on the command line"] * 4
+    benchmarks = tmp_path / "clip_benchmark"
+    benchmarks.mkdir()
+    stand_ins = {"wds_imagenet1k": "shapes", "wds_cifar10": "shapes", "wds_cifar100": "shapes",
+                 "wds_mscoco_captions": "scenes", "wds_flickr8k": "scenes", "wds_flickr30k": "scenes",
+                 "sugar_crepe": "sugar_crepe"}
+    for name, synthetic in stand_ins.items():
+        (benchmarks / name).symlink_to(synthetic_root / "eval" / synthetic)
+    points = compose_sweep([*sweep, f"data.train_shards={synthetic_root / 'train'}",
+                            f"data.eval_root={benchmarks}"]).points
+    registries = Registries.here()
+    assert len(points) == 4 and not app.check_points(points, registries)
+    tasks = points[0].config["eval"]["tasks"]
+    assert {t["root"] for t in tasks} == {str(benchmarks / name) for name in stand_ins}
+    assert len(tasks) == 3 + 2 + 3 + 7 and points[0].config["data"]["workers"] == 8
+    (benchmarks / "wds_flickr30k").unlink()
+    (benchmarks / "wds_flickr30k").symlink_to(synthetic_root / "eval" / "shapes")
+    errors = app.check_points(points, registries)
+    assert len(errors) == 4 and "eval.tasks[7].root=" in errors[0] and "needs a retrieval dataset" in errors[0]
+
+
 def test_composing_and_checking_a_sweep_imports_no_model_code(synthetic_root, tmp_path):
     """The launcher composes and checks without torch: the registries' names come from a child process."""
     script = (f"import sys; from launch import app; "
@@ -147,6 +178,9 @@ def test_preflight_names_the_bad_key(synthetic_root):
              "model.name=ViT-Nope": "model.name='ViT-Nope'",
              f"data.train_shards={synthetic_root}/missing": "data.train_shards",
              "eval.tasks.0.root=/nonexistent/shapes": r"eval.tasks\[0\].root='/nonexistent/shapes'",
+             # the root exists, but the evaluation job would fail on it after the training
+             f"eval.tasks.2.root={synthetic_root}/eval/shapes": r"eval.tasks\[2\].*needs a retrieval dataset",
+             f"eval.tasks.3.root={synthetic_root}/eval/shapes": r"eval.tasks\[3\].*lacks val2017/, add_att.json",
              "launcher.train.gpus_per_node=4": "tasks_per_node=1 must equal gpus_per_node=4",
              # each of these would pass submission and fail the job (a division by zero at the first log or
              # checkpoint, a DataLoader refusing its batch size, torch refusing the device name)
