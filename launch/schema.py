@@ -68,10 +68,12 @@ class Config:
     report: Dict[str, Any] = field(default_factory=lambda: {"plot_metric": ""})
 
 
+GROUP_SCHEMAS = {"model": ModelConfig, "masking": MaskingConfig, "data": DataSchema, "train": TrainConfig,
+                 "eval": EvalConfig, "tracking": TrackingConfig, "launcher": LauncherConfig}
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    for group, node in (("model", ModelConfig), ("masking", MaskingConfig), ("data", DataSchema),
-                        ("train", TrainConfig), ("eval", EvalConfig), ("tracking", TrackingConfig),
-                        ("launcher", LauncherConfig)):
+    for group, node in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"base_{group}", node=node)

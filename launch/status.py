@@ -1,4 +1,4 @@
-"""`clustermask-status SWEEP_DIR` and `clustermask-resubmit SWEEP_DIR [key=value ...]`.
+"""`clustermask-status SWEEP_DIR` and `clustermask-resubmit SWEEP_DIR [--evaluate-again] [key=value ...]`.
 
 State per point and stage comes from squeue (pending / running) and from the markers the tasks write in
 their run directory (done / failed); it needs no `sacct`. A task that left the queue without writing
@@ -95,6 +95,46 @@ def plan_resubmission(rows: List[Dict]) -> Plan:
     return Plan(train=train, eval_only=eval_only)
 
 
+def plan_reevaluation(rows: List[Dict]) -> Plan:
+    """Every trained point whose evaluation is not queued, evaluated again (a benchmark added, say)."""
+    return Plan(eval_only=[r["index"] for r in rows if r["train"] == "done" and r["eval"] not in ("pending", "running")])
+
+
+def check_eval_overrides(overrides: List[str]) -> None:
+    """An evaluation again may change the evaluation only: the saved config must still say how the checkpoint
+    was trained."""
+    for override in overrides:
+        key = override.partition("=")[0]
+        if key != "eval" and not key.startswith("eval."):
+            raise ValueError(f"{override!r}: --evaluate-again takes eval=NAME and eval.* overrides only, as the "
+                             "points are not trained again")
+
+
+def group_option(group: str, name: str):
+    """configs/<group>/<name>.yaml on its typed schema, as Hydra composes a config-group option."""
+    from .expand import CONFIG_DIR
+    from .schema import GROUP_SCHEMAS
+
+    path = Path(CONFIG_DIR) / group / f"{name}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ValueError(f"{group}={name!r}: no {path}; the options are {', '.join(options)}")
+    return OmegaConf.merge(OmegaConf.structured(GROUP_SCHEMAS[group]), OmegaConf.load(path))
+
+
+def apply_override(cfg, override: str) -> None:
+    """key=value (YAML-typed), or group=name for a config-group option, which replaces the whole group."""
+    from .schema import GROUP_SCHEMAS
+
+    key, sep, value = override.partition("=")
+    if not sep:
+        raise ValueError(f"override {override!r} is not key=value")
+    if key in GROUP_SCHEMAS:
+        OmegaConf.update(cfg, key, group_option(key, value), merge=False)
+    else:
+        OmegaConf.update(cfg, key, _parse(value), merge=True)
+
+
 def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: List[str]) -> None:
     """Fix the configs of the points about to be resubmitted (typed: a bad key or value is refused). Every
     point is checked before any is saved, so a fix refused for one point changes none. The fixes are tagged
@@ -109,10 +149,7 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
         cfg = graph.load_point_config(Path(point.run_dir))
         OmegaConf.set_struct(cfg, True)
         for override in overrides:
-            key, sep, value = override.partition("=")
-            if not sep:
-                raise ValueError(f"override {override!r} is not key=value")
-            OmegaConf.update(cfg, key, _parse(value), merge=True)
+            apply_override(cfg, override)
         try:
             preflight(cfg)
         except (ValueError, FileNotFoundError, TypeError) as exc:
@@ -139,15 +176,21 @@ def _parse(value: str):
     return yaml.safe_load(value) if value else value
 
 
-def resubmit(sweep_dir: Path, overrides: List[str], dry_run: bool = False) -> Optional[dict]:
+def resubmit(sweep_dir: Path, overrides: List[str], dry_run: bool = False,
+             evaluate_again: bool = False) -> Optional[dict]:
+    """The unfinished or failed points, or with `evaluate_again` every trained point's evaluation; then the
+    report. `overrides` fix the configs of the points resubmitted."""
+    if evaluate_again:
+        check_eval_overrides(overrides)
     manifest = graph.Manifest.load(sweep_dir)
-    plan = plan_resubmission(sweep_status(manifest))
+    plan = (plan_reevaluation if evaluate_again else plan_resubmission)(sweep_status(manifest))
     if plan.empty:
-        print("nothing to resubmit: every point is done or still queued")
+        print("nothing to evaluate again: no point has finished training, or its evaluation is queued"
+              if evaluate_again else "nothing to resubmit: every point is done or still queued")
         return None
-    print("resubmitting:\n" + describe(plan, manifest))
     if overrides:
         apply_overrides(manifest, plan.train + plan.eval_only, overrides)
+    print("resubmitting:\n" + describe(plan, manifest))
     launcher = graph.load_point_config(Path(manifest.points[0].run_dir)).launcher
     launcher.dry_run = dry_run
     record = make_executor(launcher, Path(manifest.sweep_dir), manifest.sweep_id).submit(manifest, plan)
@@ -177,11 +220,14 @@ def main(argv=None) -> int:
 def resubmit_main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Resubmit only the unfinished or failed points of a sweep")
     parser.add_argument("sweep_dir")
-    parser.add_argument("overrides", nargs="*", help="key=value fixes applied to the resubmitted points")
+    parser.add_argument("overrides", nargs="*", help="key=value (or group=option) fixes applied to the "
+                        "resubmitted points")
     parser.add_argument("--dry-run", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--evaluate-again", action="store_true",
+                        help="evaluate every trained point again, then report (overrides: eval=NAME, eval.*)")
+    args = parser.parse_intermixed_args(argv)  # the flags may come after the overrides, or between them
     try:
-        resubmit(Path(args.sweep_dir), args.overrides, args.dry_run)
+        resubmit(Path(args.sweep_dir), args.overrides, args.dry_run, args.evaluate_again)
     except (ValueError, FileNotFoundError, RuntimeError, OmegaConfBaseException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from hydra.errors import ConfigCompositionException, HydraException
@@ -106,6 +107,19 @@ def test_a_point_that_does_not_compose_carries_its_error(tmp_path):
         compose_sweep(["train.lr=interval(0.1,0.2)"])
 
 
+# eval/benchmarks.yaml's roots, played by the synthetic sets of the same kind
+STAND_INS = {"wds_imagenet1k": "shapes", "wds_cifar10": "shapes", "wds_cifar100": "shapes",
+             "wds_mscoco_captions": "scenes", "wds_flickr8k": "scenes", "wds_flickr30k": "scenes",
+             "sugar_crepe": "sugar_crepe"}
+
+
+def benchmark_stand_ins(folder: Path, synthetic_root: Path) -> Path:
+    folder.mkdir()
+    for name, synthetic in STAND_INS.items():
+        (folder / name).symlink_to(synthetic_root / "eval" / synthetic)
+    return folder
+
+
 def test_the_paper_experiment_needs_real_data_and_checks_every_benchmark_root(tmp_path, synthetic_root):
     """experiment=paper_vit_b16 has no data of its own: the shards and the evaluation root must be given
     (data/shards.yaml's `???`, which merged onto a default would have silently kept the synthetic data), and
@@ -117,19 +131,13 @@ def test_the_paper_experiment_needs_real_data_and_checks_every_benchmark_root(tm
     assert errors == ["data.train_shards=??? must be given, e.g. on the command line"] * 4
     errors = [p.error for p in compose_sweep([*sweep, f"data.train_shards={synthetic_root / 'train'}"]).points]
     assert errors == ["data.eval_root=??? must be given, e.g. on the command line"] * 4
-    benchmarks = tmp_path / "clip_benchmark"
-    benchmarks.mkdir()
-    stand_ins = {"wds_imagenet1k": "shapes", "wds_cifar10": "shapes", "wds_cifar100": "shapes",
-                 "wds_mscoco_captions": "scenes", "wds_flickr8k": "scenes", "wds_flickr30k": "scenes",
-                 "sugar_crepe": "sugar_crepe"}
-    for name, synthetic in stand_ins.items():
-        (benchmarks / name).symlink_to(synthetic_root / "eval" / synthetic)
+    benchmarks = benchmark_stand_ins(tmp_path / "clip_benchmark", synthetic_root)
     points = compose_sweep([*sweep, f"data.train_shards={synthetic_root / 'train'}",
                             f"data.eval_root={benchmarks}"]).points
     registries = Registries.here()
     assert len(points) == 4 and not app.check_points(points, registries)
     tasks = points[0].config["eval"]["tasks"]
-    assert {t["root"] for t in tasks} == {str(benchmarks / name) for name in stand_ins}
+    assert {t["root"] for t in tasks} == {str(benchmarks / name) for name in STAND_INS}
     assert len(tasks) == 3 + 2 + 3 + 7 and points[0].config["data"]["workers"] == 8
     (benchmarks / "wds_flickr30k").unlink()
     (benchmarks / "wds_flickr30k").symlink_to(synthetic_root / "eval" / "shapes")
@@ -319,6 +327,39 @@ def test_resubmit_fixes_all_points_or_none_and_tags_them_in_mlflow(tmp_path, syn
     assert lrs() == [0.01, before[1]]
     tags = MlflowClient(manifest.tracking_uri).get_run(manifest.points[0].mlflow_run_id).data.tags
     assert tags["resubmit_overrides"] == "train.lr=0.01 train.steps=7"
+
+
+def test_evaluating_again_takes_an_eval_option_and_eval_keys_only(tmp_path, synthetic_root):
+    """`clustermask-resubmit SWEEP --evaluate-again eval=benchmarks`: a config-group option replaces the
+    point's whole eval group as Hydra composes it (interpolations against the point's own config); anything
+    but the evaluation is refused, as the saved config must still say how the checkpoint was trained."""
+    from launch import status
+
+    benchmarks = benchmark_stand_ins(tmp_path / "clip_benchmark", synthetic_root)
+    for synthetic in ("shapes", "scenes"):
+        (benchmarks / synthetic).symlink_to(synthetic_root / "eval" / synthetic)
+    sweep = compose_sweep([f"paths.root={tmp_path}", f"paths.data={synthetic_root}", f"data.eval_root={benchmarks}"])
+    manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
+    run_dir = Path(manifest.points[0].run_dir)
+    before = (run_dir / "config.yaml").read_text()
+    for overrides, message in ((["eval.batch_size=8", "train.lr=0.1"], "'train.lr=0.1': --evaluate-again takes eval"),
+                               (["masking=cluster"], "'masking=cluster': --evaluate-again takes eval")):
+        with pytest.raises(ValueError, match=message):
+            status.resubmit(sweep.sweep_dir, overrides, evaluate_again=True)
+    with pytest.raises(ValueError, match=r"eval='nope': no .*configs/eval/nope.yaml; the options are benchmarks, "):
+        status.apply_overrides(manifest, [0], ["eval=nope"])
+    assert (run_dir / "config.yaml").read_text() == before
+    status.check_eval_overrides(["eval=benchmarks", "eval.batch_size=8"])
+    status.apply_overrides(manifest, [0], ["eval=benchmarks", "eval.batch_size=8"])
+    evaluation = graph.load_point_config(run_dir).eval
+    assert len(evaluation.tasks) == 15 and evaluation.batch_size == 8 and evaluation.amp
+    assert evaluation.tasks[0].root == str(benchmarks / "wds_imagenet1k")
+    saved, earlier = (yaml.safe_load(text) for text in ((run_dir / "config.yaml").read_text(), before))
+    assert {k: v for k, v in saved.items() if k != "eval"} == {k: v for k, v in earlier.items() if k != "eval"}
+    assert status.plan_reevaluation([{"index": 0, "train": "done", "eval": "done"},
+                                     {"index": 1, "train": "done", "eval": "failed"},
+                                     {"index": 2, "train": "done", "eval": "pending"},
+                                     {"index": 3, "train": "failed", "eval": "cancelled"}]).eval_only == [0, 1]
 
 
 def test_resubmit_with_the_tracking_server_down_changes_no_config(tmp_path, synthetic_root, monkeypatch):

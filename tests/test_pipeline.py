@@ -140,3 +140,30 @@ def test_relaunching_into_an_existing_sweep_is_refused(local_sweep, synthetic_ro
          f"paths.data={synthetic_root}", "sweep_name=e2e"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode != 0 and "already holds a sweep" in (result.stderr + result.stdout)
     assert (sweep_dir / "manifest.json").read_text() == before
+
+
+def test_evaluating_again_adds_the_new_metric_to_every_trained_point_and_the_report(local_sweep):
+    """A researcher wants recall@10 of every trained point: `clustermask-resubmit SWEEP --evaluate-again
+    eval...` evaluates each again (no training), logs to the same MLflow runs, and rebuilds the report."""
+    sweep_dir, _ = local_sweep
+    manifest = graph.Manifest.load(sweep_dir)
+    checkpoints = {p.index: (graph.Path(p.run_dir) / "checkpoints" / "final.pt").stat().st_mtime_ns
+                   for p in manifest.points}
+    report_time = (sweep_dir / "report" / "results.md").stat().st_mtime_ns
+    fix = "eval.tasks.2.options.recall_k=[1,5,10]"
+    resubmit = graph.Path(sys.executable).parent / "clustermask-resubmit"  # the installed command
+    result = subprocess.run([str(resubmit), str(sweep_dir), "--evaluate-again", fix], capture_output=True, text=True,
+                            cwd=REPO, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("(already trained)") == 4 and "train[" not in result.stdout
+    key = "zeroshot_retrieval/wds/scenes/image_retrieval_recall_at_10"
+    client = mlflow.tracking.MlflowClient(manifest.tracking_uri)
+    for point in manifest.points:
+        run = client.get_run(point.mlflow_run_id)
+        assert 0 <= run.data.metrics[key] <= 1 and run.data.tags["resubmit_overrides"] == fix
+        dump = next((graph.Path(point.run_dir) / "results").glob("scenes_*zeroshot_retrieval.json"))
+        assert "image_retrieval_recall@10" in json.loads(dump.read_text())["metrics"]
+        assert (graph.Path(point.run_dir) / "checkpoints" / "final.pt").stat().st_mtime_ns == checkpoints[point.index]
+    rows = sweep_status(graph.Manifest.load(sweep_dir))
+    assert all(r["train"] == "done" and r["eval"] == "done" for r in rows)
+    assert (sweep_dir / "report" / "results.md").stat().st_mtime_ns > report_time
