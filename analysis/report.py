@@ -1,6 +1,7 @@
 """MLflow -> tidy DataFrame -> the paper's tables (Markdown, LaTeX, CSV) and plots (PNG).
 
-    clustermask-report SWEEP_DIR            # what the report job of a sweep runs
+    clustermask-report SWEEP_DIR                              # what the report job of a sweep runs
+    clustermask-report SWEEP_DIR SWEEP_DIR ... --out DIR      # one table over several sweeps (seeds added later)
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-POINT_COLUMNS = ["point", "strategy", "features", "ratio", "attention", "seed", "status"]
+POINT_COLUMNS = ["sweep", "point", "strategy", "features", "ratio", "attention", "seed", "status"]
 HEADLINE = [  # (task, metric, column) in table order: a column per evaluated dataset, named after it if several
     ("zeroshot_classification", "acc1", "zs_acc1"),
     ("linear_probe", "lp_acc1", "lp_acc1"),
@@ -29,6 +30,9 @@ SUGARCREPE = "image_caption_selection/sugar_crepe/"
 
 # the params a point's label shows by their own (strategy_label) or that are the table's own columns
 IN_LABEL = ("masking.strategy", "masking.features", "masking.attention", "masking.ratio", "train.seed")
+# params that say where a point was recorded or how it was evaluated, not how its model was trained: sweeps
+# reported together differ in them (sweep_name, tracking.experiment) and their points are still comparable
+NOT_SETTINGS = ("sweep_name", "tracking.", "eval.", "report.")
 
 
 def strategy_label(row) -> str:
@@ -41,7 +45,8 @@ def swept_settings(runs: pd.DataFrame, strategies: pd.Series) -> pd.Series:
     """Per run, `name=value` for every param that differs between the runs of its strategy, besides ratio and
     seed (a sweep of masking.threshold, masking.kmeans_k or train.lr): a label without them would merge
     different settings into one line of a plot and one group of the mean over seeds."""
-    params = [c for c in runs.columns if c.startswith("params.") and c[len("params."):] not in IN_LABEL]
+    params = [c for c in runs.columns if c.startswith("params.") and c[len("params."):] not in IN_LABEL
+              and not c[len("params."):].startswith(NOT_SETTINGS)]
     settings = pd.Series("", index=runs.index)
     for _, group in runs.groupby(strategies):
         varying = [c for c in params if group[c].nunique(dropna=False) > 1]
@@ -50,17 +55,29 @@ def swept_settings(runs: pd.DataFrame, strategies: pd.Series) -> pd.Series:
     return settings
 
 
-def sweep_frame(tracking_uri: str, experiment: str, sweep_id: str) -> pd.DataFrame:
-    """One row per point: what it was (strategy, ratio, ...) and every metric's last value."""
+def point_runs(tracking_uri: str, experiment: str, sweep_id: str) -> pd.DataFrame:
+    """The sweep's point runs as MLflow's search_runs gives them (params.*, metrics.*, tags.* columns)."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
-    runs = mlflow.search_runs(experiment_names=[experiment],
+    return mlflow.search_runs(experiment_names=[experiment],
                               filter_string=f"tags.sweep_id = '{sweep_id}' and tags.kind = 'point'",
                               output_format="pandas")
+
+
+def sweep_frame(tracking_uri: str, experiment: str, sweep_id: str) -> pd.DataFrame:
+    """One row per point: what it was (strategy, ratio, ...) and every metric's last value."""
+    return points_frame(point_runs(tracking_uri, experiment, sweep_id))
+
+
+def points_frame(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per run of `runs` (one sweep's, or several sweeps' together, so that labels tell apart the
+    settings that differ between them)."""
     if runs.empty:
         return pd.DataFrame(columns=POINT_COLUMNS)
+    runs = runs.reset_index(drop=True)
     frame = pd.DataFrame({
+        "sweep": runs["tags.sweep_id"],
         "point": runs["tags.mlflow.runName"],
         "strategy": runs["params.masking.strategy"],
         "features": runs["params.masking.features"],
@@ -165,12 +182,19 @@ def default_plot_metrics(frame: pd.DataFrame) -> List[str]:
     return keys + ([swap_att] if swap_att in frame else [])
 
 
-def build_report(sweep_dir: Path, plot_metrics: Optional[List[str]] = None) -> Path:
-    """Reads manifest.json for the MLflow location; writes <sweep_dir>/report/. Returns that directory.
+def build_report(sweep_dirs, plot_metrics: Optional[List[str]] = None, out_dir: Optional[Path] = None) -> Path:
+    """The report of one sweep directory, or of several together (a list; `out_dir` then required). Reads each
+    manifest.json for its MLflow location; writes `out_dir` (default <sweep_dir>/report/) and returns it.
     Plots the default metrics and `plot_metrics` against the mask ratio."""
-    manifest = json.loads((Path(sweep_dir) / "manifest.json").read_text())
-    frame = sweep_frame(manifest["tracking_uri"], manifest["experiment"], manifest["sweep_id"])
-    out_dir = Path(sweep_dir) / "report"
+    sweep_dirs = [Path(sweep_dirs)] if isinstance(sweep_dirs, (str, Path)) else [Path(d) for d in sweep_dirs]
+    sweep_dirs = list(dict.fromkeys(d.resolve() for d in sweep_dirs))  # a sweep named twice counts once
+    if out_dir is None and len(sweep_dirs) > 1:
+        raise ValueError(f"a report of {len(sweep_dirs)} sweeps needs an output directory (--out)")
+    manifests = [read_manifest(d) for d in sweep_dirs]
+    runs = [point_runs(m["tracking_uri"], m["experiment"], m["sweep_id"]) for m in manifests]
+    frame = points_frame(pd.concat([r for r in runs if not r.empty], ignore_index=True)
+                         if any(not r.empty for r in runs) else runs[0])
+    out_dir = Path(out_dir) if out_dir is not None else sweep_dirs[0] / "report"
     table = headline_table(frame)
     write_tables(table, frame, out_dir)
     for metric in dict.fromkeys(default_plot_metrics(frame) + list(plot_metrics or [])):
@@ -178,27 +202,45 @@ def build_report(sweep_dir: Path, plot_metrics: Optional[List[str]] = None) -> P
             print(f"report: no metric {metric!r} in this sweep, not plotted")
             continue
         plot_metric(frame, metric, out_dir / f"{metric.replace('/', '_')}.png")
-    _copy_mask_pictures(manifest, out_dir)
-    print(f"report: {len(frame)} point(s) -> {out_dir}")
+    for manifest in manifests:
+        _copy_mask_pictures(manifest, out_dir, f"{manifest['sweep_id']}_" if len(manifests) > 1 else "")
+    repeated = table[table.duplicated(["label", "ratio", "seed"], keep=False)]
+    if not repeated.empty:
+        print(f"report: {len(repeated)} points share a label, ratio and seed; the "
+              "mean over seeds counts each: " + ", ".join(sorted({f"{r.label} {r.ratio} seed {r.seed}"
+                                                                  for r in repeated.itertuples()})))
+    print(f"report: {len(frame)} point(s) of {len(manifests)} sweep(s) -> {out_dir}")
     return out_dir
 
 
-def _copy_mask_pictures(manifest: dict, out_dir: Path) -> None:
+def read_manifest(sweep_dir: Path) -> dict:
+    path = Path(sweep_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{sweep_dir} is not a sweep directory: it has no manifest.json")
+    return json.loads(path.read_text())
+
+
+def _copy_mask_pictures(manifest: dict, out_dir: Path, prefix: str = "") -> None:
     import shutil
 
     for point in manifest["points"]:
         picture = Path(point["run_dir"]) / "masks.png"
         if picture.exists():
-            shutil.copy(picture, out_dir / f"masks_{point['name']}.png")
+            shutil.copy(picture, out_dir / f"masks_{prefix}{point['name']}.png")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Tables and plots of a sweep from MLflow")
-    parser.add_argument("sweep_dir")
+    parser = argparse.ArgumentParser(description="Tables and plots of a sweep (or of several together) from MLflow")
+    parser.add_argument("sweep_dirs", nargs="+", metavar="sweep_dir")
+    parser.add_argument("--out", type=Path, help="output directory (default SWEEP_DIR/report; required for "
+                        "several sweeps)")
     parser.add_argument("--metric", action="append",
                         help="a metric key to plot against the mask ratio besides the defaults (repeatable)")
     args = parser.parse_args(argv)
-    out = build_report(Path(args.sweep_dir), args.metric)
+    try:
+        out = build_report(args.sweep_dirs, args.metric, args.out)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.exit(2, f"error: {exc}\n")
     print((out / "results.md").read_text())
 
 

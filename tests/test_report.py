@@ -90,3 +90,57 @@ def test_plot_bars_one_std_over_seeds(tmp_path, monkeypatch):
     x, y, err = bars[0]
     assert x == [0.3, 0.5] and y == pytest.approx([0.5, 0.5])
     assert err[0] == pytest.approx(0.1414, abs=1e-3) and pd.isna(err[1])  # 0.5: one seed
+
+
+def recorded_sweep(folder, name: str, points):
+    """A sweep directory as the launcher leaves it (manifest.json, its own sqlite MLflow store), with points
+    (strategy, seed, lr, zero-shot accuracy) recorded in it."""
+    import json
+
+    from clustermask.tracking import PointRun, RunLogger, TrackingConfig, create_sweep_runs, flatten
+
+    folder.mkdir()
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    runs = [PointRun(f"{strategy}-{seed}", "", flatten({
+        "sweep_name": name, "tracking": {"experiment": name}, "eval": {"batch_size": 64 if name == "a" else 128},
+        "masking": {"strategy": strategy, "features": "rgb", "attention": False, "ratio": 0.5},
+        "train": {"seed": seed, "lr": lr}})) for strategy, seed, lr, _ in points]
+    _, run_ids = create_sweep_runs(TrackingConfig(experiment=name), uri, f"{name}-id", {}, runs)
+    for run_id, (*_, accuracy) in zip(run_ids, points):
+        RunLogger(uri, run_id).metrics({"zeroshot_classification/wds/shapes/acc1": accuracy})
+    (folder / "manifest.json").write_text(json.dumps({"tracking_uri": uri, "experiment": name,
+                                                      "sweep_id": f"{name}-id", "points": []}))
+    return folder
+
+
+def test_a_report_of_several_sweeps_averages_seeds_across_them_and_labels_what_differs(tmp_path, capsys):
+    """Seeds added later as a second sweep (another name, MLflow store and eval batch size): one table, the
+    mean over all seeds. A third sweep at another learning rate keeps its own label."""
+    from analysis.report import main
+
+    first = recorded_sweep(tmp_path / "first", "a", [("random", 0, 1e-3, 0.40), ("cluster", 0, 1e-3, 0.50)])
+    seeds = recorded_sweep(tmp_path / "seeds", "b", [("random", 1, 1e-3, 0.60), ("cluster", 1, 1e-3, 0.70)])
+    slower = recorded_sweep(tmp_path / "slower", "c", [("random", 0, 1e-4, 0.10)])
+    main([str(first), str(seeds), str(slower), "--out", str(tmp_path / "paper")])
+    summary = pd.read_csv(tmp_path / "paper" / "results_all_metrics.csv")
+    assert sorted(summary["sweep"]) == ["a-id", "a-id", "b-id", "b-id", "c-id"]
+    mean = (tmp_path / "paper" / "results_mean.md").read_text()
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in mean.splitlines()[2:]}
+    assert rows == {"cluster-rgb": ["0.500", "2", "0.600 ± 0.141"],  # lr differs between random runs only
+                    "random lr=0.001": ["0.500", "2", "0.500 ± 0.141"],
+                    "random lr=0.0001": ["0.500", "1", "0.100"]}
+    assert (tmp_path / "paper" / "zeroshot_classification_wds_shapes_acc1.png").exists()
+    assert not (first / "report").exists()
+    capsys.readouterr()
+    main([str(first), str(tmp_path / "." / "first"), "--out", str(tmp_path / "once")])  # the same sweep twice
+    assert "share a label" not in capsys.readouterr().out
+    rerun = recorded_sweep(tmp_path / "rerun", "d", [("random", 0, 1e-3, 0.42)])
+    main([str(first), str(rerun), "--out", str(tmp_path / "rerun_report")])
+    assert "2 points share a label, ratio and seed; the mean over seeds counts each: random 0.5 seed 0" in \
+        capsys.readouterr().out
+    for argv, message in (([str(first), str(seeds)], "a report of 2 sweeps needs an output directory"),
+                          ([str(tmp_path)], f"{tmp_path} is not a sweep directory")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
