@@ -20,6 +20,7 @@ import hydra
 from hydra._internal.utils import get_args_parser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from . import graph
 from .executors import Plan, check_launcher, describe, make_executor
@@ -46,7 +47,10 @@ def preflight(cfg: Mapping, registries: Optional[Registries] = None) -> None:
 
     registries = registries or Registries.here()
     if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
+        try:
+            cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except MissingMandatoryValue as exc:
+            raise ValueError(f"{exc.full_key}=??? must be given") from exc
     typed = _typed_stage_configs(cfg)
     config.validate_model(typed["model"])
     config.validate_masking(typed["masking"], registries.strategies)

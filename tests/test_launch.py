@@ -348,6 +348,8 @@ def test_evaluating_again_takes_an_eval_option_and_eval_keys_only(tmp_path, synt
             status.resubmit(sweep.sweep_dir, overrides, evaluate_again=True)
     with pytest.raises(ValueError, match=r"eval='nope': no .*configs/eval/nope.yaml; the options are benchmarks, "):
         status.apply_overrides(manifest, [0], ["eval=nope"])
+    with pytest.raises(ValueError, match=r"point 0 .*nothing changed: data.train_shards=\?\?\? must be given"):
+        status.apply_overrides(manifest, [0], ["data=shards"])  # a resubmission fix, not an evaluation again
     assert (run_dir / "config.yaml").read_text() == before
     status.check_eval_overrides(["eval=benchmarks", "eval.batch_size=8"])
     status.apply_overrides(manifest, [0], ["eval=benchmarks", "eval.batch_size=8"])
