@@ -1,6 +1,7 @@
 """open_clip models: the project's tiny configs registered next to open_clip's own, masking installed."""
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import open_clip
@@ -39,6 +40,16 @@ def load_for_eval(name: str, checkpoint: str, device: str = "cpu"):
                                                               weights_only=True)
     model.eval()
     return model, eval_tf, open_clip.get_tokenizer(name)
+
+
+def clip_benchmark_main() -> None:
+    """`clustermask-clip-benchmark`: clip_benchmark's own command line (eval, build) with this package's model
+    configs known to open_clip, so that `eval --model ViT-Tiny-8-64 --pretrained final.pt` loads our checkpoints
+    as it loads a built-in model's."""
+    from clip_benchmark.cli import main
+
+    register_model_configs()
+    sys.exit(main())
 
 
 __all__ = ["ModelConfig", "create", "load_for_eval", "register_model_configs", "TokenMasker"]

@@ -103,3 +103,41 @@ def test_preflight_names_what_a_wds_root_lacks_for_its_task(tmp_path, synthetic_
                  EvalTask("zeroshot_retrieval", "wds/scenes", str(scenes)),
                  EvalTask("image_caption_selection", "sugar_crepe/add_att", str(synthetic_root / "eval" / "sugar_crepe"))):
         validate(EvalConfig(tasks=[task]))
+
+
+def test_clip_benchmarks_own_cli_loads_our_checkpoint_scores_it_as_we_do_and_builds_from_our_results(
+        tmp_path, synthetic_root):
+    """The contracts with clip_benchmark: `clustermask-clip-benchmark eval` (its CLI, our model configs known to
+    open_clip) loads a checkpoint of ours and gets the metrics our evaluator wrote for it; `build` reads the
+    JSON files we wrote."""
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    from clustermask.evaluate import evaluate_checkpoint
+    from clustermask.train import save_checkpoint
+
+    checkpoint = tmp_path / "final.pt"
+    save_checkpoint(checkpoint, create(ModelConfig(), None)[0], None, 0, "ViT-Tiny-8-64", 0.5)
+    shapes = str(synthetic_root / "eval" / "shapes")
+    cfg = EvalConfig(tasks=[EvalTask("zeroshot_classification", "wds/shapes", shapes)], device="cpu", batch_size=64)
+    ours = evaluate_checkpoint("ViT-Tiny-8-64", str(checkpoint), cfg, tmp_path / "results")
+    cli = Path(sys.executable).parent / "clustermask-clip-benchmark"
+    theirs = tmp_path / "theirs.json"
+    run = subprocess.run([str(cli), "eval", "--model", "ViT-Tiny-8-64", "--pretrained", str(checkpoint),
+                          "--dataset", "wds/shapes", "--dataset_root", shapes, "--task", "zeroshot_classification",
+                          "--output", str(theirs), "--num_workers", "0", "--batch_size", "64", "--no_amp"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads(theirs.read_text())["metrics"]
+    assert metrics["acc1"] == pytest.approx(ours["zeroshot_classification/wds/shapes/acc1"], abs=1e-9)
+    assert metrics["acc5"] == pytest.approx(ours["zeroshot_classification/wds/shapes/acc5"], abs=1e-9)
+    built = tmp_path / "built.csv"
+    results = sorted(str(p) for p in (tmp_path / "results").glob("*.json"))
+    run = subprocess.run([str(cli), "build", *results, "--output", str(built)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = list(csv.DictReader(built.open()))
+    assert len(rows) == 1 and rows[0]["dataset"] == "wds/shapes" and rows[0]["task"] == "zeroshot_classification"
+    assert float(rows[0]["acc1"]) == pytest.approx(ours["zeroshot_classification/wds/shapes/acc1"])
