@@ -112,7 +112,7 @@ def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root)
     assert "resumed from" in logs
 
 
-def test_two_process_gloo_training(slurm, tmp_path, synthetic_root):
+def test_two_process_gloo_training_then_evaluating_again(slurm, tmp_path, synthetic_root):
     launch(tmp_path, synthetic_root, "sweep_name=ddp", "train.steps=10", "launcher.train.tasks_per_node=2",
            "train.threads=1", "eval.tasks=[{name: zeroshot_classification, dataset: wds/shapes, root: "
            f"{synthetic_root}/eval/shapes" + "}]")
@@ -125,3 +125,11 @@ def test_two_process_gloo_training(slurm, tmp_path, synthetic_root):
     assert "distributed: rank 0 of 2" in logs and "distributed: rank 1 of 2" in logs
     results = json.loads(next(Path(manifest.points[0].run_dir, "results").glob("*.json")).read_text())
     assert results["metrics"]["acc1"] > 0
+    # evaluating again: an eval-only array (no dependency) and the report after it, with the fix saved
+    record = resubmit(sweep_dir, ["eval.batch_size=32"], evaluate_again=True)
+    assert record["train"] == [] and record["eval"][0]["points"] == [0] and "report" in record
+    manifest = graph.Manifest.load(sweep_dir)
+    wait_for(base_ids(manifest))
+    rows = sweep_status(manifest)
+    assert rows[0]["eval"] == "done" and rows[0]["eval_job"] == record["eval"][0]["task_ids"][0]
+    assert graph.load_point_config(Path(manifest.points[0].run_dir)).eval.batch_size == 32
