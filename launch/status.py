@@ -135,10 +135,11 @@ def apply_override(cfg, override: str) -> None:
         OmegaConf.update(cfg, key, _parse(value), merge=True)
 
 
-def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: List[str]) -> None:
+def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: List[str], save: bool = True) -> None:
     """Fix the configs of the points about to be resubmitted (typed: a bad key or value is refused). Every
     point is checked before any is saved, so a fix refused for one point changes none. The fixes are tagged
-    on each point's MLflow run (`resubmit_overrides`): its params keep the values it was created with."""
+    on each point's MLflow run (`resubmit_overrides`): its params keep the values it was created with.
+    `save=False` (a dry run) checks them only."""
     from clustermask.tracking import RunLogger
 
     from .app import preflight
@@ -155,6 +156,8 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
         except (ValueError, FileNotFoundError, TypeError) as exc:
             raise type(exc)(f"point {i} ({point.name}), nothing changed: {exc}") from exc
         fixed[i] = cfg
+    if not save:
+        return
     # read before any config is saved: a tracking server that is down stops the fix here, with nothing changed
     loggers = {i: RunLogger(manifest.tracking_uri, manifest.points[i].mlflow_run_id)
                for i in fixed if manifest.points[i].mlflow_run_id}
@@ -189,8 +192,11 @@ def resubmit(sweep_dir: Path, overrides: List[str], dry_run: bool = False,
               if evaluate_again else "nothing to resubmit: every point is done or still queued")
         return None
     if overrides:
-        apply_overrides(manifest, plan.train + plan.eval_only, overrides)
-    print("resubmitting:\n" + describe(plan, manifest))
+        apply_overrides(manifest, plan.train + plan.eval_only, overrides, save=not dry_run)
+    print(("dry run, nothing is changed or submitted; would resubmit:\n" if dry_run else "resubmitting:\n")
+          + describe(plan, manifest))
+    if dry_run and manifest.executor == "local":
+        return None  # the local executor runs what it is given: there are no job scripts to print
     launcher = graph.load_point_config(Path(manifest.points[0].run_dir)).launcher
     launcher.dry_run = dry_run
     record = make_executor(launcher, Path(manifest.sweep_dir), manifest.sweep_id).submit(manifest, plan)

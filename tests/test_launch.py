@@ -364,6 +364,30 @@ def test_evaluating_again_takes_an_eval_option_and_eval_keys_only(tmp_path, synt
                                      {"index": 3, "train": "failed", "eval": "cancelled"}]).eval_only == [0, 1]
 
 
+def test_a_dry_run_resubmission_checks_the_fix_and_changes_or_runs_nothing(tmp_path, synthetic_root, capsys):
+    """`clustermask-resubmit --dry-run` saved its fixes into the points' configs and, on a local sweep, ran the
+    jobs (the local executor has no dry run)."""
+    from mlflow.tracking import MlflowClient
+
+    from launch import status
+
+    sweep = compose_sweep([f"paths.root={tmp_path}", f"paths.data={synthetic_root}"])
+    manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
+    run_dir = Path(manifest.points[0].run_dir)
+    graph.mark(run_dir, "train", "done")  # as if trained, and its evaluation failed: what would run again
+    graph.mark(run_dir, "eval", "failed")
+    before = (run_dir / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="eval.batch_size=0"):
+        status.resubmit(sweep.sweep_dir, ["eval.batch_size=0"], dry_run=True, evaluate_again=True)
+    assert status.resubmit(sweep.sweep_dir, ["eval.batch_size=8"], dry_run=True, evaluate_again=True) is None
+    assert "dry run, nothing is changed or submitted; would resubmit:\n  eval[0]" in capsys.readouterr().out
+    assert (run_dir / "config.yaml").read_text() == before
+    assert graph.read_state(run_dir, "eval")["state"] == "failed" and not (run_dir / "results").exists()
+    assert "resubmit_overrides" not in MlflowClient(manifest.tracking_uri).get_run(
+        manifest.points[0].mlflow_run_id).data.tags
+    assert graph.Manifest.load(sweep.sweep_dir).submissions == manifest.submissions
+
+
 def test_resubmit_with_the_tracking_server_down_changes_no_config(tmp_path, synthetic_root, monkeypatch):
     from launch.status import apply_overrides
 
