@@ -213,10 +213,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="State of every point and stage of a sweep")
     parser.add_argument("sweep_dir")
     args = parser.parse_args(argv)
-    manifest = graph.Manifest.load(args.sweep_dir)
     try:
+        manifest = graph.Manifest.load(args.sweep_dir)
         rows = sweep_status(manifest)
-    except RuntimeError as exc:
+    except (RuntimeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_status(manifest, rows))

@@ -402,6 +402,18 @@ def test_resubmit_with_the_tracking_server_down_changes_no_config(tmp_path, synt
     assert graph.load_point_config(Path(manifest.points[0].run_dir)).train.lr != 0.01
 
 
+def test_the_sweep_commands_name_a_folder_that_is_not_a_sweep(tmp_path, capsys):
+    from analysis.report import main as report_main
+    from launch import status
+
+    assert status.main([str(tmp_path)]) == 2 and status.resubmit_main([str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        report_main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 3 and all(line.startswith("error: ") and str(tmp_path) in line for line in errors)
+
+
 def test_status_and_resubmit_refuse_when_squeue_fails(tmp_path, synthetic_root, monkeypatch, capsys):
     """slurmctld unreachable, squeue exits 1. Read as an empty queue (as before), the running training task
     looked killed, and a resubmission started it a second time, into its own run directory."""
