@@ -192,8 +192,8 @@ def build_report(sweep_dirs, plot_metrics: Optional[List[str]] = None, out_dir: 
         raise ValueError(f"a report of {len(sweep_dirs)} sweeps needs an output directory (--out)")
     manifests = [read_manifest(d) for d in sweep_dirs]
     runs = [point_runs(m["tracking_uri"], m["experiment"], m["sweep_id"]) for m in manifests]
-    frame = points_frame(pd.concat([r for r in runs if not r.empty], ignore_index=True)
-                         if any(not r.empty for r in runs) else runs[0])
+    recorded = [r for r in runs if not r.empty]
+    frame = points_frame(pd.concat(recorded, ignore_index=True) if recorded else runs[0])
     out_dir = Path(out_dir) if out_dir is not None else sweep_dirs[0] / "report"
     table = headline_table(frame)
     write_tables(table, frame, out_dir)

@@ -20,11 +20,10 @@ import hydra
 from hydra._internal.utils import get_args_parser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
 from . import graph
 from .executors import Plan, check_launcher, describe, make_executor
-from .expand import CONFIG_DIR, CONFIG_NAME, ComposedPoint, compose_sweep
+from .expand import CONFIG_DIR, CONFIG_NAME, ComposedPoint, compose_sweep, resolved
 from .helpers import Registries, RegistriesInChild, TrackingInChild
 
 HYDRA_ONLY_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "experimental_rerun")
@@ -47,10 +46,7 @@ def preflight(cfg: Mapping, registries: Optional[Registries] = None) -> None:
 
     registries = registries or Registries.here()
     if isinstance(cfg, DictConfig):
-        try:
-            cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        except MissingMandatoryValue as exc:
-            raise ValueError(f"{exc.full_key}=??? must be given") from exc
+        cfg = resolved(cfg)
     typed = _typed_stage_configs(cfg)
     config.validate_model(typed["model"])
     config.validate_masking(typed["masking"], registries.strategies)

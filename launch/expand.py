@@ -96,8 +96,7 @@ class _Composer:
         return cfg
 
     def resolved_task_config(self, overrides: List[str]) -> dict:
-        # a `???` left unset raises, naming its key (else the string '???' would reach the checks as a value)
-        return OmegaConf.to_container(self.compose(overrides), resolve=True, throw_on_missing=True)
+        return resolved(self.compose(overrides))
 
     def expand(self, task_overrides: List[str], sweep_cfg: DictConfig) -> List[List[str]]:
         """BasicSweeper.sweep's expansion: sweeper params first, then the command line's task overrides."""
@@ -107,6 +106,15 @@ class _Composer:
                                  "points) is supported, as every point is submitted at once")
         params = [f"{k}={v}" for k, v in (sweep_cfg.hydra.sweeper.get("params") or {}).items()]
         return BasicSweeper.split_arguments(self.parser.parse_overrides(params + task_overrides), None)[0]
+
+
+def resolved(cfg: DictConfig) -> dict:
+    """The config as a plain dict. A `???` left unset raises ValueError naming its key (else the string '???'
+    would reach the checks as a value)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        raise ValueError(f"{exc.full_key}=??? must be given, e.g. on the command line") from exc
 
 
 def compose_sweep(overrides: List[str], multirun: bool = True) -> Sweep:
@@ -126,8 +134,6 @@ def compose_sweep(overrides: List[str], multirun: bool = True) -> Sweep:
             own = graph.point_overrides(point)
             try:  # as Hydra composes a job of a sweep: the hydra overrides, then the point's
                 points.append(ComposedPoint(own, composer.resolved_task_config(hydra_overrides + point)))
-            except MissingMandatoryValue as exc:
-                points.append(ComposedPoint(own, None, f"{exc.full_key}=??? must be given, e.g. on the command line"))
             except (HydraException, OmegaConfBaseException, ValueError) as exc:
                 points.append(ComposedPoint(own, None, " ".join(str(exc).split())))
     return Sweep(sweep_dir, points)

@@ -49,16 +49,21 @@ def test_more_loader_workers_than_shards_give_the_same_metrics(tmp_path, synthet
     assert results[0] == results[1] and results[0]["acc1"] >= 0
 
 
+def untrained_checkpoint(path: Path) -> Path:
+    from clustermask.train import save_checkpoint
+
+    save_checkpoint(path, create(ModelConfig(), None)[0], None, 0, "ViT-Tiny-8-64", 0.5)
+    return path
+
+
 def test_an_incomplete_sugarcrepe_root_fails_the_eval_job_before_clip_benchmark_downloads_into_it(tmp_path):
     """clip_benchmark's builder fetches whatever part of SugarCrepe it does not find (wget from the evaluation
     job, then unzip), leaving a partial download in the dataset directory and failing on a missing image. A
     root with the annotations but not COCO's images must fail at once, naming what it lacks, untouched."""
     from clustermask.evaluate import evaluate_checkpoint
     from clustermask.synthetic import SUGARCREPE_TASKS
-    from clustermask.train import save_checkpoint
 
-    checkpoint = tmp_path / "final.pt"
-    save_checkpoint(checkpoint, create(ModelConfig(), None)[0], None, 0, "ViT-Tiny-8-64", 0.5)
+    checkpoint = untrained_checkpoint(tmp_path / "final.pt")
     root = tmp_path / "sugar_crepe"
     root.mkdir()
     for edit in SUGARCREPE_TASKS:
@@ -116,10 +121,8 @@ def test_clip_benchmarks_own_cli_loads_our_checkpoint_scores_it_as_we_do_and_bui
     import sys
 
     from clustermask.evaluate import evaluate_checkpoint
-    from clustermask.train import save_checkpoint
 
-    checkpoint = tmp_path / "final.pt"
-    save_checkpoint(checkpoint, create(ModelConfig(), None)[0], None, 0, "ViT-Tiny-8-64", 0.5)
+    checkpoint = untrained_checkpoint(tmp_path / "final.pt")
     shapes = str(synthetic_root / "eval" / "shapes")
     cfg = EvalConfig(tasks=[EvalTask("zeroshot_classification", "wds/shapes", shapes)], device="cpu", batch_size=64)
     ours = evaluate_checkpoint("ViT-Tiny-8-64", str(checkpoint), cfg, tmp_path / "results")
