@@ -92,6 +92,8 @@ def points_frame(runs: pd.DataFrame) -> pd.DataFrame:
     frame = pd.concat([frame, metrics], axis=1)
     strategies = frame.apply(strategy_label, axis=1)
     frame["label"] = (strategies + " " + swept_settings(runs, strategies)).str.strip()
+    described = POINT_COLUMNS + ["run_id", "label"]  # then the metrics, in name order (MLflow gives them unordered)
+    frame = frame[described + sorted(c for c in frame.columns if c not in described)]
     return frame.sort_values(["label", "ratio", "seed"]).reset_index(drop=True)
 
 

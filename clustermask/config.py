@@ -57,7 +57,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 400
-    batch_size: int = 64
+    batch_size: int = 64  # per process: the contrastive batch of a multi-GPU run is batch_size x ranks
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 40

@@ -136,8 +136,12 @@ class RunLogger:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
 
-    def artifact(self, path: Path) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+    def artifact(self, path: Path, folder: Optional[str] = None) -> None:
+        """A file, or a directory's files, into the run's artifacts (under `folder`)."""
+        if Path(path).is_dir():
+            self.client.log_artifacts(self.run_id, str(path), folder)
+        else:
+            self.client.log_artifact(self.run_id, str(path), folder)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)

@@ -48,6 +48,12 @@ def _typed(node):
     return OmegaConf.to_object(node)
 
 
+def _progress(run_dir: Path, stage: str, done: int, total: int) -> None:
+    """What `clustermask-status` shows beside a running stage: steps trained, or evaluation tasks done."""
+    graph.mark(Path(run_dir).resolve(), stage, "running", job_id=_job_id(), log=_log_path(),
+               progress=f"{done}/{total}")
+
+
 def _stage(stage: str, run_dir: Path, body) -> str:
     """Run `body`, keeping the stage marker and the MLflow run status in step with what happened."""
     from clustermask.tracking import RunLogger
@@ -82,9 +88,12 @@ def train_point(run_dir: str) -> str:
     cfg = graph.load_point_config(Path(run_dir))
 
     def body(logger):
-        log = (lambda metrics, step: logger.metrics(metrics, step)) if logger else None
+        def log(metrics, step):
+            logger.metrics(metrics, step)
+            _progress(run_dir, "train", step, cfg.train.steps)
+
         trainer = Trainer(_typed(cfg.model), _typed(cfg.masking), _typed(cfg.data), _typed(cfg.train),
-                          Path(run_dir), log=log)
+                          Path(run_dir), log=log if logger else None)
         final = trainer.run()
         if logger and (Path(run_dir) / "masks.png").exists():
             logger.artifact(Path(run_dir) / "masks.png")
@@ -103,8 +112,15 @@ def eval_point(run_dir: str) -> str:
         checkpoint = final_checkpoint(Path(run_dir))
         if not checkpoint.exists():
             raise FileNotFoundError(f"no trained checkpoint at {checkpoint}: did training finish?")
+        tasks_done = []
+
+        def log(metrics):
+            logger.metrics(metrics)
+            tasks_done.append(metrics)
+            _progress(run_dir, "eval", len(tasks_done), len(cfg.eval.tasks))
+
         evaluate_checkpoint(cfg.model.name, str(checkpoint), _typed(cfg.eval), Path(run_dir) / "results",
-                            log=logger.metrics if logger else None)
+                            log=log if logger else None)
         return str(Path(run_dir) / "results")
 
     return _stage("eval", run_dir, body)
@@ -116,7 +132,21 @@ def report(sweep_dir: str) -> str:
 
     manifest = graph.Manifest.load(Path(sweep_dir))
     metric = graph.load_point_config(Path(manifest.points[0].run_dir)).report.get("plot_metric")
-    return str(build_report(Path(sweep_dir), [metric] if metric else None))
+    out_dir = build_report(Path(sweep_dir), [metric] if metric else None)
+    _close_sweep_run(manifest, out_dir)
+    return str(out_dir)
+
+
+def _close_sweep_run(manifest: graph.Manifest, out_dir: Path) -> None:
+    """The report on the sweep's MLflow run, which ends FINISHED when every point was evaluated and FAILED
+    otherwise; a resubmission's report job updates both."""
+    from clustermask.tracking import RunLogger
+
+    logger = RunLogger(manifest.tracking_uri, manifest.parent_run_id)
+    logger.artifact(out_dir, "report")
+    evaluated = sum((graph.read_state(Path(p.run_dir), "eval") or {}).get("state") == "done" for p in manifest.points)
+    logger.tags({"points_evaluated": f"{evaluated}/{len(manifest.points)}"})
+    logger.finish("FINISHED" if evaluated == len(manifest.points) else "FAILED")
 
 
 STAGE_FUNCTIONS = {"train": train_point, "eval": eval_point, "report": report}

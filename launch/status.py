@@ -59,6 +59,12 @@ def _state(run_dir: Path, stage: str, job_id: Optional[str], queue: Dict[str, st
     return ("cancelled", log) if job_id and job_id != "local" else ("pending", log)
 
 
+def _progress(run_dir: Path, stage: str, state: str) -> str:
+    """Steps trained or evaluation tasks done (`120/400`) of a running stage, as its task last recorded them."""
+    marker = graph.read_state(run_dir, stage) or {}
+    return marker.get("progress", "") if state == "running" and marker.get("state") == "running" else ""
+
+
 def sweep_status(manifest: graph.Manifest) -> List[Dict]:
     jobs_of = {point.index: manifest.latest_jobs(point.index) for point in manifest.points}
     queue = queue_states() if any(job != "local" for jobs in jobs_of.values() for job in jobs.values()) else {}
@@ -69,15 +75,17 @@ def sweep_status(manifest: graph.Manifest) -> List[Dict]:
         for stage in graph.STAGES:
             state, log = _state(Path(point.run_dir), stage, jobs.get(stage), queue)
             row[stage], row[f"{stage}_job"], row[f"{stage}_log"] = state, jobs.get(stage, "-"), log
+            row[f"{stage}_progress"] = _progress(Path(point.run_dir), stage, state)
         rows.append(row)
     return rows
 
 
 def format_status(manifest: graph.Manifest, rows: List[Dict]) -> str:
     lines = [f"sweep {manifest.sweep_id} ({manifest.executor}) in {manifest.sweep_dir}",
-             f"{'#':>3}  {'point':<44} {'train':<10} {'eval':<10} jobs"]
+             f"{'#':>3}  {'point':<44} {'train':<20} {'eval':<14} jobs"]
     for r in rows:
-        lines.append(f"{r['index']:>3}  {r['point']:<44} {r['train']:<10} {r['eval']:<10} "
+        train, evaluation = (" ".join(filter(None, [r[s], r.get(f"{s}_progress")])) for s in ("train", "eval"))
+        lines.append(f"{r['index']:>3}  {r['point']:<44} {train:<20} {evaluation:<14} "
                      f"{r['train_job']} / {r['eval_job']}")
         for stage in graph.STAGES:
             if r[stage] == "failed":

@@ -37,6 +37,8 @@ def test_manifest_and_run_directories(local_sweep):
     for point in manifest.points:
         run_dir = graph.Path(point.run_dir)
         assert (run_dir / "checkpoints" / "final.pt").exists()
+        # latest.pt (written at step 30, with the optimizer state) has no use once final.pt is there
+        assert not (run_dir / "checkpoints" / "latest.pt").exists()
         assert (run_dir / "masks.png").stat().st_size > 1000
         results = list((run_dir / "results").glob("*.json"))
         assert len(results) == 10
@@ -77,6 +79,12 @@ def test_mlflow_holds_one_run_per_point_with_the_metrics(local_sweep):
     artifacts = mlflow.tracking.MlflowClient().list_artifacts(runs["run_id"][0])
     assert [a.path for a in artifacts] == ["masks.png"]
     assert list((sweep_dir / "mlartifacts").rglob("masks.png")) and not (REPO / "mlruns").exists()
+    # the sweep's own run holds the report and ends with it
+    sweep_run = mlflow.tracking.MlflowClient().get_run(manifest.parent_run_id)
+    assert sweep_run.info.status == "FINISHED" and sweep_run.data.tags["points_evaluated"] == "4/4"
+    report = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(manifest.parent_run_id, "report")}
+    assert {"report/results.md", "report/results_all_metrics.csv",
+            "report/zeroshot_classification_wds_shapes_acc1.png"} <= report
 
 
 def test_report_has_every_point(local_sweep):
@@ -95,6 +103,9 @@ def test_report_has_every_point(local_sweep):
                  "image_caption_selection_sugar_crepe_swap_att_acc", "linear_probe_wds_shapes_lp_acc5"):
         assert (report / f"{plot}.png").stat().st_size > 5000, plot  # the last one: report.plot_metric
     assert len(list(report.glob("masks_*.png"))) == 4
+    header = (report / "results_all_metrics.csv").read_text().splitlines()[0].split(",")
+    metrics = header[header.index("label") + 1:]  # every metric of every point, findable by name
+    assert metrics == sorted(metrics) and "train/loss" in metrics and len(metrics) >= 40, header
 
 
 def test_plot_draws_a_line_per_strategy_over_every_ratio(local_sweep):
@@ -167,3 +178,24 @@ def test_evaluating_again_adds_the_new_metric_to_every_trained_point_and_the_rep
     rows = sweep_status(graph.Manifest.load(sweep_dir))
     assert all(r["train"] == "done" and r["eval"] == "done" for r in rows)
     assert (sweep_dir / "report" / "results.md").stat().st_mtime_ns > report_time
+
+
+def test_status_shows_how_far_a_running_evaluation_has_got(local_sweep, monkeypatch):
+    """Beside a running stage, `clustermask-status` shows its progress as the task records it: here the
+    evaluation tasks done (training's steps are checked on SLURM, in test_time_limit_signal_requeues_and_resumes)."""
+    from launch import jobs
+
+    sweep_dir, _ = local_sweep
+    point = graph.Manifest.load(sweep_dir).points[0]
+    shown, mark = [], graph.mark
+
+    def mark_then_read_status(run_dir, stage, state, **info):
+        mark(run_dir, stage, state, **info)
+        manifest = graph.Manifest.load(sweep_dir)
+        row = sweep_status(manifest)[0]
+        shown.append((row["eval"], row["eval_progress"], format_status(manifest, [row]).splitlines()[2]))
+
+    monkeypatch.setattr(graph, "mark", mark_then_read_status)
+    jobs.eval_point(point.run_dir)
+    assert [s[:2] for s in shown] == [("running", "")] + [("running", f"{i}/10") for i in range(1, 11)] + [("done", "")]
+    assert "running 3/10" in shown[3][2] and "done" in shown[-1][2]

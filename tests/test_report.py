@@ -123,6 +123,8 @@ def test_a_report_of_several_sweeps_averages_seeds_across_them_and_labels_what_d
     slower = recorded_sweep(tmp_path / "slower", "c", [("random", 0, 1e-4, 0.10)])
     main([str(first), str(seeds), str(slower), "--out", str(tmp_path / "paper")])
     summary = pd.read_csv(tmp_path / "paper" / "results_all_metrics.csv")
+    assert list(summary.columns) == ["sweep", "point", "strategy", "features", "ratio", "attention", "seed", "status",
+                                     "run_id", "label", "zeroshot_classification/wds/shapes/acc1"]
     assert sorted(summary["sweep"]) == ["a-id", "a-id", "b-id", "b-id", "c-id"]
     mean = (tmp_path / "paper" / "results_mean.md").read_text()
     rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]

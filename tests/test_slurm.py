@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from launch import graph
 from launch.status import format_status, resubmit, sweep_status
@@ -73,6 +74,8 @@ def test_sweep_with_a_failing_point_then_resubmit(slurm, tmp_path, synthetic_roo
     assert f"train failed, log: {log}" in text
     report = (sweep_dir / "report" / "results.md").read_text()
     assert report.count("\n|") >= 4  # every point has a row (the failed one without eval metrics)
+    sweep_run = MlflowClient(manifest.tracking_uri).get_run(manifest.parent_run_id)
+    assert sweep_run.info.status == "FAILED" and sweep_run.data.tags["points_evaluated"] == "3/4"
 
     finished = {p.name: Path(p.run_dir, "checkpoints", "final.pt").stat().st_mtime for p in others}
     record = resubmit(sweep_dir, ["train.fail_at_step=-1"])
@@ -83,6 +86,8 @@ def test_sweep_with_a_failing_point_then_resubmit(slurm, tmp_path, synthetic_roo
     rows = {r["point"]: r for r in sweep_status(manifest)}
     assert all(r["train"] == "done" and r["eval"] == "done" for r in rows.values())
     assert finished == {p.name: Path(p.run_dir, "checkpoints", "final.pt").stat().st_mtime for p in others}
+    sweep_run = MlflowClient(manifest.tracking_uri).get_run(manifest.parent_run_id)  # the second report job's
+    assert sweep_run.info.status == "FINISHED" and sweep_run.data.tags["points_evaluated"] == "4/4"
     assert resubmit(sweep_dir, []) is None  # running it twice changes nothing
     assert len(graph.Manifest.load(sweep_dir).submissions) == 2
 
@@ -96,9 +101,12 @@ def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root)
     train_job = manifest.submissions[0]["train"][0]["job_id"]
     latest = Path(point.run_dir) / "checkpoints" / "latest.pt"
     deadline = time.time() + 300
-    while not latest.exists():
-        assert time.time() < deadline, "training never checkpointed"
+    while not (latest.exists() and (row := sweep_status(manifest)[0])["train_progress"]):
+        assert time.time() < deadline, "training never checkpointed and logged"
         time.sleep(1)
+    trained, total = map(int, row["train_progress"].split("/"))  # steps, as last logged
+    assert row["train"] == "running" and total == 400 and 0 < trained < 400
+    assert f"running {trained}/400" in format_status(manifest, [row])
     # what SLURM sends ahead of the time limit (submitit asks for --signal=USR2@delay)
     subprocess.run(["scancel", "--signal=USR2", train_job], check=True)
     wait_for(base_ids(manifest), timeout=900)
@@ -110,6 +118,7 @@ def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root)
     # killed the step; slurmstepd's own line says the same
     assert "Requeued job" in logs or "DUE TO JOB REQUEUE" in logs
     assert "resumed from" in logs
+    assert Path(point.run_dir, "checkpoints", "final.pt").exists() and not latest.exists()
 
 
 def test_two_process_gloo_training_then_evaluating_again(slurm, tmp_path, synthetic_root):

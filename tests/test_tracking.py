@@ -82,7 +82,7 @@ def test_a_tracking_server_holds_the_same_records(mlflow_server, tmp_path):
     assert resolve_uri(cfg, tmp_path) == uri and artifact_location(cfg, tmp_path) is None
     params = {"masking.strategy": "cluster", "masking.features": "rgb", "masking.attention": "False",
               "masking.ratio": "0.5", "train.seed": "0"}
-    _, (run_id,) = create_sweep_runs(cfg, uri, "s", {}, [PointRun("p0", "masking=cluster", params)])
+    parent, (run_id,) = create_sweep_runs(cfg, uri, "s", {}, [PointRun("p0", "masking=cluster", params)])
     logger = RunLogger(uri, run_id)
     logger.metrics({"zeroshot_classification/wds/shapes/acc1": 0.4, "train/loss": 2.0}, step=3)
     logger.tags({"train_state": "done"})
@@ -95,3 +95,8 @@ def test_a_tracking_server_holds_the_same_records(mlflow_server, tmp_path):
     stored = list((root / "artifacts").rglob("masks.png"))
     assert len(stored) == 1 and stored[0].read_bytes() == picture.read_bytes()
     assert client(uri).get_run(run_id).data.tags["train_state"] == "done"
+    report = tmp_path / "report"  # a folder, as the report job puts the report into the sweep's run
+    report.mkdir()
+    (report / "results.md").write_text("| label |")
+    RunLogger(uri, parent).artifact(report, "report")
+    assert [a.path for a in client(uri).list_artifacts(parent, "report")] == ["report/results.md"]
