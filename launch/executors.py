@@ -77,6 +77,10 @@ class LocalExecutor:
             graph.mark(run_dir, "eval", "cancelled", reason="training failed")
 
     def submit(self, manifest: graph.Manifest, plan: Plan) -> Dict:
+        with graph.local_executor_running(Path(manifest.sweep_dir)):
+            return self._run(manifest, plan)
+
+    def _run(self, manifest: graph.Manifest, plan: Plan) -> Dict:
         points = manifest.points
         with ThreadPoolExecutor(self.max_parallel) as pool:
             futures = [pool.submit(self._train_then_eval, points[i]) for i in plan.train]

@@ -10,9 +10,11 @@ import hashlib
 import json
 import os
 import re
+import socket
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -162,3 +164,48 @@ def mark(run_dir: Path, stage: str, state: str, **info) -> None:
 def read_state(run_dir: Path, stage: str) -> Optional[dict]:
     path = state_path(run_dir, stage)
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def this_process() -> dict:
+    """Who writes a marker: a local task or sweep has no queue to ask whether it still runs."""
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def process_alive(record: dict) -> bool:
+    """Whether the process a marker names (`this_process()`) still runs. One on another machine, or a marker
+    without a pid, cannot be checked here and counts as alive."""
+    if "pid" not in record or record.get("host") != socket.gethostname():
+        return True
+    pid = int(record["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    try:  # a zombie (killed, its parent gone too, not yet reaped) still answers kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):  # no /proc (macOS): kill's answer stands
+        return True
+
+
+def local_executor_path(sweep_dir: Path) -> Path:
+    return Path(sweep_dir) / "status" / "local_executor.json"
+
+
+@contextmanager
+def local_executor_running(sweep_dir: Path) -> Iterator[None]:
+    """Marks the sweep as being run here by this process: until it ends, its stages not yet started are
+    pending (queued behind the others); after, or once this process is killed, they will not run."""
+    path = local_executor_path(sweep_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(this_process()))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def local_executor_alive(sweep_dir: Path) -> bool:
+    path = local_executor_path(sweep_dir)
+    return path.exists() and process_alive(json.loads(path.read_text()))

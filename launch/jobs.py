@@ -48,10 +48,15 @@ def _typed(node):
     return OmegaConf.to_object(node)
 
 
+def _running(run_dir: Path, stage: str, **info) -> None:
+    """The running marker, with this process's pid and host: a local task has no queue to ask whether it is
+    still alive, and one that was killed (Ctrl-C, out of memory) would otherwise look running for ever."""
+    graph.mark(run_dir, stage, "running", job_id=_job_id(), log=_log_path(), **graph.this_process(), **info)
+
+
 def _progress(run_dir: Path, stage: str, done: int, total: int) -> None:
     """What `clustermask-status` shows beside a running stage: steps trained, or evaluation tasks done."""
-    graph.mark(Path(run_dir).resolve(), stage, "running", job_id=_job_id(), log=_log_path(),
-               progress=f"{done}/{total}")
+    _running(Path(run_dir).resolve(), stage, progress=f"{done}/{total}")
 
 
 def _stage(stage: str, run_dir: Path, body) -> str:
@@ -63,7 +68,7 @@ def _stage(stage: str, run_dir: Path, body) -> str:
     logger = RunLogger(manifest.tracking_uri, _point(run_dir, manifest).mlflow_run_id)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     if rank == 0:
-        graph.mark(run_dir, stage, "running", job_id=_job_id(), log=_log_path())
+        _running(run_dir, stage)
         logger.tags({f"{stage}_job_id": _job_id()})
     try:
         result = body(logger if rank == 0 else None)

@@ -3,7 +3,9 @@
 State per point and stage comes from squeue (pending / running) and from the markers the tasks write in
 their run directory (done / failed); it needs no `sacct`. A task that left the queue without writing
 `done` was either killed while running (failed: time limit, memory) or never started (cancelled, e.g.
-its training failed and SLURM removed it with --kill-on-invalid-dep).
+its training failed and SLURM removed it with --kill-on-invalid-dep). A local sweep has no queue: a running
+marker whose process (pid, host) is gone was killed, and a stage not started is pending only while the local
+executor that would run it is alive.
 """
 from __future__ import annotations
 
@@ -43,7 +45,10 @@ def queue_states() -> Dict[str, str]:
     return states
 
 
-def _state(run_dir: Path, stage: str, job_id: Optional[str], queue: Dict[str, str]) -> Tuple[str, str]:
+def _state(run_dir: Path, stage: str, job_id: Optional[str], queue: Dict[str, str],
+           local_running: bool = False) -> Tuple[str, str]:
+    """(state, log) of one stage of one point. `local_running`: a local executor still runs this sweep, so a
+    local stage not yet started is queued behind the others rather than never to run."""
     marker = graph.read_state(run_dir, stage) or {}
     log = marker.get("log", "")
     if marker.get("state") == "done":
@@ -53,10 +58,12 @@ def _state(run_dir: Path, stage: str, job_id: Optional[str], queue: Dict[str, st
     if marker.get("state") == "failed":
         return "failed", log
     if marker.get("state") == "running":  # left the queue mid-run without a verdict: killed
-        return ("failed", log) if job_id and job_id != "local" else ("running", log)
+        if job_id and job_id != "local":
+            return "failed", log
+        return ("running" if graph.process_alive(marker) else "failed"), log
     if marker.get("state") == "cancelled":
         return "cancelled", log
-    return ("cancelled", log) if job_id and job_id != "local" else ("pending", log)
+    return ("pending", log) if local_running and job_id in (None, "local") else ("cancelled", log)
 
 
 def _progress(run_dir: Path, stage: str, state: str) -> str:
@@ -68,12 +75,13 @@ def _progress(run_dir: Path, stage: str, state: str) -> str:
 def sweep_status(manifest: graph.Manifest) -> List[Dict]:
     jobs_of = {point.index: manifest.latest_jobs(point.index) for point in manifest.points}
     queue = queue_states() if any(job != "local" for jobs in jobs_of.values() for job in jobs.values()) else {}
+    local_running = graph.local_executor_alive(Path(manifest.sweep_dir))
     rows = []
     for point in manifest.points:
         jobs = jobs_of[point.index]
         row = {"index": point.index, "point": point.name}
         for stage in graph.STAGES:
-            state, log = _state(Path(point.run_dir), stage, jobs.get(stage), queue)
+            state, log = _state(Path(point.run_dir), stage, jobs.get(stage), queue, local_running)
             row[stage], row[f"{stage}_job"], row[f"{stage}_log"] = state, jobs.get(stage, "-"), log
             row[f"{stage}_progress"] = _progress(Path(point.run_dir), stage, state)
         rows.append(row)

@@ -1,7 +1,10 @@
 """The whole vertical slice on the embedded default (local executor): train -> eval -> MLflow -> report."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import mlflow
 import pytest
@@ -199,3 +202,37 @@ def test_status_shows_how_far_a_running_evaluation_has_got(local_sweep, monkeypa
     jobs.eval_point(point.run_dir)
     assert [s[:2] for s in shown] == [("running", "")] + [("running", f"{i}/10") for i in range(1, 11)] + [("done", "")]
     assert "running 3/10" in shown[3][2] and "done" in shown[-1][2]
+
+
+def test_a_killed_local_sweep_is_shown_failed_and_resubmission_resumes_it(tmp_path, synthetic_root):
+    """Ctrl-C, the OOM killer, a closed laptop: a local task killed mid-run leaves its running marker behind. There
+    is no queue to ask, so status reads the marker's pid: gone, the point is failed, not running for ever (when
+    resubmission would skip it as still queued), its evaluation is no longer pending, and resubmission resumes it
+    from its checkpoint."""
+    zero_shot = f"eval.tasks=[{{name: zeroshot_classification, dataset: wds/shapes, root: {synthetic_root}/eval/shapes}}]"
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "launch.app", f"paths.root={tmp_path}", f"paths.data={synthetic_root}",
+         "sweep_name=killed", "masking=random", "train.steps=40", "train.batch_size=32", "train.log_every=5",
+         "train.checkpoint_every=10", zero_shot],
+        cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sweep_dir = tmp_path / "sweeps" / "killed"
+    deadline = time.time() + 300
+    while not list(sweep_dir.glob("points/*/checkpoints/latest.pt")):
+        assert time.time() < deadline and sweep.poll() is None, "the sweep never checkpointed"
+        time.sleep(0.2)
+    manifest = graph.Manifest.load(sweep_dir)
+    row = sweep_status(manifest)[0]
+    assert (row["train"], row["eval"]) == ("running", "pending")  # the evaluation waits for its training
+    os.killpg(sweep.pid, signal.SIGKILL)  # the sweep command and its training task, as the OOM killer would
+    sweep.wait()
+    deadline = time.time() + 30  # SIGKILL is delivered, and the dead task reaped, a moment later
+    while (row := sweep_status(manifest)[0])["train"] == "running" and time.time() < deadline:
+        time.sleep(0.5)
+    assert (row["train"], row["eval"]) == ("failed", "cancelled")  # nothing will run it now
+    assert plan_resubmission([row]).train == [0]
+    resubmit = graph.Path(sys.executable).parent / "clustermask-resubmit"
+    result = subprocess.run([str(resubmit), str(sweep_dir)], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    row = sweep_status(graph.Manifest.load(sweep_dir))[0]
+    assert (row["train"], row["eval"]) == ("done", "done")
+    assert "resumed from" in (graph.Path(manifest.points[0].run_dir) / "logs" / "train.log").read_text()
