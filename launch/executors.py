@@ -77,17 +77,26 @@ class LocalExecutor:
             graph.mark(run_dir, "eval", "cancelled", reason="training failed")
 
     def submit(self, manifest: graph.Manifest, plan: Plan) -> Dict:
-        with graph.local_executor_running(Path(manifest.sweep_dir)):
-            return self._run(manifest, plan)
+        try:
+            with graph.local_executor_running(Path(manifest.sweep_dir)):
+                return self._run(manifest, plan)
+        except KeyboardInterrupt:
+            print(f"interrupted: `clustermask-status {manifest.sweep_dir}` shows what was done, "
+                  f"`clustermask-resubmit {manifest.sweep_dir}` resumes the rest", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
 
     def _run(self, manifest: graph.Manifest, plan: Plan) -> Dict:
         points = manifest.points
-        with ThreadPoolExecutor(self.max_parallel) as pool:
+        pool = ThreadPoolExecutor(self.max_parallel)
+        try:
             futures = [pool.submit(self._train_then_eval, points[i]) for i in plan.train]
             futures += [pool.submit(self._task, "eval", points[i].run_dir, Path(points[i].run_dir) / "logs" / "eval.log")
                         for i in plan.eval_only]
             for future in futures:
                 future.result()
+        finally:
+            # on Ctrl-C the running tasks got it too; the queued ones must not start (a plain shutdown runs them)
+            pool.shutdown(wait=True, cancel_futures=True)
         record = {"time": _now(), "executor": "local",
                   "train": [{"job_id": "local", "points": plan.train, "task_ids": ["local"] * len(plan.train)}],
                   "eval": [{"job_id": "local", "points": plan.train + plan.eval_only,

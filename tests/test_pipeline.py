@@ -1,4 +1,5 @@
 """The whole vertical slice on the embedded default (local executor): train -> eval -> MLflow -> report."""
+import contextlib
 import json
 import os
 import signal
@@ -204,27 +205,37 @@ def test_status_shows_how_far_a_running_evaluation_has_got(local_sweep, monkeypa
     assert "running 3/10" in shown[3][2] and "done" in shown[-1][2]
 
 
+@contextlib.contextmanager
+def process_group(args, **options):
+    """A command in a process group of its own, killed with all its children at the end whatever happened."""
+    process = subprocess.Popen(args, cwd=REPO, start_new_session=True, **options)
+    try:
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def test_a_killed_local_sweep_is_shown_failed_and_resubmission_resumes_it(tmp_path, synthetic_root):
     """Ctrl-C, the OOM killer, a closed laptop: a local task killed mid-run leaves its running marker behind. There
     is no queue to ask, so status reads the marker's pid: gone, the point is failed, not running for ever (when
     resubmission would skip it as still queued), its evaluation is no longer pending, and resubmission resumes it
     from its checkpoint."""
     zero_shot = f"eval.tasks=[{{name: zeroshot_classification, dataset: wds/shapes, root: {synthetic_root}/eval/shapes}}]"
-    sweep = subprocess.Popen(
-        [sys.executable, "-m", "launch.app", f"paths.root={tmp_path}", f"paths.data={synthetic_root}",
-         "sweep_name=killed", "masking=random", "train.steps=40", "train.batch_size=32", "train.log_every=5",
-         "train.checkpoint_every=10", zero_shot],
-        cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "launch.app", f"paths.root={tmp_path}", f"paths.data={synthetic_root}",
+               "sweep_name=killed", "masking=random", "train.steps=40", "train.batch_size=32", "train.log_every=5",
+               "train.checkpoint_every=10", zero_shot]
     sweep_dir = tmp_path / "sweeps" / "killed"
-    deadline = time.time() + 300
-    while not list(sweep_dir.glob("points/*/checkpoints/latest.pt")):
-        assert time.time() < deadline and sweep.poll() is None, "the sweep never checkpointed"
-        time.sleep(0.2)
-    manifest = graph.Manifest.load(sweep_dir)
-    row = sweep_status(manifest)[0]
-    assert (row["train"], row["eval"]) == ("running", "pending")  # the evaluation waits for its training
-    os.killpg(sweep.pid, signal.SIGKILL)  # the sweep command and its training task, as the OOM killer would
-    sweep.wait()
+    with process_group(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as sweep:
+        deadline = time.time() + 300
+        while not list(sweep_dir.glob("points/*/checkpoints/latest.pt")):
+            assert time.time() < deadline and sweep.poll() is None, "the sweep never checkpointed"
+            time.sleep(0.2)
+        manifest = graph.Manifest.load(sweep_dir)
+        row = sweep_status(manifest)[0]
+        assert (row["train"], row["eval"]) == ("running", "pending")  # the evaluation waits for its training
+    # leaving the block killed the sweep command and its training task, as the OOM killer would
     deadline = time.time() + 30  # SIGKILL is delivered, and the dead task reaped, a moment later
     while (row := sweep_status(manifest)[0])["train"] == "running" and time.time() < deadline:
         time.sleep(0.5)
@@ -236,3 +247,24 @@ def test_a_killed_local_sweep_is_shown_failed_and_resubmission_resumes_it(tmp_pa
     row = sweep_status(graph.Manifest.load(sweep_dir))[0]
     assert (row["train"], row["eval"]) == ("done", "done")
     assert "resumed from" in (graph.Path(manifest.points[0].run_dir) / "logs" / "train.log").read_text()
+
+
+def test_ctrl_c_stops_a_local_sweep_at_once_and_says_how_to_resume(tmp_path, synthetic_root):
+    """Ctrl-C reaches the sweep command and its running task (one process group): the sweep must stop there,
+    not start the points still queued behind it, and say how to go on."""
+    command = [sys.executable, "-m", "launch.app", "-m", f"paths.root={tmp_path}", f"paths.data={synthetic_root}",
+               "sweep_name=interrupted", "masking=random", "train.seed=0,1", "train.steps=400", "train.batch_size=32"]
+    sweep_dir = tmp_path / "sweeps" / "interrupted"
+    with process_group(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as sweep:  # as in a terminal
+        deadline = time.time() + 300
+        while not list(sweep_dir.glob("points/*/status/train.json")):
+            assert time.time() < deadline and sweep.poll() is None, "the first point never started training"
+            time.sleep(0.2)
+        os.killpg(sweep.pid, signal.SIGINT)
+        _, stderr = sweep.communicate(timeout=60)
+    assert sweep.returncode == 130 and f"clustermask-resubmit {sweep_dir}` resumes the rest" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr
+    rows = sweep_status(graph.Manifest.load(sweep_dir))
+    assert [(r["train"], r["eval"]) for r in rows] == [("failed", "cancelled"), ("cancelled", "cancelled")]
+    assert not (graph.Path(graph.Manifest.load(sweep_dir).points[1].run_dir) / "status").exists()  # never started
