@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -122,6 +123,23 @@ def headline_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+RECALL = re.compile(r"zeroshot_retrieval/(.+)/(text|image)_retrieval_recall_at_(\d+)$")
+
+
+def retrieval_table(frame: pd.DataFrame) -> Optional[pd.DataFrame]:
+    """The paper's retrieval table: per dataset, image -> text then text -> image recall at every k evaluated
+    (`mscoco_captions_i2t_r5`); None when the sweep evaluated no retrieval."""
+    found = sorted({(m[1], m[2] == "image", int(m[3])) for m in map(RECALL.match, frame.columns) if m})
+    if not found:
+        return None
+    table = frame[["label", "ratio", "seed"]].copy()
+    for dataset, text_to_image, k in found:
+        kind = "image" if text_to_image else "text"
+        column = f"{dataset.split('/')[-1]}_{'t2i' if text_to_image else 'i2t'}_r{k}"
+        table[column] = frame[f"zeroshot_retrieval/{dataset}/{kind}_retrieval_recall_at_{k}"]
+    return table
+
+
 def seed_summary(table: pd.DataFrame, plus_minus: str = " ± ") -> pd.DataFrame:
     """A row per (label, ratio): how many seeds, and every metric column of `table` as `mean ± std` over
     them (the mean alone for one seed; empty where no seed has the metric)."""
@@ -174,7 +192,16 @@ def write_tables(table: pd.DataFrame, frame: pd.DataFrame, out_dir: Path) -> Lis
     mean_markdown.write_text(seed_summary(table).to_markdown(index=False, floatfmt=".3f") + "\n")
     mean_latex = out_dir / "results_mean.tex"
     mean_latex.write_text(seed_summary(table, r" $\pm$ ").to_latex(index=False, float_format="%.3f"))
-    return [markdown, latex, csv, mean_markdown, mean_latex]
+    written = [markdown, latex, csv, mean_markdown, mean_latex]
+    retrieval = retrieval_table(frame)
+    if retrieval is not None:
+        for name, rows, latex_rows in (("results_retrieval", retrieval, retrieval),
+                                       ("results_retrieval_mean", seed_summary(retrieval),
+                                        seed_summary(retrieval, r" $\pm$ "))):
+            (out_dir / f"{name}.md").write_text(rows.to_markdown(index=False, floatfmt=".3f") + "\n")
+            (out_dir / f"{name}.tex").write_text(latex_rows.to_latex(index=False, float_format="%.3f"))
+            written += [out_dir / f"{name}.md", out_dir / f"{name}.tex"]
+    return written
 
 
 def default_plot_metrics(frame: pd.DataFrame) -> List[str]:

@@ -182,6 +182,8 @@ def test_evaluating_again_adds_the_new_metric_to_every_trained_point_and_the_rep
     rows = sweep_status(graph.Manifest.load(sweep_dir))
     assert all(r["train"] == "done" and r["eval"] == "done" for r in rows)
     assert (sweep_dir / "report" / "results.md").stat().st_mtime_ns > report_time
+    header = (sweep_dir / "report" / "results_retrieval.md").read_text().splitlines()[0]
+    assert all(f"scenes_{direction}_r{k}" in header for direction in ("i2t", "t2i") for k in (1, 5, 10)), header
 
 
 def test_status_shows_how_far_a_running_evaluation_has_got(local_sweep, monkeypatch):

@@ -146,3 +146,26 @@ def test_a_report_of_several_sweeps_averages_seeds_across_them_and_labels_what_d
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_retrieval_table_has_both_directions_at_every_k_per_dataset(tmp_path):
+    """The paper reports retrieval as recall@1/5/10 in both directions per dataset; the headline keeps R@1."""
+    from analysis.report import retrieval_table, write_tables
+
+    def recalls(dataset, i2t, t2i):
+        return {f"zeroshot_retrieval/wds/{dataset}/{kind}_retrieval_recall_at_{k}": value
+                for kind, values in (("text", i2t), ("image", t2i)) for k, value in zip((1, 5, 10), values)}
+
+    frame = pd.DataFrame([{"label": "random", "ratio": 0.5, "seed": seed, "zeroshot_classification/wds/x/acc1": 0.1,
+                           **recalls("mscoco_captions", [0.30 + seed / 10, 0.5, 0.6], [0.2, 0.4, 0.5]),
+                           **recalls("flickr30k", [0.5, 0.8, 0.9], [0.4, 0.7, 0.8 + seed / 10])} for seed in (0, 1)])
+    table = retrieval_table(frame)
+    assert list(table.columns) == ["label", "ratio", "seed"] + [
+        f"{d}_{direction}_r{k}" for d in ("flickr30k", "mscoco_captions") for direction in ("i2t", "t2i")
+        for k in (1, 5, 10)]
+    assert table.loc[1, "mscoco_captions_i2t_r1"] == 0.4 and table.loc[1, "flickr30k_t2i_r10"] == pytest.approx(0.9)
+    assert retrieval_table(frame.drop(columns=[c for c in frame if "retrieval" in c])) is None
+    write_tables(headline_table(frame), frame, tmp_path)
+    mean = (tmp_path / "results_retrieval_mean.md").read_text().splitlines()[2]
+    assert "0.350 ± 0.071" in mean and "0.850 ± 0.071" in mean  # mscoco i2t R@1 and flickr30k t2i R@10
+    assert (tmp_path / "results_retrieval.tex").read_text().count("\\\\") >= 3
