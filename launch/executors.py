@@ -11,6 +11,8 @@ import datetime as dt
 import os
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,8 +56,13 @@ def _now() -> str:
 class LocalExecutor:
     """Runs the graph here, each task a subprocess whose log lands in <run_dir>/logs/<stage>.log."""
 
+    STOP_GRACE_S = 20  # after Ctrl-C, how long a task may take to exit on SIGTERM before it is killed
+
     def __init__(self, max_parallel: int = 1):
         self.max_parallel = max_parallel
+        self._children: set = set()  # the task processes running now
+        self._lock = threading.Lock()
+        self._stopping = False
 
     def _task(self, stage: str, path: str, log: Path) -> bool:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -63,8 +70,17 @@ class LocalExecutor:
         if self.max_parallel > 1:
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.max_parallel)))
         with open(log, "ab") as out:
-            code = subprocess.call([sys.executable, "-m", "launch.jobs", stage, path], stdout=out,
-                                   stderr=subprocess.STDOUT, env=env)
+            with self._lock:
+                if self._stopping:
+                    return False
+                child = subprocess.Popen([sys.executable, "-m", "launch.jobs", stage, path], stdout=out,
+                                         stderr=subprocess.STDOUT, env=env)
+                self._children.add(child)
+            try:
+                code = child.wait()
+            finally:
+                with self._lock:
+                    self._children.discard(child)
         print(f"[local] {stage} {Path(path).name}: {'done' if code == 0 else f'FAILED (exit {code}), log {log}'}",
               flush=True)
         return code == 0
@@ -75,6 +91,23 @@ class LocalExecutor:
             self._task("eval", point.run_dir, run_dir / "logs" / "eval.log")
         else:
             graph.mark(run_dir, "eval", "cancelled", reason="training failed")
+
+    def _stop(self, pool: ThreadPoolExecutor) -> None:
+        """Ctrl-C: start nothing more (a plain shutdown would run every queued task) and end the running tasks.
+        They got the SIGINT too, but one can miss it (a bare `except:` in a library it was importing), and the
+        sweep would wait on it for ever: SIGTERM, then SIGKILL after STOP_GRACE_S."""
+        with self._lock:
+            self._stopping, children = True, list(self._children)
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in children:
+            child.terminate()
+        deadline = time.monotonic() + self.STOP_GRACE_S
+        for child in children:
+            try:
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+        pool.shutdown(wait=True)
 
     def submit(self, manifest: graph.Manifest, plan: Plan) -> Dict:
         try:
@@ -94,9 +127,10 @@ class LocalExecutor:
                         for i in plan.eval_only]
             for future in futures:
                 future.result()
-        finally:
-            # on Ctrl-C the running tasks got it too; the queued ones must not start (a plain shutdown runs them)
-            pool.shutdown(wait=True, cancel_futures=True)
+        except BaseException:
+            self._stop(pool)
+            raise
+        pool.shutdown()
         record = {"time": _now(), "executor": "local",
                   "train": [{"job_id": "local", "points": plan.train, "task_ids": ["local"] * len(plan.train)}],
                   "eval": [{"job_id": "local", "points": plan.train + plan.eval_only,

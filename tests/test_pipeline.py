@@ -251,9 +251,12 @@ def test_a_killed_local_sweep_is_shown_failed_and_resubmission_resumes_it(tmp_pa
     assert "resumed from" in (graph.Path(manifest.points[0].run_dir) / "logs" / "train.log").read_text()
 
 
-def test_ctrl_c_stops_a_local_sweep_at_once_and_says_how_to_resume(tmp_path, synthetic_root):
+@pytest.mark.parametrize("reaches", ["process group", "sweep command only"])
+def test_ctrl_c_stops_a_local_sweep_at_once_and_says_how_to_resume(tmp_path, synthetic_root, reaches):
     """Ctrl-C reaches the sweep command and its running task (one process group): the sweep must stop there,
-    not start the points still queued behind it, and say how to go on."""
+    not start the points still queued behind it, and say how to go on. A task can miss its SIGINT (a library's
+    bare `except:` while it imports; seen once in CI, where the sweep then waited on it): the sweep command ends
+    it itself, which the second case checks by sending the SIGINT to the sweep command alone."""
     command = [sys.executable, "-m", "launch.app", "-m", f"paths.root={tmp_path}", f"paths.data={synthetic_root}",
                "sweep_name=interrupted", "masking=random", "train.seed=0,1", "train.steps=400", "train.batch_size=32"]
     sweep_dir = tmp_path / "sweeps" / "interrupted"
@@ -263,8 +266,8 @@ def test_ctrl_c_stops_a_local_sweep_at_once_and_says_how_to_resume(tmp_path, syn
         while not list(sweep_dir.glob("points/*/status/train.json")):
             assert time.time() < deadline and sweep.poll() is None, "the first point never started training"
             time.sleep(0.2)
-        os.killpg(sweep.pid, signal.SIGINT)
-        _, stderr = sweep.communicate(timeout=60)
+        (os.killpg if reaches == "process group" else os.kill)(sweep.pid, signal.SIGINT)
+        _, stderr = sweep.communicate(timeout=90)
     assert sweep.returncode == 130 and f"clustermask-resubmit {sweep_dir}` resumes the rest" in stderr, stderr[-2000:]
     assert "Traceback" not in stderr
     rows = sweep_status(graph.Manifest.load(sweep_dir))
