@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     print(f"[demo] finished in {time.time() - started:.0f}s")
     print(f"  sweep directory : {sweep_dir}")
     print(f"  tables          : {report}/results.md, results.tex, results_all_metrics.csv;")
-    print("                    results_mean.md, results_mean.tex: mean ± std over seeds")
+    print("                    results_mean.md, results_mean.tex: mean ± std over seeds; results_retrieval*.md, .tex: "
+          "recall@k both ways")
     print(f"  plots           : {', '.join(sorted(p.name for p in report.glob('*.png') if not p.name.startswith('masks_')))}")
     print(f"  mask pictures   : {report}/masks_*.png")
     print(f"  MLflow UI       : mlflow ui --backend-store-uri sqlite:///{sweep_dir}/mlflow.db  (then open http://127.0.0.1:5000)")
