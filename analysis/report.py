@@ -180,27 +180,25 @@ def plot_metric(frame: pd.DataFrame, metric: str, path: Path, title: Optional[st
     return path
 
 
+def write_table_and_mean(rows: pd.DataFrame, out_dir: Path, name: str) -> List[Path]:
+    """`name`.md/.tex, a row per point, and `name`_mean.md/.tex, `mean ± std` over seeds."""
+    written = []
+    for stem, markdown_rows, latex_rows in ((name, rows, rows),
+                                            (f"{name}_mean", seed_summary(rows), seed_summary(rows, r" $\pm$ "))):
+        (out_dir / f"{stem}.md").write_text(markdown_rows.to_markdown(index=False, floatfmt=".3f") + "\n")
+        (out_dir / f"{stem}.tex").write_text(latex_rows.to_latex(index=False, float_format="%.3f"))
+        written += [out_dir / f"{stem}.md", out_dir / f"{stem}.tex"]
+    return written
+
+
 def write_tables(table: pd.DataFrame, frame: pd.DataFrame, out_dir: Path) -> List[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    markdown = out_dir / "results.md"
-    markdown.write_text(table.to_markdown(index=False, floatfmt=".3f") + "\n")
-    latex = out_dir / "results.tex"
-    latex.write_text(table.to_latex(index=False, float_format="%.3f"))
     csv = out_dir / "results_all_metrics.csv"
     frame.to_csv(csv, index=False)
-    mean_markdown = out_dir / "results_mean.md"
-    mean_markdown.write_text(seed_summary(table).to_markdown(index=False, floatfmt=".3f") + "\n")
-    mean_latex = out_dir / "results_mean.tex"
-    mean_latex.write_text(seed_summary(table, r" $\pm$ ").to_latex(index=False, float_format="%.3f"))
-    written = [markdown, latex, csv, mean_markdown, mean_latex]
+    written = [csv] + write_table_and_mean(table, out_dir, "results")
     retrieval = retrieval_table(frame)
     if retrieval is not None:
-        for name, rows, latex_rows in (("results_retrieval", retrieval, retrieval),
-                                       ("results_retrieval_mean", seed_summary(retrieval),
-                                        seed_summary(retrieval, r" $\pm$ "))):
-            (out_dir / f"{name}.md").write_text(rows.to_markdown(index=False, floatfmt=".3f") + "\n")
-            (out_dir / f"{name}.tex").write_text(latex_rows.to_latex(index=False, float_format="%.3f"))
-            written += [out_dir / f"{name}.md", out_dir / f"{name}.tex"]
+        written += write_table_and_mean(retrieval, out_dir, "results_retrieval")
     return written
 
 

@@ -6,6 +6,7 @@ pickles `StageTask`). A failure is marked in the run directory and re-raised so 
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import traceback
@@ -117,12 +118,11 @@ def eval_point(run_dir: str) -> str:
         checkpoint = final_checkpoint(Path(run_dir))
         if not checkpoint.exists():
             raise FileNotFoundError(f"no trained checkpoint at {checkpoint}: did training finish?")
-        tasks_done = []
+        tasks_done = itertools.count(1)
 
         def log(metrics):
             logger.metrics(metrics)
-            tasks_done.append(metrics)
-            _progress(run_dir, "eval", len(tasks_done), len(cfg.eval.tasks))
+            _progress(run_dir, "eval", next(tasks_done), len(cfg.eval.tasks))
 
         evaluate_checkpoint(cfg.model.name, str(checkpoint), _typed(cfg.eval), Path(run_dir) / "results",
                             log=log if logger else None)

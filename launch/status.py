@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -25,6 +25,9 @@ from .executors import Plan, describe, make_executor
 QUEUE_STATES = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
                 "REQUEUED": "pending", "REQUEUE_HOLD": "pending", "REQUEUE_FED": "pending", "RESIZING": "running",
                 "SUSPENDED": "pending", "STAGE_OUT": "running", "SIGNALING": "running"}
+
+
+IN_FLIGHT = ("pending", "running")  # queued or running: never submitted again beside itself
 
 
 def queue_states() -> Dict[str, str]:
@@ -45,31 +48,22 @@ def queue_states() -> Dict[str, str]:
     return states
 
 
-def _state(run_dir: Path, stage: str, job_id: Optional[str], queue: Dict[str, str],
-           local_running: bool = False) -> Tuple[str, str]:
-    """(state, log) of one stage of one point. `local_running`: a local executor still runs this sweep, so a
-    local stage not yet started is queued behind the others rather than never to run."""
-    marker = graph.read_state(run_dir, stage) or {}
-    log = marker.get("log", "")
+def _state(marker: dict, job_id: Optional[str], queue: Dict[str, str], local_running: bool) -> str:
+    """One stage of one point, from its marker (`{}` if none) and the queue. `local_running`: a local executor
+    still runs this sweep, so a local stage not yet started is queued behind the others rather than never to run."""
     if marker.get("state") == "done":
-        return "done", log
+        return "done"
     if job_id and job_id in queue:
-        return queue[job_id], log
+        return queue[job_id]
     if marker.get("state") == "failed":
-        return "failed", log
+        return "failed"
     if marker.get("state") == "running":  # left the queue mid-run without a verdict: killed
         if job_id and job_id != "local":
-            return "failed", log
-        return ("running" if graph.process_alive(marker) else "failed"), log
+            return "failed"
+        return "running" if graph.process_alive(marker) else "failed"
     if marker.get("state") == "cancelled":
-        return "cancelled", log
-    return ("pending", log) if local_running and job_id in (None, "local") else ("cancelled", log)
-
-
-def _progress(run_dir: Path, stage: str, state: str) -> str:
-    """Steps trained or evaluation tasks done (`120/400`) of a running stage, as its task last recorded them."""
-    marker = graph.read_state(run_dir, stage) or {}
-    return marker.get("progress", "") if state == "running" and marker.get("state") == "running" else ""
+        return "cancelled"
+    return "pending" if local_running and job_id in (None, "local") else "cancelled"
 
 
 def sweep_status(manifest: graph.Manifest) -> List[Dict]:
@@ -81,9 +75,12 @@ def sweep_status(manifest: graph.Manifest) -> List[Dict]:
         jobs = jobs_of[point.index]
         row = {"index": point.index, "point": point.name}
         for stage in graph.STAGES:
-            state, log = _state(Path(point.run_dir), stage, jobs.get(stage), queue, local_running)
-            row[stage], row[f"{stage}_job"], row[f"{stage}_log"] = state, jobs.get(stage, "-"), log
-            row[f"{stage}_progress"] = _progress(Path(point.run_dir), stage, state)
+            marker = graph.read_state(Path(point.run_dir), stage) or {}
+            state = _state(marker, jobs.get(stage), queue, local_running)
+            row[stage], row[f"{stage}_job"], row[f"{stage}_log"] = state, jobs.get(stage, "-"), marker.get("log", "")
+            # steps trained or evaluation tasks done (`120/400`), as the running task last recorded them
+            running = state == "running" and marker.get("state") == "running"
+            row[f"{stage}_progress"] = marker.get("progress", "") if running else ""
         rows.append(row)
     return rows
 
@@ -105,15 +102,14 @@ def format_status(manifest: graph.Manifest, rows: List[Dict]) -> str:
 
 def plan_resubmission(rows: List[Dict]) -> Plan:
     """Only unfinished work that is not already queued: never reruns a finished stage."""
-    in_flight = ("pending", "running")
-    train = [r["index"] for r in rows if r["train"] not in ("done",) + in_flight and r["eval"] not in in_flight]
-    eval_only = [r["index"] for r in rows if r["train"] == "done" and r["eval"] not in ("done",) + in_flight]
+    train = [r["index"] for r in rows if r["train"] not in ("done",) + IN_FLIGHT and r["eval"] not in IN_FLIGHT]
+    eval_only = [r["index"] for r in rows if r["train"] == "done" and r["eval"] not in ("done",) + IN_FLIGHT]
     return Plan(train=train, eval_only=eval_only)
 
 
 def plan_reevaluation(rows: List[Dict]) -> Plan:
     """Every trained point whose evaluation is not queued, evaluated again (a benchmark added, say)."""
-    return Plan(eval_only=[r["index"] for r in rows if r["train"] == "done" and r["eval"] not in ("pending", "running")])
+    return Plan(eval_only=[r["index"] for r in rows if r["train"] == "done" and r["eval"] not in IN_FLIGHT])
 
 
 def check_eval_overrides(overrides: List[str]) -> None:
