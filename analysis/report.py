@@ -27,6 +27,7 @@ HEADLINE = [  # (task, metric, column) in table order: a column per evaluated da
     ("zeroshot_retrieval", "image_retrieval_recall_at_1", "t2i_r1"),
 ]
 SUGARCREPE = "image_caption_selection/sugar_crepe/"
+TRAIN_MINUTES = "train/minutes"  # what a point cost: masking is there to make training cheaper
 
 
 # the params a point's label shows by their own (strategy_label) or that are the table's own columns
@@ -110,7 +111,8 @@ def headline_columns(frame: pd.DataFrame) -> Dict[str, str]:
 
 
 def headline_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """A row per point, a column per headline metric and dataset, SugarCrepe per edit and its mean."""
+    """A row per point, a column per headline metric and dataset, SugarCrepe per edit and its mean, then the
+    training loop's wall-clock minutes."""
     columns = headline_columns(frame)
     sugar = sorted(c for c in frame.columns if c.startswith(SUGARCREPE) and c.endswith("/acc"))
     table = frame[["label", "ratio", "seed"]].copy()
@@ -120,6 +122,8 @@ def headline_table(frame: pd.DataFrame) -> pd.DataFrame:
         table["sc_" + key.split("/")[-2]] = frame[key]
     if sugar:
         table["sc_mean"] = frame[sugar].mean(axis=1)
+    if TRAIN_MINUTES in frame:
+        table["train_min"] = frame[TRAIN_MINUTES]
     return table
 
 
@@ -180,6 +184,27 @@ def plot_metric(frame: pd.DataFrame, metric: str, path: Path, title: Optional[st
     return path
 
 
+def plot_against_training_time(frame: pd.DataFrame, metric: str, path: Path) -> Path:
+    """What masking trades: `metric` against the training loop's minutes, a line per strategy through its
+    ratios (means over seeds, each point marked with its ratio)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, group in frame.groupby("label"):
+        means = group.groupby("ratio")[[TRAIN_MINUTES, metric]].mean().dropna().sort_values(TRAIN_MINUTES)
+        ax.plot(means[TRAIN_MINUTES].values, means[metric].values, marker="o", label=label)
+        for ratio, row in means.iterrows():
+            ax.annotate(f"{ratio:g}", (row[TRAIN_MINUTES], row[metric]), textcoords="offset points", xytext=(3, 3),
+                        fontsize=7)
+    ax.set_xlabel("training minutes (mean over seeds; points: mask ratio)")
+    ax.set_ylabel(metric.split("/")[-1])
+    ax.set_title(metric, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_table_and_mean(rows: pd.DataFrame, out_dir: Path, name: str) -> List[Path]:
     """`name`.md/.tex, a row per point, and `name`_mean.md/.tex, `mean ± std` over seeds."""
     written = []
@@ -229,6 +254,9 @@ def build_report(sweep_dirs, plot_metrics: Optional[List[str]] = None, out_dir: 
             print(f"report: no metric {metric!r} in this sweep, not plotted")
             continue
         plot_metric(frame, metric, out_dir / f"{metric.replace('/', '_')}.png")
+    if TRAIN_MINUTES in frame:
+        for metric in (k for k in headline_columns(frame) if k.startswith("zeroshot_classification/")):
+            plot_against_training_time(frame, metric, out_dir / f"{metric.replace('/', '_')}_vs_train_minutes.png")
     for manifest in manifests:
         _copy_mask_pictures(manifest, out_dir, f"{manifest['sweep_id']}_" if len(manifests) > 1 else "")
     repeated = table[table.duplicated(["label", "ratio", "seed"], keep=False)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
@@ -190,9 +190,41 @@ def run_task(model, transform, tokenizer, task: EvalTask, ctx: EvalContext) -> D
     return {name: float(value) for name, value in EVALUATORS[task.name](model, transform, tokenizer, task, ctx)}
 
 
+# in a folder of its own: `clip_benchmark build results/*.json` reads every JSON beside the results
+ATTEMPT_FILE = Path(".attempt") / "evaluated.json"
+
+
+def checkpoint_identity(checkpoint: str) -> dict:
+    stat = os.stat(checkpoint)
+    return {"path": os.path.abspath(checkpoint), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def evaluated_in_attempt(out_dir: Path, attempt: Optional[str], checkpoint: str) -> Dict[str, dict]:
+    """Result file name -> task, for the tasks that `attempt` already evaluated on this very checkpoint."""
+    path = Path(out_dir) / ATTEMPT_FILE
+    if attempt is None or not path.is_file():
+        return {}
+    record = json.loads(path.read_text())
+    if record.get("attempt") != attempt or record.get("checkpoint") != checkpoint_identity(checkpoint):
+        return {}
+    return record["tasks"]
+
+
+def write_json(path: Path, content: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=1))
+    os.replace(tmp, path)
+
+
 def evaluate_checkpoint(model_name: str, checkpoint: str, cfg: EvalConfig, out_dir: Path,
-                        log: Optional[Callable[[Dict[str, float]], None]] = None) -> Dict[str, float]:
-    """Evaluate one checkpoint on every task; write one JSON per task; return the flat metric dict."""
+                        log: Optional[Callable[[Dict[str, float]], None]] = None,
+                        attempt: Optional[str] = None) -> Dict[str, float]:
+    """Evaluate one checkpoint on every task; write one JSON per task; return the flat metric dict.
+
+    `attempt` names this evaluation across restarts of the same job (a SLURM job requeued at its time limit
+    or on preemption keeps its id): a task it already evaluated on the same checkpoint, with the same settings,
+    is read back from its JSON instead of being run again. None evaluates every task."""
     from .model import load_for_eval
     from .train import resolve_device
 
@@ -204,12 +236,22 @@ def evaluate_checkpoint(model_name: str, checkpoint: str, cfg: EvalConfig, out_d
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = EvalContext(device, cfg.batch_size, cfg.workers, cfg.amp, out_dir / "features")
+    already = evaluated_in_attempt(out_dir, attempt, checkpoint)
+    record = {"attempt": attempt, "checkpoint": checkpoint_identity(checkpoint), "tasks": {}}
     flat = {}
     for task in cfg.tasks:
-        metrics = run_task(model, transform, tokenizer, task, ctx)
-        dump = {"dataset": task.dataset, "model": model_name, "pretrained": checkpoint, "task": task.name,
-                "metrics": metrics, "language": "en"}
-        result_path(out_dir, task, model_name, checkpoint).write_text(json.dumps(dump, indent=1))
+        path = result_path(out_dir, task, model_name, checkpoint)
+        if already.get(path.name) == asdict(task) and path.is_file():
+            print(f"eval: {task.name} on {task.dataset} was evaluated before this job ({attempt}) restarted: "
+                  f"read back from {path}", flush=True)
+            metrics = json.loads(path.read_text())["metrics"]
+        else:
+            metrics = run_task(model, transform, tokenizer, task, ctx)
+            write_json(path, {"dataset": task.dataset, "model": model_name, "pretrained": checkpoint,
+                              "task": task.name, "metrics": metrics, "language": "en"})
+        if attempt is not None:
+            record["tasks"][path.name] = asdict(task)
+            write_json(out_dir / ATTEMPT_FILE, record)
         task_metrics = {metric_key(task, k): v for k, v in metrics.items()}
         if log is not None:
             log(task_metrics)

@@ -38,12 +38,14 @@ def final_checkpoint(run_dir: Path) -> Path:
     return checkpoint_paths(run_dir)[1]
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, name: str, threshold: float) -> None:
-    """open_clip's checkpoint layout; only plain containers and tensors so weights_only loading works."""
+def save_checkpoint(path: Path, model, optimizer, step: int, name: str, threshold: float,
+                    train_seconds: float = 0.0) -> None:
+    """open_clip's checkpoint layout; only plain containers and tensors so weights_only loading works.
+    `train_seconds`: the training loop's wall-clock time up to `step`, summed over resumptions."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"epoch": 1, "step": step, "name": name, "state_dict": model.state_dict(),
              "optimizer": optimizer.state_dict() if optimizer is not None else None,
-             "masking_threshold": float(threshold)}
+             "masking_threshold": float(threshold), "train_seconds": float(train_seconds)}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -115,6 +117,14 @@ class Trainer:
         # a model in pure bf16 takes bf16 images (open_clip_train casts them the same way); None keeps fp32
         self.input_dtype = open_clip.get_input_dtype(model_cfg.precision)
         self.rank, self.world = 0, 1
+        self.seconds_before = 0.0  # the training loop's time in the runs before a resumption
+        self.loop_started = 0.0  # time.perf_counter() when this process's loop started
+
+    def train_seconds(self, now: float) -> float:
+        """The training loop's wall-clock time so far, summed over resumptions: what a point cost to train
+        (steps redone after a requeue count twice; writing checkpoints counts, the threshold's calibration before
+        the first step does not)."""
+        return self.seconds_before + now - self.loop_started
 
     def run(self) -> Path:
         latest, final = checkpoint_paths(self.run_dir)
@@ -139,7 +149,8 @@ class Trainer:
         self._loop(model, optimizer, masker, train_tf, tokenizer, start, latest)
         check_finite_weights(model, self.cfg.steps, self.cfg.lr)
         if self.rank == 0:
-            save_checkpoint(final, model, None, self.cfg.steps, self.model_cfg.name, masker.threshold.item())
+            save_checkpoint(final, model, None, self.cfg.steps, self.model_cfg.name, masker.threshold.item(),
+                            self.train_seconds(time.perf_counter()))
             # nothing resumes from it once final.pt is there, and with its optimizer state it is 3x the size
             # (1.8 GB for ViT-B-16): a 64-point sweep would keep 115 GB of them
             latest.unlink(missing_ok=True)
@@ -155,6 +166,7 @@ class Trainer:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         masker.set_threshold(state["masking_threshold"])
+        self.seconds_before = float(state.get("train_seconds", 0.0))
         print(f"resumed from {latest} at step {state['step']}", flush=True)
         return int(state["step"])
 
@@ -188,6 +200,7 @@ class Trainer:
         torch.manual_seed(seed)  # the masks' noise, like the data: each rank's own, and fresh after a resume
         stream = training_stream(self.data, transform, tokenizer, cfg.batch_size, seed=seed)
         timer, logged_step, step = time.perf_counter(), start, start
+        self.loop_started = timer
         progress = tqdm(total=cfg.steps, initial=start, desc=f"train[{self.rank}]", mininterval=5, disable=None)
         for images, texts in stream:
             if step >= cfg.steps:
@@ -211,12 +224,14 @@ class Trainer:
                 now, samples = time.perf_counter(), (step - logged_step) * cfg.batch_size
                 metrics = {"train/loss": finite_loss(loss, step, cfg.lr), "train/lr": optimizer.param_groups[0]["lr"],
                            "train/logit_scale": logit_scale.item(),
-                           "train/samples_per_s": samples / max(now - timer, 1e-9)}
+                           "train/samples_per_s": samples / max(now - timer, 1e-9),
+                           "train/minutes": self.train_seconds(now) / 60}
                 timer, logged_step = now, step
                 metrics.update({k: v.item() for k, v in masker.stats.items()})
                 self.log(metrics, step)
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 check_finite_weights(model, step, cfg.lr)  # on every rank, so that all stop together
                 if self.rank == 0:
-                    save_checkpoint(latest, model, optimizer, step, self.model_cfg.name, masker.threshold.item())
+                    save_checkpoint(latest, model, optimizer, step, self.model_cfg.name, masker.threshold.item(),
+                                    self.train_seconds(time.perf_counter()))
         progress.close()

@@ -144,3 +144,47 @@ def test_clip_benchmarks_own_cli_loads_our_checkpoint_scores_it_as_we_do_and_bui
     rows = list(csv.DictReader(built.open()))
     assert len(rows) == 1 and rows[0]["dataset"] == "wds/shapes" and rows[0]["task"] == "zeroshot_classification"
     assert float(rows[0]["acc1"]) == pytest.approx(ours["zeroshot_classification/wds/shapes/acc1"])
+
+
+def test_a_restarted_evaluation_job_runs_only_the_tasks_it_had_not_finished(tmp_path, monkeypatch):
+    """A SLURM job requeued at its time limit or on preemption keeps its id: restarted, it reads back the tasks
+    it had finished on that checkpoint instead of running them again. Another job (a resubmission), a task's
+    settings changed, or the checkpoint written again, evaluate again; so does a run that names no attempt."""
+    from clustermask import evaluate
+
+    runs, killed_at = [], set()
+
+    def counting(model, transform, tokenizer, task, ctx):
+        if task.dataset in killed_at:
+            raise KeyboardInterrupt  # what the job's end looks like from here
+        runs.append(task.dataset)
+        yield "acc", float(len(runs))
+
+    monkeypatch.setitem(evaluate.EVALUATORS, "counting", counting)
+    checkpoint = str(untrained_checkpoint(tmp_path / "final.pt"))
+    results = tmp_path / "results"
+
+    def evaluate_tasks(attempt, **options):
+        logged = {}
+        cfg = EvalConfig(tasks=[EvalTask("counting", name, str(tmp_path), dict(options)) for name in ("a", "b")],
+                         device="cpu")
+        flat = evaluate.evaluate_checkpoint("ViT-Tiny-8-64", checkpoint, cfg, results, log=logged.update,
+                                            attempt=attempt)
+        assert logged == flat  # what was read back is logged (MLflow, progress) like what was run
+        return flat, runs.copy()
+
+    killed_at.add("b")
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_tasks("7_0")
+    killed_at.clear()
+    flat, ran = evaluate_tasks("7_0")
+    assert ran == ["a", "b"] and flat == {"counting/a/acc": 1.0, "counting/b/acc": 2.0}
+    assert evaluate_tasks("7_0") == (flat, ["a", "b"])  # every task finished: nothing runs
+    assert sorted(p.name for p in results.glob("*.json")) == ["a_final.pt_ViT-Tiny-8-64_en_counting.json",
+                                                             "b_final.pt_ViT-Tiny-8-64_en_counting.json"]
+    assert evaluate_tasks("8_0")[1] == ["a", "b"] * 2
+    assert evaluate_tasks("8_0", recall_k=[1, 10])[1] == ["a", "b"] * 3
+    assert evaluate_tasks("8_0", recall_k=[1, 10])[1] == ["a", "b"] * 3
+    untrained_checkpoint(tmp_path / "final.pt")
+    assert evaluate_tasks("8_0", recall_k=[1, 10])[1] == ["a", "b"] * 4
+    assert evaluate_tasks(None, recall_k=[1, 10])[1] == ["a", "b"] * 5

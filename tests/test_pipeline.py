@@ -75,6 +75,7 @@ def test_mlflow_holds_one_run_per_point_with_the_metrics(local_sweep):
                 "metrics.image_caption_selection/sugar_crepe/swap_att/acc", "metrics.train/loss"]
     for column in expected:
         assert runs[column].notna().all(), column
+    assert (runs["metrics.train/minutes"] > 0).all()
     assert set(runs["params.masking.strategy"]) == {"random", "cluster"}
     cluster = runs[runs["params.masking.strategy"] == "cluster"]
     assert cluster["metrics.mask/coverage_mean"].notna().all()
@@ -99,12 +100,13 @@ def test_report_has_every_point(local_sweep):
     assert len(rows) == 4
     labels = {(r.split("|")[1].strip(), float(r.split("|")[2])) for r in rows}
     assert labels == {("random", 0.3), ("random", 0.5), ("cluster-rgb", 0.3), ("cluster-rgb", 0.5)}
-    assert "zs_acc1" in table[0] and "sc_mean" in table[0]
+    assert "zs_acc1" in table[0] and "sc_mean" in table[0] and table[0].rstrip(" |").endswith("train_min")
     assert (report / "results.tex").read_text().count("\\\\") >= 5
     mean_rows = [line for line in (report / "results_mean.md").read_text().splitlines()[2:] if line.startswith("|")]
     assert len(mean_rows) == 4 and all(r.split("|")[3].strip() == "1" for r in mean_rows)  # one seed each
     for plot in ("zeroshot_classification_wds_shapes_acc1", "linear_probe_wds_shapes_lp_acc1",
-                 "image_caption_selection_sugar_crepe_swap_att_acc", "linear_probe_wds_shapes_lp_acc5"):
+                 "image_caption_selection_sugar_crepe_swap_att_acc", "linear_probe_wds_shapes_lp_acc5",
+                 "zeroshot_classification_wds_shapes_acc1_vs_train_minutes"):
         assert (report / f"{plot}.png").stat().st_size > 5000, plot  # the last one: report.plot_metric
     assert len(list(report.glob("masks_*.png"))) == 4
     header = (report / "results_all_metrics.csv").read_text().splitlines()[0].split(",")

@@ -33,14 +33,14 @@ def test_retrieval_columns_name_the_direction_clip_benchmark_measured():
 
 def test_headline_has_a_column_per_dataset_named_after_it_when_there_are_several():
     """A paper sweep evaluates zero-shot on many datasets: each gets its column (and a plot); a task evaluated
-    on one dataset keeps the short name."""
+    on one dataset keeps the short name. The training time comes last."""
     metrics = {"zeroshot_classification/wds/imagenet1k/acc1": 0.3, "zeroshot_classification/wds/cifar10/acc1": 0.6,
                "zeroshot_retrieval/wds/mscoco_captions/text_retrieval_recall_at_1": 0.2,
-               "image_caption_selection/sugar_crepe/swap_att/acc": 0.7}
+               "image_caption_selection/sugar_crepe/swap_att/acc": 0.7, "train/minutes": 95.5, "train/loss": 2.0}
     frame = pd.DataFrame([{"label": "cluster-rgb", "ratio": 0.5, "seed": 0, **metrics}])
     row = headline_table(frame).iloc[0].to_dict()
     assert row == {"label": "cluster-rgb", "ratio": 0.5, "seed": 0, "zs_acc1_cifar10": 0.6, "zs_acc1_imagenet1k": 0.3,
-                   "i2t_r1": 0.2, "sc_swap_att": 0.7, "sc_mean": 0.7}
+                   "i2t_r1": 0.2, "sc_swap_att": 0.7, "sc_mean": 0.7, "train_min": 95.5}
     assert default_plot_metrics(frame) == ["zeroshot_classification/wds/cifar10/acc1",
                                            "zeroshot_classification/wds/imagenet1k/acc1",
                                            "image_caption_selection/sugar_crepe/swap_att/acc"]
@@ -90,6 +90,25 @@ def test_plot_bars_one_std_over_seeds(tmp_path, monkeypatch):
     x, y, err = bars[0]
     assert x == [0.3, 0.5] and y == pytest.approx([0.5, 0.5])
     assert err[0] == pytest.approx(0.1414, abs=1e-3) and pd.isna(err[1])  # 0.5: one seed
+
+
+def test_accuracy_against_training_time_draws_each_strategy_through_its_ratios_in_order_of_cost(tmp_path,
+                                                                                               monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from analysis.report import plot_against_training_time
+
+    key = "zeroshot_classification/wds/shapes/acc1"
+    frame = pd.DataFrame({"label": ["random"] * 3 + ["cluster-rgb"] * 2, "ratio": [0.3, 0.3, 0.5, 0.3, 0.5],
+                          "train/minutes": [10.0, 12.0, 7.0, 11.5, 8.0], key: [0.4, 0.6, 0.45, 0.55, 0.5]})
+    lines = {}
+    original = plt.Axes.plot
+    monkeypatch.setattr(plt.Axes, "plot", lambda self, x, y, *args, **kw: lines.update(
+        {kw["label"]: (list(x), list(y))}) or original(self, x, y, *args, **kw))
+    plot_against_training_time(frame, key, tmp_path / "cost.png")
+    assert (tmp_path / "cost.png").stat().st_size > 1000
+    assert lines["random"] == ([7.0, 11.0], [0.45, pytest.approx(0.5)])  # ratio 0.5 is the cheaper one
+    assert lines["cluster-rgb"] == ([8.0, 11.5], [0.5, 0.55])
 
 
 def recorded_sweep(folder, name: str, points):

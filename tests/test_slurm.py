@@ -92,33 +92,52 @@ def test_sweep_with_a_failing_point_then_resubmit(slurm, tmp_path, synthetic_roo
     assert len(graph.Manifest.load(sweep_dir).submissions) == 2
 
 
+def signal_when_running(manifest, stage: str, job_id: str, ready) -> str:
+    """Send what SLURM sends ahead of the time limit (submitit asks for --signal=USR2@delay) once `ready(done,
+    total)` holds for the stage's progress; returns that progress."""
+    deadline = time.time() + 300
+    while True:
+        row = sweep_status(manifest)[0]
+        if row[stage] == "running" and row[f"{stage}_progress"] and ready(*map(int, row[f"{stage}_progress"].split("/"))):
+            break
+        assert time.time() < deadline, f"{stage} never got far enough: {row}"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    return row[f"{stage}_progress"]
+
+
 def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root):
-    launch(tmp_path, synthetic_root, "sweep_name=requeue", "train.steps=400", "train.checkpoint_every=10",
-           "eval.tasks=[{name: zeroshot_classification, dataset: wds/shapes, root: " + f"{synthetic_root}/eval/shapes" + "}]")
+    """Training, then evaluation, signalled: each is requeued as the same job and goes on where it was."""
+    launch(tmp_path, synthetic_root, "sweep_name=requeue", "train.steps=400", "train.checkpoint_every=10")
     sweep_dir = tmp_path / "sweeps" / "requeue"
     manifest = graph.Manifest.load(sweep_dir)
     point = manifest.points[0]
-    train_job = manifest.submissions[0]["train"][0]["job_id"]
+    train_job, eval_job = (manifest.submissions[0][stage][0]["job_id"] for stage in ("train", "eval"))
     latest = Path(point.run_dir) / "checkpoints" / "latest.pt"
-    deadline = time.time() + 300
-    while not (latest.exists() and (row := sweep_status(manifest)[0])["train_progress"]):
-        assert time.time() < deadline, "training never checkpointed and logged"
-        time.sleep(1)
-    trained, total = map(int, row["train_progress"].split("/"))  # steps, as last logged
-    assert row["train"] == "running" and total == 400 and 0 < trained < 400
-    assert f"running {trained}/400" in format_status(manifest, [row])
-    # what SLURM sends ahead of the time limit (submitit asks for --signal=USR2@delay)
-    subprocess.run(["scancel", "--signal=USR2", train_job], check=True)
+    progress = signal_when_running(manifest, "train", train_job, lambda done, total: latest.exists() and done > 0)
+    trained, total = map(int, progress.split("/"))  # steps, as last logged
+    assert total == 400 and 0 < trained < 400
+    assert f"running {progress}" in format_status(manifest, [sweep_status(manifest)[0]])
+    tasks = len(graph.load_point_config(Path(point.run_dir)).eval.tasks)
+    progress = signal_when_running(manifest, "eval", eval_job, lambda done, total: done >= 2)
+    evaluated = int(progress.split("/")[0])
     wait_for(base_ids(manifest), timeout=900)
     rows = sweep_status(manifest)
     assert rows[0]["train"] == "done" and rows[0]["eval"] == "done"
-    logs = "".join(p.read_text() for p in (sweep_dir / "slurm" / "train").rglob("*.out"))
-    logs += "".join(p.read_text() for p in (sweep_dir / "slurm" / "train").rglob("*.err"))
+    logs = {stage: "".join(p.read_text() for p in (sweep_dir / "slurm" / stage).rglob("*_log.*"))
+            for stage in ("train", "eval")}
     # submitit logs "Requeued job" after `scontrol requeue` returns, which can be after SLURM has already
     # killed the step; slurmstepd's own line says the same
-    assert "Requeued job" in logs or "DUE TO JOB REQUEUE" in logs
-    assert "resumed from" in logs
+    assert all("Requeued job" in log or "DUE TO JOB REQUEUE" in log for log in logs.values())
+    assert "resumed from" in logs["train"]
     assert Path(point.run_dir, "checkpoints", "final.pt").exists() and not latest.exists()
+    # the evaluation tasks finished before the signal are read back (and logged again, with the same value)
+    read_back = logs["eval"].count("restarted: read back from")
+    assert evaluated <= read_back < tasks, logs["eval"][-3000:]
+    history = MlflowClient(manifest.tracking_uri).get_metric_history(point.mlflow_run_id,
+                                                                     "zeroshot_classification/wds/shapes/acc1")
+    assert len(history) == 2 and history[0].value == history[1].value
+    assert len(list(Path(point.run_dir, "results").glob("*.json"))) == tasks
 
 
 def test_two_process_gloo_training_then_evaluating_again(slurm, tmp_path, synthetic_root):

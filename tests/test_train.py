@@ -21,6 +21,29 @@ def test_throughput_counts_the_steps_of_each_log_interval(tmp_path, synthetic_ro
     assert {step: m["train/samples_per_s"] for step, m in logged.items()} == {2: 16.0, 4: 16.0, 5: 8.0}
 
 
+def test_training_time_is_summed_over_a_resumption(tmp_path, synthetic_root, monkeypatch):
+    """A clock that ticks one second per reading. Run 1 starts its loop at 0, logs at 1 and 2, checkpoints at
+    3 (step 2), fails in step 3. Run 2 resumes with those 3 s, starts at 4, logs at 5 and 6, saves final.pt at
+    7: the cost of the point is 3 + 3 s, not the 3 s of the last run alone."""
+    clock = itertools.count()
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    logged = {}
+
+    def trainer(fail_at_step):
+        return train.Trainer(ModelConfig(), MaskingConfig(strategy="random", ratio=0.5),
+                             DataConfig(train_shards=str(synthetic_root / "train"), workers=0),
+                             TrainConfig(steps=4, batch_size=8, log_every=1, checkpoint_every=2, warmup_steps=1,
+                                         device="cpu", fail_at_step=fail_at_step),
+                             tmp_path / "run", log=lambda metrics, step: logged.update({step: metrics}))
+
+    with pytest.raises(RuntimeError, match="injected failure"):
+        trainer(fail_at_step=3).run()
+    assert torch.load(train.checkpoint_paths(tmp_path / "run")[0], weights_only=True)["train_seconds"] == 3.0
+    final = trainer(fail_at_step=-1).run()
+    assert {step: m["train/minutes"] * 60 for step, m in logged.items()} == {1: 1.0, 2: 2.0, 3: 4.0, 4: 5.0}
+    assert torch.load(final, weights_only=True)["train_seconds"] == 6.0
+
+
 def test_each_cuda_process_takes_its_local_gpu_before_nccl_starts(monkeypatch):
     """Multi-GPU jobs (8 tasks per node, each seeing the node's 8 GPUs): rank 1 must work on cuda:1, and be
     bound to it before the NCCL group starts (no GPU here, so the two calls are recorded, not made)."""
