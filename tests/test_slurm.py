@@ -94,16 +94,17 @@ def test_sweep_with_a_failing_point_then_resubmit(slurm, tmp_path, synthetic_roo
 
 def signal_when_running(manifest, stage: str, job_id: str, ready) -> str:
     """Send what SLURM sends ahead of the time limit (submitit asks for --signal=USR2@delay) once `ready(done,
-    total)` holds for the stage's progress; returns that progress."""
-    deadline = time.time() + 300
+    total)` holds for the stage's progress; returns that progress. The wait covers the stages before."""
+    deadline = time.time() + 600
     while True:
         row = sweep_status(manifest)[0]
-        if row[stage] == "running" and row[f"{stage}_progress"] and ready(*map(int, row[f"{stage}_progress"].split("/"))):
+        progress = row[f"{stage}_progress"]
+        if row[stage] == "running" and progress and ready(*map(int, progress.split("/"))):
             break
         assert time.time() < deadline, f"{stage} never got far enough: {row}"
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    return row[f"{stage}_progress"]
+    return progress
 
 
 def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root):
