@@ -157,6 +157,18 @@ def seed_summary(table: pd.DataFrame, plus_minus: str = " ± ") -> pd.DataFrame:
     return summary
 
 
+def save_plot(fig, ax, xlabel: str, metric: str, path: Path, title: Optional[str] = None) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(metric.split("/")[-1])
+    ax.set_title(title or metric, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_metric(frame: pd.DataFrame, metric: str, path: Path, title: Optional[str] = None) -> Path:
     """`metric` against mask ratio, a line per strategy (mean over seeds), with bars of ± one std where a ratio
     has several seeds."""
@@ -173,15 +185,7 @@ def plot_metric(frame: pd.DataFrame, metric: str, path: Path, title: Optional[st
     chance = f"zeroshot_classification/{'/'.join(dataset)}/chance"
     if chance in frame and name.endswith("acc1"):
         ax.axhline(frame[chance].mean(), ls="--", c="grey", label="chance")
-    ax.set_xlabel("mask ratio")
-    ax.set_ylabel(metric.split("/")[-1])
-    ax.set_title(title or metric, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_plot(fig, ax, "mask ratio", metric, path, title)
 
 
 def plot_against_training_time(frame: pd.DataFrame, metric: str, path: Path) -> Path:
@@ -194,15 +198,7 @@ def plot_against_training_time(frame: pd.DataFrame, metric: str, path: Path) -> 
         for ratio, row in means.iterrows():
             ax.annotate(f"{ratio:g}", (row[TRAIN_MINUTES], row[metric]), textcoords="offset points", xytext=(3, 3),
                         fontsize=7)
-    ax.set_xlabel("training minutes (mean over seeds; points: mask ratio)")
-    ax.set_ylabel(metric.split("/")[-1])
-    ax.set_title(metric, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_plot(fig, ax, "training minutes (mean over seeds; points: mask ratio)", metric, path)
 
 
 def write_table_and_mean(rows: pd.DataFrame, out_dir: Path, name: str) -> List[Path]:

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import EvalConfig, EvalTask, validate_eval
+from .files import write_atomic
 
 # clip_benchmark is imported where it is used: composing and checking a 64-point sweep should not pay for it.
 
@@ -210,13 +211,6 @@ def evaluated_in_attempt(out_dir: Path, attempt: Optional[str], checkpoint: str)
     return record["tasks"]
 
 
-def write_json(path: Path, content: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=1))
-    os.replace(tmp, path)
-
-
 def evaluate_checkpoint(model_name: str, checkpoint: str, cfg: EvalConfig, out_dir: Path,
                         log: Optional[Callable[[Dict[str, float]], None]] = None,
                         attempt: Optional[str] = None) -> Dict[str, float]:
@@ -237,6 +231,8 @@ def evaluate_checkpoint(model_name: str, checkpoint: str, cfg: EvalConfig, out_d
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = EvalContext(device, cfg.batch_size, cfg.workers, cfg.amp, out_dir / "features")
     already = evaluated_in_attempt(out_dir, attempt, checkpoint)
+    if attempt is not None:
+        (out_dir / ATTEMPT_FILE).parent.mkdir(exist_ok=True)
     record = {"attempt": attempt, "checkpoint": checkpoint_identity(checkpoint), "tasks": {}}
     flat = {}
     for task in cfg.tasks:
@@ -247,11 +243,11 @@ def evaluate_checkpoint(model_name: str, checkpoint: str, cfg: EvalConfig, out_d
             metrics = json.loads(path.read_text())["metrics"]
         else:
             metrics = run_task(model, transform, tokenizer, task, ctx)
-            write_json(path, {"dataset": task.dataset, "model": model_name, "pretrained": checkpoint,
-                              "task": task.name, "metrics": metrics, "language": "en"})
+            write_atomic(path, json.dumps({"dataset": task.dataset, "model": model_name, "pretrained": checkpoint,
+                                           "task": task.name, "metrics": metrics, "language": "en"}, indent=1))
         if attempt is not None:
             record["tasks"][path.name] = asdict(task)
-            write_json(out_dir / ATTEMPT_FILE, record)
+            write_atomic(out_dir / ATTEMPT_FILE, json.dumps(record, indent=1))
         task_metrics = {metric_key(task, k): v for k, v in metrics.items()}
         if log is not None:
             log(task_metrics)

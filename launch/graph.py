@@ -19,6 +19,8 @@ from typing import Dict, Iterator, List, Optional
 import yaml
 from omegaconf import OmegaConf
 
+from clustermask.files import write_atomic
+
 STAGES = ("train", "eval")
 NOT_POINT_KEYS = ("launcher", "experiment", "sweep_name", "paths", "hydra")
 
@@ -72,17 +74,6 @@ class Manifest:
             if "report" in submission:
                 jobs["report"] = submission["report"]["job_id"]
         return jobs
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Readers (status, a requeued task) see the old file or the new one, never a half-written one; a failed
-    write (disk full, quota) leaves the old one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def is_point_override(override: str) -> bool:
