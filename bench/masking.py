@@ -2,6 +2,7 @@
 
     python bench/masking.py                      # GPU: ViT-B-16, batch 256, bf16 autocast; CPU: tiny model, fp32
     python bench/masking.py --device cpu --steps 5 --no-compile
+    python bench/masking.py --op-only --modes compiled --variants current,previous,bmm --kernels 8
 
 Prints each figure as a ratio to `random` at the same ratio, and the masking op's share of the step.
 Writes JSON and Markdown next to --out. A measurement, not a test: nothing here asserts a speed.
@@ -9,6 +10,7 @@ Writes JSON and Markdown next to --out. A measurement, not a test: nothing here 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -20,6 +22,7 @@ import open_clip
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from clustermask import masking  # noqa: E402
 from clustermask.masking import MaskingConfig  # noqa: E402
 from clustermask.model import ModelConfig, create  # noqa: E402
 
@@ -30,6 +33,35 @@ CONFIGS = [  # (label, masking config)
     ("cluster-embedding", dict(strategy="cluster", features="embedding")),
     ("kmeans", dict(strategy="kmeans")),
 ]
+
+
+def previous_rgb_similarity(pixels: torch.Tensor, patch_size: int, anchors: torch.Tensor) -> torch.Tensor:
+    """The rgb similarity as it was until 2026-11-27 (measured on an H200 that day), the baseline of the
+    `previous` variant: standardise every pixel, then the cosine over each patch's C * p * p values."""
+    return masking.anchor_similarity(masking.standardised_patches(pixels, patch_size), anchors)
+
+
+# variant -> (the strategies it changes, how to set it up); `current` is the library as it is
+VARIANTS = {
+    "current": (None, lambda: None),
+    "previous": ({"cluster-rgb"}, lambda: setattr(masking, "rgb_similarity", previous_rgb_similarity)),
+    "bmm": ({"cluster-rgb", "cluster-embedding"}, lambda: setattr(masking, "UNROLLED_DOTS_MAX", 0)),
+}
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    saved = masking.rgb_similarity, masking.UNROLLED_DOTS_MAX
+    VARIANTS[name][1]()
+    try:
+        yield
+    finally:
+        masking.rgb_similarity, masking.UNROLLED_DOTS_MAX = saved
+
+
+def variant_applies(name: str, label: str) -> bool:
+    strategies = VARIANTS[name][0]
+    return strategies is None or label in strategies
 
 
 class Timer:
@@ -57,8 +89,9 @@ class Timer:
         return times[len(times) // 2]
 
 
-def kernel_ms(fn, iters: int) -> float:
-    """GPU time of the kernels one call of fn launches (torch.profiler), averaged over iters calls.
+def kernel_ms(fn, iters: int, top: int = 0):
+    """GPU time of the kernels one call of fn launches (torch.profiler), averaged over iters calls; with `top`,
+    also the `top` costliest kernels as [name, ms per call].
 
     The op's cost inside a training step, where the GPU runs ahead of Python and launch gaps are hidden;
     CUDA events around a lone call also count the gaps between its kernels."""
@@ -70,8 +103,14 @@ def kernel_ms(fn, iters: int) -> float:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    return sum(e.time_range.elapsed_us() for e in kernels) / 1000 / iters
+    per_name = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            per_name[event.name] = per_name.get(event.name, 0.0) + event.time_range.elapsed_us() / 1000 / iters
+    total = sum(per_name.values())
+    if not top:
+        return total
+    return total, [[name, ms] for name, ms in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]]
 
 
 def graph_ms(fn, timer, iters: int) -> float:
@@ -161,7 +200,15 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-ratios", default="0.5,0.3", help="ratios also measured compiled")
     parser.add_argument("--budget-s", type=float, default=480, help="skip remaining runs after this long")
     parser.add_argument("--out", default="bench/results/masking")
+    parser.add_argument("--op-only", action="store_true", help="measure the masking op alone, not the step")
+    parser.add_argument("--variants", default="current",
+                        help=f"comma-separated, of {sorted(VARIANTS)}: `previous` is the rgb similarity before "
+                             "2026-11-27, `bmm` the similarity's dot products as a bmm when compiled")
+    parser.add_argument("--kernels", type=int, default=0, help="on a GPU, list the op's N costliest kernels")
     args = parser.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown --variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
     gpu = args.device.startswith("cuda")
     args.model = args.model or ("ViT-B-16" if gpu else "ViT-Tiny-8-64")
     args.batch = args.batch or (256 if gpu else 64)
@@ -186,52 +233,80 @@ def main(argv=None) -> int:
             for label, kw in CONFIGS:
                 if label not in wanted or (label == "none" and ratio != mode_ratios[0]):
                     continue
-                if time.time() - started > args.budget_s:
-                    print(f"budget spent: skipping {label} {ratio} {mode}", flush=True)
-                    continue
-                torch._dynamo.reset()
-                kw = dict(kw, ratio=0.0 if label == "none" else ratio)
-                step, mask_op = build(args, kw, mode == "compiled")
-                warmup = 3 if mode == "compiled" else 2
-                step_ms = timer(step, args.steps, warmup)
-                op_ms = timer(mask_op, args.steps * 5, warmup) if label != "none" else 0.0
-                gpu_op = gpu and label != "none"
-                op_kernels = optional("kernel timing", kernel_ms, mask_op, args.steps * 5) if gpu_op else None
-                op_graph = optional("CUDA graph timing", graph_ms, mask_op, timer, args.steps * 5) if gpu_op else None
-                row = {"strategy": label, "ratio": kw["ratio"], "mode": mode, "step_ms": step_ms, "op_ms": op_ms,
-                       "op_kernel_ms": op_kernels, "op_graph_ms": op_graph}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                del step, mask_op
-                if gpu:
-                    torch.cuda.empty_cache()
-                (out.with_suffix(".json")).write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+                for name in args.variants.split(","):
+                    if not variant_applies(name, label):
+                        continue
+                    if time.time() - started > args.budget_s:
+                        print(f"budget spent: skipping {label} {ratio} {mode} {name}", flush=True)
+                        continue
+                    with variant(name):
+                        row = measure(args, timer, label, dict(kw, ratio=0.0 if label == "none" else ratio), mode)
+                    row["variant"] = name
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    (out.with_suffix(".json")).write_text(json.dumps({"header": header, "rows": rows}, indent=1))
     table = render(header, rows)
     out.with_suffix(".md").write_text(table)
     print(table)
     return 0
 
 
+def measure(args, timer, label: str, kw: dict, mode: str) -> dict:
+    """One row: the step (unless --op-only) and the op alone, in `mode`."""
+    gpu = args.device.startswith("cuda")
+    torch._dynamo.reset()
+    step, mask_op = build(args, kw, mode == "compiled")
+    warmup = 3 if mode == "compiled" else 2
+    step_ms = None if args.op_only else timer(step, args.steps, warmup)
+    op_ms = timer(mask_op, args.steps * 5, warmup) if label != "none" else 0.0
+    row = {"strategy": label, "ratio": kw["ratio"], "mode": mode, "step_ms": step_ms, "op_ms": op_ms,
+           "op_kernel_ms": None, "op_graph_ms": None}
+    if gpu and label != "none":
+        kernels = optional("kernel timing", kernel_ms, mask_op, args.steps * 5, args.kernels)
+        if args.kernels and kernels is not None:
+            kernels, row["op_top_kernels"] = kernels
+        row["op_kernel_ms"] = kernels
+        row["op_graph_ms"] = optional("CUDA graph timing", graph_ms, mask_op, timer, args.steps * 5)
+    del step, mask_op
+    if gpu:
+        torch.cuda.empty_cache()
+    return row
+
+
 def share_cells(op_ms, step_ms) -> str:
-    return f"{op_ms:.3f} | {100 * op_ms / step_ms:.2f}%" if op_ms is not None else "- | -"
+    if op_ms is None:
+        return "- | -"
+    return f"{op_ms:.3f} | {100 * op_ms / step_ms:.2f}%" if step_ms else f"{op_ms:.3f} | -"
+
+
+def number(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def render(header, rows) -> str:
-    random_step = {(r["ratio"], r["mode"]): r["step_ms"] for r in rows if r["strategy"] == "random"}
-    random_op = {(r["ratio"], r["mode"]): r["op_ms"] for r in rows if r["strategy"] == "random"}
+    """The table: ratios to `random` (current variant) at the same ratio and mode; then each op's costliest
+    kernels where they were listed."""
+    baseline = {(r["ratio"], r["mode"]): r for r in rows
+                if r["strategy"] == "random" and r.get("variant", "current") == "current"}
     lines = [f"# masking benchmark: {header['model']} batch {header['batch']}, {header['precision']}",
              f"device: {header['device']}; torch {header['torch']}; {header['date']}", "",
-             "| strategy | ratio | mode | step ms | step / random | op ms | op / random | op share of step | "
+             "| strategy | variant | ratio | mode | step ms | step / random | op ms | op / random | op share of step | "
              "op kernels ms | kernels share of step | op CUDA graph ms | graph share of step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        key = (r["ratio"], r["mode"])
-        rel_step = r["step_ms"] / random_step[key] if key in random_step else float("nan")
-        rel_op = r["op_ms"] / random_op[key] if random_op.get(key) else float("nan")
-        share = r["op_ms"] / r["step_ms"] if r["step_ms"] else float("nan")
+        base = baseline.get((r["ratio"], r["mode"]), {})
+        rel_step = r["step_ms"] / base["step_ms"] if r["step_ms"] and base.get("step_ms") else None
+        rel_op = r["op_ms"] / base["op_ms"] if base.get("op_ms") else None
+        share = r["op_ms"] / r["step_ms"] if r["step_ms"] else None
         gpu_cells = " | ".join(share_cells(r.get(key), r["step_ms"]) for key in ("op_kernel_ms", "op_graph_ms"))
-        lines.append(f"| {r['strategy']} | {r['ratio']:g} | {r['mode']} | {r['step_ms']:.2f} | {rel_step:.3f} | "
-                     f"{r['op_ms']:.3f} | {rel_op:.2f} | {100 * share:.2f}% | {gpu_cells} |")
+        lines.append(f"| {r['strategy']} | {r.get('variant', 'current')} | {r['ratio']:g} | {r['mode']} | "
+                     f"{number(r['step_ms'], 2)} | {number(rel_step, 3)} | {r['op_ms']:.3f} | {number(rel_op, 2)} | "
+                     f"{'-' if share is None else f'{100 * share:.2f}%'} | {gpu_cells} |")
+    for r in rows:
+        if r.get("op_top_kernels"):
+            lines += ["", f"{r['strategy']} ({r.get('variant', 'current')}) {r['ratio']:g} {r['mode']}: "
+                          "costliest kernels of the op, ms per call", ""]
+            lines += [f"- {ms:.4f} {name[:120]}" for name, ms in r["op_top_kernels"]]
     return "\n".join(lines) + "\n"
 
 

@@ -63,13 +63,19 @@ def num_dropped(num_patches: int, ratio: float) -> int:
 # ---------------------------------------------------------------- features
 
 
-def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, L, C * p * p), patches in the row-major order of open_clip's conv1 tokens."""
+def patch_groups(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, L, p * p): each channel's pixels of each patch, patches in the row-major order of
+    open_clip's conv1 tokens."""
     b, c, h, w = pixels.shape
     gh, gw = h // patch_size, w // patch_size
     x = pixels[:, :, : gh * patch_size, : gw * patch_size]
-    x = x.reshape(b, c, gh, patch_size, gw, patch_size).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, gh * gw, c * patch_size * patch_size)
+    x = x.reshape(b, c, gh, patch_size, gw, patch_size).permute(0, 1, 2, 4, 3, 5)
+    return x.reshape(b, c, gh * gw, patch_size * patch_size)
+
+
+def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, L, C * p * p)."""
+    return patch_groups(pixels, patch_size).transpose(1, 2).flatten(2)
 
 
 def standardised_patches(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -84,7 +90,9 @@ def standardised_patches(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def _random_indices(batch: int, length: int, count: int, device) -> torch.Tensor:
-    return torch.rand(batch, length, device=device).topk(count, dim=1).indices
+    # the same indices as topk(count), but compiled for a GPU inductor sorts in a kernel fused with the draw,
+    # where topk is a call to ATen's kernels
+    return torch.rand(batch, length, device=device).argsort(dim=1, descending=True)[:, :count]
 
 
 # the default 3% anchors up to ~1,000 patches (6 for ViT-B-16, 17 for ViT-L-14 at 336 px); each vector
@@ -93,25 +101,46 @@ UNROLLED_DOTS_MAX = 32
 
 
 def batched_dots(features: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """(B, L, D) . (B, A, D) -> (B, L, A): every patch's dot product with each of its image's A vectors.
+    """(..., L, K) . (..., A, K) -> (..., L, A): every patch's dot product with each of its image's A vectors.
 
-    Compiled, and for few vectors, as A multiply-sum reductions rather than a bmm: inductor fuses them with
-    the producer of `features` (the standardisation and patchify of the pixels) and with the norms into one
-    pass, so the (B, L, D) features are never written to memory; a bmm needs them there. Eager, the bmm."""
-    if torch.compiler.is_compiling() and vectors.shape[1] <= UNROLLED_DOTS_MAX:
-        return torch.stack([(features * vectors[:, None, i]).sum(-1) for i in range(vectors.shape[1])], -1)
-    return torch.bmm(features, vectors.transpose(1, 2))
+    Compiled, and for few vectors, as A multiply-sum reductions rather than a matmul: inductor fuses them with
+    the producer of `features` (the centring and patchify of the pixels) and with the norms into one pass, so
+    the (B, L, K) features are never written to memory; a matmul needs them there. Eager, the matmul."""
+    if torch.compiler.is_compiling() and vectors.shape[-2] <= UNROLLED_DOTS_MAX:
+        return torch.stack([(features * vectors[..., i : i + 1, :]).sum(-1) for i in range(vectors.shape[-2])], -1)
+    return torch.matmul(features, vectors.transpose(-1, -2))
 
 
-def anchor_similarity(features: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+def anchor_similarity(features: torch.Tensor, anchors: torch.Tensor,
+                      group_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Cosine similarity (B, L, A) of every patch to each image's anchor patches.
 
-    The (B, L, A) dot products are divided by the norms, rather than the (B, L, D) features normalised
-    first: one pass less over the features (compiled, on the development machine's CPU, the rgb similarity
-    got 1.6x faster at the tiny model's shapes and 1.2x at ViT-B-16's)."""
-    norms = features.norm(dim=-1).clamp_min(1e-6)
-    anchor_feats = features.gather(1, anchors[..., None].expand(-1, -1, features.shape[-1]))
-    return batched_dots(features, anchor_feats) / (norms[..., None] * norms.gather(1, anchors)[:, None, :])
+    `features` (B, L, D), or (B, G, L, K) with `group_weights` (B, G): then the inner product is
+    sum_g w_g <u_g, v_g>, so that a per-group scale s_g of the features (the rgb channels' 1/std) is applied,
+    as w_g = s_g^2, to the (B, G, L, A) dot products rather than to every feature. The dot products are divided
+    by the norms rather than the features normalised first: one pass less over the features."""
+    grouped = features if group_weights is not None else features[:, None]
+    anchor_feats = grouped.gather(2, anchors[:, None, :, None].expand(-1, grouped.shape[1], -1, grouped.shape[3]))
+    dots = batched_dots(grouped, anchor_feats)  # (B, G, L, A)
+    squares = grouped.pow(2).sum(-1)  # (B, G, L)
+    if group_weights is None:
+        dots, squares = dots[:, 0], squares[:, 0]
+    else:
+        dots = (dots * group_weights[:, :, None, None]).sum(1)
+        squares = (squares * group_weights[:, :, None]).sum(1)
+    norms = squares.sqrt().clamp_min(1e-6)
+    return dots / (norms[..., None] * norms.gather(1, anchors)[:, None, :])
+
+
+def rgb_similarity(pixels: torch.Tensor, patch_size: int, anchors: torch.Tensor) -> torch.Tensor:
+    """`anchor_similarity` of `standardised_patches`, computed on the centred pixels with the channels'
+    1 / std^2 as group weights: the same cosines (up to rounding) without a division per pixel, and each
+    channel's p * p pixels summed on their own (on a GPU, 256 lanes for ViT-B-16 rather than 768 padded to
+    1024)."""
+    x = pixels.float()
+    std, mean = torch.std_mean(x, dim=(2, 3))
+    centred = patch_groups(x - mean[..., None, None], patch_size)
+    return anchor_similarity(centred, anchors, group_weights=(std + 1e-6).pow(-2))
 
 
 def num_anchors(num_patches: int, fraction: float) -> int:
@@ -121,7 +150,7 @@ def num_anchors(num_patches: int, fraction: float) -> int:
 def cluster_similarity(inputs: MaskingInputs, cfg: MaskingConfig, anchors: torch.Tensor) -> torch.Tensor:
     if cfg.features == "embedding":
         return anchor_similarity(inputs.tokens.float(), anchors)
-    rgb = anchor_similarity(standardised_patches(inputs.pixels, inputs.patch_size), anchors)
+    rgb = rgb_similarity(inputs.pixels, inputs.patch_size, anchors)
     if cfg.features == "rgb":
         return rgb
     emb = anchor_similarity(inputs.tokens.float(), anchors)

@@ -358,25 +358,31 @@ ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])
 
 @pytest.mark.parametrize("device", ["cpu", ON_GPU])
 @pytest.mark.parametrize("num_anchors", [3, masking.UNROLLED_DOTS_MAX + 4])
-def test_compiled_rgb_similarity_matches_eager_without_writing_the_features(num_anchors, device):
-    """Compiled, few anchors: the similarity is fused into the pass over the pixels (no bmm, so the
-    standardised (B, L, D) patches are not written); many anchors: a bmm. Both agree with eager."""
+def test_compiled_rgb_similarity_is_the_cosine_of_standardised_patches_without_writing_them(num_anchors, device):
+    """rgb_similarity works on the centred pixels with the channels' 1/std^2 as weights; it must give the cosine of
+    the standardised patches. Compiled with few anchors, the similarity is fused into the pass over the pixels
+    (no bmm, so no (B, C, L, p * p) patch buffer is written); with many, a bmm. Both agree with the definition."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
-    pixels = torch.randn(3, 3, 6 * PATCH, 7 * PATCH, generator=g).to(device)
+    pixels = (torch.rand(3, 3, 6 * PATCH, 7 * PATCH, generator=g) * torch.tensor([1.0, 3.0, 0.2])[:, None, None]
+              + torch.tensor([0.5, -2.0, 4.0])[:, None, None]).to(device)
     anchors = torch.randperm(42, generator=g)[:num_anchors].repeat(3, 1).to(device)
+    patches = masking.standardised_patches(pixels, PATCH)
+    definition = torch.nn.functional.cosine_similarity(
+        patches[:, :, None], patches.gather(1, anchors[..., None].expand(-1, -1, patches.shape[-1]))[:, None], dim=-1)
 
     def similarity(px, idx):
-        return masking.anchor_similarity(masking.standardised_patches(px, PATCH), idx)
+        return masking.rgb_similarity(px, PATCH, idx)
 
     compiled, (code, *_) = run_and_get_code(torch.compile(similarity, fullgraph=True), pixels, anchors)
-    torch.testing.assert_close(compiled, similarity(pixels, anchors), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(similarity(pixels, anchors), definition, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled, definition, rtol=1e-5, atol=1e-5)
     fused = num_anchors <= masking.UNROLLED_DOTS_MAX
     assert ("bmm" in code) != fused
-    patch_layout_buffer = f"empty_strided_{device}((3, 6, 7, 3, {PATCH}, {PATCH})"
-    assert (patch_layout_buffer in code) != fused
+    patch_buffer = f"empty_strided_{device}((3, 3, 6, 7, {PATCH}, {PATCH})"
+    assert (patch_buffer in code) != fused
 
 
 def load_bench(name: str):
