@@ -3,6 +3,7 @@
     python bench/masking.py                      # GPU: ViT-B-16, batch 256, bf16 autocast; CPU: tiny model, fp32
     python bench/masking.py --device cpu --steps 5 --no-compile
     python bench/masking.py --op-only --modes compiled --variants current,previous,bmm --kernels 8
+    python bench/masking.py --modes compiled --compile-ratios 0.5 --strategies random,cluster-rgb --interleave 5
 
 Prints each figure as a ratio to `random` at the same ratio, and the masking op's share of the step.
 Writes JSON and Markdown next to --out. A measurement, not a test: nothing here asserts a speed.
@@ -205,10 +206,17 @@ def main(argv=None) -> int:
                         help=f"comma-separated, of {sorted(VARIANTS)}: `previous` is the rgb similarity before "
                              "2026-11-27, `bmm` the similarity's dot products as a bmm when compiled")
     parser.add_argument("--kernels", type=int, default=0, help="on a GPU, list the op's N costliest kernels")
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="time the strategies' steps in turn, ROUNDS times, all models built first: step "
+                             "ratios that drift with the machine's state cancel (no op timing)")
     args = parser.parse_args(argv)
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown --variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
+    if args.interleave and args.op_only:
+        parser.error(f"--interleave {args.interleave} times steps: not with --op-only")
+    if args.interleave and args.variants != "current":
+        parser.error(f"--interleave {args.interleave} times the library as it is: not with --variants {args.variants}")
     gpu = args.device.startswith("cuda")
     args.model = args.model or ("ViT-B-16" if gpu else "ViT-Tiny-8-64")
     args.batch = args.batch or (256 if gpu else 64)
@@ -230,6 +238,13 @@ def main(argv=None) -> int:
     for mode in modes:
         mode_ratios = ratios if mode == "eager" else compile_ratios
         for ratio in mode_ratios:
+            if args.interleave:
+                chosen = [(label, dict(kw, ratio=0.0 if label == "none" else ratio)) for label, kw in CONFIGS
+                          if label in wanted and not (label == "none" and ratio != mode_ratios[0])]
+                rows += measure_interleaved(args, timer, chosen, mode)
+                print("\n".join(json.dumps(row) for row in rows[-len(chosen):]), flush=True)
+                (out.with_suffix(".json")).write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+                continue
             for label, kw in CONFIGS:
                 if label not in wanted or (label == "none" and ratio != mode_ratios[0]):
                     continue
@@ -273,6 +288,33 @@ def measure(args, timer, label: str, kw: dict, mode: str) -> dict:
     return row
 
 
+def measure_interleaved(args, timer, chosen: list, mode: str) -> list:
+    """Rows with the median over `args.interleave` rounds of each config's step time (itself the median of
+    `args.steps` steps); every model is built and warmed up first, and each round times them all, starting
+    from a different one each time."""
+    torch._dynamo.reset()
+    steps = {}
+    for label, kw in chosen:
+        steps[label] = build(args, kw, mode == "compiled")[0]
+        for _ in range(3 if mode == "compiled" else 2):
+            steps[label]()
+    rounds = {label: [] for label, _ in chosen}
+    order = [label for label, _ in chosen]
+    for i in range(args.interleave):
+        for label in order[i % len(order):] + order[: i % len(order)]:
+            rounds[label].append(timer(steps[label], args.steps, 1))
+    rows = []
+    for label, kw in chosen:
+        times = sorted(rounds[label])
+        rows.append({"strategy": label, "ratio": kw["ratio"], "mode": mode, "variant": "current",
+                     "step_ms": times[len(times) // 2], "step_rounds_ms": rounds[label], "op_ms": None,
+                     "op_kernel_ms": None, "op_graph_ms": None})
+    del steps
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return rows
+
+
 def share_cells(op_ms, step_ms) -> str:
     if op_ms is None:
         return "- | -"
@@ -296,12 +338,16 @@ def render(header, rows) -> str:
     for r in rows:
         base = baseline.get((r["ratio"], r["mode"]), {})
         rel_step = r["step_ms"] / base["step_ms"] if r["step_ms"] and base.get("step_ms") else None
-        rel_op = r["op_ms"] / base["op_ms"] if base.get("op_ms") else None
-        share = r["op_ms"] / r["step_ms"] if r["step_ms"] else None
+        rel_op = r["op_ms"] / base["op_ms"] if r["op_ms"] is not None and base.get("op_ms") else None
+        share = r["op_ms"] / r["step_ms"] if r["step_ms"] and r["op_ms"] is not None else None
         gpu_cells = " | ".join(share_cells(r.get(key), r["step_ms"]) for key in ("op_kernel_ms", "op_graph_ms"))
         lines.append(f"| {r['strategy']} | {r.get('variant', 'current')} | {r['ratio']:g} | {r['mode']} | "
-                     f"{number(r['step_ms'], 2)} | {number(rel_step, 3)} | {r['op_ms']:.3f} | {number(rel_op, 2)} | "
-                     f"{'-' if share is None else f'{100 * share:.2f}%'} | {gpu_cells} |")
+                     f"{number(r['step_ms'], 2)} | {number(rel_step, 3)} | {number(r['op_ms'], 3)} | "
+                     f"{number(rel_op, 2)} | {'-' if share is None else f'{100 * share:.2f}%'} | {gpu_cells} |")
+    for r in rows:
+        if r.get("step_rounds_ms"):
+            lines.append(f"\n{r['strategy']} {r['ratio']:g} {r['mode']}, step ms per round (interleaved): "
+                         + ", ".join(f"{ms:.2f}" for ms in r["step_rounds_ms"]))
     for r in rows:
         if r.get("op_top_kernels"):
             lines += ["", f"{r['strategy']} ({r.get('variant', 'current')}) {r['ratio']:g} {r['mode']}: "
