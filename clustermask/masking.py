@@ -90,8 +90,8 @@ def standardised_patches(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def _random_indices(batch: int, length: int, count: int, device) -> torch.Tensor:
-    # the same indices as topk(count), but compiled for a GPU inductor sorts in a kernel fused with the draw,
-    # where topk is a call to ATen's kernels
+    # the same indices as topk(count); compiled for a GPU, inductor sorts them in a kernel fused with the draw,
+    # whereas topk would be a call into ATen
     return torch.rand(batch, length, device=device).argsort(dim=1, descending=True)[:, :count]
 
 
