@@ -266,12 +266,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def warmup_calls(mode: str) -> int:
+    """Calls before timing: compiling takes the first one or two."""
+    return 3 if mode == "compiled" else 2
+
+
 def measure(args, timer, label: str, kw: dict, mode: str) -> dict:
     """One row: the step (unless --op-only) and the op alone, in `mode`."""
     gpu = args.device.startswith("cuda")
     torch._dynamo.reset()
     step, mask_op = build(args, kw, mode == "compiled")
-    warmup = 3 if mode == "compiled" else 2
+    warmup = warmup_calls(mode)
     step_ms = None if args.op_only else timer(step, args.steps, warmup)
     op_ms = timer(mask_op, args.steps * 5, warmup) if label != "none" else 0.0
     row = {"strategy": label, "ratio": kw["ratio"], "mode": mode, "step_ms": step_ms, "op_ms": op_ms,
@@ -296,7 +301,7 @@ def measure_interleaved(args, timer, chosen: list, mode: str) -> list:
     steps = {}
     for label, kw in chosen:
         steps[label] = build(args, kw, mode == "compiled")[0]
-        for _ in range(3 if mode == "compiled" else 2):
+        for _ in range(warmup_calls(mode)):
             steps[label]()
     rounds = {label: [] for label, _ in chosen}
     order = [label for label, _ in chosen]

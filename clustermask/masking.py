@@ -78,15 +78,21 @@ def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
     return patch_groups(pixels, patch_size).transpose(1, 2).flatten(2)
 
 
-def standardised_patches(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, L, C * p * p) patch pixel vectors, standardised per channel with the image's own mean and std.
+def channel_statistics(pixels: torch.Tensor):
+    """(pixels in fp32, mean, scale), the mean and std (+ eps) of each image's channels, (B, C, 1, 1): what the
+    rgb features of both `cluster` and `kmeans` are standardised with.
 
     Standardising per patch (as MAE's normalised-pixel target does) would send every flat patch to the zero
-    vector, so a red and a blue flat region would be indistinguishable; per-image statistics keep colour.
-    """
+    vector, so a red and a blue flat region would be indistinguishable; per-image statistics keep colour."""
     x = pixels.float()
     std, mean = torch.std_mean(x, dim=(2, 3), keepdim=True)
-    return patchify((x - mean) / (std + 1e-6), patch_size)
+    return x, mean, std + 1e-6
+
+
+def standardised_patches(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, L, C * p * p) patch pixel vectors, standardised per channel with the image's own mean and std."""
+    x, mean, scale = channel_statistics(pixels)
+    return patchify((x - mean) / scale, patch_size)
 
 
 def _random_indices(batch: int, length: int, count: int, device) -> torch.Tensor:
@@ -137,10 +143,8 @@ def rgb_similarity(pixels: torch.Tensor, patch_size: int, anchors: torch.Tensor)
     1 / std^2 as group weights: the same cosines (up to rounding) without a division per pixel, and each
     channel's p * p pixels summed on their own (on a GPU, 256 lanes for ViT-B-16 rather than 768 padded to
     1024)."""
-    x = pixels.float()
-    std, mean = torch.std_mean(x, dim=(2, 3))
-    centred = patch_groups(x - mean[..., None, None], patch_size)
-    return anchor_similarity(centred, anchors, group_weights=(std + 1e-6).pow(-2))
+    x, mean, scale = channel_statistics(pixels)
+    return anchor_similarity(patch_groups(x - mean, patch_size), anchors, group_weights=scale.flatten(1).pow(-2))
 
 
 def num_anchors(num_patches: int, fraction: float) -> int:

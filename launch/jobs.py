@@ -126,7 +126,8 @@ def eval_point(run_dir: str) -> str:
 
         # a requeued SLURM job keeps its id and goes on from its first unfinished task; a local task is never
         # restarted as itself, and a resubmission evaluates everything again
-        attempt = None if _job_id() == "local" else _job_id()
+        job_id = _job_id()
+        attempt = None if job_id == "local" else job_id
         evaluate_checkpoint(cfg.model.name, str(checkpoint), _typed(cfg.eval), Path(run_dir) / "results",
                             log=log if logger else None, attempt=attempt)
         return str(Path(run_dir) / "results")
