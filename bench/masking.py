@@ -21,6 +21,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clustermask import masking  # noqa: E402
@@ -42,22 +43,58 @@ def previous_rgb_similarity(pixels: torch.Tensor, patch_size: int, anchors: torc
     return masking.anchor_similarity(masking.standardised_patches(pixels, patch_size), anchors)
 
 
+def previous_kmeans_assignment(feats: torch.Tensor, initial: torch.Tensor, iters: int) -> torch.Tensor:
+    """K-means as it was until 2026-11-27 (0.62 ms of kernels on an H200 that day, 1% of the step): Lloyd's
+    iterations on the normalised (B, L, D) features, two fp32 bmm over them per iteration."""
+    feats = F.normalize(feats, dim=-1, eps=1e-6)
+    centres = feats.gather(1, initial[..., None].expand(-1, -1, feats.shape[-1]))
+    for _ in range(iters):
+        onehot = masking._one_hot(torch.bmm(feats, centres.transpose(1, 2)).argmax(-1), initial.shape[1], feats.dtype)
+        sums = torch.bmm(onehot.transpose(1, 2), feats)
+        centres = torch.where(onehot.sum(1)[..., None] > 0, F.normalize(sums, dim=-1, eps=1e-6), centres)
+    return torch.bmm(feats, centres.transpose(1, 2)).argmax(-1)
+
+
+def previous_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int):
+    return previous_kmeans_assignment(masking.standardised_patches(pixels, patch_size), initial, iters)
+
+
+def bf16_gram(feats: torch.Tensor, split=None) -> torch.Tensor:
+    """`bf16` variant: k-means' Gram from one bf16 GEMM (cosines ~6e-4 off rather than ~4e-6)."""
+    high = feats.to(torch.bfloat16)
+    return torch.bmm(high, high.transpose(1, 2), out_dtype=torch.float32) if feats.is_cuda else \
+        torch.bmm(high.float(), high.float().transpose(1, 2))
+
+
+def pooled_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int):
+    """`pooled` variant: k-means on each patch's pixels averaged 2 x 2 (a quarter of the features)."""
+    return masking.kmeans_assignment(
+        masking.cosine_gram(masking.standardised_patches(F.avg_pool2d(pixels, 2), patch_size // 2)), initial, iters)
+
+
+def use_previous():
+    masking.rgb_similarity = previous_rgb_similarity
+    masking.kmeans_clusters = previous_kmeans_clusters
+
+
 # variant -> (the strategies it changes, how to set it up); `current` is the library as it is
 VARIANTS = {
     "current": (None, lambda: None),
-    "previous": ({"cluster-rgb"}, lambda: setattr(masking, "rgb_similarity", previous_rgb_similarity)),
+    "previous": ({"cluster-rgb", "kmeans"}, use_previous),
     "bmm": ({"cluster-rgb", "cluster-embedding"}, lambda: setattr(masking, "UNROLLED_DOTS_MAX", 0)),
+    "bf16": ({"kmeans"}, lambda: setattr(masking, "gram", bf16_gram)),
+    "pooled": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", pooled_kmeans_clusters)),
 }
 
 
 @contextlib.contextmanager
 def variant(name: str):
-    saved = masking.rgb_similarity, masking.UNROLLED_DOTS_MAX
+    saved = masking.rgb_similarity, masking.kmeans_clusters, masking.gram, masking.UNROLLED_DOTS_MAX
     VARIANTS[name][1]()
     try:
         yield
     finally:
-        masking.rgb_similarity, masking.UNROLLED_DOTS_MAX = saved
+        masking.rgb_similarity, masking.kmeans_clusters, masking.gram, masking.UNROLLED_DOTS_MAX = saved
 
 
 def variant_applies(name: str, label: str) -> bool:
@@ -203,8 +240,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench/results/masking")
     parser.add_argument("--op-only", action="store_true", help="measure the masking op alone, not the step")
     parser.add_argument("--variants", default="current",
-                        help=f"comma-separated, of {sorted(VARIANTS)}: `previous` is the rgb similarity before "
-                             "2026-11-27, `bmm` the similarity's dot products as a bmm when compiled")
+                        help=f"comma-separated, of {sorted(VARIANTS)}: `previous` is the rgb similarity and "
+                             "k-means before 2026-11-27, `bmm` batched_dots as a bmm when compiled, `bf16` k-means' "
+                             "Gram in one bf16 GEMM, `pooled` k-means on 2 x 2-averaged pixels")
     parser.add_argument("--kernels", type=int, default=0, help="on a GPU, list the op's N costliest kernels")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="time the strategies' steps in turn, ROUNDS times, all models built first: step "

@@ -357,6 +357,36 @@ ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])
 
 
 @pytest.mark.parametrize("device", ["cpu", ON_GPU])
+def test_gram_from_bf16_parts_keeps_fp32_precision(device):
+    """k-means' cosines come from two bf16 GEMMs of each feature's high and low parts: within 2e-5 of the
+    norms' product of the exact dot products (4e-6 here), where one bf16 GEMM is 6e-4 off and one with a
+    single cross term 3e-4."""
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(3, 50, 768, generator=g) * torch.rand(3, 50, 1, generator=g) * 10 + 0.3
+    exact = feats.double() @ feats.double().transpose(1, 2)
+    norms = feats.double().norm(dim=-1)
+    error = masking.gram(feats.to(device), split=True).cpu().double() - exact
+    assert (error / (norms[:, :, None] * norms[:, None, :])).abs().max() < 2e-5
+
+
+@pytest.mark.gpu
+@NEEDS_CUDA
+@pytest.mark.parametrize("compiled", [False, True])
+def test_kmeans_on_gpu_assigns_as_on_cpu(compiled):
+    """The same pixels and initial centres give the same clusters on the GPU, eager and compiled (a patch may
+    differ only where two centres are within rounding of each other)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(16, 3, 224, 224, generator=g).cumsum(-1).cumsum(-2) / 100  # smooth, so clusters form
+    initial = torch.rand(16, 196, generator=g).argsort(1)[:, :8]
+    on_cpu = masking.kmeans_clusters(pixels, 16, initial, 3)
+    clusters = torch.compile(masking.kmeans_clusters, fullgraph=True) if compiled else masking.kmeans_clusters
+    on_gpu = clusters(pixels.cuda(), 16, initial.cuda(), 3).cpu()
+    assert (on_gpu == on_cpu).float().mean() > 0.995
+    assert all(len(a.unique()) > 2 for a in on_cpu)
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
 @pytest.mark.parametrize("num_anchors", [3, masking.UNROLLED_DOTS_MAX + 4])
 def test_compiled_rgb_similarity_is_the_cosine_of_standardised_patches_without_writing_them(num_anchors, device):
     """rgb_similarity works on the centred pixels with the channels' 1/std^2 as weights; it must give the cosine of
