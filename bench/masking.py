@@ -67,9 +67,16 @@ def bf16_gram(feats: torch.Tensor, split=None) -> torch.Tensor:
 
 
 def pooled_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int):
-    """`pooled` variant: k-means on each patch's pixels averaged 2 x 2 (a quarter of the features)."""
-    return masking.kmeans_assignment(
-        masking.cosine_gram(masking.standardised_patches(F.avg_pool2d(pixels, 2), patch_size // 2)), initial, iters)
+    """`pooled` variant: k-means on each patch's standardised pixels averaged 2 x 2 (a quarter of the features;
+    the image's statistics still from every pixel)."""
+    x, mean, scale = masking.channel_statistics(pixels)
+    feats = masking.patchify((F.avg_pool2d(x, 2) - mean) / scale, patch_size // 2)
+    return masking.kmeans_assignment(masking.cosine_gram(feats), initial, iters)
+
+
+def use_pooled_bf16():
+    masking.gram = bf16_gram
+    masking.kmeans_clusters = pooled_kmeans_clusters
 
 
 def use_previous():
@@ -84,6 +91,7 @@ VARIANTS = {
     "bmm": ({"cluster-rgb", "cluster-embedding"}, lambda: setattr(masking, "UNROLLED_DOTS_MAX", 0)),
     "bf16": ({"kmeans"}, lambda: setattr(masking, "gram", bf16_gram)),
     "pooled": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", pooled_kmeans_clusters)),
+    "pooled-bf16": ({"kmeans"}, use_pooled_bf16),
 }
 
 
@@ -242,7 +250,8 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="current",
                         help=f"comma-separated, of {sorted(VARIANTS)}: `previous` is the rgb similarity and "
                              "k-means before 2026-11-27, `bmm` batched_dots as a bmm when compiled, `bf16` k-means' "
-                             "Gram in one bf16 GEMM, `pooled` k-means on 2 x 2-averaged pixels")
+                             "Gram in one bf16 GEMM, `pooled` k-means on 2 x 2-averaged pixels, "
+                             "`pooled-bf16` both")
     parser.add_argument("--kernels", type=int, default=0, help="on a GPU, list the op's N costliest kernels")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="time the strategies' steps in turn, ROUNDS times, all models built first: step "
