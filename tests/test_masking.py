@@ -424,8 +424,8 @@ def load_bench(name: str):
 
 
 def test_compiled_cluster_op_moves_each_input_the_fewest_times():
-    """The op's memory traffic, as inductor counts it (bench/masking_traffic.py; the op is memory-bound, so
-    this stands for its GPU cost): rgb reads the pixels twice (their statistics, then the fused similarity) and
+    """The op's memory traffic, as inductor counts it (bench/masking_traffic.py; a floor on its GPU cost, which
+    an H200 measured at about 3x that floor for rgb, bench/README.md): rgb reads the pixels twice (their statistics, then the fused similarity) and
     gathers the kept tokens; embedding reads the tokens once for the similarity, then gathers. The bmm form
     reads the features two more times and writes them once."""
     traffic = load_bench("masking_traffic")
