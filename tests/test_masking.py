@@ -425,9 +425,9 @@ def load_bench(name: str):
 
 def test_compiled_cluster_op_moves_each_input_the_fewest_times():
     """The op's memory traffic, as inductor counts it (bench/masking_traffic.py; a floor on its GPU cost, which
-    an H200 measured at about 3x that floor for rgb, bench/README.md): rgb reads the pixels twice (their statistics, then the fused similarity) and
-    gathers the kept tokens; embedding reads the tokens once for the similarity, then gathers. The bmm form
-    reads the features two more times and writes them once."""
+    an H200 measured at about 3x that floor for rgb, bench/README.md): rgb reads the pixels twice (their
+    statistics, then the fused similarity) and gathers the kept tokens; embedding reads the tokens once for the
+    similarity, then gathers. The bmm form reads the features two more times and writes them once."""
     traffic = load_bench("masking_traffic")
     with traffic.counting_traffic():
         rgb, emb = (traffic.op_traffic("ViT-Tiny-8-64", 64, dict(strategy="cluster", features=f, ratio=0.5), "cpu",
