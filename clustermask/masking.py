@@ -200,6 +200,9 @@ def _one_hot(index: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
     return (index[..., None] == torch.arange(k, device=index.device)).to(dtype)
 
 
+BMM_HAS_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"
+
+
 def gram(feats: torch.Tensor, split: Optional[bool] = None) -> torch.Tensor:
     """(B, L, D) fp32 -> (B, L, L) every pair's dot product, to about 1e-5 of their norms' product.
 
@@ -213,9 +216,10 @@ def gram(feats: torch.Tensor, split: Optional[bool] = None) -> torch.Tensor:
     low = (feats - high.float()).to(torch.bfloat16)
 
     def products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # bf16 operands, fp32 result
-        if a.is_cuda:
+        if a.is_cuda and BMM_HAS_OUT_DTYPE:
             return torch.bmm(a, b, out_dtype=torch.float32)
-        return torch.bmm(a.float(), b.float())  # exact products of bf16 values; no bf16 -> fp32 bmm on CPU
+        # no bf16 -> fp32 bmm (CPU, torch < 2.8): bf16 values are exact in fp32 and in tf32, and so their products
+        return torch.bmm(a.float(), b.float())
 
     cross = products(high, low.transpose(1, 2))
     return products(high, high.transpose(1, 2)) + cross + cross.transpose(1, 2)
