@@ -62,8 +62,7 @@ def previous_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: tor
 def bf16_gram(feats: torch.Tensor, split=None) -> torch.Tensor:
     """`bf16` variant: k-means' Gram from one bf16 GEMM (cosines ~6e-4 off rather than ~4e-6)."""
     high = feats.to(torch.bfloat16)
-    return torch.bmm(high, high.transpose(1, 2), out_dtype=torch.float32) if feats.is_cuda else \
-        torch.bmm(high.float(), high.float().transpose(1, 2))
+    return masking.bf16_bmm(high, high.transpose(1, 2))
 
 
 def pooled_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int):

@@ -116,6 +116,12 @@ def batched_dots(features: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     return torch.matmul(features, vectors.transpose(-1, -2))
 
 
+def norms_from_squares(squares: torch.Tensor) -> torch.Tensor:
+    """Norms from sums of squares (or from dot products that rounding may leave just under 0), at least 1e-6 as
+    in F.normalize: a zero vector then has cosine 0 with everything."""
+    return squares.clamp_min(0).sqrt().clamp_min(1e-6)
+
+
 def anchor_similarity(features: torch.Tensor, anchors: torch.Tensor,
                       group_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Cosine similarity (B, L, A) of every patch to each image's anchor patches.
@@ -133,7 +139,7 @@ def anchor_similarity(features: torch.Tensor, anchors: torch.Tensor,
     else:
         dots = (dots * group_weights[:, :, None, None]).sum(1)
         squares = (squares * group_weights[:, :, None]).sum(1)
-    norms = squares.sqrt().clamp_min(1e-6)
+    norms = norms_from_squares(squares)
     return dots / (norms[..., None] * norms.gather(1, anchors)[:, None, :])
 
 
@@ -203,6 +209,14 @@ def _one_hot(index: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
 BMM_HAS_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"
 
 
+def bf16_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bmm of bf16 operands with an fp32 result."""
+    if a.is_cuda and BMM_HAS_OUT_DTYPE:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    # no bf16 -> fp32 bmm (CPU, torch < 2.8): bf16 values are exact in fp32 and in tf32, and so their products
+    return torch.bmm(a.float(), b.float())
+
+
 def gram(feats: torch.Tensor, split: Optional[bool] = None) -> torch.Tensor:
     """(B, L, D) fp32 -> (B, L, L) every pair's dot product, to about 1e-5 of their norms' product.
 
@@ -214,21 +228,14 @@ def gram(feats: torch.Tensor, split: Optional[bool] = None) -> torch.Tensor:
         return torch.bmm(feats, feats.transpose(1, 2))
     high = feats.to(torch.bfloat16)
     low = (feats - high.float()).to(torch.bfloat16)
-
-    def products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # bf16 operands, fp32 result
-        if a.is_cuda and BMM_HAS_OUT_DTYPE:
-            return torch.bmm(a, b, out_dtype=torch.float32)
-        # no bf16 -> fp32 bmm (CPU, torch < 2.8): bf16 values are exact in fp32 and in tf32, and so their products
-        return torch.bmm(a.float(), b.float())
-
-    cross = products(high, low.transpose(1, 2))
-    return products(high, high.transpose(1, 2)) + cross + cross.transpose(1, 2)
+    cross = bf16_bmm(high, low.transpose(1, 2))
+    return bf16_bmm(high, high.transpose(1, 2)) + cross + cross.transpose(1, 2)
 
 
 def cosine_gram(feats: torch.Tensor) -> torch.Tensor:
     """(B, L, D) -> (B, L, L) cosine of every pair of patches (a zero feature has cosine 0 with all)."""
     dots = gram(feats)
-    inverse_norms = dots.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().clamp_min(1e-6).reciprocal()
+    inverse_norms = norms_from_squares(dots.diagonal(dim1=1, dim2=2)).reciprocal()
     return dots * inverse_norms[:, :, None] * inverse_norms[:, None, :]
 
 
@@ -246,7 +253,7 @@ def kmeans_assignment(cosines: torch.Tensor, initial: torch.Tensor, iters: int) 
         members = _one_hot(similarity.argmax(-1), k, cosines.dtype)  # (B, L, k)
         # a bmm even compiled: over the (B, L, L) cosines batched_dots' fused sums took 3x as long on an H200
         member_sums = torch.bmm(cosines, members)  # (B, L, k)
-        norms = (members * member_sums).sum(1).clamp_min(0).sqrt().clamp_min(1e-6)  # (B, k)
+        norms = norms_from_squares((members * member_sums).sum(1))  # (B, k)
         # an empty cluster keeps its centre
         similarity = torch.where(members.sum(1, keepdim=True) > 0, member_sums / norms[:, None, :], similarity)
     return similarity.argmax(-1)
