@@ -1,5 +1,8 @@
 """Benchmark: the masking op alone and a full CLIP training step, per strategy and ratio, eager and compiled.
 
+Modes: `eager` (model and op), `op-compiled` (the model eager, the op compiled on its own: what
+`model.compile: false` runs on a GPU), `compiled` (the whole model, the op in its graph).
+
     python bench/masking.py                      # GPU: ViT-B-16, batch 256, bf16 autocast; CPU: tiny model, fp32
     python bench/masking.py --device cpu --steps 5 --no-compile
     python bench/masking.py --op-only --modes compiled --variants current,previous,bmm --kernels 8
@@ -33,6 +36,7 @@ CONFIGS = [  # (label, masking config)
     ("random", dict(strategy="random")),
     ("cluster-rgb", dict(strategy="cluster", features="rgb")),
     ("cluster-embedding", dict(strategy="cluster", features="embedding")),
+    ("cluster-mixed", dict(strategy="cluster", features="mixed")),  # both similarities, whatever the step
     ("kmeans", dict(strategy="kmeans")),
 ]
 
@@ -59,23 +63,27 @@ def previous_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: tor
     return previous_kmeans_assignment(masking.standardised_patches(pixels, patch_size), initial, iters)
 
 
-def bf16_gram(feats: torch.Tensor, split=None) -> torch.Tensor:
-    """`bf16` variant: k-means' Gram from one bf16 GEMM (cosines ~6e-4 off rather than ~4e-6)."""
+def split_gram(feats: torch.Tensor) -> torch.Tensor:
+    """`split` variant: k-means' Gram of the fp32 features to ~4e-6 of their norms, as from 2026-11-27 until
+    2026-11-28 (0.530 ms of k-means on an H200): each feature split into bf16 `high` and the bf16 rounding of
+    what `high` leaves out, two bf16 GEMMs (high.high, high.low) with fp32 sums."""
     high = feats.to(torch.bfloat16)
-    return masking.bf16_bmm(high, high.transpose(1, 2))
+    low = (feats - high.float()).to(torch.bfloat16)
+    cross = masking.bf16_bmm(high, low.transpose(1, 2))
+    return masking.bf16_bmm(high, high.transpose(1, 2)) + cross + cross.transpose(1, 2)
+
+
+def split_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int):
+    feats = masking.standardised_patches(pixels, patch_size)
+    return masking.kmeans_assignment(split_gram(feats), initial, iters)
 
 
 def pooled_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int):
-    """`pooled` variant: k-means on each patch's standardised pixels averaged 2 x 2 (a quarter of the features;
-    the image's statistics still from every pixel)."""
+    """`pooled` variant: k-means on each patch's standardised pixels averaged 2 x 2, in bf16 (a quarter of the
+    features; the image's statistics still from every pixel)."""
     x, mean, scale = masking.channel_statistics(pixels)
-    feats = masking.patchify((F.avg_pool2d(x, 2) - mean) / scale, patch_size // 2)
-    return masking.kmeans_assignment(masking.cosine_gram(feats), initial, iters)
-
-
-def use_pooled_bf16():
-    masking.gram = bf16_gram
-    masking.kmeans_clusters = pooled_kmeans_clusters
+    feats = masking.patchify((F.avg_pool2d(x, 2) - mean) / scale, patch_size // 2).to(torch.bfloat16)
+    return masking.kmeans_assignment(masking.bf16_bmm(feats, feats.transpose(1, 2)), initial, iters)
 
 
 def use_previous():
@@ -88,20 +96,19 @@ VARIANTS = {
     "current": (None, lambda: None),
     "previous": ({"cluster-rgb", "kmeans"}, use_previous),
     "bmm": ({"cluster-rgb", "cluster-embedding"}, lambda: setattr(masking, "UNROLLED_DOTS_MAX", 0)),
-    "bf16": ({"kmeans"}, lambda: setattr(masking, "gram", bf16_gram)),
+    "split": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", split_kmeans_clusters)),
     "pooled": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", pooled_kmeans_clusters)),
-    "pooled-bf16": ({"kmeans"}, use_pooled_bf16),
 }
 
 
 @contextlib.contextmanager
 def variant(name: str):
-    saved = masking.rgb_similarity, masking.kmeans_clusters, masking.gram, masking.UNROLLED_DOTS_MAX
+    saved = masking.rgb_similarity, masking.kmeans_clusters, masking.UNROLLED_DOTS_MAX
     VARIANTS[name][1]()
     try:
         yield
     finally:
-        masking.rgb_similarity, masking.kmeans_clusters, masking.gram, masking.UNROLLED_DOTS_MAX = saved
+        masking.rgb_similarity, masking.kmeans_clusters, masking.UNROLLED_DOTS_MAX = saved
 
 
 def variant_applies(name: str, label: str) -> bool:
@@ -193,10 +200,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def build(args, masking_kw, compiled: bool):
+MODES = ("eager", "op-compiled", "compiled")
+
+
+def build(args, masking_kw, mode: str):
     torch.manual_seed(0)
-    model, *_, masker = create(ModelConfig(name=args.model), MaskingConfig(**masking_kw), total_steps=1000,
-                               device=args.device)
+    compiled = mode == "compiled"
+    model_cfg = ModelConfig(name=args.model, compile=compiled, compile_masking=mode == "op-compiled")
+    model, *_, masker = create(model_cfg, MaskingConfig(**masking_kw), total_steps=1000, device=args.device)
     model.train()
     gpu = args.device.startswith("cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=gpu)
@@ -240,22 +251,23 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--ratios", default="0.3,0.5")
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--modes", default="eager,compiled", help=f"comma-separated, of {MODES}")
     parser.add_argument("--strategies", default=",".join(label for label, _ in CONFIGS))
-    parser.add_argument("--compile-ratios", default="0.5,0.3", help="ratios also measured compiled")
+    parser.add_argument("--compile-ratios", default="0.5,0.3", help="the ratios of the `compiled` mode")
     parser.add_argument("--budget-s", type=float, default=480, help="skip remaining runs after this long")
     parser.add_argument("--out", default="bench/results/masking")
     parser.add_argument("--op-only", action="store_true", help="measure the masking op alone, not the step")
     parser.add_argument("--variants", default="current",
                         help=f"comma-separated, of {sorted(VARIANTS)}: `previous` is the rgb similarity and "
-                             "k-means before 2026-11-27, `bmm` batched_dots as a bmm when compiled, `bf16` k-means' "
-                             "Gram in one bf16 GEMM, `pooled` k-means on 2 x 2-averaged pixels, "
-                             "`pooled-bf16` both")
+                             "k-means before 2026-11-27, `bmm` batched_dots as a bmm when compiled, `split` k-means' "
+                             "Gram of fp32 features (2026-11-27), `pooled` k-means on 2 x 2-averaged pixels")
     parser.add_argument("--kernels", type=int, default=0, help="on a GPU, list the op's N costliest kernels")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="time the strategies' steps in turn, ROUNDS times, all models built first: step "
                              "ratios that drift with the machine's state cancel (no op timing)")
     args = parser.parse_args(argv)
+    if set(args.modes.split(",")) - set(MODES):
+        parser.error(f"unknown --modes {sorted(set(args.modes.split(',')) - set(MODES))}; known: {list(MODES)}")
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown --variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
@@ -282,7 +294,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for mode in modes:
-        mode_ratios = ratios if mode == "eager" else compile_ratios
+        mode_ratios = compile_ratios if mode == "compiled" else ratios
         for ratio in mode_ratios:
             if args.interleave:
                 chosen = [(label, dict(kw, ratio=0.0 if label == "none" else ratio)) for label, kw in CONFIGS
@@ -314,14 +326,14 @@ def main(argv=None) -> int:
 
 def warmup_calls(mode: str) -> int:
     """Calls before timing: compiling takes the first one or two."""
-    return 3 if mode == "compiled" else 2
+    return 2 if mode == "eager" else 3
 
 
 def measure(args, timer, label: str, kw: dict, mode: str) -> dict:
     """One row: the step (unless --op-only) and the op alone, in `mode`."""
     gpu = args.device.startswith("cuda")
     torch._dynamo.reset()
-    step, mask_op = build(args, kw, mode == "compiled")
+    step, mask_op = build(args, kw, mode)
     warmup = warmup_calls(mode)
     step_ms = None if args.op_only else timer(step, args.steps, warmup)
     op_ms = timer(mask_op, args.steps * 5, warmup) if label != "none" else 0.0
@@ -346,7 +358,7 @@ def measure_interleaved(args, timer, chosen: list, mode: str) -> list:
     torch._dynamo.reset()
     steps = {}
     for label, kw in chosen:
-        steps[label] = build(args, kw, mode == "compiled")[0]
+        steps[label] = build(args, kw, mode)[0]
         for _ in range(warmup_calls(mode)):
             steps[label]()
     rounds = {label: [] for label, _ in chosen}

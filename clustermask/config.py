@@ -29,6 +29,8 @@ class ModelConfig:
     name: str = "ViT-Tiny-8-64"  # any open_clip model name, e.g. ViT-B-16
     precision: str = "fp32"  # fp32 | amp_bf16 (autocast) | bf16 (pure)
     compile: bool = False
+    # with compile false, compile the masking op on its own (its passes over the pixels fuse); None: on CUDA
+    compile_masking: Optional[bool] = None
     grad_checkpointing: bool = False
 
 

@@ -217,51 +217,47 @@ def bf16_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.float(), b.float())
 
 
-def gram(feats: torch.Tensor, split: Optional[bool] = None) -> torch.Tensor:
-    """(B, L, D) fp32 -> (B, L, L) every pair's dot product, to about 1e-5 of their norms' product.
+def kmeans_features(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, L, C * p * p) bf16: `standardised_patches` rounded to bf16, what k-means clusters.
 
-    On CUDA (or with `split`) each feature is split into bf16 `high` and the bf16 rounding of what `high`
-    leaves out, and the dot product is high.high + high.low + low.high (low.low is under 2^-16 of the norms):
-    two bf16 GEMMs on tensor cores with fp32 sums, where an fp32 GEMM does not use them, or uses them in tf32
-    (errors of ~1e-4). Elsewhere, the fp32 bmm."""
-    if not (feats.is_cuda if split is None else split):
-        return torch.bmm(feats, feats.transpose(1, 2))
-    high = feats.to(torch.bfloat16)
-    low = (feats - high.float()).to(torch.bfloat16)
-    cross = bf16_bmm(high, low.transpose(1, 2))
-    return bf16_bmm(high, high.transpose(1, 2)) + cross + cross.transpose(1, 2)
+    Rounding moves a value by at most 2^-8 of it. A standardised value is (x - mean) / std, and an 8-bit level
+    is 1 / (255 std) in those units, so for a pixel x within half the range of its channel's mean (nearly all
+    of them) the rounding is under half a level, and under one level for any pixel: k-means loses nothing the
+    image held. The Gram of bf16 features is then one bf16 GEMM with exact
+    products and fp32 sums, on tensor cores; an H200 ran it in half the time of the two GEMMs that the fp32
+    features' Gram needed for fp32 precision (bench/README.md)."""
+    return standardised_patches(pixels, patch_size).to(torch.bfloat16)
 
 
-def cosine_gram(feats: torch.Tensor) -> torch.Tensor:
-    """(B, L, D) -> (B, L, L) cosine of every pair of patches (a zero feature has cosine 0 with all)."""
-    dots = gram(feats)
-    inverse_norms = norms_from_squares(dots.diagonal(dim1=1, dim2=2)).reciprocal()
-    return dots * inverse_norms[:, :, None] * inverse_norms[:, None, :]
-
-
-def kmeans_assignment(cosines: torch.Tensor, initial: torch.Tensor, iters: int) -> torch.Tensor:
-    """Spherical k-means from the patches' cosines (B, L, L) -> (B, L) cluster index, from the centres
+def kmeans_assignment(dots: torch.Tensor, initial: torch.Tensor, iters: int) -> torch.Tensor:
+    """Spherical k-means from the patches' dot products (B, L, L) -> (B, L) cluster index, from the centres
     `initial` (B, k) patch indices.
 
-    A centre is its members' normalised feature sum, so a patch's cosine to it is the sum of its cosines to
-    the members over the norm of that sum, whose square is the sum of the members' cosines to each other.
-    The iterations then read the (B, L, L) cosines (39 MB for ViT-B-16 at batch 256) and never the (B, L, D)
-    features (154 MB), which Lloyd's form reads twice per iteration."""
-    length, k = cosines.shape[1], initial.shape[1]
-    similarity = cosines.gather(2, initial[:, None, :].expand(-1, length, -1))  # (B, L, k)
+    A centre is the normalised sum of its members' unit features u_q = f_q / |f_q|, so a patch's dot product
+    with it is sum_q <f_p, f_q> / |f_q| over the members, divided by the norm of the sum, whose square is
+    sum_q <u_q, sum> over the members. The nearest centre by that dot product is the nearest by cosine (they
+    differ by |f_p|). The iterations read the (B, L, L) dot products (39 MB for ViT-B-16 at batch 256), never the
+    (B, L, D) features (154 MB in fp32), which Lloyd's form reads twice per iteration, and the dot products
+    are never normalised in a pass of their own."""
+    length, k = dots.shape[1], initial.shape[1]
+    inverse_norms = norms_from_squares(dots.diagonal(dim1=1, dim2=2)).reciprocal()  # (B, L)
+    to_initial = dots.gather(2, initial[:, None, :].expand(-1, length, -1))  # (B, L, k)
+    similarity = to_initial * inverse_norms.gather(1, initial)[:, None, :]
     for _ in range(iters):
-        members = _one_hot(similarity.argmax(-1), k, cosines.dtype)  # (B, L, k)
+        members = _one_hot(similarity.argmax(-1), k, dots.dtype)  # (B, L, k)
+        unit_members = members * inverse_norms[:, :, None]
         # a bmm even compiled: over the (B, L, L) cosines batched_dots' fused sums took 3x as long on an H200
-        member_sums = torch.bmm(cosines, members)  # (B, L, k)
-        norms = norms_from_squares((members * member_sums).sum(1))  # (B, k)
+        to_sums = torch.bmm(dots, unit_members)  # (B, L, k)
+        norms = norms_from_squares((unit_members * to_sums).sum(1))  # (B, k)
         # an empty cluster keeps its centre
-        similarity = torch.where(members.sum(1, keepdim=True) > 0, member_sums / norms[:, None, :], similarity)
+        similarity = torch.where(members.sum(1, keepdim=True) > 0, to_sums / norms[:, None, :], similarity)
     return similarity.argmax(-1)
 
 
 def kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int) -> torch.Tensor:
-    """(B, L) k-means cluster index of each patch's standardised rgb features."""
-    return kmeans_assignment(cosine_gram(standardised_patches(pixels, patch_size)), initial, iters)
+    """(B, L) k-means cluster index of each patch's `kmeans_features`."""
+    feats = kmeans_features(pixels, patch_size)
+    return kmeans_assignment(bf16_bmm(feats, feats.transpose(1, 2)), initial, iters)
 
 
 @register_strategy("kmeans", needs_pixels=True)
@@ -359,19 +355,33 @@ class TokenMasker(nn.Module):
     def set_threshold(self, value: float) -> None:
         self.threshold.fill_(value)
 
+    def compile_op(self) -> None:
+        """Compile the op on its own, for a model that runs eagerly; the hooks, the statistics and evaluation
+        mode stay eager around it. One graph per batch shape (training, calibration, the picture) rather than
+        dynamic shapes."""
+        self.mask_tokens = torch.compile(self.mask_tokens, fullgraph=True, dynamic=False)
+
+    @property
+    def op_compiled(self) -> bool:
+        return "mask_tokens" in self.__dict__
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.attn_mask = None
         if not self.active:
             return x
+        out, self.last, self.attn_mask, self.stats = self.mask_tokens(x, self.pixels, self.threshold, self.progress)
+        return out
+
+    def mask_tokens(self, x: torch.Tensor, pixels: Optional[torch.Tensor], threshold: torch.Tensor,
+                    progress: torch.Tensor):
+        """(the kept tokens with CLS first, the MaskResult, the attention mask or None, the statistics)."""
         cls_token, tokens = x[:, :1], x[:, 1:]
-        inputs = MaskingInputs(tokens, self.pixels, self.patch_size, self.threshold, self.progress)
-        result = select_tokens(inputs, self.cfg)
+        result = select_tokens(MaskingInputs(tokens, pixels, self.patch_size, threshold, progress), self.cfg)
         kept = tokens.gather(1, result.keep[..., None].expand(-1, -1, tokens.shape[-1]))
+        attn_mask = None
         if result.hidden is not None:
-            self.attn_mask = key_padding_attn_mask(result.hidden, self.num_heads, x.dtype)
-        self.stats = mask_stats(result, self.threshold)
-        self.last = result
-        return torch.cat([cls_token, kept], dim=1)
+            attn_mask = key_padding_attn_mask(result.hidden, self.num_heads, x.dtype)
+        return torch.cat([cls_token, kept], dim=1), result, attn_mask, mask_stats(result, threshold)
 
 
 def _capture_pixels(masker: TokenMasker):

@@ -19,6 +19,16 @@ def register_model_configs() -> None:
         _registered = True
 
 
+def compiles_masking_alone(cfg: ModelConfig, device: str) -> bool:
+    """Whether the masking op is compiled on its own: not when the whole model is (it is then in the model's
+    graph); by default, when the model runs eagerly on a GPU, where each of the eager op's elementwise steps
+    would be a pass of its own over the pixels (on an H200 the clustering ops took 0.6-1.7 ms a step eager,
+    0.24-0.53 ms compiled: bench/README.md)."""
+    if cfg.compile:
+        return False
+    return str(device).startswith("cuda") if cfg.compile_masking is None else cfg.compile_masking
+
+
 def create(cfg: ModelConfig, masking: Optional[MaskingConfig] = None, total_steps: int = 1,
            device: str = "cpu", pretrained: Optional[str] = None):
     """Returns (model, train_transform, eval_transform, tokenizer, masker-or-None). No downloads."""
@@ -28,6 +38,8 @@ def create(cfg: ModelConfig, masking: Optional[MaskingConfig] = None, total_step
         cfg.name, pretrained=pretrained, device=device, precision="bf16" if cfg.precision == "bf16" else "fp32",
         weights_only=True)
     masker = install_masking(model, masking, total_steps) if masking is not None else None
+    if masker is not None and compiles_masking_alone(cfg, device):
+        masker.compile_op()
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model, train_tf, eval_tf, open_clip.get_tokenizer(cfg.name), masker

@@ -290,7 +290,7 @@ def test_structured_strategies_drop_spatially_clustered_patches(synthetic_root, 
 
 def lloyd_assignment(pixels: torch.Tensor, patch: int, initial: torch.Tensor, iters: int) -> torch.Tensor:
     """Spherical k-means written plainly, one image and one centre at a time: the reference."""
-    feats = torch.nn.functional.normalize(masking.standardised_patches(pixels, patch), dim=-1, eps=1e-6)
+    feats = torch.nn.functional.normalize(masking.kmeans_features(pixels, patch).float(), dim=-1, eps=1e-6)
     assignments = []
     for f, start in zip(feats, initial):
         centres = f[start]
@@ -356,17 +356,24 @@ def test_masking_op_compiles_fullgraph(config):
 ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])
 
 
-@pytest.mark.parametrize("device", ["cpu", ON_GPU])
-def test_gram_from_bf16_parts_keeps_fp32_precision(device):
-    """k-means' cosines come from two bf16 GEMMs of each feature's high and low parts: within 2e-5 of the
-    norms' product of the exact dot products (4e-6 here), where one bf16 GEMM is 6e-4 off and one with a
-    single cross term 3e-4."""
+def test_kmeans_features_round_within_an_8_bit_level():
+    """k-means clusters bf16 features: rounding one moves it by under half the step between two of the 8-bit
+    levels the pixels were stored in, for pixels within half the range of their channel's mean, and by under
+    one step for any pixel. Pixels as open_clip's transform hands them over, normalised with its mean and std."""
     g = torch.Generator().manual_seed(0)
-    feats = torch.randn(3, 50, 768, generator=g) * torch.rand(3, 50, 1, generator=g) * 10 + 0.3
-    exact = feats.double() @ feats.double().transpose(1, 2)
-    norms = feats.double().norm(dim=-1)
-    error = masking.gram(feats.to(device), split=True).cpu().double() - exact
-    assert (error / (norms[:, :, None] * norms[:, None, :])).abs().max() < 2e-5
+    levels = (torch.randn(2, 3, 32, 32, generator=g) * 70 + 128).clamp(0, 255).round()
+    levels[1, 0, :4] = 255.0  # a channel with far outliers
+    mean, std = torch.tensor(open_clip.OPENAI_DATASET_MEAN), torch.tensor(open_clip.OPENAI_DATASET_STD)
+    pixels = (levels / 255 - mean[:, None, None]) / std[:, None, None]
+    exact = masking.standardised_patches(pixels, PATCH)
+    error = (masking.kmeans_features(pixels, PATCH).float() - exact).abs()
+    raw = masking.patchify(levels / 255, PATCH)  # the same layout as the features, in [0, 1]
+    channel = torch.arange(3).repeat_interleave(PATCH * PATCH)
+    raw_std, raw_mean = torch.std_mean(levels / 255, dim=(2, 3))  # (B, C)
+    step = 1 / (255 * raw_std[:, channel])[:, None, :]  # an 8-bit level in standardised units
+    near = (raw - raw_mean[:, channel][:, None, :]).abs() <= 0.5
+    assert (error < step / 2)[near].all() and (error < step).all()
+    assert (~near).any() and (error > step / 4).any()  # the bound is near: the test would catch a coarser format
 
 
 @pytest.mark.gpu
@@ -467,6 +474,43 @@ def test_compiled_tower_trains_masked_and_evaluates_unmasked():
         torch.testing.assert_close(compiled(images), visual(images))
 
 
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
+def test_masking_op_compiled_alone_for_an_eager_model_keeps_what_the_eager_op_keeps(device):
+    """`model.compile: false` on a GPU compiles the masking op on its own (`model.compile_masking`, forced here
+    on the CPU): the model around it stays eager, the op keeps the tokens the eager op keeps (with inductor
+    drawing its noise as eager torch does), hides the same ones, and passes the gradient back to conv1."""
+    masking_cfg = MaskingConfig(strategy="cluster", features="mixed", ratio=0.5, attention=True)
+    smooth = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)).cumsum(-1).cumsum(-2) / 30
+    images = smooth.to(device)  # clusters beyond the quota, so some kept tokens are hidden
+    results = []
+    for compile_masking in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model, *_, masker = create(ModelConfig(compile_masking=compile_masking), masking_cfg, total_steps=10,
+                                   device=device)
+        assert masker.op_compiled == compile_masking
+        visual = model.visual.train()
+        masker.set_step(5)
+        torch.manual_seed(1)
+        with torch._inductor.config.patch(fallback_random=True):
+            visual(images).square().sum().backward()
+        assert visual.conv1.weight.grad.abs().sum() > 0
+        results.append(masker.last)
+    eager, compiled = results
+    assert eager.keep.shape == (4, 32) and eager.hidden.any()
+    assert torch.equal(compiled.keep, eager.keep) and torch.equal(compiled.hidden, eager.hidden)
+
+
+def test_the_masking_op_is_compiled_alone_by_default_only_for_an_eager_model_on_a_gpu():
+    from clustermask.model import compiles_masking_alone
+
+    assert compiles_masking_alone(ModelConfig(), "cuda:1") and not compiles_masking_alone(ModelConfig(), "cpu")
+    assert not compiles_masking_alone(ModelConfig(compile=True), "cuda")  # it is in the model's graph
+    assert not compiles_masking_alone(ModelConfig(compile=True, compile_masking=True), "cuda")
+    assert not compiles_masking_alone(ModelConfig(compile_masking=False), "cuda")
+    assert compiles_masking_alone(ModelConfig(compile_masking=True), "cpu")
+
+
 def test_masker_module_compiles_fullgraph():
     torch._dynamo.reset()
     masker = make_masker(strategy="cluster", ratio=0.5, attention=True)
@@ -493,9 +537,14 @@ def test_anchor_count():
 
 @pytest.mark.gpu
 @NEEDS_CUDA
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("config", STRATEGY_CONFIGS)
-def test_no_host_sync_on_gpu(config):
+def test_no_host_sync_on_gpu(config, compiled):
+    """Eager, and compiled on its own as an eager model on a GPU runs it."""
+    torch._dynamo.reset()
     masker = TokenMasker(MaskingConfig(ratio=0.5, **config), patch_size=16, num_heads=12).cuda().train()
+    if compiled:
+        masker.compile_op()
     x = torch.randn(8, 197, 768, device="cuda")
     masker.pixels = torch.randn(8, 3, 224, 224, device="cuda")
     masker(x)  # warm-up (lazy init may sync)

@@ -79,6 +79,28 @@ def test_trains_in_each_bf16_precision(tmp_path, synthetic_root, precision):
     assert (tmp_path / "run" / "masks.png").stat().st_size > 1000
 
 
+def test_trains_with_the_masking_op_compiled_alone(tmp_path, synthetic_root, monkeypatch):
+    """What `model.compile: false` runs on a GPU (forced here on the CPU): the op compiled on its own under bf16
+    autocast, through the threshold's calibration (the tower in evaluation mode, a hook on the masker), the
+    mask picture (8 images, no gradient) and the steps."""
+    maskers, logged = [], {}
+    original_create = train.create
+    monkeypatch.setattr(train, "create", lambda *a, **kw: maskers.append(original_create(*a, **kw)) or maskers[-1])
+    trainer = train.Trainer(ModelConfig(precision="amp_bf16", compile_masking=True),
+                            MaskingConfig(strategy="cluster", ratio=0.5, target_coverage=0.3, calibration_batches=1,
+                                          attention=True),
+                            DataConfig(train_shards=str(synthetic_root / "train"), workers=0),
+                            TrainConfig(steps=2, batch_size=8, log_every=1, warmup_steps=1, device="cpu"),
+                            tmp_path / "run", log=lambda metrics, step: logged.update({step: metrics}))
+    trainer.run()
+    masker = maskers[0][-1]
+    assert masker.op_compiled and masker.last.keep.shape == (8, 32)
+    assert 0 < logged[0]["mask/calibrated_threshold"] < 1
+    assert logged[2]["mask/threshold"] == pytest.approx(logged[0]["mask/calibrated_threshold"])
+    assert logged[2]["mask/drop_ratio"] >= 0.5 and torch.isfinite(torch.tensor(logged[2]["train/loss"]))
+    assert (tmp_path / "run" / "masks.png").stat().st_size > 1000
+
+
 def first_step_mask(tmp_path, synthetic_root, monkeypatch, rank: int) -> torch.Tensor:
     """The kept-token indices of a 1-step random-masking run as process `rank` (the process group itself is
     not started: the seeding under test does not need it)."""
