@@ -223,9 +223,9 @@ def kmeans_features(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
     Rounding moves a value by at most 2^-8 of it. A standardised value is (x - mean) / std, and an 8-bit level
     is 1 / (255 std) in those units, so for a pixel x within half the range of its channel's mean (nearly all
     of them) the rounding is under half a level, and under one level for any pixel: k-means loses nothing the
-    image held. The Gram of bf16 features is then one bf16 GEMM with exact
-    products and fp32 sums, on tensor cores; an H200 ran it in half the time of the two GEMMs that the fp32
-    features' Gram needed for fp32 precision (bench/README.md)."""
+    image held. The Gram of bf16 features is then one bf16 GEMM with exact products and fp32 sums, on tensor
+    cores: on an H200 in half the time of the two GEMMs that the fp32 features' Gram needed for fp32 precision
+    (bench/README.md)."""
     return standardised_patches(pixels, patch_size).to(torch.bfloat16)
 
 
@@ -246,7 +246,7 @@ def kmeans_assignment(dots: torch.Tensor, initial: torch.Tensor, iters: int) -> 
     for _ in range(iters):
         members = _one_hot(similarity.argmax(-1), k, dots.dtype)  # (B, L, k)
         unit_members = members * inverse_norms[:, :, None]
-        # a bmm even compiled: over the (B, L, L) cosines batched_dots' fused sums took 3x as long on an H200
+        # a bmm even compiled: over the (B, L, L) matrix batched_dots' fused sums took 3x as long on an H200
         to_sums = torch.bmm(dots, unit_members)  # (B, L, k)
         norms = norms_from_squares((unit_members * to_sums).sum(1))  # (B, k)
         # an empty cluster keeps its centre
