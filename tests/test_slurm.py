@@ -29,6 +29,11 @@ def launch(root, data, *overrides):
     return result.stdout, time.time() - started
 
 
+def one_eval_task(synthetic_root) -> str:
+    return ("eval.tasks=[{name: zeroshot_classification, dataset: wds/shapes, root: "
+            f"{synthetic_root}/eval/shapes" + "}]")
+
+
 def queued() -> set:
     out = subprocess.run(["squeue", "-h", "-o", "%F"], capture_output=True, text=True, check=True).stdout
     return {line.strip() for line in out.splitlines() if line.strip()}
@@ -52,8 +57,9 @@ def wait_for(ids, timeout=900):
 
 def test_sweep_with_a_failing_point_then_resubmit(slurm, tmp_path, synthetic_root):
     # four points; the one with fail_at_step=5 crashes during training
+    # one evaluation task: the stages' order and states are under test here, the tasks in test_pipeline
     stdout, seconds = launch(tmp_path, synthetic_root, "sweep_name=faulty", "train.steps=12", "train.log_every=4",
-                             "train.checkpoint_every=4", "train.fail_at_step=-1,-2,-3,5")
+                             "train.checkpoint_every=4", "train.fail_at_step=-1,-2,-3,5", one_eval_task(synthetic_root))
     assert seconds < 60, f"submission took {seconds:.1f}s"
     sweep_dir = tmp_path / "sweeps" / "faulty"
     manifest = graph.Manifest.load(sweep_dir)
@@ -70,6 +76,7 @@ def test_sweep_with_a_failing_point_then_resubmit(slurm, tmp_path, synthetic_roo
     log = Path(rows[failing.name]["train_log"])
     assert log.exists() and "injected failure" in log.read_text() + log.with_name(
         log.name.replace("log.out", "log.err")).read_text()
+    assert "torch threads: 1 (SLURM_CPUS_PER_TASK)" in log.read_text()  # launcher.train.cpus_per_task=1
     text = format_status(manifest, list(rows.values()))
     assert f"train failed, log: {log}" in text
     report = (sweep_dir / "report" / "results.md").read_text()
@@ -109,7 +116,8 @@ def signal_when_running(manifest, stage: str, job_id: str, ready) -> str:
 
 def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root):
     """Training, then evaluation, signalled: each is requeued as the same job and goes on where it was."""
-    launch(tmp_path, synthetic_root, "sweep_name=requeue", "train.steps=400", "train.checkpoint_every=10")
+    # long enough to be signalled mid-way: the signal comes with the first checkpoint, 10-20 s in
+    launch(tmp_path, synthetic_root, "sweep_name=requeue", "train.steps=200", "train.checkpoint_every=10")
     sweep_dir = tmp_path / "sweeps" / "requeue"
     manifest = graph.Manifest.load(sweep_dir)
     point = manifest.points[0]
@@ -117,7 +125,7 @@ def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root)
     latest = Path(point.run_dir) / "checkpoints" / "latest.pt"
     progress = signal_when_running(manifest, "train", train_job, lambda done, total: latest.exists() and done > 0)
     trained, total = map(int, progress.split("/"))  # steps, as last logged
-    assert total == 400 and 0 < trained < 400
+    assert total == 200 and 0 < trained < 200
     assert f"running {progress}" in format_status(manifest, [sweep_status(manifest)[0]])
     tasks = len(graph.load_point_config(Path(point.run_dir)).eval.tasks)
     progress = signal_when_running(manifest, "eval", eval_job, lambda done, total: done >= 2)
@@ -143,8 +151,7 @@ def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root)
 
 def test_two_process_gloo_training_then_evaluating_again(slurm, tmp_path, synthetic_root):
     launch(tmp_path, synthetic_root, "sweep_name=ddp", "train.steps=10", "launcher.train.tasks_per_node=2",
-           "train.threads=1", "eval.tasks=[{name: zeroshot_classification, dataset: wds/shapes, root: "
-           f"{synthetic_root}/eval/shapes" + "}]")
+           "train.threads=1", one_eval_task(synthetic_root))
     sweep_dir = tmp_path / "sweeps" / "ddp"
     manifest = graph.Manifest.load(sweep_dir)
     wait_for(base_ids(manifest))
