@@ -22,7 +22,7 @@ python3 bench/masking.py --out "$OUT/masking_op" --op-only --modes compiled --co
 python3 bench/masking.py --out "$OUT/masking_opcompiled" --op-only --modes op-compiled --ratios 0.5 \
   --strategies random,cluster-rgb,cluster-embedding,cluster-mixed,kmeans --kernels 4 \
   --budget-s 70 2>&1 | quiet "$OUT/masking_opcompiled.log"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_masking.py -m gpu 2>&1 | tail -4 \
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_masking.py -m gpu 2>&1 | tail -4 \
   | tee "$OUT/gpu_tests.txt"
 timeout 100 python3 bench/masking.py --out "$OUT/masking_eager_steps" --modes op-compiled --ratios 0.5 \
   --strategies random,cluster-rgb,cluster-embedding,kmeans --interleave 3 2>&1 | quiet "$OUT/masking_eager_steps.log"
