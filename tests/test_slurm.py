@@ -116,8 +116,10 @@ def signal_when_running(manifest, stage: str, job_id: str, ready) -> str:
 
 def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root):
     """Training, then evaluation, signalled: each is requeued as the same job and goes on where it was."""
-    # long enough to be signalled mid-way: the signal comes with the first checkpoint, 10-20 s in
-    launch(tmp_path, synthetic_root, "sweep_name=requeue", "train.steps=200", "train.checkpoint_every=10")
+    # long enough to be signalled mid-way: the signal comes with the first checkpoint, 10-20 s in; its one
+    # training job at a time has the node's two cores
+    launch(tmp_path, synthetic_root, "sweep_name=requeue", "train.steps=200", "train.checkpoint_every=10",
+           "launcher.train.cpus_per_task=2")
     sweep_dir = tmp_path / "sweeps" / "requeue"
     manifest = graph.Manifest.load(sweep_dir)
     point = manifest.points[0]
