@@ -78,12 +78,11 @@ def split_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.
     return masking.kmeans_assignment(split_gram(feats), initial, iters)
 
 
-def pooled_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int):
+def pooled_kmeans_features(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
     """`pooled` variant: k-means on each patch's standardised pixels averaged 2 x 2, in bf16 (a quarter of the
-    features; the image's statistics still from every pixel)."""
+    features; the image's statistics still from every pixel); the library's Gram and iterations."""
     x, mean, scale = masking.channel_statistics(pixels)
-    feats = masking.patchify((F.avg_pool2d(x, 2) - mean) / scale, patch_size // 2).to(torch.bfloat16)
-    return masking.kmeans_assignment(masking.bf16_bmm(feats, feats.transpose(1, 2)), initial, iters)
+    return masking.patchify((F.avg_pool2d(x, 2) - mean) / scale, patch_size // 2).to(torch.bfloat16)
 
 
 def use_previous():
@@ -97,18 +96,18 @@ VARIANTS = {
     "previous": ({"cluster-rgb", "kmeans"}, use_previous),
     "bmm": ({"cluster-rgb", "cluster-embedding"}, lambda: setattr(masking, "UNROLLED_DOTS_MAX", 0)),
     "split": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", split_kmeans_clusters)),
-    "pooled": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", pooled_kmeans_clusters)),
+    "pooled": ({"kmeans"}, lambda: setattr(masking, "kmeans_features", pooled_kmeans_features)),
 }
 
 
 @contextlib.contextmanager
 def variant(name: str):
-    saved = masking.rgb_similarity, masking.kmeans_clusters, masking.UNROLLED_DOTS_MAX
+    saved = masking.rgb_similarity, masking.kmeans_clusters, masking.kmeans_features, masking.UNROLLED_DOTS_MAX
     VARIANTS[name][1]()
     try:
         yield
     finally:
-        masking.rgb_similarity, masking.kmeans_clusters, masking.UNROLLED_DOTS_MAX = saved
+        masking.rgb_similarity, masking.kmeans_clusters, masking.kmeans_features, masking.UNROLLED_DOTS_MAX = saved
 
 
 def variant_applies(name: str, label: str) -> bool:
