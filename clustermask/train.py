@@ -6,7 +6,7 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import open_clip
 import torch
@@ -38,14 +38,15 @@ def final_checkpoint(run_dir: Path) -> Path:
     return checkpoint_paths(run_dir)[1]
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, name: str, threshold: float,
+def save_checkpoint(path: Path, model, optimizer, step: int, name: str, thresholds: List[float],
                     train_seconds: float = 0.0) -> None:
     """open_clip's checkpoint layout; only plain containers and tensors so weights_only loading works.
-    `train_seconds`: the training loop's wall-clock time up to `step`, summed over resumptions."""
+    `thresholds`: the masker's threshold schedule; `train_seconds`: the training loop's wall-clock time up to
+    `step`, summed over resumptions."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"epoch": 1, "step": step, "name": name, "state_dict": model.state_dict(),
              "optimizer": optimizer.state_dict() if optimizer is not None else None,
-             "masking_threshold": float(threshold), "train_seconds": float(train_seconds)}
+             "masking_thresholds": [float(t) for t in thresholds], "train_seconds": float(train_seconds)}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -79,12 +80,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 
 
 def calibrate(model, masker, masking: MaskingConfig, data: DataConfig, transform, tokenizer, batch_size, device,
-              dtype: Optional[torch.dtype] = None):
+              dtype: Optional[torch.dtype] = None) -> List[float]:
+    """The masker's threshold schedule calibrated to masking.target_coverage on the first training batches."""
     batches = sample_batches(data, transform, tokenizer, batch_size, masking.calibration_batches)
     inputs = [masking_lib.collect_features(model, images.to(device=device, dtype=dtype)) for images, _ in batches]
-    threshold = masking_lib.calibrate_threshold(inputs, masking, masking.target_coverage)
-    masker.set_threshold(threshold)
-    return threshold
+    thresholds = masking_lib.calibrate_threshold_schedule(inputs, masking, masking.target_coverage)
+    masker.set_threshold(thresholds)
+    return thresholds
 
 
 def init_distributed(device: str):
@@ -141,15 +143,17 @@ class Trainer:
                                       eps=1e-6)
         start = self._resume(latest, model, optimizer, masker)
         if start == 0 and self.masking.target_coverage is not None and self.masking.strategy == "cluster":
-            threshold = calibrate(model, masker, self.masking, self.data, train_tf, tokenizer, self.cfg.batch_size,
-                                  self.device, self.input_dtype)
-            self.log({"mask/calibrated_threshold": threshold}, 0)
+            thresholds = calibrate(model, masker, self.masking, self.data, train_tf, tokenizer, self.cfg.batch_size,
+                                   self.device, self.input_dtype)
+            # each at the step where the schedule holds it (one point unless features are mixed)
+            for progress, threshold in zip(masking_lib.schedule_progress(len(thresholds)), thresholds):
+                self.log({"mask/calibrated_threshold": threshold}, round(progress * self.cfg.steps))
         if start == 0 and self.rank == 0:
             self._save_mask_picture(model, masker, train_tf, tokenizer)
         self._loop(model, optimizer, masker, train_tf, tokenizer, start, latest)
         check_finite_weights(model, self.cfg.steps, self.cfg.lr)
         if self.rank == 0:
-            save_checkpoint(final, model, None, self.cfg.steps, self.model_cfg.name, masker.threshold.item(),
+            save_checkpoint(final, model, None, self.cfg.steps, self.model_cfg.name, masker.threshold_schedule.tolist(),
                             self.train_seconds(time.perf_counter()))
             # nothing resumes from it once final.pt is there, and with its optimizer state it is 3x the size
             # (1.8 GB for ViT-B-16): a 64-point sweep would keep 115 GB of them
@@ -165,7 +169,8 @@ class Trainer:
         state = load_checkpoint(latest, self.device)
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
-        masker.set_threshold(state["masking_threshold"])
+        # checkpoints written before 2026-11-28 hold one threshold
+        masker.set_threshold(state.get("masking_thresholds", state.get("masking_threshold")))
         self.seconds_before = float(state.get("train_seconds", 0.0))
         print(f"resumed from {latest} at step {state['step']}", flush=True)
         return int(state["step"])
@@ -232,6 +237,7 @@ class Trainer:
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 check_finite_weights(model, step, cfg.lr)  # on every rank, so that all stop together
                 if self.rank == 0:
-                    save_checkpoint(latest, model, optimizer, step, self.model_cfg.name, masker.threshold.item(),
+                    save_checkpoint(latest, model, optimizer, step, self.model_cfg.name,
+                                    masker.threshold_schedule.tolist(),
                                     self.train_seconds(time.perf_counter()))
         progress.close()

@@ -250,6 +250,59 @@ def test_calibration_lands_on_the_target_coverage(synthetic_root):
         assert abs(sum(achieved) / len(achieved) - target) <= 0.02, (target, threshold, achieved)
 
 
+def mean_coverage_over_draws(batches, cfg, threshold, progress):
+    achieved = [masking.mean_coverage(b._replace(progress=torch.tensor(progress)), cfg, threshold, seed=100 + 4 * i + d)
+                for i, b in enumerate(batches) for d in range(4)]
+    return sum(achieved) / len(achieved)
+
+
+def test_mixed_features_keep_the_target_coverage_all_through_training(synthetic_root):
+    """`mixed` moves the similarity from rgb to embedding: its calibrated threshold schedule gives the target
+    coverage on held-out batches at its points and between them, where one threshold calibrated at step 0
+    (on rgb) drifts off it."""
+    torch.manual_seed(0)
+    model, *_ = create(ModelConfig(), MaskingConfig(strategy="cluster"))
+    cfg = MaskingConfig(strategy="cluster", features="mixed")
+    calibration = synthetic_inputs(synthetic_root, model, 4, seed=1)
+    held_out = synthetic_inputs(synthetic_root, model, 4, seed=2)
+    target = 0.2
+    schedule = torch.tensor(masking.calibrate_threshold_schedule(calibration, cfg, target))
+    assert schedule.shape == (masking.MIXED_THRESHOLD_POINTS,)
+    misses_of_one_threshold = []
+    for progress in (0.0, 0.125, 0.5, 0.8, 1.0):
+        threshold = masking.scheduled_threshold(schedule, torch.tensor(progress)).item()
+        achieved = mean_coverage_over_draws(held_out, cfg, threshold, progress)
+        assert abs(achieved - target) <= 0.02, (progress, threshold, achieved)
+        misses_of_one_threshold.append(abs(mean_coverage_over_draws(held_out, cfg, schedule[0].item(), progress)
+                                           - target))
+    assert max(misses_of_one_threshold) > 0.03, misses_of_one_threshold  # else this data could not tell
+
+
+def test_the_threshold_schedule_is_piecewise_linear_in_training_progress():
+    schedule = torch.tensor([0.1, 0.5, 0.3])
+    expected = {-0.5: 0.1, 0.0: 0.1, 0.25: 0.3, 0.5: 0.5, 0.75: 0.4, 1.0: 0.3, 1.5: 0.3}
+    for progress, threshold in expected.items():
+        assert masking.scheduled_threshold(schedule, torch.tensor(progress)).item() == pytest.approx(threshold)
+    assert masking.scheduled_threshold(torch.tensor([0.7]), torch.tensor(0.4)).item() == pytest.approx(0.7)
+
+
+def test_a_mixed_masker_follows_its_threshold_schedule_during_training():
+    """The threshold of each step (and its statistic) comes from the schedule at the step's progress; a single
+    value sets every point; other features hold one threshold."""
+    masker = make_masker(strategy="cluster", features="mixed", ratio=0.5)
+    masker.total_steps = 8
+    masker.set_threshold([0.2, 0.3, 0.4, 0.5, 0.6])
+    x, img = two_halves_and_noise(0)
+    for step, threshold in ((0, 0.2), (1, 0.25), (4, 0.4), (8, 0.6)):
+        masker.set_step(step)
+        run(masker, x, img)
+        assert masker.stats["mask/threshold"].item() == pytest.approx(threshold)
+        assert masker.threshold.item() == pytest.approx(threshold)
+    masker.set_threshold(0.45)
+    assert masker.threshold_schedule.tolist() == pytest.approx([0.45] * 5)
+    assert make_masker(strategy="cluster", features="embedding").threshold_schedule.shape == (1,)
+
+
 def test_calibration_leaves_the_random_state_alone():
     """Calibration seeds its own anchor draws; the training run's random state, and so its masks, must still
     depend on train.seed."""

@@ -101,6 +101,35 @@ def test_trains_with_the_masking_op_compiled_alone(tmp_path, synthetic_root, mon
     assert (tmp_path / "run" / "masks.png").stat().st_size > 1000
 
 
+def test_a_mixed_threshold_schedule_is_calibrated_logged_and_resumed(tmp_path, synthetic_root):
+    """`mixed` calibrates a threshold at 0, 1/4, ... 1 of training, logged at those steps; each step uses the
+    schedule at its own progress, also after a resume from a checkpoint (which holds the schedule, not the
+    threshold of the step it was written at)."""
+    logged = []
+
+    def trainer(fail_at_step):
+        return train.Trainer(ModelConfig(),
+                             MaskingConfig(strategy="cluster", features="mixed", ratio=0.5, target_coverage=0.3,
+                                           calibration_batches=1),
+                             DataConfig(train_shards=str(synthetic_root / "train"), workers=0),
+                             TrainConfig(steps=4, batch_size=8, log_every=1, checkpoint_every=2, warmup_steps=1,
+                                         device="cpu", fail_at_step=fail_at_step),
+                             tmp_path / "run", log=lambda metrics, step: logged.append((step, metrics)))
+
+    with pytest.raises(RuntimeError, match="injected failure"):
+        trainer(fail_at_step=3).run()
+    calibrated = {step: m["mask/calibrated_threshold"] for step, m in logged if "mask/calibrated_threshold" in m}
+    assert sorted(calibrated) == [0, 1, 2, 3, 4]
+    assert len(set(calibrated.values())) > 1
+    saved = torch.load(train.checkpoint_paths(tmp_path / "run")[0], weights_only=True)["masking_thresholds"]
+    assert saved == pytest.approx([calibrated[step] for step in range(5)])
+    trainer(fail_at_step=-1).run()
+    assert sum("mask/calibrated_threshold" in m for _, m in logged) == 5  # a resumed run does not recalibrate
+    used = {step: m["mask/threshold"] for step, m in logged if "mask/threshold" in m}
+    # the metrics logged at step s are those of the step that started at s - 1
+    assert used == pytest.approx({step: calibrated[step - 1] for step in (1, 2, 3, 4)})
+
+
 def first_step_mask(tmp_path, synthetic_root, monkeypatch, rank: int) -> torch.Tensor:
     """The kept-token indices of a 1-step random-masking run as process `rank` (the process group itself is
     not started: the seeding under test does not need it)."""
