@@ -229,7 +229,9 @@ class Trainer:
                 now, samples = time.perf_counter(), (step - logged_step) * cfg.batch_size
                 metrics = {"train/loss": finite_loss(loss, step, cfg.lr), "train/lr": optimizer.param_groups[0]["lr"],
                            "train/logit_scale": logit_scale.item(),
-                           "train/samples_per_s": samples / max(now - timer, 1e-9),
+                           # all ranks', as open_clip logs it: they step together (DDP's all-reduce)
+                           "train/samples_per_s": samples * self.world / max(now - timer, 1e-9),
+                           "train/samples_per_s_per_rank": samples / max(now - timer, 1e-9),
                            "train/minutes": self.train_seconds(now) / 60}
                 timer, logged_step = now, step
                 metrics.update({k: v.item() for k, v in masker.stats.items()})

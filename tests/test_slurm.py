@@ -161,6 +161,11 @@ def test_two_process_gloo_training_then_evaluating_again(slurm, tmp_path, synthe
     assert rows[0]["train"] == "done" and rows[0]["eval"] == "done", format_status(manifest, rows)
     logs = "".join(p.read_text() for p in (sweep_dir / "slurm" / "train").rglob("*_log.*"))
     assert "distributed: rank 0 of 2" in logs and "distributed: rank 1 of 2" in logs
+    mlflow = MlflowClient(manifest.tracking_uri)
+    run_id = manifest.points[0].mlflow_run_id
+    both, one = (mlflow.get_metric_history(run_id, key)[-1].value
+                 for key in ("train/samples_per_s", "train/samples_per_s_per_rank"))
+    assert both == pytest.approx(2 * one)
     results = json.loads(next(Path(manifest.points[0].run_dir, "results").glob("*.json")).read_text())
     assert results["metrics"]["acc1"] > 0
     # evaluating again: an eval-only array (no dependency) and the report after it, with the fix saved

@@ -19,6 +19,7 @@ def test_throughput_counts_the_steps_of_each_log_interval(tmp_path, synthetic_ro
                             tmp_path / "run", log=lambda metrics, step: logged.setdefault(step, metrics))
     trainer.run()
     assert {step: m["train/samples_per_s"] for step, m in logged.items()} == {2: 16.0, 4: 16.0, 5: 8.0}
+    assert all(m["train/samples_per_s_per_rank"] == m["train/samples_per_s"] for m in logged.values())
 
 
 def test_training_time_is_summed_over_a_resumption(tmp_path, synthetic_root, monkeypatch):
