@@ -52,7 +52,7 @@ def test_more_loader_workers_than_shards_give_the_same_metrics(tmp_path, synthet
 def untrained_checkpoint(path: Path) -> Path:
     from clustermask.train import save_checkpoint
 
-    save_checkpoint(path, create(ModelConfig(), None)[0], None, 0, "ViT-Tiny-8-64", 0.5)
+    save_checkpoint(path, create(ModelConfig(), None)[0], None, 0, "ViT-Tiny-8-64", [0.5])
     return path
 
 
