@@ -127,6 +127,10 @@ def validate_masking(cfg: MaskingConfig, strategies: Iterable[str]) -> None:
         raise ValueError(f"masking.threshold={cfg.threshold!r} must be a cosine similarity in [-1, 1]")
     if cfg.target_coverage is not None and not 0.0 < cfg.target_coverage < 1.0:
         raise ValueError(f"masking.target_coverage={cfg.target_coverage!r} must be in (0, 1)")
+    if cfg.target_coverage is not None and cfg.target_coverage <= cfg.anchor_fraction:
+        # no threshold covers less than the anchors: calibration would end at 1 and cover the anchors alone
+        raise ValueError(f"masking.target_coverage={cfg.target_coverage!r} must be above "
+                         f"masking.anchor_fraction={cfg.anchor_fraction!r}: the anchors are always in their cluster")
     check_minimums("masking", cfg, {"calibration_batches": 1, "kmeans_k": 1, "kmeans_iters": 0})
 
 

@@ -515,6 +515,12 @@ def calibrate_threshold(batches, cfg: MaskingConfig, target: float, iters: int =
                   for i, b in enumerate(batches) for d in range(draws)]
         return sum(values) / len(values)
 
+    length = batches[0].tokens.shape[1]
+    anchors_only = num_anchors(length, cfg.anchor_fraction) / length
+    if target <= anchors_only:
+        raise ValueError(f"masking.target_coverage={target!r} is not above the anchors' own coverage "
+                         f"({anchors_only:.4f}: {num_anchors(length, cfg.anchor_fraction)} of {length} patches at "
+                         f"masking.anchor_fraction={cfg.anchor_fraction!r}); no threshold reaches it")
     low, high = -1.0, 1.0  # coverage(low) = 1, coverage(high) = anchors only
     for _ in range(iters):
         mid = 0.5 * (low + high)

@@ -199,6 +199,8 @@ def test_preflight_names_the_bad_key(synthetic_root):
              "train.weight_decay=nan": "train.weight_decay=nan must be at least 0",
              "train.device=gpu": "train.device='gpu'",
              "masking.calibration_batches=0": "masking.calibration_batches=0",
+             # calibration would end at threshold 1 and the run cover 3% rather than 2%, silently
+             "masking.target_coverage=0.02": "masking.target_coverage=0.02 must be above masking.anchor_fraction=0.03",
              "data.workers=-1": "data.workers=-1",
              "eval.batch_size=0": "eval.batch_size=0",
              "eval.device=cuda0": "eval.device='cuda0'",

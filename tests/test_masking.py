@@ -303,6 +303,18 @@ def test_a_mixed_masker_follows_its_threshold_schedule_during_training():
     assert make_masker(strategy="cluster", features="embedding").threshold_schedule.shape == (1,)
 
 
+def test_calibration_refuses_a_target_that_the_anchors_alone_exceed():
+    """64 patches at anchor_fraction 0.01 still have one anchor (1.6%): a 1% target passes the config check
+    (above 0.01) but no threshold reaches it."""
+    x, pixels = tokens_and_pixels(2, 8, 8)
+    inputs = MaskingInputs(x[:, 1:], pixels, PATCH, torch.tensor(0.5), torch.tensor(0.0))
+    cfg = MaskingConfig(strategy="cluster", anchor_fraction=0.01, target_coverage=0.012)
+    masking.validate(cfg)
+    with pytest.raises(ValueError, match=r"target_coverage=0.012 is not above the anchors' own coverage \(0.0156"):
+        masking.calibrate_threshold([inputs], cfg, 0.012)
+    assert -1 < masking.calibrate_threshold([inputs], cfg, 0.1, iters=8, draws=1) < 1
+
+
 def test_calibration_leaves_the_random_state_alone():
     """Calibration seeds its own anchor draws; the training run's random state, and so its masks, must still
     depend on train.seed."""
