@@ -6,7 +6,8 @@
 # 1. The op alone at 0.5, compiled, with its 8 costliest kernels: kmeans now (bf16 features: one bf16 GEMM, the
 #    dot products never normalised in a pass of their own) against `split` (the fp32 features' Gram from two
 #    GEMMs: 0.530 ms in run 5) and `pooled`; cluster-mixed (never measured: both similarities); random and
-#    cluster-rgb (0.290 ms in run 5) as anchors.
+#    cluster-rgb (0.290 ms in run 5) as anchors. cluster-rgb and -mixed also as `twopass`: the rgb similarity
+#    with its statistics' own pass over the pixels, as the library had it until 2026-11-28 (now one pass).
 # 2. The op alone at 0.5 as `model.compile: false` now runs it on a GPU (`op-compiled`: eager model, the op
 #    compiled on its own), every strategy; eager, run 6 measured 0.2-1.7 ms.
 # 3. The CUDA tests (`-m gpu`): no host sync, eager and compiled alone; the op compiled alone keeps what eager
@@ -17,8 +18,8 @@ set -u
 source bench/gpu_setup.sh
 quiet() { grep -v -i warn | tee "$1" | grep -v "^{"; }
 python3 bench/masking.py --out "$OUT/masking_op" --op-only --modes compiled --compile-ratios 0.5 \
-  --strategies random,cluster-rgb,cluster-mixed,kmeans --variants current,split,pooled --kernels 8 \
-  --budget-s 100 2>&1 | quiet "$OUT/masking_op.log"
+  --strategies random,cluster-rgb,cluster-mixed,kmeans --variants current,twopass,split,pooled --kernels 8 \
+  --budget-s 130 2>&1 | quiet "$OUT/masking_op.log"
 python3 bench/masking.py --out "$OUT/masking_opcompiled" --op-only --modes op-compiled --ratios 0.5 \
   --strategies random,cluster-rgb,cluster-embedding,cluster-mixed,kmeans --kernels 4 \
   --budget-s 70 2>&1 | quiet "$OUT/masking_opcompiled.log"

@@ -79,7 +79,7 @@ def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 def channel_statistics(pixels: torch.Tensor):
     """(pixels in fp32, mean, scale), the mean and std (+ eps) of each image's channels, (B, C, 1, 1): what the
-    rgb features of both `cluster` and `kmeans` are standardised with.
+    rgb features are standardised with (`rgb_similarity` derives the same from its own sums).
 
     Standardising per patch (as MAE's normalised-pixel target does) would send every flat patch to the zero
     vector, so a red and a blue flat region would be indistinguishable; per-image statistics keep colour."""
@@ -122,34 +122,48 @@ def norms_from_squares(squares: torch.Tensor) -> torch.Tensor:
     return squares.clamp_min(0).sqrt().clamp_min(1e-6)
 
 
-def anchor_similarity(features: torch.Tensor, anchors: torch.Tensor,
-                      group_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Cosine similarity (B, L, A) of every patch to each image's anchor patches.
-
-    `features` (B, L, D), or (B, G, L, K) with `group_weights` (B, G): then the inner product is
-    sum_g w_g <u_g, v_g>, so that a per-group scale s_g of the features (the rgb channels' 1/std) is applied,
-    as w_g = s_g^2, to the (B, G, L, A) dot products rather than to every feature. The dot products are divided
-    by the norms rather than the features normalised first: one pass less over the features."""
-    grouped = features if group_weights is not None else features[:, None]
-    anchor_feats = grouped.gather(2, anchors[:, None, :, None].expand(-1, grouped.shape[1], -1, grouped.shape[3]))
-    dots = batched_dots(grouped, anchor_feats)  # (B, G, L, A)
-    squares = grouped.pow(2).sum(-1)  # (B, G, L)
-    if group_weights is None:
-        dots, squares = dots[:, 0], squares[:, 0]
-    else:
-        dots = (dots * group_weights[:, :, None, None]).sum(1)
-        squares = (squares * group_weights[:, :, None]).sum(1)
+def cosines(dots: torch.Tensor, squares: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """(B, L, A) cosines from every patch's dot products with its image's anchors (B, L, A) and every patch's
+    squared norm (B, L): the dot products are divided by the norms rather than the features normalised first,
+    one pass less over the features."""
     norms = norms_from_squares(squares)
     return dots / (norms[..., None] * norms.gather(1, anchors)[:, None, :])
 
 
+def anchor_similarity(features: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity (B, L, A) of every patch's features (B, L, D) to each image's anchor patches."""
+    anchor_feats = features.gather(1, anchors[..., None].expand(-1, -1, features.shape[-1]))
+    return cosines(batched_dots(features, anchor_feats), features.pow(2).sum(-1), anchors)
+
+
 def rgb_similarity(pixels: torch.Tensor, patch_size: int, anchors: torch.Tensor) -> torch.Tensor:
-    """`anchor_similarity` of `standardised_patches`, computed on the centred pixels with the channels'
-    1 / std^2 as group weights: the same cosines (up to rounding) without a division per pixel, and each
-    channel's p * p pixels summed on their own (on a GPU, 256 lanes for ViT-B-16 rather than 768 padded to
-    1024)."""
-    x, mean, scale = channel_statistics(pixels)
-    return anchor_similarity(patch_groups(x - mean, patch_size), anchors, group_weights=scale.flatten(1).pow(-2))
+    """`anchor_similarity` of `standardised_patches` (up to rounding), from one pass over the pixels.
+
+    For each channel of each patch, the pass sums its pixels' products with each anchor patch's, its pixels and
+    their squares; the image's channel statistics, the centring and the channels' 1 / std^2 weights are then
+    applied to those (B, C, L) sums rather than to every pixel. Compiled, the pass is one kernel, each channel's
+    p * p pixels summed on their own (on a GPU, 256 lanes for ViT-B-16 rather than 768 padded to 1024), and
+    the statistics need no pass over the pixels of their own. The pixels are shifted by the mean of the
+    anchors' pixels, near the image's mean, so that the centring cancels little (an fp32 sum of squares far
+    from the mean would lose the variance of a low-contrast image). The statistics are those of the pixels
+    that the patches cover (as conv1, they leave out a margin that is not a whole patch)."""
+    groups = patch_groups(pixels.float(), patch_size)  # (B, C, L, P)
+    channels, pixels_per_patch = groups.shape[1], groups.shape[3]
+    anchor_pixels = groups.gather(2, anchors[:, None, :, None].expand(-1, channels, -1, pixels_per_patch))
+    shift = anchor_pixels.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+    shifted = groups - shift
+    dots = batched_dots(shifted, anchor_pixels - shift)  # (B, C, L, A)
+    sums, squares = shifted.sum(-1), shifted.pow(2).sum(-1)  # (B, C, L)
+    count = sums.shape[-1] * pixels_per_patch
+    mean = sums.sum(-1, keepdim=True) / count  # (B, C, 1): the image's, less the shift
+    variance = (squares.sum(-1, keepdim=True) - count * mean.square()) / (count - 1)  # unbiased, as torch.std
+    weights = (variance.clamp_min(0).sqrt() + 1e-6).pow(-2)  # as channel_statistics' std + 1e-6
+    # over a patch's pixels, sum (u - mean)(v - mean) = sum u v - mean (sum u + sum v) + P mean^2
+    centred_squares = squares - 2 * mean * sums + pixels_per_patch * mean.square()
+    anchor_sums = sums.gather(2, anchors[:, None, :].expand(-1, channels, -1))  # (B, C, A)
+    centred_dots = (dots - mean[..., None] * (sums[..., None] + anchor_sums[:, :, None, :])
+                    + pixels_per_patch * mean[..., None].square())
+    return cosines((centred_dots * weights[..., None]).sum(1), (centred_squares * weights).sum(1), anchors)
 
 
 def num_anchors(num_patches: int, fraction: float) -> int:
