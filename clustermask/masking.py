@@ -181,13 +181,20 @@ def cluster_similarity(inputs: MaskingInputs, cfg: MaskingConfig, anchors: torch
     return torch.lerp(rgb, emb, weight)
 
 
-def cluster_membership(inputs: MaskingInputs, cfg: MaskingConfig):
-    """Anchor-based clusters: (clustered (B, L) bool, cluster_id (B, L) long with -1 for none)."""
+def nearest_anchors(inputs: MaskingInputs, cfg: MaskingConfig):
+    """Anchors drawn now; each patch's similarity to its most similar anchor (B, L), that anchor (B, L) and
+    whether the patch is an anchor (B, L) bool. Everything about the clusters but the threshold."""
     b, length, _ = inputs.tokens.shape
     anchors = _random_indices(b, length, num_anchors(length, cfg.anchor_fraction), inputs.tokens.device)
     sim = cluster_similarity(inputs, cfg, anchors)
     is_anchor = torch.zeros(b, length, dtype=torch.bool, device=sim.device).scatter_(1, anchors, True)
     best_sim, best_anchor = sim.max(dim=-1)
+    return best_sim, best_anchor, is_anchor
+
+
+def cluster_membership(inputs: MaskingInputs, cfg: MaskingConfig):
+    """Anchor-based clusters: (clustered (B, L) bool, cluster_id (B, L) long with -1 for none)."""
+    best_sim, best_anchor, is_anchor = nearest_anchors(inputs, cfg)
     clustered = (best_sim > inputs.threshold) | is_anchor
     cluster_id = torch.where(clustered, best_anchor, torch.full_like(best_anchor, -1))
     return clustered, cluster_id
@@ -497,17 +504,27 @@ def collect_features(model: nn.Module, images: torch.Tensor) -> MaskingInputs:
     return MaskingInputs(captured["x"][:, 1:], images, masker.patch_size, masker.threshold, masker.progress)
 
 
-def mean_coverage(inputs: MaskingInputs, cfg: MaskingConfig, threshold: float, seed: int = 0) -> float:
-    """Mean cluster coverage at `threshold`, anchors drawn from `seed`; the global random state is left as it
-    was (reseeding it would give every training run after a calibration the same masking noise, whatever
-    its train.seed)."""
+def anchor_draw(inputs: MaskingInputs, cfg: MaskingConfig, seed: int):
+    """`nearest_anchors` with the anchors drawn from `seed`, in full precision: (best similarity, is anchor).
+    The global random state is left as it was (reseeding it would give every training run after a calibration
+    the same masking noise, whatever its train.seed)."""
     device = inputs.tokens.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)  # same anchors for every threshold: coverage is then monotone in it
-        probe = inputs._replace(threshold=torch.tensor(threshold, device=device))
+        torch.manual_seed(seed)
         with full_precision(device):
-            clustered, _ = cluster_membership(probe, cfg)
-        return clustered.float().mean().item()
+            best_sim, _, is_anchor = nearest_anchors(inputs, cfg)
+    return best_sim, is_anchor
+
+
+def coverage_at(draw, threshold: float) -> float:
+    """Mean cluster coverage of an `anchor_draw` at `threshold`."""
+    best_sim, is_anchor = draw
+    return ((best_sim > threshold) | is_anchor).float().mean().item()
+
+
+def mean_coverage(inputs: MaskingInputs, cfg: MaskingConfig, threshold: float, seed: int = 0) -> float:
+    """Mean cluster coverage at `threshold`, anchors drawn from `seed`."""
+    return coverage_at(anchor_draw(inputs, cfg, seed), threshold)
 
 
 def calibrate_threshold_schedule(batches, cfg: MaskingConfig, target: float) -> List[float]:
@@ -522,19 +539,21 @@ def calibrate_threshold(batches, cfg: MaskingConfig, target: float, iters: int =
     """Bisect the similarity threshold so that the mean cluster coverage over `batches` is `target`.
 
     Coverage is averaged over `draws` anchor draws per batch: which patches become anchors is the main source
-    of variance, and a threshold fitted to one draw would not hold on the next batches.
+    of variance, and a threshold fitted to one draw would not hold on the next batches. The similarities of
+    each draw are computed once: only the comparison with the threshold changes from one bisection step to the
+    next (and with the same anchors for every threshold, coverage is monotone in it).
     """
-    def coverage(threshold: float) -> float:
-        values = [mean_coverage(b, cfg, threshold, seed=i * draws + d)
-                  for i, b in enumerate(batches) for d in range(draws)]
-        return sum(values) / len(values)
-
     length = batches[0].tokens.shape[1]
-    anchors_only = num_anchors(length, cfg.anchor_fraction) / length
-    if target <= anchors_only:
+    anchors = num_anchors(length, cfg.anchor_fraction)
+    if target <= anchors / length:
         raise ValueError(f"masking.target_coverage={target!r} is not above the anchors' own coverage "
-                         f"({anchors_only:.4f}: {num_anchors(length, cfg.anchor_fraction)} of {length} patches at "
+                         f"({anchors / length:.4f}: {anchors} of {length} patches at "
                          f"masking.anchor_fraction={cfg.anchor_fraction!r}); no threshold reaches it")
+    anchor_draws = [anchor_draw(b, cfg, seed=i * draws + d) for i, b in enumerate(batches) for d in range(draws)]
+
+    def coverage(threshold: float) -> float:
+        return sum(coverage_at(draw, threshold) for draw in anchor_draws) / len(anchor_draws)
+
     low, high = -1.0, 1.0  # coverage(low) = 1, coverage(high) = anchors only
     for _ in range(iters):
         mid = 0.5 * (low + high)
