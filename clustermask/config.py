@@ -6,6 +6,7 @@ re-export their own config (`clustermask.masking.MaskingConfig` is this `Masking
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import math
@@ -13,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 FEATURES = ("rgb", "embedding", "mixed")
@@ -132,6 +133,29 @@ def validate_masking(cfg: MaskingConfig, strategies: Iterable[str]) -> None:
         raise ValueError(f"masking.target_coverage={cfg.target_coverage!r} must be above "
                          f"masking.anchor_fraction={cfg.anchor_fraction!r}: the anchors are always in their cluster")
     check_minimums("masking", cfg, {"calibration_batches": 1, "kmeans_k": 1, "kmeans_iters": 0})
+
+
+def settings_in_effect(cfg: MaskingConfig, strategy_settings: Iterable[str]) -> Set[str]:
+    """The MaskingConfig keys that shape `cfg`'s masks: its strategy's settings (STRATEGY_SETTINGS in
+    clustermask.masking), less the fixed threshold when a target coverage calibrates it and the calibration's
+    batch count when none does."""
+    used = {"strategy", *strategy_settings}
+    if cfg.target_coverage is None:
+        used.discard("calibration_batches")
+    else:
+        used.discard("threshold")
+    return used
+
+
+def canonical_masking(cfg: MaskingConfig, strategy_settings: Iterable[str]) -> Tuple[MaskingConfig, Dict[str, Any]]:
+    """`cfg` with every setting its strategy does not use at one fixed value (MaskingConfig's default; a ratio
+    of 0 where the ratio is not used: such a strategy drops nothing), and {key: the value given} for each
+    setting that changed. Two points of a sweep that differ only in unused settings are the same run."""
+    used = settings_in_effect(cfg, strategy_settings)
+    defaults = MaskingConfig(ratio=0.0)
+    fixed = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(cfg) if f.name not in used}
+    given = {key: getattr(cfg, key) for key, value in fixed.items() if getattr(cfg, key) != value}
+    return dataclasses.replace(cfg, **fixed), given
 
 
 def check_minimums(section: str, cfg, minimums: Dict[str, float]) -> None:

@@ -13,7 +13,8 @@ unchanged, so checkpoints stay in open_clip's format.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, NamedTuple, Optional
+from dataclasses import fields
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -38,11 +39,23 @@ class MaskScores(NamedTuple):
 Strategy = Callable[[MaskingInputs, MaskingConfig], MaskScores]
 STRATEGIES: Dict[str, Strategy] = {}
 PIXEL_STRATEGIES: set = set()
+# strategy -> the MaskingConfig keys it reads besides `strategy`: the launcher records the others at a fixed
+# value and submits once the points of a sweep that differ only in them (config.canonical_masking)
+STRATEGY_SETTINGS: Dict[str, Tuple[str, ...]] = {}
+CLUSTER_SETTINGS = ("ratio", "features", "anchor_fraction", "threshold", "target_coverage", "calibration_batches",
+                    "attention")
 
 
-def register_strategy(name: str, needs_pixels: bool = False):
+def register_strategy(name: str, needs_pixels: bool = False, settings: Tuple[str, ...] = ("ratio",)):
+    """settings: the MaskingConfig keys the strategy's masks depend on (tests/test_masking.py checks that no
+    other key changes them). Without `ratio` the strategy drops nothing, as `none`."""
+    unknown = set(settings) - {f.name for f in fields(MaskingConfig)}
+    if unknown:
+        raise ValueError(f"strategy {name!r}: {sorted(unknown)} are not MaskingConfig keys")
+
     def wrap(fn: Strategy) -> Strategy:
         STRATEGIES[name] = fn
+        STRATEGY_SETTINGS[name] = tuple(settings)
         if needs_pixels:
             PIXEL_STRATEGIES.add(name)
         return fn
@@ -203,7 +216,7 @@ def cluster_membership(inputs: MaskingInputs, cfg: MaskingConfig):
 # ---------------------------------------------------------------- strategies
 
 
-@register_strategy("none")
+@register_strategy("none", settings=())
 def score_none(inputs: MaskingInputs, cfg: MaskingConfig) -> MaskScores:
     b, length, _ = inputs.tokens.shape
     return MaskScores(torch.zeros(b, length, device=inputs.tokens.device), None, None)
@@ -215,7 +228,7 @@ def score_random(inputs: MaskingInputs, cfg: MaskingConfig) -> MaskScores:
     return MaskScores(torch.rand(b, length, device=inputs.tokens.device), None, None)
 
 
-@register_strategy("cluster", needs_pixels=True)
+@register_strategy("cluster", needs_pixels=True, settings=CLUSTER_SETTINGS)
 def score_cluster(inputs: MaskingInputs, cfg: MaskingConfig) -> MaskScores:
     clustered, cluster_id = cluster_membership(inputs, cfg)
     noise = torch.rand(clustered.shape, device=clustered.device)
@@ -281,7 +294,7 @@ def kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor
     return kmeans_assignment(bf16_bmm(feats, feats.transpose(1, 2)), initial, iters)
 
 
-@register_strategy("kmeans", needs_pixels=True)
+@register_strategy("kmeans", needs_pixels=True, settings=("ratio", "kmeans_k", "kmeans_iters"))
 def score_kmeans(inputs: MaskingInputs, cfg: MaskingConfig) -> MaskScores:
     """A few spherical k-means iterations on rgb features; whole clusters are dropped in random order."""
     b, length, _ = inputs.tokens.shape
@@ -565,8 +578,9 @@ def calibrate_threshold(batches, cfg: MaskingConfig, target: float, iters: int =
 
 
 __all__ = [
-    "MaskingConfig", "MaskingInputs", "MaskScores", "MaskResult", "STRATEGIES", "register_strategy",
-    "select_tokens", "install_masking", "TokenMasker", "calibrate_threshold", "calibrate_threshold_schedule",
-    "collect_features", "run_tower", "scheduled_threshold", "schedule_progress", "threshold_points",
-    "standardised_patches", "patchify", "num_dropped", "validate", "key_padding_attn_mask", "mean_coverage",
+    "MaskingConfig", "MaskingInputs", "MaskScores", "MaskResult", "STRATEGIES", "STRATEGY_SETTINGS",
+    "register_strategy", "select_tokens", "install_masking", "TokenMasker", "calibrate_threshold",
+    "calibrate_threshold_schedule", "collect_features", "run_tower", "scheduled_threshold", "schedule_progress",
+    "threshold_points", "standardised_patches", "patchify", "num_dropped", "validate", "key_padding_attn_mask",
+    "mean_coverage",
 ]

@@ -12,9 +12,11 @@ directories, MLflow runs and manifest.json are written and the graph goes to the
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import hydra
 from hydra._internal.utils import get_args_parser
@@ -73,6 +75,52 @@ def check_points(points: List[ComposedPoint], registries: Registries) -> List[st
     return [f"  point {i} ({' '.join(p.overrides) or 'defaults'}): {e}" for i, p, e in errors if e]
 
 
+def sets_an_unused_setting(override: str, in_effect) -> bool:
+    """`masking.<key>=...` for a key not in `in_effect` (a config-group override `masking=...` is not)."""
+    section, _, key = override.split("=", 1)[0].lstrip("+~").partition(".")
+    return section == "masking" and bool(key) and key not in in_effect
+
+
+def canonical_point_masking(masking: Mapping, strategies: Mapping[str, List[str]]):
+    """config.canonical_masking of a point's resolved `masking` section."""
+    from clustermask.config import MaskingConfig, canonical_masking
+
+    return canonical_masking(MaskingConfig(**masking), strategies[masking["strategy"]])
+
+
+def unused_setting_note(masking, key: str, value) -> str:
+    return (f"masking.{key}={value!r} is not used by masking.strategy={masking.strategy}: recorded as "
+            f"{getattr(masking, key)!r}")
+
+
+def merge_same_runs(points: List[ComposedPoint], strategies: Mapping[str, List[str]]
+                    ) -> Tuple[List[ComposedPoint], List[str]]:
+    """Each distinct run once, and a line for each thing changed.
+
+    A point's masking settings that its strategy does not use are set to a fixed value
+    (`config.canonical_masking`: `masking=none masking.ratio=0.3` drops nothing and is recorded at ratio 0) and
+    their overrides leave its name; points that are then the same config are one run, under the first one's name.
+    A grid of strategies x thresholds or ratios would otherwise train the same random or `none` model again for
+    each value, and plot the copies as different settings."""
+    from clustermask.config import settings_in_effect
+
+    unused_notes, merge_notes, runs = {}, [], {}
+    for point in points:
+        masking, unused = canonical_point_masking(point.config["masking"], strategies)
+        for key, value in unused.items():
+            unused_notes[unused_setting_note(masking, key, value)] = None
+        config = {**point.config, "masking": dataclasses.asdict(masking)}
+        in_effect = settings_in_effect(masking, strategies[masking.strategy])
+        overrides = [o for o in point.overrides if not sets_an_unused_setting(o, in_effect)]
+        identity = json.dumps(config, sort_keys=True)
+        if identity in runs:
+            merge_notes.append(f"{' '.join(point.overrides)} is the same run as "
+                               f"{' '.join(runs[identity].overrides) or 'defaults'}: submitted once")
+        else:
+            runs[identity] = ComposedPoint(overrides, config)
+    return list(runs.values()), list(unused_notes) + merge_notes
+
+
 def _check_writable(sweep_dir: Path) -> None:
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +163,10 @@ def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Regis
     if errors:
         print("error: preflight failed, nothing was submitted:\n" + "\n".join(errors), file=sys.stderr)
         raise SystemExit(2)
+    points, notes = merge_same_runs(points, registries.strategies)
+    if notes:
+        print("note: settings a point's strategy does not use are recorded at a fixed value, and points that "
+              "differ only in them are one run:\n" + "\n".join(f"  {note}" for note in notes), flush=True)
     if len({tuple(p.overrides) for p in points}) != len(points):
         raise SystemExit("error: two points have the same overrides")
     launcher = OmegaConf.create(points[0].config["launcher"])

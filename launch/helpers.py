@@ -4,7 +4,8 @@ Importing torch (for the strategy and evaluator registries) and MLflow takes sec
 while the command composes the sweep, so submitting 64 points stays a matter of seconds. Neither child
 writes anything until the command has checked every point and asks it to:
 
-- `RegistriesInChild`: the names registered with the model code (strategies, evaluators), for preflight.
+- `RegistriesInChild`: the names registered with the model code (strategies and the settings each uses,
+  evaluators), for preflight.
 - `TrackingInChild`: imports MLflow and readies the empty sqlite store, then, only when asked, creates the
   sweep's parent run and a run per point, and answers their ids. Closing it unasked writes nothing.
 
@@ -18,22 +19,23 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
 class Registries:
-    """Names registered with the model code: masking strategies and evaluators."""
-    strategies: List[str]
+    """Names registered with the model code: masking strategies (with the settings each uses) and evaluators."""
+    strategies: Dict[str, List[str]]
     evaluators: List[str]
 
     @classmethod
     def here(cls) -> "Registries":
         from clustermask import evaluate, masking
 
-        return cls(sorted(masking.STRATEGIES), sorted(evaluate.EVALUATORS))
+        return cls({name: list(masking.STRATEGY_SETTINGS[name]) for name in sorted(masking.STRATEGIES)},
+                   sorted(evaluate.EVALUATORS))
 
 
 class _Child:

@@ -154,8 +154,10 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
     `save=False` (a dry run) checks them only."""
     from clustermask.tracking import RunLogger
 
-    from .app import preflight
+    from .app import canonical_point_masking, preflight, unused_setting_note
+    from .helpers import Registries
 
+    registries = Registries.here()
     fixed = {}
     for i in indices:
         point = manifest.points[i]
@@ -164,9 +166,15 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
         for override in overrides:
             apply_override(cfg, override)
         try:
-            preflight(cfg)
+            preflight(cfg, registries)
         except (ValueError, FileNotFoundError, TypeError) as exc:
             raise type(exc)(f"point {i} ({point.name}), nothing changed: {exc}") from exc
+        # as the sweep recorded them: a fix that the point's strategy does not use must not set its points apart
+        masking, unused = canonical_point_masking(OmegaConf.to_container(cfg.masking, resolve=True),
+                                                  registries.strategies)
+        for key, value in unused.items():
+            print(f"point {i} ({point.name}): {unused_setting_note(masking, key, value)}")
+            cfg.masking[key] = getattr(masking, key)
         fixed[i] = cfg
     if not save:
         return

@@ -72,6 +72,34 @@ def test_sweep_points_compose_exactly_as_hydra_composes_them(tmp_path):
     assert all(p.config["report"] == {"note": "extra"} for p in sweep.points)
 
 
+def test_points_that_differ_only_in_settings_their_strategy_does_not_use_are_one_run(tmp_path):
+    """A grid of strategies x ratios x thresholds trains `none` once (it drops nothing: ratio 0) and `random`
+    once per ratio (it has no threshold); each kept point is what Hydra composes for its remaining overrides."""
+    from launch.helpers import Registries
+
+    common = [f"paths.root={tmp_path}"]
+    sweep = compose_sweep([*common, "masking=none,random,cluster", "masking.ratio=0.3,0.5",
+                           "masking.threshold=0.3,0.7"])
+    points, notes = app.merge_same_runs(sweep.points, Registries.here().strategies)
+    runs = {(p.config["masking"]["strategy"], p.config["masking"]["ratio"], p.config["masking"]["threshold"]):
+            p.overrides for p in points}
+    assert len(points) == len(runs) == 1 + 2 + 4
+    assert runs[("none", 0.0, 0.5)] == ["masking=none"]
+    assert runs[("random", 0.3, 0.5)] == ["masking.ratio=0.3", "masking=random"]
+    assert runs[("cluster", 0.5, 0.7)] == ["masking.ratio=0.5", "masking.threshold=0.7", "masking=cluster"]
+    _as_hydra_composes(points, common)
+    assert "masking.ratio=0.5 is not used by masking.strategy=none: recorded as 0.0" in notes
+    assert "masking.threshold=0.7 is not used by masking.strategy=random: recorded as 0.5" in notes
+    assert ("masking.ratio=0.5 masking.threshold=0.7 masking=random is the same run as masking.ratio=0.5 "
+            "masking=random: submitted once") in notes
+    assert sum("is the same run as" in note for note in notes) == 12 - 7
+    calibrated = compose_sweep([*common, "masking=cluster", "masking.target_coverage=0.3", "masking.threshold=0.3,0.7"])
+    points, notes = app.merge_same_runs(calibrated.points, Registries.here().strategies)
+    assert [p.overrides for p in points] == [["masking.target_coverage=0.3", "masking=cluster"]]
+    kmeans = compose_sweep([*common, "masking=kmeans", "masking.kmeans_k=4,8", "masking.attention=true"])
+    assert len(app.merge_same_runs(kmeans.points, Registries.here().strategies)[0]) == 2
+
+
 def test_sweeper_params_of_the_experiment_expand_and_the_command_line_wins(tmp_path):
     sweep = compose_sweep([f"paths.root={tmp_path}", "experiment=ratio_ablation"])
     assert len(sweep.points) == 4 * 3  # hydra.sweeper.params: 4 strategies x 3 ratios
@@ -236,6 +264,14 @@ def test_dry_run_prints_scripts_and_graph(tmp_path, synthetic_root):
     assert not list(tmp_path.rglob("manifest.json")) and not list(tmp_path.rglob("mlflow.db"))
 
 
+def test_a_dry_run_names_the_points_submitted_once(tmp_path, synthetic_root):
+    result = sweep_cli(f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "launcher=slurm",
+                       "launcher.dry_run=true", "masking=none,random", "masking.ratio=0.3,0.5")
+    assert result.returncode == 0, result.stderr
+    assert "dry run: 3 point(s)" in result.stdout and "#SBATCH --array=0-2%3" in result.stdout
+    assert "masking.ratio=0.5 masking=none is the same run as masking=none: submitted once" in result.stdout
+
+
 def normalise(script: str, folder: str) -> str:
     script = script.replace(folder, "<FOLDER>").replace(sys.executable, "<PYTHON>")
     return re.sub(r"--job-name=\S+", "--job-name=<NAME>", script)
@@ -329,6 +365,14 @@ def test_resubmit_fixes_all_points_or_none_and_tags_them_in_mlflow(tmp_path, syn
     assert lrs() == [0.01, before[1]]
     tags = MlflowClient(manifest.tracking_uri).get_run(manifest.points[0].mlflow_run_id).data.tags
     assert tags["resubmit_overrides"] == "train.lr=0.01 train.steps=7"
+
+    def masking_of_point_0():
+        return graph.load_point_config(Path(manifest.points[0].run_dir)).masking
+
+    apply_overrides(manifest, [0], ["masking.threshold=0.3", "masking.kmeans_k=4"])  # random uses neither
+    assert (masking_of_point_0().threshold, masking_of_point_0().kmeans_k) == (0.5, 8)
+    apply_overrides(manifest, [0], ["masking=cluster", "masking.threshold=0.3"])
+    assert (masking_of_point_0().strategy, masking_of_point_0().threshold) == ("cluster", 0.3)
 
 
 def test_evaluating_again_takes_an_eval_option_and_eval_keys_only(tmp_path, synthetic_root):

@@ -189,6 +189,50 @@ def test_seeded_and_reproducible():
     assert not torch.equal(a.last.keep, b.last.keep)
 
 
+# a second valid value of every MaskingConfig setting
+OTHER_VALUES = {"ratio": 0.25, "features": "embedding", "anchor_fraction": 0.2, "threshold": -0.3,
+                "target_coverage": 0.6, "calibration_batches": 3, "kmeans_k": 3, "kmeans_iters": 1, "attention": True}
+
+
+def masked(cfg: MaskingConfig, x, pixels):
+    torch.manual_seed(7)
+    masker = TokenMasker(cfg, patch_size=PATCH, num_heads=2).train()
+    out = run(masker, x, pixels)
+    return out, masker.attn_mask
+
+
+def test_other_values_name_every_masking_setting():
+    from dataclasses import fields
+
+    assert set(OTHER_VALUES) == {f.name for f in fields(MaskingConfig)} - {"strategy"}
+
+
+@pytest.mark.parametrize("strategy", sorted(masking.STRATEGIES))
+def test_a_strategy_masks_alike_whatever_the_settings_it_does_not_declare(strategy):
+    """The launcher submits once the points that differ only in settings their strategy does not declare
+    (config.canonical_masking): that is right only if those settings change nothing."""
+    from dataclasses import replace
+
+    from clustermask.config import settings_in_effect
+
+    x, pixels = tokens_and_pixels(3, 4, 5)
+    base = MaskingConfig(strategy=strategy, ratio=0.5)
+    out, attn_mask = masked(base, x, pixels)
+    unused = set(OTHER_VALUES) - settings_in_effect(base, masking.STRATEGY_SETTINGS[strategy])
+    for key in unused:
+        other_out, other_mask = masked(replace(base, **{key: OTHER_VALUES[key]}), x, pixels)
+        assert torch.equal(other_out, out), key
+        assert other_mask is None if attn_mask is None else torch.equal(other_mask, attn_mask), key
+    if "ratio" in masking.STRATEGY_SETTINGS[strategy]:  # the declaration is not empty for the ones that act
+        assert masked(replace(base, ratio=0.25), x, pixels)[0].shape != out.shape
+
+
+def test_registering_a_strategy_with_an_unknown_setting_is_refused():
+    with pytest.raises(ValueError, match="kmeans_kk"):
+        masking.register_strategy("blocks", settings=("ratio", "kmeans_kk"))
+    assert "blocks" not in masking.STRATEGIES
+
+
 def test_attention_mode_hidden_tokens_change_nothing():
     """CLS output with hidden tokens masked == CLS output with those tokens physically removed."""
     torch.manual_seed(0)
