@@ -104,6 +104,11 @@ def merge_same_runs(points: List[ComposedPoint], strategies: Mapping[str, List[s
     each value, and plot the copies as different settings."""
     from clustermask.config import settings_in_effect
 
+    varying = graph.varying_keys([p.overrides for p in points])
+
+    def named(overrides: List[str]) -> str:  # by what varies between the points, as run directories are
+        return " ".join(o for o in overrides if o.lstrip("+~").partition("=")[0] in varying) or "defaults"
+
     unused_notes, merge_notes, runs = {}, [], {}
     for point in points:
         masking, unused = canonical_point_masking(point.config["masking"], strategies)
@@ -114,8 +119,8 @@ def merge_same_runs(points: List[ComposedPoint], strategies: Mapping[str, List[s
         overrides = [o for o in point.overrides if not sets_an_unused_setting(o, in_effect)]
         identity = json.dumps(config, sort_keys=True)
         if identity in runs:
-            merge_notes.append(f"{' '.join(point.overrides)} is the same run as "
-                               f"{' '.join(runs[identity].overrides) or 'defaults'}: submitted once")
+            merge_notes.append(f"{named(point.overrides)} is the same run as {named(runs[identity].overrides)}: "
+                               "submitted once")
         else:
             runs[identity] = ComposedPoint(overrides, config)
     return list(runs.values()), list(unused_notes) + merge_notes

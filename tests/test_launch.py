@@ -266,7 +266,7 @@ def test_dry_run_prints_scripts_and_graph(tmp_path, synthetic_root):
 
 def test_a_dry_run_names_the_points_submitted_once(tmp_path, synthetic_root):
     result = sweep_cli(f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "launcher=slurm",
-                       "launcher.dry_run=true", "masking=none,random", "masking.ratio=0.3,0.5")
+                       "launcher.dry_run=true", "masking=none,random", "masking.ratio=0.3,0.5", "train.steps=5")
     assert result.returncode == 0, result.stderr
     assert "dry run: 3 point(s)" in result.stdout and "#SBATCH --array=0-2%3" in result.stdout
     assert "masking.ratio=0.5 masking=none is the same run as masking=none: submitted once" in result.stdout
