@@ -192,7 +192,7 @@ def run_task(model, transform, tokenizer, task: EvalTask, ctx: EvalContext) -> D
 
 
 # in a folder of its own: `clip_benchmark build results/*.json` reads every JSON beside the results
-ATTEMPT_FILE = Path(".attempt") / "evaluated.json"
+EVALUATED_FILE = Path(".resume") / "evaluated.json"
 
 
 def checkpoint_identity(checkpoint: str) -> dict:
@@ -200,25 +200,30 @@ def checkpoint_identity(checkpoint: str) -> dict:
     return {"path": os.path.abspath(checkpoint), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def evaluated_in_attempt(out_dir: Path, attempt: Optional[str], checkpoint: str) -> Dict[str, dict]:
-    """Result file name -> task, for the tasks that `attempt` already evaluated on this very checkpoint."""
-    path = Path(out_dir) / ATTEMPT_FILE
-    if attempt is None or not path.is_file():
+def evaluated_before(out_dir: Path, checkpoint: str) -> Dict[str, dict]:
+    """Result file name -> task, for the tasks already evaluated on this very checkpoint (the same file, not
+    written again since) and recorded in `out_dir`, until `forget_evaluated`."""
+    path = Path(out_dir) / EVALUATED_FILE
+    if not path.is_file():
         return {}
     record = json.loads(path.read_text())
-    if record.get("attempt") != attempt or record.get("checkpoint") != checkpoint_identity(checkpoint):
-        return {}
-    return record["tasks"]
+    return record["tasks"] if record.get("checkpoint") == checkpoint_identity(checkpoint) else {}
+
+
+def forget_evaluated(out_dir: Path) -> None:
+    """The next `evaluate_checkpoint(resume=True)` in `out_dir` evaluates every task again."""
+    (Path(out_dir) / EVALUATED_FILE).unlink(missing_ok=True)
 
 
 def evaluate_checkpoint(model_name: str, checkpoint: str, cfg: EvalConfig, out_dir: Path,
                         log: Optional[Callable[[Dict[str, float]], None]] = None,
-                        attempt: Optional[str] = None) -> Dict[str, float]:
+                        resume: bool = False) -> Dict[str, float]:
     """Evaluate one checkpoint on every task; write one JSON per task; return the flat metric dict.
 
-    `attempt` names this evaluation across restarts of the same job (a SLURM job requeued at its time limit
-    or on preemption keeps its id): a task it already evaluated on the same checkpoint, with the same settings,
-    is read back from its JSON instead of being run again. None evaluates every task."""
+    Each task evaluated is recorded in `out_dir` with the checkpoint's identity. With `resume`, a task recorded
+    for the same checkpoint with the same settings is read back from its JSON instead of being run again (an
+    evaluation that stopped half-way, requeued at a time limit or resubmitted after a failure, goes on from its
+    first unfinished task; `forget_evaluated` starts afresh)."""
     from .model import load_for_eval
     from .train import resolve_device
 
@@ -228,26 +233,25 @@ def evaluate_checkpoint(model_name: str, checkpoint: str, cfg: EvalConfig, out_d
     device = resolve_device(cfg.device)
     model, transform, tokenizer = load_for_eval(model_name, checkpoint, device)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / EVALUATED_FILE).parent.mkdir(parents=True, exist_ok=True)
     ctx = EvalContext(device, cfg.batch_size, cfg.workers, cfg.amp, out_dir / "features")
-    already = evaluated_in_attempt(out_dir, attempt, checkpoint)
-    if attempt is not None:
-        (out_dir / ATTEMPT_FILE).parent.mkdir(exist_ok=True)
-    record = {"attempt": attempt, "checkpoint": checkpoint_identity(checkpoint), "tasks": {}}
+    already = evaluated_before(out_dir, checkpoint) if resume else {}
+    # what was recorded stays until its task is run again: a stop while reading back loses nothing
+    record = {"checkpoint": checkpoint_identity(checkpoint), "tasks": dict(already)}
+    write_atomic(out_dir / EVALUATED_FILE, json.dumps(record, indent=1))
     flat = {}
     for task in cfg.tasks:
         path = result_path(out_dir, task, model_name, checkpoint)
         if already.get(path.name) == asdict(task) and path.is_file():
-            print(f"eval: {task.name} on {task.dataset} was evaluated before this job ({attempt}) restarted: "
-                  f"read back from {path}", flush=True)
+            print(f"eval: {task.name} on {task.dataset} was evaluated before on this checkpoint with the same "
+                  f"settings: read back from {path}", flush=True)
             metrics = json.loads(path.read_text())["metrics"]
         else:
             metrics = run_task(model, transform, tokenizer, task, ctx)
             write_atomic(path, json.dumps({"dataset": task.dataset, "model": model_name, "pretrained": checkpoint,
                                            "task": task.name, "metrics": metrics, "language": "en"}, indent=1))
-        if attempt is not None:
             record["tasks"][path.name] = asdict(task)
-            write_atomic(out_dir / ATTEMPT_FILE, json.dumps(record, indent=1))
+            write_atomic(out_dir / EVALUATED_FILE, json.dumps(record, indent=1))
         task_metrics = {metric_key(task, k): v for k, v in metrics.items()}
         if log is not None:
             log(task_metrics)

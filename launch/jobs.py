@@ -138,12 +138,10 @@ def eval_point(run_dir: str) -> str:
             logger.metrics(metrics)
             _progress(run_dir, "eval", next(tasks_done), len(cfg.eval.tasks))
 
-        # a requeued SLURM job keeps its id and goes on from its first unfinished task; a local task is never
-        # restarted as itself, and a resubmission evaluates everything again
-        job_id = _job_id()
-        attempt = None if job_id == "local" else job_id
+        # a requeued or resubmitted evaluation goes on from its first unfinished task (`clustermask-resubmit
+        # --evaluate-again` forgets what was evaluated before it submits)
         evaluate_checkpoint(cfg.model.name, str(checkpoint), _typed(cfg.eval), Path(run_dir) / "results",
-                            log=log if logger else None, attempt=attempt)
+                            log=log if logger else None, resume=True)
         return str(Path(run_dir) / "results")
 
     return _stage("eval", run_dir, body)

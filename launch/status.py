@@ -213,6 +213,11 @@ def resubmit(sweep_dir: Path, overrides: List[str], dry_run: bool = False,
         return None
     if overrides:
         apply_overrides(manifest, plan.train + plan.eval_only, overrides, save=not dry_run)
+    if evaluate_again and not dry_run:
+        from clustermask.evaluate import forget_evaluated
+
+        for i in plan.eval_only:  # else they would be read back: a plain resubmission goes on where it stopped
+            forget_evaluated(Path(manifest.points[i].run_dir) / "results")
     print(("dry run, nothing is changed or submitted; would resubmit:\n" if dry_run else "resubmitting:\n")
           + describe(plan, manifest))
     if dry_run and manifest.executor == "local":

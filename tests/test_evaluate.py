@@ -146,10 +146,10 @@ def test_clip_benchmarks_own_cli_loads_our_checkpoint_scores_it_as_we_do_and_bui
     assert float(rows[0]["acc1"]) == pytest.approx(ours["zeroshot_classification/wds/shapes/acc1"])
 
 
-def test_a_restarted_evaluation_job_runs_only_the_tasks_it_had_not_finished(tmp_path, monkeypatch):
-    """A SLURM job requeued at its time limit or on preemption keeps its id: restarted, it reads back the tasks
-    it had finished on that checkpoint instead of running them again. Another job (a resubmission), a task's
-    settings changed, or the checkpoint written again, evaluate again; so does a run that names no attempt."""
+def test_a_resumed_evaluation_runs_only_the_tasks_it_had_not_finished(tmp_path, monkeypatch):
+    """Requeued at its time limit or resubmitted after a failure, an evaluation reads back the tasks finished on
+    that checkpoint instead of running them again. A task whose settings changed, a checkpoint written again,
+    an evaluation that does not resume and one after `forget_evaluated` run every task."""
     from clustermask import evaluate
 
     runs, killed_at = [], set()
@@ -164,27 +164,37 @@ def test_a_restarted_evaluation_job_runs_only_the_tasks_it_had_not_finished(tmp_
     checkpoint = str(untrained_checkpoint(tmp_path / "final.pt"))
     results = tmp_path / "results"
 
-    def evaluate_tasks(attempt, **options):
+    def evaluate_tasks(resume=True, b_options=None, log=None):
         logged = {}
-        cfg = EvalConfig(tasks=[EvalTask("counting", name, str(tmp_path), dict(options)) for name in ("a", "b")],
-                         device="cpu")
-        flat = evaluate.evaluate_checkpoint("ViT-Tiny-8-64", checkpoint, cfg, results, log=logged.update,
-                                            attempt=attempt)
-        assert logged == flat  # what was read back is logged (MLflow, progress) like what was run
+        tasks = [EvalTask("counting", "a", str(tmp_path)), EvalTask("counting", "b", str(tmp_path), b_options or {})]
+        flat = evaluate.evaluate_checkpoint("ViT-Tiny-8-64", checkpoint, EvalConfig(tasks=tasks, device="cpu"),
+                                            results, log=log or logged.update, resume=resume)
+        assert log or logged == flat  # what was read back is logged (MLflow, progress) like what was run
         return flat, runs.copy()
+
+    def stop(metrics):
+        raise KeyboardInterrupt
 
     killed_at.add("b")
     with pytest.raises(KeyboardInterrupt):
-        evaluate_tasks("7_0")
+        evaluate_tasks()
     killed_at.clear()
-    flat, ran = evaluate_tasks("7_0")
+    flat, ran = evaluate_tasks()
     assert ran == ["a", "b"] and flat == {"counting/a/acc": 1.0, "counting/b/acc": 2.0}
-    assert evaluate_tasks("7_0") == (flat, ["a", "b"])  # every task finished: nothing runs
+    assert evaluate_tasks() == (flat, ["a", "b"])  # every task finished: nothing runs
     assert sorted(p.name for p in results.glob("*.json")) == ["a_final.pt_ViT-Tiny-8-64_en_counting.json",
                                                              "b_final.pt_ViT-Tiny-8-64_en_counting.json"]
-    assert evaluate_tasks("8_0")[1] == ["a", "b"] * 2
-    assert evaluate_tasks("8_0", recall_k=[1, 10])[1] == ["a", "b"] * 3
-    assert evaluate_tasks("8_0", recall_k=[1, 10])[1] == ["a", "b"] * 3
+    assert evaluate_tasks(b_options={"recall_k": [1, 10]})[1] == ["a", "b", "b"]  # b's settings changed
+    with pytest.raises(KeyboardInterrupt):  # a stop while reading back forgets nothing
+        evaluate_tasks(b_options={"recall_k": [1, 10]}, log=stop)
+    assert evaluate_tasks(b_options={"recall_k": [1, 10]})[1] == ["a", "b", "b"]
+    killed_at.add("a")  # an evaluation that does not resume forgets the earlier ones, even stopped at once
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_tasks(resume=False, b_options={"recall_k": [1, 10]})
+    killed_at.clear()
+    assert evaluate_tasks(b_options={"recall_k": [1, 10]})[1] == ["a", "b", "b", "a", "b"]
+    assert evaluate_tasks(b_options={"recall_k": [1, 10]})[1] == ["a", "b", "b", "a", "b"]
     untrained_checkpoint(tmp_path / "final.pt")
-    assert evaluate_tasks("8_0", recall_k=[1, 10])[1] == ["a", "b"] * 4
-    assert evaluate_tasks(None, recall_k=[1, 10])[1] == ["a", "b"] * 5
+    assert evaluate_tasks(b_options={"recall_k": [1, 10]})[1] == ["a", "b", "b"] + ["a", "b"] * 2
+    evaluate.forget_evaluated(results)
+    assert evaluate_tasks(b_options={"recall_k": [1, 10]})[1] == ["a", "b", "b"] + ["a", "b"] * 3

@@ -181,6 +181,8 @@ def test_evaluating_again_adds_the_new_metric_to_every_trained_point_and_the_rep
         dump = next((graph.Path(point.run_dir) / "results").glob("scenes_*zeroshot_retrieval.json"))
         assert "image_retrieval_recall@10" in json.loads(dump.read_text())["metrics"]
         assert (graph.Path(point.run_dir) / "checkpoints" / "final.pt").stat().st_mtime_ns == checkpoints[point.index]
+        # every task evaluated again, not read back as a resubmission after a failure would
+        assert "read back from" not in (graph.Path(point.run_dir) / "logs" / "eval.log").read_text()
     rows = sweep_status(graph.Manifest.load(sweep_dir))
     assert all(r["train"] == "done" and r["eval"] == "done" for r in rows)
     assert (sweep_dir / "report" / "results.md").stat().st_mtime_ns > report_time

@@ -143,7 +143,7 @@ def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root)
     assert "resumed from" in logs["train"]
     assert Path(point.run_dir, "checkpoints", "final.pt").exists() and not latest.exists()
     # the evaluation tasks finished before the signal are read back (and logged again, with the same value)
-    read_back = logs["eval"].count("restarted: read back from")
+    read_back = logs["eval"].count("with the same settings: read back from")
     assert evaluated <= read_back < tasks, logs["eval"][-3000:]
     history = MlflowClient(manifest.tracking_uri).get_metric_history(point.mlflow_run_id,
                                                                      "zeroshot_classification/wds/shapes/acc1")
