@@ -77,7 +77,7 @@ def check_points(points: List[ComposedPoint], registries: Registries) -> List[st
 
 def sets_an_unused_setting(override: str, in_effect) -> bool:
     """`masking.<key>=...` for a key not in `in_effect` (a config-group override `masking=...` is not)."""
-    section, _, key = override.split("=", 1)[0].lstrip("+~").partition(".")
+    section, _, key = graph.override_key(override).partition(".")
     return section == "masking" and bool(key) and key not in in_effect
 
 
@@ -107,7 +107,7 @@ def merge_same_runs(points: List[ComposedPoint], strategies: Mapping[str, List[s
     varying = graph.varying_keys([p.overrides for p in points])
 
     def named(overrides: List[str]) -> str:  # by what varies between the points, as run directories are
-        return " ".join(o for o in overrides if o.lstrip("+~").partition("=")[0] in varying) or "defaults"
+        return " ".join(o for o in overrides if graph.override_key(o) in varying) or "defaults"
 
     unused_notes, merge_notes, runs = {}, [], {}
     for point in points:

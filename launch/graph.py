@@ -76,8 +76,13 @@ class Manifest:
         return jobs
 
 
+def override_key(override: str) -> str:
+    """`masking.ratio` of `masking.ratio=0.3`, `+masking.x=1` or `~masking.x`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def is_point_override(override: str) -> bool:
-    key = override.split("=", 1)[0].lstrip("+~")
+    key = override_key(override)
     return not any(key == k or key.startswith(k + ".") for k in NOT_POINT_KEYS)
 
 
