@@ -46,12 +46,23 @@ CLUSTER_SETTINGS = ("ratio", "features", "anchor_fraction", "threshold", "target
                     "attention")
 
 
+# what a strategy declaring `target_coverage` reads: training calibrates the threshold of its anchors' clusters
+# (`nearest_anchors`) to that coverage, as for `cluster`
+CALIBRATED_SETTINGS = ("features", "anchor_fraction", "threshold", "calibration_batches")
+
+
 def register_strategy(name: str, needs_pixels: bool = False, settings: Tuple[str, ...] = ("ratio",)):
     """settings: the MaskingConfig keys the strategy's masks depend on (tests/test_masking.py checks that no
-    other key changes them). Without `ratio` the strategy drops nothing, as `none`."""
+    other key changes them). Without `ratio` the strategy drops nothing, as `none`. With `target_coverage` it
+    clusters with `cluster_membership` (or `nearest_anchors`), whose threshold training calibrates to that
+    coverage, and so it must declare the keys those read as well (CALIBRATED_SETTINGS)."""
     unknown = set(settings) - {f.name for f in fields(MaskingConfig)}
     if unknown:
         raise ValueError(f"strategy {name!r}: {sorted(unknown)} are not MaskingConfig keys")
+    missing = [key for key in CALIBRATED_SETTINGS if "target_coverage" in settings and key not in settings]
+    if missing:
+        raise ValueError(f"strategy {name!r} declares target_coverage, so its threshold is calibrated to it: it "
+                         f"must declare {missing} too (the anchors' clusters read them)")
 
     def wrap(fn: Strategy) -> Strategy:
         STRATEGIES[name] = fn
@@ -61,6 +72,11 @@ def register_strategy(name: str, needs_pixels: bool = False, settings: Tuple[str
         return fn
 
     return wrap
+
+
+def calibrates_threshold(cfg: MaskingConfig) -> bool:
+    """Whether training calibrates `cfg`'s threshold to its target coverage before the first step."""
+    return cfg.target_coverage is not None and "target_coverage" in STRATEGY_SETTINGS.get(cfg.strategy, ())
 
 
 def validate(cfg: MaskingConfig) -> None:
@@ -369,7 +385,8 @@ MIXED_THRESHOLD_POINTS = 5
 
 
 def threshold_points(cfg: MaskingConfig) -> int:
-    return MIXED_THRESHOLD_POINTS if cfg.strategy == "cluster" and cfg.features == "mixed" else 1
+    uses_features = "features" in STRATEGY_SETTINGS.get(cfg.strategy, ())
+    return MIXED_THRESHOLD_POINTS if uses_features and cfg.features == "mixed" else 1
 
 
 def schedule_progress(points: int):
@@ -579,7 +596,7 @@ def calibrate_threshold(batches, cfg: MaskingConfig, target: float, iters: int =
 
 __all__ = [
     "MaskingConfig", "MaskingInputs", "MaskScores", "MaskResult", "STRATEGIES", "STRATEGY_SETTINGS",
-    "register_strategy", "select_tokens", "install_masking", "TokenMasker", "calibrate_threshold",
+    "register_strategy", "calibrates_threshold", "select_tokens", "install_masking", "TokenMasker", "calibrate_threshold",
     "calibrate_threshold_schedule", "collect_features", "run_tower", "scheduled_threshold", "schedule_progress",
     "threshold_points", "standardised_patches", "patchify", "num_dropped", "validate", "key_padding_attn_mask",
     "mean_coverage",

@@ -142,7 +142,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(param_groups(model, self.cfg.weight_decay), lr=self.cfg.lr, betas=(0.9, 0.98),
                                       eps=1e-6)
         start = self._resume(latest, model, optimizer, masker)
-        if start == 0 and self.masking.target_coverage is not None and self.masking.strategy == "cluster":
+        if start == 0 and masking_lib.calibrates_threshold(self.masking):
             thresholds = calibrate(model, masker, self.masking, self.data, train_tf, tokenizer, self.cfg.batch_size,
                                    self.device, self.input_dtype)
             # each at the step where the schedule holds it (one point unless features are mixed)

@@ -233,6 +233,15 @@ def test_registering_a_strategy_with_an_unknown_setting_is_refused():
     assert "blocks" not in masking.STRATEGIES
 
 
+def test_a_strategy_declaring_a_target_coverage_must_declare_what_its_calibration_reads():
+    with pytest.raises(ValueError, match=r"'blocks'.*\['anchor_fraction', 'threshold'\]"):
+        masking.register_strategy("blocks", settings=("ratio", "features", "target_coverage", "calibration_batches"))
+    assert "blocks" not in masking.STRATEGIES
+    assert masking.calibrates_threshold(MaskingConfig(strategy="cluster", target_coverage=0.3))
+    assert not masking.calibrates_threshold(MaskingConfig(strategy="cluster"))
+    assert not masking.calibrates_threshold(MaskingConfig(strategy="kmeans", target_coverage=0.3))
+
+
 def test_attention_mode_hidden_tokens_change_nothing():
     """CLS output with hidden tokens masked == CLS output with those tokens physically removed."""
     torch.manual_seed(0)

@@ -102,6 +102,57 @@ def test_trains_with_the_masking_op_compiled_alone(tmp_path, synthetic_root, mon
     assert (tmp_path / "run" / "masks.png").stat().st_size > 1000
 
 
+@pytest.fixture
+def registered_strategy():
+    """Registers strategies for one test: register(name, settings)(fn); unregistered afterwards."""
+    from clustermask import masking
+
+    names = []
+
+    def register(name, settings):
+        names.append(name)
+        return masking.register_strategy(name, needs_pixels=True, settings=settings)
+
+    yield register
+    for name in names:
+        masking.STRATEGIES.pop(name, None)
+        masking.STRATEGY_SETTINGS.pop(name, None)
+        masking.PIXEL_STRATEGIES.discard(name)
+
+
+def test_a_registered_strategy_that_declares_a_target_coverage_is_calibrated(tmp_path, synthetic_root,
+                                                                             registered_strategy):
+    """Training calibrates the threshold of any strategy declaring target_coverage, not only `cluster`'s; a
+    strategy that does not declare it is not calibrated, whatever its config holds."""
+    from clustermask import masking
+
+    @registered_strategy("cluster_rest_first", settings=masking.CLUSTER_SETTINGS)
+    def drop_unclustered_first(inputs, cfg):
+        clustered, cluster_id = masking.cluster_membership(inputs, cfg)
+        noise = torch.rand(clustered.shape, device=clustered.device)
+        return masking.MaskScores((~clustered).float() + noise, clustered, cluster_id)
+
+    registered_strategy("random_declared", settings=("ratio",))(masking.STRATEGIES["random"])
+
+    def logged_by(strategy, features="rgb", steps=1):
+        logged = {}
+        train.Trainer(ModelConfig(), MaskingConfig(strategy=strategy, features=features, ratio=0.5,
+                                                   target_coverage=0.3, calibration_batches=1),
+                      DataConfig(train_shards=str(synthetic_root / "train"), workers=0),
+                      TrainConfig(steps=steps, batch_size=8, log_every=1, warmup_steps=1, device="cpu"),
+                      tmp_path / f"{strategy}-{features}",
+                      log=lambda metrics, step: logged.setdefault(step, {}).update(metrics)).run()
+        return logged
+
+    logged = logged_by("cluster_rest_first")
+    assert 0 < logged[0]["mask/calibrated_threshold"] < 1
+    assert logged[1]["mask/threshold"] == pytest.approx(logged[0]["mask/calibrated_threshold"])
+    # mixed features: a threshold schedule, as for `cluster`
+    mixed = logged_by("cluster_rest_first", features="mixed", steps=4)
+    assert sorted(step for step, m in mixed.items() if "mask/calibrated_threshold" in m) == [0, 1, 2, 3, 4]
+    assert 0 not in logged_by("random_declared")
+
+
 def test_a_mixed_threshold_schedule_is_calibrated_logged_and_resumed(tmp_path, synthetic_root):
     """`mixed` calibrates a threshold at 0, 1/4, ... 1 of training, logged at those steps; each step uses the
     schedule at its own progress, also after a resume from a checkpoint (which holds the schedule, not the
