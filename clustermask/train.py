@@ -1,6 +1,7 @@
 """Training stage: masked CLIP training that checkpoints in open_clip's format and resumes from its run dir."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -36,6 +37,27 @@ def checkpoint_paths(run_dir: Path):
 
 def final_checkpoint(run_dir: Path) -> Path:
     return checkpoint_paths(run_dir)[1]
+
+
+def spent_path(run_dir: Path) -> Path:
+    """The training loop's seconds up to the moment an attempt failed or was preempted (JSON): the steps after its
+    last checkpoint are redone, and cost twice."""
+    return Path(run_dir) / "checkpoints" / "train_seconds_spent.json"
+
+
+def record_spent(run_dir: Path, seconds: float) -> None:
+    path = spent_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"train_seconds": seconds}))
+    os.replace(tmp, path)
+
+
+def read_spent(run_dir: Path) -> float:
+    try:
+        return float(json.loads(spent_path(run_dir).read_text())["train_seconds"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # none, or cut short by a kill: the checkpoint's
+        return 0.0
 
 
 def save_checkpoint(path: Path, model, optimizer, step: int, name: str, thresholds: List[float],
@@ -120,12 +142,13 @@ class Trainer:
         self.input_dtype = open_clip.get_input_dtype(model_cfg.precision)
         self.rank, self.world = 0, 1
         self.seconds_before = 0.0  # the training loop's time in the runs before a resumption
-        self.loop_started = 0.0  # time.perf_counter() when this process's loop started
+        self.loop_started: Optional[float] = None  # time.perf_counter() when this process's loop started
 
     def train_seconds(self, now: float) -> float:
         """The training loop's wall-clock time so far, summed over resumptions: what a point cost to train
-        (steps redone after a requeue count twice; writing checkpoints counts, the threshold's calibration before
-        the first step does not)."""
+        (an attempt that failed or was preempted counts up to that moment, so the steps after its last checkpoint,
+        redone by the next, count twice; writing checkpoints counts, the threshold's calibration before the first
+        step does not)."""
         return self.seconds_before + now - self.loop_started
 
     def run(self) -> Path:
@@ -150,20 +173,27 @@ class Trainer:
                 self.log({"mask/calibrated_threshold": threshold}, round(progress * self.cfg.steps))
         if start == 0 and self.rank == 0:
             self._save_mask_picture(model, masker, train_tf, tokenizer)
-        self._loop(model, optimizer, masker, train_tf, tokenizer, start, latest)
-        check_finite_weights(model, self.cfg.steps, self.cfg.lr)
+        try:
+            self._loop(model, optimizer, masker, train_tf, tokenizer, start, latest)
+            check_finite_weights(model, self.cfg.steps, self.cfg.lr)
+        except BaseException:  # a failure, or submitit's exit on a preemption or time limit
+            if self.rank == 0 and self.loop_started is not None:
+                record_spent(self.run_dir, self.train_seconds(time.perf_counter()))
+            raise
         if self.rank == 0:
             save_checkpoint(final, model, None, self.cfg.steps, self.model_cfg.name, masker.threshold_schedule.tolist(),
                             self.train_seconds(time.perf_counter()))
             # nothing resumes from it once final.pt is there, and with its optimizer state it is 3x the size
             # (1.8 GB for ViT-B-16): a 64-point sweep would keep 115 GB of them
             latest.unlink(missing_ok=True)
+            spent_path(self.run_dir).unlink(missing_ok=True)
         if self.world > 1:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
         return final
 
     def _resume(self, latest: Path, model, optimizer, masker) -> int:
+        self.seconds_before = read_spent(self.run_dir)
         if not latest.exists():
             return 0
         state = load_checkpoint(latest, self.device)
@@ -171,7 +201,8 @@ class Trainer:
         optimizer.load_state_dict(state["optimizer"])
         # checkpoints written before 2026-11-28 hold one threshold
         masker.set_threshold(state.get("masking_thresholds", state.get("masking_threshold")))
-        self.seconds_before = float(state.get("train_seconds", 0.0))
+        # an attempt killed outright (SIGKILL, node failure) recorded nothing after its last checkpoint
+        self.seconds_before = max(self.seconds_before, float(state.get("train_seconds", 0.0)))
         print(f"resumed from {latest} at step {state['step']}", flush=True)
         return int(state["step"])
 

@@ -23,9 +23,10 @@ def test_throughput_counts_the_steps_of_each_log_interval(tmp_path, synthetic_ro
 
 
 def test_training_time_is_summed_over_a_resumption(tmp_path, synthetic_root, monkeypatch):
-    """A clock that ticks one second per reading. Run 1 starts its loop at 0, logs at 1 and 2, checkpoints at
-    3 (step 2), fails in step 3. Run 2 resumes with those 3 s, starts at 4, logs at 5 and 6, saves final.pt at
-    7: the cost of the point is 3 + 3 s, not the 3 s of the last run alone."""
+    """A clock that ticks one second per reading. Run 1 starts its loop at 0, logs steps 1 and 2 at 1 and 2,
+    checkpoints at 3 (step 2), logs step 3 at 4, fails before step 4 and records the 5 s it spent. Run 2 resumes
+    from step 2 with those 5 s (step 3 cost time, though it is redone), starts at 6, logs at 7 and 8, saves
+    final.pt at 9: the point cost 5 + 3 s, not the 3 s of the last run alone nor the checkpoint's 3 + 3 s."""
     clock = itertools.count()
     monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
     logged = {}
@@ -40,8 +41,32 @@ def test_training_time_is_summed_over_a_resumption(tmp_path, synthetic_root, mon
     with pytest.raises(RuntimeError, match="injected failure"):
         trainer(fail_at_step=3).run()
     assert torch.load(train.checkpoint_paths(tmp_path / "run")[0], weights_only=True)["train_seconds"] == 3.0
+    assert train.read_spent(tmp_path / "run") == 5.0
     final = trainer(fail_at_step=-1).run()
-    assert {step: m["train/minutes"] * 60 for step, m in logged.items()} == {1: 1.0, 2: 2.0, 3: 4.0, 4: 5.0}
+    assert {step: m["train/minutes"] * 60 for step, m in logged.items()} == {1: 1.0, 2: 2.0, 3: 6.0, 4: 7.0}
+    assert torch.load(final, weights_only=True)["train_seconds"] == 8.0
+    assert not train.spent_path(tmp_path / "run").exists()
+
+
+def test_an_attempt_killed_outright_counts_up_to_its_last_checkpoint(tmp_path, synthetic_root, monkeypatch):
+    """As above, but the attempt that wrote the checkpoint (3 s) was killed outright (SIGKILL, a node lost): the
+    spent time on record (1 s) is an earlier attempt's. The resumed run counts from the checkpoint's 3 s."""
+    clock = itertools.count()
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    logged = {}
+
+    def trainer(fail_at_step):
+        return train.Trainer(ModelConfig(), MaskingConfig(strategy="random", ratio=0.5),
+                             DataConfig(train_shards=str(synthetic_root / "train"), workers=0),
+                             TrainConfig(steps=4, batch_size=8, log_every=1, checkpoint_every=2, warmup_steps=1,
+                                         device="cpu", fail_at_step=fail_at_step),
+                             tmp_path / "run", log=lambda metrics, step: logged.update({step: metrics}))
+
+    with pytest.raises(RuntimeError, match="injected failure"):
+        trainer(fail_at_step=3).run()
+    train.record_spent(tmp_path / "run", 1.0)
+    final = trainer(fail_at_step=-1).run()
+    assert {step: logged[step]["train/minutes"] * 60 for step in (3, 4)} == {3: 4.0, 4: 5.0}
     assert torch.load(final, weights_only=True)["train_seconds"] == 6.0
 
 
