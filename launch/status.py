@@ -10,6 +10,8 @@ executor that would run it is alive.
 from __future__ import annotations
 
 import argparse
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -190,7 +192,21 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
     for i, cfg in fixed.items():
         graph.save_point_config(Path(manifest.points[i].run_dir), cfg)
     for i, logger in loggers.items():
-        logger.tags({"resubmit_overrides": " ".join(filter(None, [earlier[i], *overrides]))})
+        logger.tags({"resubmit_overrides": merged_fixes(earlier[i], overrides)})
+
+
+def merged_fixes(earlier: Optional[str], overrides: List[str]) -> str:
+    """The `resubmit_overrides` tag: the fixes on record, then these, a key fixed again only at its latest
+    place and value. Applied in order they give the config the fixes in turn gave (a later `masking=...` still
+    comes after an earlier `masking.threshold=...` that it replaced)."""
+    fixes = [*shlex.split(earlier or ""), *overrides]
+    latest = {graph.override_key(fix): place for place, fix in enumerate(fixes)}
+    return " ".join(_quoted(fix) for place, fix in enumerate(fixes) if latest[graph.override_key(fix)] == place)
+
+
+def _quoted(fix: str) -> str:
+    # as the shell would need it only where shlex.split needs it: `recall_k=[1,5,10]` reads as typed
+    return shlex.quote(fix) if re.search(r"[\s'\"\\]", fix) else fix
 
 
 def _parse(value: str):

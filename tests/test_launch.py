@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -373,6 +374,28 @@ def test_resubmit_fixes_all_points_or_none_and_tags_them_in_mlflow(tmp_path, syn
     assert (masking_of_point_0().threshold, masking_of_point_0().kmeans_k) == (0.5, 8)
     apply_overrides(manifest, [0], ["masking=cluster", "masking.threshold=0.3"])
     assert (masking_of_point_0().strategy, masking_of_point_0().threshold) == ("cluster", 0.3)
+    # a key fixed again is on record once, with its latest value
+    (tmp_path / "my shards").symlink_to(synthetic_root / "train")
+    shards = f"data.train_shards={tmp_path}/my shards"
+    apply_overrides(manifest, [0], ["train.lr=0.02", shards])
+    apply_overrides(manifest, [0], [shards])
+    tags = MlflowClient(manifest.tracking_uri).get_run(manifest.points[0].mlflow_run_id).data.tags
+    assert shlex.split(tags["resubmit_overrides"]) == ["train.steps=7", "masking.kmeans_k=4", "masking=cluster",
+                                                       "masking.threshold=0.3", "train.lr=0.02", shards]
+
+
+def test_resubmit_fixes_on_record_give_the_config_the_fixes_gave_in_turn():
+    from launch.status import merged_fixes
+
+    assert merged_fixes(None, ["a=1"]) == "a=1"
+    assert merged_fixes("a=1 b=2", ["a=1"]) == "b=2 a=1"
+    # the group option replaced the threshold fixed before it: it stays after it
+    assert merged_fixes("masking.threshold=0.3 masking=cluster", ["masking=random"]) == \
+        "masking.threshold=0.3 masking=random"
+    assert merged_fixes("masking=cluster masking.threshold=0.3", ["+x.y=1", "x.y=2"]) == \
+        "masking=cluster masking.threshold=0.3 x.y=2"
+    assert merged_fixes("k=[1,5]", ["a=b c", "q='x'"]) == """k=[1,5] 'a=b c' 'q='"'"'x'"'"''"""
+    assert shlex.split(merged_fixes("k=[1,5]", ["a=b c", "q='x'"])) == ["k=[1,5]", "a=b c", "q='x'"]
 
 
 def test_evaluating_again_takes_an_eval_option_and_eval_keys_only(tmp_path, synthetic_root):
