@@ -596,8 +596,8 @@ def calibrate_threshold(batches, cfg: MaskingConfig, target: float, iters: int =
 
 __all__ = [
     "MaskingConfig", "MaskingInputs", "MaskScores", "MaskResult", "STRATEGIES", "STRATEGY_SETTINGS",
-    "register_strategy", "calibrates_threshold", "select_tokens", "install_masking", "TokenMasker", "calibrate_threshold",
-    "calibrate_threshold_schedule", "collect_features", "run_tower", "scheduled_threshold", "schedule_progress",
-    "threshold_points", "standardised_patches", "patchify", "num_dropped", "validate", "key_padding_attn_mask",
-    "mean_coverage",
+    "register_strategy", "calibrates_threshold", "select_tokens", "install_masking", "TokenMasker",
+    "calibrate_threshold", "calibrate_threshold_schedule", "collect_features", "run_tower", "scheduled_threshold",
+    "schedule_progress", "threshold_points", "standardised_patches", "patchify", "num_dropped", "validate",
+    "key_padding_attn_mask", "mean_coverage",
 ]

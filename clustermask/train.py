@@ -40,8 +40,8 @@ def final_checkpoint(run_dir: Path) -> Path:
 
 
 def spent_path(run_dir: Path) -> Path:
-    """The training loop's seconds up to the moment an attempt failed or was preempted (JSON): the steps after its
-    last checkpoint are redone, and cost twice."""
+    """The training loop's seconds up to the last log of an attempt, or up to the moment it failed or was
+    preempted (JSON): the steps after its last checkpoint are redone, and cost twice."""
     return Path(run_dir) / "checkpoints" / "train_seconds_spent.json"
 
 
@@ -201,7 +201,7 @@ class Trainer:
         optimizer.load_state_dict(state["optimizer"])
         # checkpoints written before 2026-11-28 hold one threshold
         masker.set_threshold(state.get("masking_thresholds", state.get("masking_threshold")))
-        # an attempt killed outright (SIGKILL, node failure) recorded nothing after its last checkpoint
+        # an attempt killed outright (SIGKILL, node failure) may have checkpointed after its last log
         self.seconds_before = max(self.seconds_before, float(state.get("train_seconds", 0.0)))
         print(f"resumed from {latest} at step {state['step']}", flush=True)
         return int(state["step"])
@@ -265,6 +265,8 @@ class Trainer:
                            "train/samples_per_s_per_rank": samples / max(now - timer, 1e-9),
                            "train/minutes": self.train_seconds(now) / 60}
                 timer, logged_step = now, step
+                if self.rank == 0:  # an attempt killed outright then loses only the time since this log
+                    record_spent(self.run_dir, self.train_seconds(now))
                 metrics.update({k: v.item() for k, v in masker.stats.items()})
                 self.log(metrics, step)
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:

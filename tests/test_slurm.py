@@ -118,8 +118,9 @@ def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root)
     """Training, then evaluation, signalled: each is requeued as the same job and goes on where it was."""
     # long enough to be signalled mid-way: the signal comes with the first checkpoint, 10-20 s in; its one
     # training job at a time has the node's two cores
+    # a log each step: the signalled attempt logs steps after its checkpoint, which the requeued one redoes
     launch(tmp_path, synthetic_root, "sweep_name=requeue", "train.steps=200", "train.checkpoint_every=10",
-           "launcher.train.cpus_per_task=2")
+           "train.log_every=1", "launcher.train.cpus_per_task=2")
     sweep_dir = tmp_path / "sweeps" / "requeue"
     manifest = graph.Manifest.load(sweep_dir)
     point = manifest.points[0]
@@ -145,9 +146,13 @@ def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root)
     # the evaluation tasks finished before the signal are read back (and logged again, with the same value)
     read_back = logs["eval"].count("with the same settings: read back from")
     assert evaluated <= read_back < tasks, logs["eval"][-3000:]
-    history = MlflowClient(manifest.tracking_uri).get_metric_history(point.mlflow_run_id,
-                                                                     "zeroshot_classification/wds/shapes/acc1")
+    client = MlflowClient(manifest.tracking_uri)
+    history = client.get_metric_history(point.mlflow_run_id, "zeroshot_classification/wds/shapes/acc1")
     assert len(history) == 2 and history[0].value == history[1].value
+    # the requeued attempt counts the signalled one's time up to the signal, steps it redoes included
+    minutes = [m.value for m in sorted(client.get_metric_history(point.mlflow_run_id, "train/minutes"),
+                                       key=lambda m: (m.timestamp, m.step))]
+    assert minutes == sorted(minutes)
     assert len(list(Path(point.run_dir, "results").glob("*.json"))) == tasks
 
 

@@ -29,17 +29,22 @@ def test_training_time_is_summed_over_a_resumption(tmp_path, synthetic_root, mon
     final.pt at 9: the point cost 5 + 3 s, not the 3 s of the last run alone nor the checkpoint's 3 + 3 s."""
     clock = itertools.count()
     monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
-    logged = {}
+    logged, spent_at_log = {}, {}
+
+    def log(metrics, step):
+        logged[step] = metrics
+        spent_at_log[step] = train.read_spent(tmp_path / "run")  # on record at each log: a SIGKILL loses no more
 
     def trainer(fail_at_step):
         return train.Trainer(ModelConfig(), MaskingConfig(strategy="random", ratio=0.5),
                              DataConfig(train_shards=str(synthetic_root / "train"), workers=0),
                              TrainConfig(steps=4, batch_size=8, log_every=1, checkpoint_every=2, warmup_steps=1,
                                          device="cpu", fail_at_step=fail_at_step),
-                             tmp_path / "run", log=lambda metrics, step: logged.update({step: metrics}))
+                             tmp_path / "run", log=log)
 
     with pytest.raises(RuntimeError, match="injected failure"):
         trainer(fail_at_step=3).run()
+    assert spent_at_log == {step: m["train/minutes"] * 60 for step, m in logged.items()} == {1: 1, 2: 2, 3: 4}
     assert torch.load(train.checkpoint_paths(tmp_path / "run")[0], weights_only=True)["train_seconds"] == 3.0
     assert train.read_spent(tmp_path / "run") == 5.0
     final = trainer(fail_at_step=-1).run()
