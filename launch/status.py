@@ -160,7 +160,7 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
     from .helpers import Registries
 
     registries = Registries.here()
-    fixed = {}
+    fixed, shards_found = {}, set()
     for i in indices:
         point = manifest.points[i]
         cfg = graph.load_point_config(Path(point.run_dir))
@@ -168,7 +168,7 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
         for override in overrides:
             apply_override(cfg, override)
         try:
-            preflight(cfg, registries)
+            preflight(cfg, registries, shards_found)
         except (ValueError, FileNotFoundError, TypeError) as exc:
             raise type(exc)(f"point {i} ({point.name}), nothing changed: {exc}") from exc
         # as the sweep recorded them: a fix that the point's strategy does not use must not set its points apart

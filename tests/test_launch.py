@@ -174,6 +174,23 @@ def test_the_paper_experiment_needs_real_data_and_checks_every_benchmark_root(tm
     assert len(errors) == 4 and "eval.tasks[7].root=" in errors[0] and "needs a retrieval dataset" in errors[0]
 
 
+def test_the_points_of_a_sweep_look_up_the_shards_they_share_once(synthetic_root, tmp_path, monkeypatch):
+    """Shards found for one point are not looked up again for the next; shards not found are, so that every
+    point using them is named."""
+    from clustermask import data
+    from launch.helpers import Registries
+
+    looked_up = []
+    real = data.shard_urls
+    monkeypatch.setattr(data, "shard_urls", lambda spec: looked_up.append(spec) or real(spec))
+    found, missing = str(synthetic_root / "train"), str(tmp_path / "nowhere")
+    points = compose_sweep([f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "masking.ratio=0.3,0.5",
+                            f"data.train_shards={found},{missing}"], multirun=True).points
+    errors = app.check_points(points, Registries.here())
+    assert sorted(looked_up) == sorted([found, missing, missing])
+    assert len(errors) == 2 and all(f"data.train_shards={missing!r}: 1 shard(s) missing" in e for e in errors)
+
+
 def test_composing_and_checking_a_sweep_imports_no_model_code(synthetic_root, tmp_path):
     """The launcher composes and checks without torch: the registries' names come from a child process."""
     script = (f"import sys; from launch import app; "
