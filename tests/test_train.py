@@ -54,8 +54,9 @@ def test_training_time_is_summed_over_a_resumption(tmp_path, synthetic_root, mon
 
 
 def test_an_attempt_killed_outright_counts_up_to_its_last_checkpoint(tmp_path, synthetic_root, monkeypatch):
-    """As above, but the attempt that wrote the checkpoint (3 s) was killed outright (SIGKILL, a node lost): the
-    spent time on record (1 s) is an earlier attempt's. The resumed run counts from the checkpoint's 3 s."""
+    """As above, but the spent time on record (1 s) is older than the checkpoint (3 s), as when an attempt killed
+    outright (SIGKILL, a node lost) had checkpointed after its last log. The resumed run counts from the
+    checkpoint's 3 s."""
     clock = itertools.count()
     monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
     logged = {}
