@@ -135,15 +135,18 @@ def validate_masking(cfg: MaskingConfig, strategies: Iterable[str]) -> None:
     check_minimums("masking", cfg, {"calibration_batches": 1, "kmeans_k": 1, "kmeans_iters": 0})
 
 
+def calibrated(cfg: MaskingConfig, strategy_settings: Iterable[str]) -> bool:
+    """Whether training calibrates `cfg`'s threshold to a target coverage: one is given and the strategy
+    declares it."""
+    return cfg.target_coverage is not None and "target_coverage" in strategy_settings
+
+
 def settings_in_effect(cfg: MaskingConfig, strategy_settings: Iterable[str]) -> Set[str]:
     """The MaskingConfig keys that shape `cfg`'s masks: its strategy's settings (STRATEGY_SETTINGS in
     clustermask.masking), less the fixed threshold when a target coverage calibrates it and the calibration's
     batch count when none does."""
     used = {"strategy", *strategy_settings}
-    if cfg.target_coverage is None:
-        used.discard("calibration_batches")
-    else:
-        used.discard("threshold")
+    used.discard("threshold" if calibrated(cfg, used) else "calibration_batches")
     return used
 
 

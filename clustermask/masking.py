@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
-from .config import MaskingConfig, validate_masking
+from .config import MaskingConfig, calibrated, validate_masking
 
 
 class MaskingInputs(NamedTuple):
@@ -59,8 +59,8 @@ def register_strategy(name: str, needs_pixels: bool = False, settings: Tuple[str
     unknown = set(settings) - {f.name for f in fields(MaskingConfig)}
     if unknown:
         raise ValueError(f"strategy {name!r}: {sorted(unknown)} are not MaskingConfig keys")
-    missing = [key for key in CALIBRATED_SETTINGS if "target_coverage" in settings and key not in settings]
-    if missing:
+    missing = [key for key in CALIBRATED_SETTINGS if key not in settings]
+    if "target_coverage" in settings and missing:
         raise ValueError(f"strategy {name!r} declares target_coverage, so its threshold is calibrated to it: it "
                          f"must declare {missing} too (the anchors' clusters read them)")
 
@@ -76,7 +76,7 @@ def register_strategy(name: str, needs_pixels: bool = False, settings: Tuple[str
 
 def calibrates_threshold(cfg: MaskingConfig) -> bool:
     """Whether training calibrates `cfg`'s threshold to its target coverage before the first step."""
-    return cfg.target_coverage is not None and "target_coverage" in STRATEGY_SETTINGS.get(cfg.strategy, ())
+    return calibrated(cfg, STRATEGY_SETTINGS.get(cfg.strategy, ()))
 
 
 def validate(cfg: MaskingConfig) -> None:

@@ -56,11 +56,10 @@ def preflight(cfg: Mapping, registries: Optional[Registries] = None, shards_foun
     config.validate_masking(typed["masking"], registries.strategies)
     config.validate_train(typed["train"])
     config.validate_data(typed["data"])
-    shards = cfg["data"]["train_shards"]
-    if shards_found is None or shards not in shards_found:
+    shards, shards_found = cfg["data"]["train_shards"], set() if shards_found is None else shards_found
+    if shards not in shards_found:
         data.shard_urls(shards)
-        if shards_found is not None:
-            shards_found.add(shards)
+        shards_found.add(shards)
     config.validate_eval(typed["eval"], registries.evaluators)
     check_launcher(cfg["launcher"])
 

@@ -240,6 +240,11 @@ def test_a_strategy_declaring_a_target_coverage_must_declare_what_its_calibratio
     assert masking.calibrates_threshold(MaskingConfig(strategy="cluster", target_coverage=0.3))
     assert not masking.calibrates_threshold(MaskingConfig(strategy="cluster"))
     assert not masking.calibrates_threshold(MaskingConfig(strategy="kmeans", target_coverage=0.3))
+    # the launcher's rule is the same: a strategy that reads a fixed threshold but no target coverage keeps it
+    from clustermask.config import settings_in_effect
+
+    assert "threshold" in settings_in_effect(MaskingConfig(target_coverage=0.3), ("ratio", "threshold"))
+    assert "threshold" not in settings_in_effect(MaskingConfig(target_coverage=0.3), masking.CLUSTER_SETTINGS)
 
 
 def test_attention_mode_hidden_tokens_change_nothing():
