@@ -1,5 +1,7 @@
 import hashlib
 import json
+import re
+import warnings
 
 import pytest
 import webdataset as wds
@@ -137,7 +139,17 @@ def test_a_truncated_shard_beside_a_good_one_is_skipped_with_a_warning(synthetic
     (tmp_path / "0.tar").write_bytes(good.read_bytes())
     (tmp_path / "1.tar").write_bytes(cut.read_bytes()[: cut.stat().st_size // 3])
     samples_per_shard = SMALL["train_samples"] // SMALL["train_shards"]
-    with pytest.warns(UserWarning, match=r"didn't find \['txt'\]"):
-        batches = [batch for batch, _ in zip(stream(str(tmp_path), 0, batch_size=100),
-                                             range(4 * samples_per_shard // 100))]
+    # webdataset draws the resampled shards from os.urandom and the clock, whatever the seed: read until the cut
+    # shard's last sample has come through (40 shards' worth would miss it with odds of 2^-40), then 4 batches more
+    batches, after_warning = [], None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for batch, _ in zip(stream(str(tmp_path), 0, batch_size=100), range(40 * samples_per_shard // 100)):
+            batches.append(batch)
+            warned = any(issubclass(w.category, UserWarning) and re.search(r"didn't find \['txt'\]", str(w.message))
+                         for w in caught)
+            after_warning = len(batches) if warned and after_warning is None else after_warning
+            if after_warning is not None and len(batches) == after_warning + 4:
+                break
+    assert after_warning is not None and len(batches) == after_warning + 4
     assert all(images.shape[0] == 100 for images, _ in batches)
