@@ -2,7 +2,7 @@
 
 Our own pipeline (open_clip_train's loader breaks on webdataset >= 0.2.96). The stream is resampled
 (infinite, shards drawn with replacement per worker), so training is counted in steps and a resumed job
-needs no epoch bookkeeping.
+needs no epoch bookkeeping. The draw and the shuffle are seeded: the same seed gives the same batches.
 """
 from __future__ import annotations
 
@@ -64,15 +64,18 @@ def training_stream(cfg: DataConfig, transform, tokenizer, batch_size: int, seed
     urls = shard_urls(cfg.train_shards)
     workers = check_workers(urls, cfg.workers)
     skip = SkipUnreadable(cfg.train_shards)
-    pipeline = (
-        wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node, seed=seed,
-                       handler=skip)
-        .shuffle(cfg.shuffle_buffer, seed=seed)
-        .decode("pilrgb", handler=skip)
-        .to_tuple("jpg;png;webp", "txt", handler=skip)
-        .map(skip.read)
-        .map_tuple(transform, lambda text: tokenizer([text])[0])
-        .batched(batch_size, partial=False)
+    shuffle = [wds.shuffle(cfg.shuffle_buffer, seed=seed)] if cfg.shuffle_buffer > 0 else []
+    pipeline = wds.DataPipeline(
+        # WebDataset(resampled=True) ignores its seed: it draws shards from the pid, the clock and os.urandom.
+        # Here each rank and loader worker draws its own shards from `seed` and its rank * 1000 + worker.
+        wds.ResampledShards(urls, seed=seed, deterministic=True),
+        wds.tarfile_to_samples(handler=skip),
+        *shuffle,
+        wds.decode("pilrgb", handler=skip),
+        wds.to_tuple("jpg;png;webp", "txt", handler=skip),
+        wds.map(skip.read),
+        wds.map_tuple(transform, lambda text: tokenizer([text])[0]),
+        wds.batched(batch_size, partial=False),
     )
     return wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
 

@@ -4,6 +4,7 @@ import re
 import warnings
 
 import pytest
+import torch
 import webdataset as wds
 from clip_benchmark.datasets.builder import build_dataset
 
@@ -104,10 +105,32 @@ def test_sugarcrepe_edits_do_what_their_name_says():
     assert neg.startswith(pos[:-1] + " and a ")
 
 
-def stream(shards: str, workers: int, batch_size: int = 16):
+def stream(shards: str, workers: int, batch_size: int = 16, seed: int = 0):
     _, train_tf, _, tokenizer, _ = create(ModelConfig(), None)
     cfg = DataConfig(train_shards=shards, workers=workers)
-    return iter(training_stream(cfg, train_tf, tokenizer, batch_size=batch_size, seed=0))
+    return iter(training_stream(cfg, train_tf, tokenizer, batch_size=batch_size, seed=seed))
+
+
+def first_batches(shards: str, workers: int, seed: int, count: int = 4):
+    torch.manual_seed(seed)  # as training does: the crops' randomness, and the loader workers' base seed
+    return [batch for batch, _ in zip(stream(shards, workers, seed=seed), range(count))]
+
+
+def same(batches, others):
+    return all(torch.equal(images, other_images) and torch.equal(texts, other_texts)
+               for (images, texts), (other_images, other_texts) in zip(batches, others, strict=True))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_same_seed_gives_the_same_batches(synthetic_root, workers):
+    """The shards a worker draws, their shuffle and the crops follow the seed (webdataset's own resampled
+    WebDataset draws shards from the clock and os.urandom, whatever its seed)."""
+    shards = str(synthetic_root / "train")
+    batches = first_batches(shards, workers, seed=3)
+    assert same(batches, first_batches(shards, workers, seed=3))
+    assert not same(batches, first_batches(shards, workers, seed=4))
+    if workers:  # the loader takes batches from its workers in turn; each worker draws its own shards
+        assert not torch.equal(batches[0][1], batches[1][1])
 
 
 def test_training_stream_with_as_many_workers_as_shards(synthetic_root):
@@ -139,8 +162,8 @@ def test_a_truncated_shard_beside_a_good_one_is_skipped_with_a_warning(synthetic
     (tmp_path / "0.tar").write_bytes(good.read_bytes())
     (tmp_path / "1.tar").write_bytes(cut.read_bytes()[: cut.stat().st_size // 3])
     samples_per_shard = SMALL["train_samples"] // SMALL["train_shards"]
-    # webdataset draws the resampled shards from os.urandom and the clock, whatever the seed: read until the cut
-    # shard's last sample has come through (40 shards' worth would miss it with odds of 2^-40), then 4 batches more
+    # the shards are drawn at random with replacement: read until the cut shard's last sample has come through
+    # (40 shards' worth, whatever the seed, would miss it with odds of 2^-40), then 4 batches more
     batches, after_warning = [], None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

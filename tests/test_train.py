@@ -76,6 +76,22 @@ def test_an_attempt_killed_outright_counts_up_to_its_last_checkpoint(tmp_path, s
     assert torch.load(final, weights_only=True)["train_seconds"] == 6.0
 
 
+def train_weights(run_dir, synthetic_root, seed: int) -> dict:
+    trainer = train.Trainer(ModelConfig(), MaskingConfig(strategy="cluster", ratio=0.5),
+                            DataConfig(train_shards=str(synthetic_root / "train"), workers=2),
+                            TrainConfig(steps=3, batch_size=16, warmup_steps=1, device="cpu", seed=seed), run_dir)
+    return torch.load(trainer.run(), weights_only=True)["state_dict"]
+
+
+def test_the_same_seed_trains_the_same_weights_on_the_cpu(tmp_path, synthetic_root):
+    """Data (shards drawn, shuffle, crops, across loader workers), masks and initialisation all follow
+    train.seed: a rerun reproduces a point exactly."""
+    weights, again, other = (train_weights(tmp_path / name, synthetic_root, seed)
+                             for name, seed in (("a", 0), ("b", 0), ("c", 1)))
+    assert all(torch.equal(weights[key], again[key]) for key in weights)
+    assert not all(torch.equal(weights[key], other[key]) for key in weights)
+
+
 def test_each_cuda_process_takes_its_local_gpu_before_nccl_starts(monkeypatch):
     """Multi-GPU jobs (8 tasks per node, each seeing the node's 8 GPUs): rank 1 must work on cuda:1, and be
     bound to it before the NCCL group starts (no GPU here, so the two calls are recorded, not made)."""
