@@ -17,6 +17,7 @@ from tqdm import tqdm
 from . import masking as masking_lib
 from .config import DataConfig, MaskingConfig, ModelConfig, TrainConfig, validate_data, validate_train as validate
 from .data import sample_batches, training_stream
+from .files import write_atomic
 from .model import create
 
 LogFn = Callable[[Dict[str, float], int], None]
@@ -48,9 +49,7 @@ def spent_path(run_dir: Path) -> Path:
 def record_spent(run_dir: Path, seconds: float) -> None:
     path = spent_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"train_seconds": seconds}))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"train_seconds": seconds}))
 
 
 def read_spent(run_dir: Path) -> float:
