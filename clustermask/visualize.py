@@ -1,4 +1,4 @@
-"""Pictures of what the image tower sees: dropped patches greyed, clusters coloured."""
+"""Pictures of what the image tower sees: dropped patches greyed, hidden ones darker, clusters coloured."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,14 +17,19 @@ STD = np.array((0.26862954, 0.26130258, 0.27577711))
 
 
 def mask_decisions(model, images: torch.Tensor):
-    """Run the masker once in training mode: (dropped (B, L) bool, cluster_id (B, L) long or None)."""
+    """Run the masker once in training mode: (dropped (B, L) bool, hidden (B, L) bool or None: kept but hidden
+    from attention, cluster_id (B, L) long or None)."""
     result = run_tower(model, images, training=True).last
     cluster_id = result.scores.cluster_id
-    return result.dropped.cpu(), None if cluster_id is None else cluster_id.cpu()
+    hidden = None
+    if result.hidden is not None:
+        hidden = torch.zeros_like(result.dropped).scatter_(1, result.keep, result.hidden).cpu()
+    return result.dropped.cpu(), hidden, None if cluster_id is None else cluster_id.cpu()
 
 
-def overlay(image: np.ndarray, dropped: np.ndarray, cluster_id, patch: int) -> np.ndarray:
-    """image (H, W, 3) in [0, 1]; dropped/cluster_id (L,) in row-major patch order."""
+def overlay(image: np.ndarray, dropped: np.ndarray, cluster_id, patch: int, hidden=None) -> np.ndarray:
+    """image (H, W, 3) in [0, 1]; dropped/hidden/cluster_id (L,) in row-major patch order. Clusters tinted,
+    dropped patches light grey, hidden ones dark grey."""
     out = image.copy()
     grid = image.shape[1] // patch
     palette = plt.get_cmap("tab10")
@@ -36,12 +41,24 @@ def overlay(image: np.ndarray, dropped: np.ndarray, cluster_id, patch: int) -> n
             tile[:] = 0.55 * tile + 0.45 * colour
         if dropped[index]:
             tile[:] = 0.25 * tile + 0.75 * 0.5
+        elif hidden is not None and hidden[index]:
+            tile[:] = 0.25 * tile + 0.75 * 0.15
     return out
 
 
+def title(cfg) -> str:
+    """What the picture shows, on two lines: `cluster (mixed features, attention), ratio 0.5`, then the key."""
+    details = [f"{cfg.features} features"] if cfg.strategy == "cluster" else []
+    details += ["attention"] if cfg.attention and cfg.strategy == "cluster" else []
+    name = f"{cfg.strategy} ({', '.join(details)})" if details else cfg.strategy
+    legend = "grey = dropped" + (", dark = hidden from attention" if "attention" in details else "")
+    return f"{name}, ratio {cfg.ratio:g}\n{legend}, tint = cluster"
+
+
 def save_mask_grid(model, images: torch.Tensor, path: Path, columns: int = 4) -> Path:
-    """Top row of each pair: the image; bottom: dropped patches greyed, clusters tinted. Writes a PNG."""
-    dropped, cluster_id = mask_decisions(model, images)
+    """Top row of each pair: the image; bottom: dropped patches greyed (hidden ones darker), clusters tinted.
+    Writes a PNG."""
+    dropped, hidden, cluster_id = mask_decisions(model, images)
     patch = vision_tower(model).patch_dropout.patch_size
     pixels = images.float().cpu().permute(0, 2, 3, 1).numpy() * STD + MEAN
     pixels = np.clip(pixels, 0, 1)
@@ -54,8 +71,9 @@ def save_mask_grid(model, images: torch.Tensor, path: Path, columns: int = 4) ->
         r, c = 2 * (i // columns), i % columns
         axes[r][c].imshow(pixels[i])
         ids = None if cluster_id is None else cluster_id[i].numpy()
-        axes[r + 1][c].imshow(overlay(pixels[i], dropped[i].numpy(), ids, patch))
-    fig.suptitle(f"{vision_tower(model).patch_dropout.cfg.strategy}: grey = dropped, tint = cluster")
+        hides = None if hidden is None else hidden[i].numpy()
+        axes[r + 1][c].imshow(overlay(pixels[i], dropped[i].numpy(), ids, patch, hides))
+    fig.suptitle(title(vision_tower(model).patch_dropout.cfg))
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -58,10 +58,22 @@ def preflight(cfg: Mapping, registries: Optional[Registries] = None, shards_foun
     config.validate_data(typed["data"])
     shards, shards_found = cfg["data"]["train_shards"], set() if shards_found is None else shards_found
     if shards not in shards_found:
-        data.shard_urls(shards)
+        try:
+            data.shard_urls(shards)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{exc}{synthetic_data_hint(cfg)}") from None
         shards_found.add(shards)
     config.validate_eval(typed["eval"], registries.evaluators)
     check_launcher(cfg["launcher"])
+
+
+def synthetic_data_hint(cfg: Mapping) -> str:
+    """How to make the data `data=synthetic` expects, when the missing shards are where it reads them."""
+    data_root = cfg.get("paths", {}).get("data")
+    if not data_root or Path(cfg["data"]["train_shards"]) != Path(data_root) / "train":
+        return ""
+    synthetic = Path(data_root)
+    return f" (the synthetic demo data? make it with: clustermask-data --out {synthetic})"
 
 
 def point_error(point: ComposedPoint, registries: Registries, shards_found: set) -> str:

@@ -88,11 +88,12 @@ def sweep_status(manifest: graph.Manifest) -> List[Dict]:
 
 
 def format_status(manifest: graph.Manifest, rows: List[Dict]) -> str:
+    width = max([44] + [len(r["point"]) for r in rows])  # a sweep of several settings has long point names
     lines = [f"sweep {manifest.sweep_id} ({manifest.executor}) in {manifest.sweep_dir}",
-             f"{'#':>3}  {'point':<44} {'train':<20} {'eval':<14} jobs"]
+             f"{'#':>3}  {'point':<{width}} {'train':<20} {'eval':<14} jobs"]
     for r in rows:
         train, evaluation = (" ".join(filter(None, [r[s], r.get(f"{s}_progress")])) for s in ("train", "eval"))
-        lines.append(f"{r['index']:>3}  {r['point']:<44} {train:<20} {evaluation:<14} "
+        lines.append(f"{r['index']:>3}  {r['point']:<{width}} {train:<20} {evaluation:<14} "
                      f"{r['train_job']} / {r['eval_job']}")
         for stage in graph.STAGES:
             if r[stage] == "failed":

@@ -188,7 +188,23 @@ def test_the_points_of_a_sweep_look_up_the_shards_they_share_once(synthetic_root
                             f"data.train_shards={found},{missing}"], multirun=True).points
     errors = app.check_points(points, Registries.here())
     assert sorted(looked_up) == sorted([found, missing, missing])
-    assert len(errors) == 2 and all(f"data.train_shards={missing!r}: 1 shard(s) missing" in e for e in errors)
+    assert len(errors) == 2 and all(f"data.train_shards={missing!r}: no such folder or shard" in e for e in errors)
+
+
+def test_missing_synthetic_data_says_how_to_make_it(synthetic_root, tmp_path):
+    """Where `data=synthetic` reads its shards and finds none, the error gives the command that writes them;
+    shards missing elsewhere get no such hint."""
+    nowhere = tmp_path / "no_data"
+    hint = f"make it with: clustermask-data --out {nowhere}"
+    expected = f"{re.escape(str(nowhere))}/train': no such folder or shard .*{re.escape(hint)}"
+    with pytest.raises(FileNotFoundError, match=expected):
+        app.preflight(compose_cfg(f"paths.data={nowhere}"))
+    with pytest.raises(FileNotFoundError, match="no such folder or shard$"):
+        app.preflight(compose_cfg(f"paths.data={synthetic_root}", f"data.train_shards={nowhere}"))
+    subprocess.run([sys.executable, "-m", "clustermask.synthetic", "--out", str(nowhere), "--train-samples", "64",
+                    "--train-shards", "2"], check=True, capture_output=True, timeout=300)
+    with pytest.raises(FileNotFoundError, match=r"eval.tasks\[0\]"):  # the hint's command made the shards
+        app.preflight(compose_cfg(f"paths.data={nowhere}", f"eval.tasks.0.root={nowhere}/no_eval"))
 
 
 def test_composing_and_checking_a_sweep_imports_no_model_code(synthetic_root, tmp_path):
@@ -348,6 +364,22 @@ def test_resubmission_plan_skips_finished_and_queued_work():
             {"index": 5, "train": "cancelled", "eval": "cancelled"}]
     plan = plan_resubmission(rows)
     assert plan == Plan(train=[1, 5], eval_only=[2])
+
+
+def test_status_columns_line_up_whatever_the_point_names():
+    from types import SimpleNamespace
+    from launch.status import format_status
+
+    manifest = SimpleNamespace(sweep_id="s", executor="slurm", sweep_dir="/sweeps/s")
+    names = ["ratio-0.3-1a2b3c4d", "attention-True_target_coverage-0.3_masking-cluster_mixed-7a655c82"]
+    rows = [{"index": i, "point": name, "train": "done", "eval": "running", "eval_progress": "3/10",
+             "train_job": f"7_{i}", "eval_job": f"8_{i}"} for i, name in enumerate(names)]
+    header, *lines = format_status(manifest, rows).splitlines()[1:4]
+    assert len(lines) == 2
+    for line in lines:
+        assert line.index(" done ") + 1 == header.index("train")
+        assert line.index("running 3/10") == header.index("eval")
+        assert line.index(" 7_") + 1 == header.index("jobs")
 
 
 class TrackingHere:

@@ -3,6 +3,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -277,6 +278,53 @@ def test_attention_mode_hidden_tokens_change_nothing():
             removed_out = visual(images[i:i + 1])
         torch.testing.assert_close(masked_out[i:i + 1], removed_out, atol=1e-5, rtol=1e-4)
     visual.patch_dropout = masker
+
+
+def test_the_picture_shows_dropped_hidden_and_clustered_patches(tmp_path):
+    """Each patch of the picture is greyed if the masker dropped it, darker if it kept it hidden from attention,
+    tinted if clustered, and left as it was otherwise."""
+    from matplotlib.image import imread
+
+    from clustermask import visualize
+
+    torch.manual_seed(0)
+    model, *_, masker = create(ModelConfig(), MaskingConfig(strategy="cluster", ratio=0.3, attention=True,
+                                                               threshold=0.2))
+    images = torch.zeros(2, 3, 64, 64)
+    images[:, 0, :, :32] = 1.0
+    images[1, 1] = torch.rand(64, 64)
+    torch.manual_seed(1)
+    dropped, hidden, cluster_id = visualize.mask_decisions(model, images)
+    result = masker.last
+    assert hidden.any() and not (hidden & dropped).any()
+    for i in range(2):  # hidden where the masker's kept tokens are hidden, nowhere else
+        assert sorted(hidden[i].nonzero().flatten().tolist()) == sorted(result.keep[i][result.hidden[i]].tolist())
+
+    image = torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)).numpy()
+    drawn = visualize.overlay(image, dropped[0].numpy(), cluster_id[0].numpy(), 8, hidden[0].numpy())
+    tile = lambda picture, index: picture[index // 8 * 8:][:8, index % 8 * 8:][:, :8].reshape(64, 3)
+    for index in range(64):  # each drawn tile is an affine map of the image's: its slope and offset say which
+        before, after = tile(image, index), tile(drawn, index)
+        slope = after.std(0) / before.std(0)
+        offset = after.mean(0) - slope * before.mean(0)
+        clustered = bool(cluster_id[0, index] >= 0)
+        if dropped[0, index]:  # greyed (after the tint, if clustered): a quarter of the contrast, around grey
+            assert np.allclose(slope, 0.25 * (0.55 if clustered else 1), atol=1e-4), index
+            assert ((offset > 0.37) & (offset < 0.49)).all(), index
+        elif hidden[0, index]:  # clustered, then darkened
+            assert clustered and np.allclose(slope, 0.25 * 0.55, atol=1e-4), index
+            assert ((offset > 0.11) & (offset < 0.23)).all(), index
+        elif clustered:  # tinted
+            assert np.allclose(slope, 0.55, atol=1e-4) and ((offset >= 0) & (offset < 0.46)).all(), index
+        else:
+            assert (after == before).all(), index
+
+    path = visualize.save_mask_grid(model, images, tmp_path / "masks.png", columns=2)
+    assert imread(path).shape[:2] == (400, 400)  # 2 columns x (2 images + 2 overlays) rows of 2 inches at 100 dpi
+    assert visualize.title(masker.cfg) == ("cluster (rgb features, attention), ratio 0.3\ngrey = dropped, "
+                                           "dark = hidden from attention, tint = cluster")
+    assert visualize.title(MaskingConfig(strategy="kmeans", ratio=0.5, attention=True)) == \
+        "kmeans, ratio 0.5\ngrey = dropped, tint = cluster"
 
 
 def test_attention_mask_is_batch_major_per_image():

@@ -141,8 +141,16 @@ def test_training_stream_with_as_many_workers_as_shards(synthetic_root):
 
 
 def test_missing_shards_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="data.train_shards"):
+    with pytest.raises(FileNotFoundError, match=r"data.train_shards=.*: 4 shard\(s\) missing, e.g. .*nothing-000.tar"):
         shard_urls(str(tmp_path / "nothing-{000..003}.tar"))
+    with pytest.raises(FileNotFoundError, match=r"data.train_shards=.*nothing-\*.tar' matches no shard"):
+        shard_urls(str(tmp_path / "nothing-*.tar"))
+    # a folder that is not there is not "1 shard missing"
+    with pytest.raises(FileNotFoundError, match=r"data.train_shards=.*/nowhere': no such folder or shard$"):
+        shard_urls(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"data.train_shards=.*/empty' matches no shard"):
+        (tmp_path / "empty").mkdir()
+        shard_urls(str(tmp_path / "empty"))
 
 
 @pytest.mark.timeout(180)  # the stream is resampled: before the guard this spun for ever
