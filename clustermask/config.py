@@ -186,11 +186,17 @@ def validate_eval(cfg: EvalConfig, evaluators: Iterable[str], check_paths: bool 
     for i, task in enumerate(cfg.tasks):
         if task.name not in evaluators:
             raise ValueError(f"eval.tasks[{i}].name={task.name!r} is not one of {sorted(evaluators)}")
-        if check_paths and not os.path.exists(task.root):
-            raise FileNotFoundError(f"eval.tasks[{i}].root={task.root!r} ({task.dataset}) does not exist")
-        problem = layout_problem(task) if check_paths else ""
-        if problem:
-            raise FileNotFoundError(f"eval.tasks[{i}].root={task.root!r} ({task.name} on {task.dataset}): {problem}")
+    # every dataset that is not ready, at once: a benchmark suite is set up by hand, a dozen folders
+    problems = [path_problem(i, task) for i, task in enumerate(cfg.tasks)] if check_paths else []
+    if any(problems):
+        raise FileNotFoundError("\n".join(filter(None, problems)))
+
+
+def path_problem(index: int, task: EvalTask) -> str:
+    if not os.path.exists(task.root):
+        return f"eval.tasks[{index}].root={task.root!r} ({task.dataset}) does not exist"
+    problem = layout_problem(task)
+    return f"eval.tasks[{index}].root={task.root!r} ({task.name} on {task.dataset}): {problem}" if problem else ""
 
 
 def layout_problem(task: EvalTask) -> str:

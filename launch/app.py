@@ -87,10 +87,23 @@ def point_error(point: ComposedPoint, registries: Registries, shards_found: set)
 
 
 def check_points(points: List[ComposedPoint], registries: Registries) -> List[str]:
-    """Compose and preflight errors, one line per failing point, naming it."""
+    """Compose and preflight errors, naming the failing points: an error of one point with its overrides, an
+    error that several points share (a missing dataset, a bad shared setting) once, with their numbers."""
     shards_found: set = set()
-    errors = [(index, point, point_error(point, registries, shards_found)) for index, point in enumerate(points)]
-    return [f"  point {i} ({' '.join(p.overrides) or 'defaults'}): {e}" for i, p, e in errors if e]
+    failing: Dict[str, List[int]] = {}
+    for index, point in enumerate(points):
+        error = point_error(point, registries, shards_found)
+        if error:
+            failing.setdefault(error, []).append(index)
+    lines = []
+    for error, indices in failing.items():
+        if len(indices) == 1:
+            who = f"point {indices[0]} ({' '.join(points[indices[0]].overrides) or 'defaults'})"
+        else:
+            who = f"every point ({len(points)})" if len(indices) == len(points) else \
+                f"points {', '.join(map(str, indices))}"
+        lines.append(f"  {who}: " + error.replace("\n", "\n    "))
+    return lines
 
 
 def sets_an_unused_setting(override: str, in_effect) -> bool:

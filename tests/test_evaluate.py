@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -103,6 +104,17 @@ def test_preflight_names_what_a_wds_root_lacks_for_its_task(tmp_path, synthetic_
             validate(EvalConfig(tasks=[task]))
         with pytest.raises(FileNotFoundError, match=message):
             validate(EvalConfig(tasks=[task]))
+    # every task that is not ready, in one error, and none that is
+    tasks = [task for task, _ in cases]
+    tasks.insert(2, EvalTask("zeroshot_classification", "wds/shapes", str(shapes)))
+    tasks.append(EvalTask("linear_probe", "wds/shapes", str(tmp_path / "nowhere")))
+    with pytest.raises(FileNotFoundError) as raised:
+        validate(EvalConfig(tasks=tasks))
+    lines = str(raised.value).splitlines()
+    assert [re.match(r"eval.tasks\[(\d+)\]", line)[1] for line in lines] == ["0", "1", "3", "4", "5", "6"]
+    for line, (_, message) in zip(lines, cases):
+        assert re.search(message, line), line
+    assert lines[-1].endswith("(wds/shapes) does not exist")
     for task in (EvalTask("zeroshot_classification", "wds/shapes", str(shapes)),
                  EvalTask("linear_probe", "wds/shapes", str(shapes)),
                  EvalTask("zeroshot_retrieval", "wds/scenes", str(scenes)),

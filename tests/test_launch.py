@@ -170,8 +170,9 @@ def test_the_paper_experiment_needs_real_data_and_checks_every_benchmark_root(tm
     assert len(tasks) == 3 + 2 + 3 + 7 and points[0].config["data"]["workers"] == 8
     (benchmarks / "wds_flickr30k").unlink()
     (benchmarks / "wds_flickr30k").symlink_to(synthetic_root / "eval" / "shapes")
-    errors = app.check_points(points, registries)
-    assert len(errors) == 4 and "eval.tasks[7].root=" in errors[0] and "needs a retrieval dataset" in errors[0]
+    errors = app.check_points(points, registries)  # the same error at every point: named once
+    assert len(errors) == 1 and errors[0].startswith("  every point (4): eval.tasks[7].root=")
+    assert "needs a retrieval dataset" in errors[0]
 
 
 def test_the_points_of_a_sweep_look_up_the_shards_they_share_once(synthetic_root, tmp_path, monkeypatch):
@@ -188,7 +189,24 @@ def test_the_points_of_a_sweep_look_up_the_shards_they_share_once(synthetic_root
                             f"data.train_shards={found},{missing}"], multirun=True).points
     errors = app.check_points(points, Registries.here())
     assert sorted(looked_up) == sorted([found, missing, missing])
-    assert len(errors) == 2 and all(f"data.train_shards={missing!r}: no such folder or shard" in e for e in errors)
+    assert errors == [f"  points 1, 3: data.train_shards={missing!r}: no such folder or shard"]
+
+
+def test_preflight_names_each_failing_point_and_an_error_they_share_once(synthetic_root, tmp_path):
+    from launch.helpers import Registries
+
+    shapes = synthetic_root / "eval" / "shapes"
+    points = compose_sweep([f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "masking.ratio=0.3,1.5,2.0",
+                            f"eval.tasks.0.root={tmp_path}/no_shapes", f"eval.tasks.1.root={tmp_path}/no_probe",
+                            f"eval.tasks.2.root={shapes}"], multirun=True).points
+    errors = app.check_points(points, Registries.here())
+    named = [f"  point {i} ({' '.join(point.overrides)})" for i, point in enumerate(points)]
+    assert errors[1:] == [f"{named[1]}: masking.ratio=1.5 must be in [0, 1)",
+                          f"{named[2]}: masking.ratio=2.0 must be in [0, 1)"]
+    first, *more = errors[0].split("\n")  # the three unready datasets, each on a line of its own
+    assert first == f"{named[0]}: eval.tasks[0].root='{tmp_path}/no_shapes' (wds/shapes) does not exist"
+    assert more[0] == f"    eval.tasks[1].root='{tmp_path}/no_probe' (wds/shapes) does not exist"
+    assert more[1].startswith("    eval.tasks[2].root=") and "needs a retrieval dataset" in more[1] and len(more) == 2
 
 
 def test_missing_synthetic_data_says_how_to_make_it(synthetic_root, tmp_path):
@@ -282,7 +300,7 @@ def test_preflight_failure_submits_nothing_and_names_the_point(tmp_path, synthet
                        "masking.ratio=0.3,1.5")
     assert result.returncode != 0
     assert "nothing was submitted" in result.stderr
-    assert "masking.ratio=1.5" in result.stderr and "point 1" in result.stderr
+    assert "  points 1, 3: masking.ratio=1.5 must be in [0, 1)" in result.stderr  # the same error, named once
     assert not list(tmp_path.rglob("manifest.json")) and not list(tmp_path.rglob("mlflow.db"))
 
 
