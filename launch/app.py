@@ -41,30 +41,45 @@ def _typed_stage_configs(cfg: Mapping) -> Dict:
 
 
 def preflight(cfg: Mapping, registries: Optional[Registries] = None, shards_found: Optional[set] = None) -> None:
-    """Everything that can be checked before submission; raises ValueError/FileNotFoundError naming the key.
+    """Everything that can be checked before submission; raises ValueError/FileNotFoundError naming the key,
+    a line for each section that fails (the model, the masking, ..., the training data, the evaluation data).
 
     cfg: a point's resolved config (a dict, or a DictConfig). shards_found: the `data.train_shards` already
     found by this command, not looked up again (the points of a sweep share them: 64 points of a brace
     pattern over CC12M's 1,243 shards would be 80,000 file lookups, on a shared file system a minute or more)."""
-    from clustermask import config, data
+    from clustermask import config
 
     registries = registries or Registries.here()
     if isinstance(cfg, DictConfig):
         cfg = resolved(cfg)
     typed = _typed_stage_configs(cfg)
-    config.validate_model(typed["model"])
-    config.validate_masking(typed["masking"], registries.strategies)
-    config.validate_train(typed["train"])
-    config.validate_data(typed["data"])
-    shards, shards_found = cfg["data"]["train_shards"], set() if shards_found is None else shards_found
+    checks = [lambda: config.validate_model(typed["model"]),
+              lambda: config.validate_masking(typed["masking"], registries.strategies),
+              lambda: config.validate_train(typed["train"]),
+              lambda: config.validate_data(typed["data"]),
+              lambda: check_training_shards(cfg, set() if shards_found is None else shards_found),
+              lambda: config.validate_eval(typed["eval"], registries.evaluators),
+              lambda: check_launcher(cfg["launcher"])]
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except (ValueError, FileNotFoundError, TypeError) as exc:
+            problems.append(exc)
+    if problems:
+        raise type(problems[0])("\n".join(map(str, problems)))
+
+
+def check_training_shards(cfg: Mapping, shards_found: set) -> None:
+    from clustermask import data
+
+    shards = cfg["data"]["train_shards"]
     if shards not in shards_found:
         try:
             data.shard_urls(shards)
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{exc}{synthetic_data_hint(cfg)}") from None
         shards_found.add(shards)
-    config.validate_eval(typed["eval"], registries.evaluators)
-    check_launcher(cfg["launcher"])
 
 
 def synthetic_data_hint(cfg: Mapping) -> str:
@@ -87,22 +102,24 @@ def point_error(point: ComposedPoint, registries: Registries, shards_found: set)
 
 
 def check_points(points: List[ComposedPoint], registries: Registries) -> List[str]:
-    """Compose and preflight errors, naming the failing points: an error of one point with its overrides, an
-    error that several points share (a missing dataset, a bad shared setting) once, with their numbers."""
+    """Compose and preflight errors, naming the failing points: a problem of one point with its overrides, the
+    problems that several points share (a missing dataset, a bad shared setting) once, with their numbers."""
     shards_found: set = set()
-    failing: Dict[str, List[int]] = {}
+    sharing: Dict[str, List[int]] = {}  # each problem (a line of an error) -> the points that have it
     for index, point in enumerate(points):
-        error = point_error(point, registries, shards_found)
-        if error:
-            failing.setdefault(error, []).append(index)
+        for problem in point_error(point, registries, shards_found).splitlines():
+            sharing.setdefault(problem, []).append(index)
+    grouped: Dict[Tuple[int, ...], List[str]] = {}
+    for problem, indices in sharing.items():
+        grouped.setdefault(tuple(indices), []).append(problem)
     lines = []
-    for error, indices in failing.items():
+    for indices, problems in grouped.items():
         if len(indices) == 1:
             who = f"point {indices[0]} ({' '.join(points[indices[0]].overrides) or 'defaults'})"
         else:
             who = f"every point ({len(points)})" if len(indices) == len(points) else \
                 f"points {', '.join(map(str, indices))}"
-        lines.append(f"  {who}: " + error.replace("\n", "\n    "))
+        lines.append(f"  {who}: " + "\n    ".join(problems))
     return lines
 
 

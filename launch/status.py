@@ -171,7 +171,8 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
         try:
             preflight(cfg, registries, shards_found)
         except (ValueError, FileNotFoundError, TypeError) as exc:
-            raise type(exc)(f"point {i} ({point.name}), nothing changed: {exc}") from exc
+            problems = str(exc).replace("\n", "\n  ")  # preflight's error has a line per problem
+            raise type(exc)(f"point {i} ({point.name}), nothing changed: {problems}") from exc
         # as the sweep recorded them: a fix that the point's strategy does not use must not set its points apart
         masking, unused = canonical_point_masking(OmegaConf.to_container(cfg.masking, resolve=True),
                                                   registries.strategies)

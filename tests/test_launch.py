@@ -203,26 +203,10 @@ def test_preflight_names_each_failing_point_and_an_error_they_share_once(synthet
     named = [f"  point {i} ({' '.join(point.overrides)})" for i, point in enumerate(points)]
     assert errors[1:] == [f"{named[1]}: masking.ratio=1.5 must be in [0, 1)",
                           f"{named[2]}: masking.ratio=2.0 must be in [0, 1)"]
-    first, *more = errors[0].split("\n")  # the three unready datasets, each on a line of its own
-    assert first == f"{named[0]}: eval.tasks[0].root='{tmp_path}/no_shapes' (wds/shapes) does not exist"
+    first, *more = errors[0].split("\n")  # the three unready datasets of every point, each on a line of its own
+    assert first == f"  every point (3): eval.tasks[0].root='{tmp_path}/no_shapes' (wds/shapes) does not exist"
     assert more[0] == f"    eval.tasks[1].root='{tmp_path}/no_probe' (wds/shapes) does not exist"
     assert more[1].startswith("    eval.tasks[2].root=") and "needs a retrieval dataset" in more[1] and len(more) == 2
-
-
-def test_missing_synthetic_data_says_how_to_make_it(synthetic_root, tmp_path):
-    """Where `data=synthetic` reads its shards and finds none, the error gives the command that writes them;
-    shards missing elsewhere get no such hint."""
-    nowhere = tmp_path / "no_data"
-    hint = f"make it with: clustermask-data --out {nowhere}"
-    expected = f"{re.escape(str(nowhere))}/train': no such folder or shard .*{re.escape(hint)}"
-    with pytest.raises(FileNotFoundError, match=expected):
-        app.preflight(compose_cfg(f"paths.data={nowhere}"))
-    with pytest.raises(FileNotFoundError, match="no such folder or shard$"):
-        app.preflight(compose_cfg(f"paths.data={synthetic_root}", f"data.train_shards={nowhere}"))
-    subprocess.run([sys.executable, "-m", "clustermask.synthetic", "--out", str(nowhere), "--train-samples", "64",
-                    "--train-shards", "2"], check=True, capture_output=True, timeout=300)
-    with pytest.raises(FileNotFoundError, match=r"eval.tasks\[0\]"):  # the hint's command made the shards
-        app.preflight(compose_cfg(f"paths.data={nowhere}", f"eval.tasks.0.root={nowhere}/no_eval"))
 
 
 def test_composing_and_checking_a_sweep_imports_no_model_code(synthetic_root, tmp_path):
@@ -288,6 +272,16 @@ def test_preflight_names_the_bad_key(synthetic_root):
     for override, message in cases.items():
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             app.preflight(compose_cfg(*good, override))
+
+
+def test_preflight_names_every_section_that_fails_at_once(synthetic_root, tmp_path):
+    with pytest.raises(ValueError) as raised:
+        app.preflight(compose_cfg(f"paths.data={synthetic_root}", "train.lr=-1", f"data.train_shards={tmp_path}/none",
+                                  "launcher.max_parallel=0"))
+    lines = str(raised.value).splitlines()
+    assert lines[:2] == ["train.lr=-1.0 must be positive and finite",
+                         f"data.train_shards='{tmp_path}/none': no such folder or shard"]
+    assert lines[2].startswith("launcher.max_parallel=0") and len(lines) == 3
 
 
 def sweep_cli(*args, cwd=REPO):
