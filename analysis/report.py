@@ -230,6 +230,15 @@ def default_plot_metrics(frame: pd.DataFrame) -> List[str]:
     return keys + ([swap_att] if swap_att in frame else [])
 
 
+def missing_metric(frame: pd.DataFrame, metric: str) -> str:
+    """`no metric 'X' in this sweep`, with the sweep's metrics closest to the name asked for."""
+    import difflib
+
+    recorded = [c for c in frame.columns if "/" in c]
+    close = difflib.get_close_matches(metric, recorded, n=3, cutoff=0.6)
+    return f"no metric {metric!r} in this sweep" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else "")
+
+
 def build_report(sweep_dirs, plot_metrics: Optional[List[str]] = None, out_dir: Optional[Path] = None) -> Path:
     """The report of one sweep directory, or of several together (a list; `out_dir` then required). Reads each
     manifest.json for its MLflow location; writes `out_dir` (default <sweep_dir>/report/) and returns it.
@@ -247,7 +256,7 @@ def build_report(sweep_dirs, plot_metrics: Optional[List[str]] = None, out_dir: 
     write_tables(table, frame, out_dir)
     for metric in dict.fromkeys(default_plot_metrics(frame) + list(plot_metrics or [])):
         if metric not in frame:
-            print(f"report: no metric {metric!r} in this sweep, not plotted")
+            print(f"report: {missing_metric(frame, metric)}, not plotted")
             continue
         plot_metric(frame, metric, out_dir / f"{metric.replace('/', '_')}.png")
     if TRAIN_MINUTES in frame:

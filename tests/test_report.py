@@ -3,7 +3,7 @@ import pytest
 import torch
 from clip_benchmark.metrics import zeroshot_retrieval
 
-from analysis.report import default_plot_metrics, headline_table
+from analysis.report import default_plot_metrics, headline_table, missing_metric
 from clustermask.evaluate import EvalTask, metric_key
 
 # two images and one caption each; caption b is closest to image A, so the directions disagree:
@@ -44,6 +44,15 @@ def test_headline_has_a_column_per_dataset_named_after_it_when_there_are_several
     assert default_plot_metrics(frame) == ["zeroshot_classification/wds/cifar10/acc1",
                                            "zeroshot_classification/wds/imagenet1k/acc1",
                                            "image_caption_selection/sugar_crepe/swap_att/acc"]
+
+
+def test_a_metric_not_in_the_sweep_is_named_with_the_closest_that_are():
+    frame = pd.DataFrame([{"label": "random", "ratio": 0.5, "seed": 0, "zeroshot_classification/wds/shapes/acc1": 0.3,
+                           "zeroshot_classification/wds/shapes/acc5": 0.8, "train/loss": 2.0}])
+    assert missing_metric(frame, "zeroshot_classification/wds/shape/acc1") == (
+        "no metric 'zeroshot_classification/wds/shape/acc1' in this sweep (did you mean "
+        "'zeroshot_classification/wds/shapes/acc1', 'zeroshot_classification/wds/shapes/acc5'?)")
+    assert missing_metric(frame, "sugar") == "no metric 'sugar' in this sweep"
 
 
 def test_a_swept_setting_gets_its_own_label_and_seeds_are_averaged_within_it(tmp_path):
