@@ -289,6 +289,24 @@ def sweep_cli(*args, cwd=REPO):
                           cwd=cwd, timeout=300)
 
 
+def test_hydra_flags_print_and_submit_nothing(tmp_path, synthetic_root):
+    """`--help` says what the command does, lists the groups and gives examples; `--cfg job` prints the point's
+    config. Neither writes a sweep."""
+    shown = sweep_cli(f"paths.root={tmp_path}", "--help")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("clustermask-sweep: train CLIP models whose image tower drops patches")
+    assert re.search(r"^masking: base_masking, cluster, cluster_embedding, cluster_mixed, kmeans, none, random$",
+                     shown.stdout, re.M)
+    assert "clustermask-sweep -m experiment=demo" in shown.stdout
+    config = subprocess.run([sys.executable, "-m", "launch.app", "--cfg", "job", f"paths.root={tmp_path}",
+                             f"paths.data={synthetic_root}", "masking=kmeans", "masking.kmeans_k=5"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert config.returncode == 0, config.stderr
+    printed = yaml.safe_load(config.stdout)
+    assert printed["masking"]["strategy"] == "kmeans" and printed["masking"]["kmeans_k"] == 5
+    assert not list(tmp_path.iterdir())
+
+
 def test_preflight_failure_submits_nothing_and_names_the_point(tmp_path, synthetic_root):
     result = sweep_cli(f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "masking=random,cluster",
                        "masking.ratio=0.3,1.5")
