@@ -87,8 +87,7 @@ def synthetic_data_hint(cfg: Mapping) -> str:
     data_root = cfg.get("paths", {}).get("data")
     if not data_root or Path(cfg["data"]["train_shards"]) != Path(data_root) / "train":
         return ""
-    synthetic = Path(data_root)
-    return f" (the synthetic demo data? make it with: clustermask-data --out {synthetic})"
+    return f" (the synthetic demo data? make it with: clustermask-data --out {data_root})"
 
 
 def point_error(point: ComposedPoint, registries: Registries, shards_found: set) -> str:
