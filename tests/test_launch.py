@@ -192,6 +192,23 @@ def test_the_points_of_a_sweep_look_up_the_shards_they_share_once(synthetic_root
     assert errors == [f"  points 1, 3: data.train_shards={missing!r}: no such folder or shard"]
 
 
+def test_missing_synthetic_data_says_how_to_make_it(synthetic_root, tmp_path):
+    """Where `data=synthetic` reads its shards and finds none, the error gives the command that writes them;
+    shards missing elsewhere get no such hint."""
+    nowhere = tmp_path / "no_data"
+    hint = f"make it with: clustermask-data --out {nowhere}"
+    expected = f"{re.escape(str(nowhere))}/train': no such folder or shard .*{re.escape(hint)}"
+    with pytest.raises(FileNotFoundError, match=expected):
+        app.preflight(compose_cfg(f"paths.data={nowhere}"))
+    with pytest.raises(FileNotFoundError, match="no such folder or shard$"):
+        app.preflight(compose_cfg(f"paths.data={synthetic_root}", f"data.train_shards={nowhere}"))
+    subprocess.run([sys.executable, "-m", "clustermask.synthetic", "--out", str(nowhere), "--train-samples", "64",
+                    "--train-shards", "2"], check=True, capture_output=True, timeout=300)
+    with pytest.raises(FileNotFoundError) as raised:
+        app.preflight(compose_cfg(f"paths.data={nowhere}", f"eval.tasks.0.root={nowhere}/no_eval"))
+    assert str(raised.value).startswith("eval.tasks[0]")  # the hint's command made the shards
+
+
 def test_preflight_names_each_failing_point_and_an_error_they_share_once(synthetic_root, tmp_path):
     from launch.helpers import Registries
 
