@@ -7,8 +7,10 @@ train task i (aftercorr), and one report job (afterany), through submitit, and r
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -17,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
+from unittest import mock
 
 from omegaconf import OmegaConf
 
@@ -157,12 +160,19 @@ def executor_parameters(resources, name: str) -> Dict:
     return {k if k in base_keys else f"slurm_{k}": v for k, v in params.items()}
 
 
+SLURM_COMMANDS = ("sbatch", "srun")  # submitting, and submitit's check that it is on a cluster
+
+
 def check_launcher(launcher) -> None:
     """The launcher's values, checked before the sweep writes anything (launcher: a mapping)."""
     if launcher["executor"] not in ("local", "slurm"):
         raise ValueError(f"launcher.executor={launcher['executor']!r} is not one of local, slurm")
     if launcher["max_parallel"] < 1:
         raise ValueError(f"launcher.max_parallel={launcher['max_parallel']} must be at least 1")
+    missing = [command for command in SLURM_COMMANDS if not shutil.which(command)]
+    if launcher["executor"] == "slurm" and not launcher["dry_run"] and missing:
+        raise FileNotFoundError(f"launcher=slurm: {' and '.join(missing)} not found on PATH, so this is no SLURM "
+                                "login node (launcher=local runs here; launcher.dry_run=true prints the job scripts)")
     for stage in ("train", "eval", "report"):
         check_resources(stage, launcher[stage])
 
@@ -188,8 +198,13 @@ class SlurmExecutor:
 
         resources = getattr(self.cfg, stage)
         folder = resources.submitit_folder or str(self.sweep_dir / "slurm" / stage / "%j")
-        executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
-                                         slurm_max_num_timeout=resources.max_num_timeout)
+        # submitit builds no SLURM executor where srun is missing (its `affinity`); a dry run only writes the
+        # scripts, and may do so on a laptop
+        srun_not_needed = mock.patch.object(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2)) \
+            if self.dry_run else contextlib.nullcontext()
+        with srun_not_needed:
+            executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
+                                             slurm_max_num_timeout=resources.max_num_timeout)
         params = executor_parameters(resources, f"cm-{self.sweep_id}-{stage}")
         extra = dict(params.pop("slurm_additional_parameters", {}) or {})
         if dependency:

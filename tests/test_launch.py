@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -343,6 +344,27 @@ def test_dry_run_prints_scripts_and_graph(tmp_path, synthetic_root):
     assert "#SBATCH --dependency=afterany:DRYRUN-train:DRYRUN-eval" in out
     assert out.count("-> eval[") == 4 and "report (afterany" in out
     assert not list(tmp_path.rglob("manifest.json")) and not list(tmp_path.rglob("mlflow.db"))
+
+
+def test_without_slurm_a_slurm_sweep_is_refused_before_anything_is_written_and_a_dry_run_still_prints(
+        tmp_path, synthetic_root):
+    """Where SLURM's commands are missing (a laptop), `launcher=slurm` stops in preflight, naming them, rather
+    than in submitit's executor after the sweep is written; a dry run prints the scripts all the same."""
+    bare = tmp_path / "bin"  # a PATH with python on it and nothing of SLURM's
+    bare.mkdir()
+    (bare / "python").symlink_to(sys.executable)
+    assert not shutil.which("sbatch", path=str(bare)) and not shutil.which("srun", path=str(bare))
+    command = [sys.executable, "-m", "launch.app", "-m", f"paths.root={tmp_path}/out", f"paths.data={synthetic_root}",
+               "launcher=slurm", "masking=random,cluster"]
+    refused = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
+                             env={**os.environ, "PATH": str(bare)})
+    assert refused.returncode == 2, refused.stderr
+    assert "every point (2): launcher=slurm: sbatch and srun not found on PATH" in refused.stderr
+    assert not (tmp_path / "out").exists()
+    printed = subprocess.run(command + ["launcher.dry_run=true"], capture_output=True, text=True, cwd=REPO,
+                             timeout=300, env={**os.environ, "PATH": str(bare)})
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.count("#SBATCH --array=0-1%2") == 2 and not (tmp_path / "out").exists()
 
 
 def test_a_dry_run_names_the_points_submitted_once(tmp_path, synthetic_root):
