@@ -24,7 +24,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from . import graph
-from .executors import Plan, check_launcher, describe, make_executor
+from .executors import Plan, SubmissionError, check_launcher, describe, make_executor
 from .expand import CONFIG_DIR, CONFIG_NAME, ComposedPoint, compose_sweep, resolved
 from .helpers import Registries, RegistriesInChild, TrackingInChild
 
@@ -232,7 +232,12 @@ def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Regis
     executor = make_executor(launcher, sweep_dir, manifest.sweep_id)
     plan = Plan(train=list(range(len(manifest.points))))
     print(f"sweep {manifest.sweep_id}: {len(manifest.points)} point(s) in {sweep_dir}", flush=True)
-    record = executor.submit(manifest, plan)
+    try:
+        record = executor.submit(manifest, plan)
+    except SubmissionError as exc:
+        raise SystemExit(f"error: {exc}\nThe sweep is written in {sweep_dir} and none of it runs: fix the cause "
+                         f"and submit it with `clustermask-resubmit {sweep_dir} [key=value fixes, e.g. "
+                         "launcher.train.partition=NAME]`") from None
     manifest.submissions.append(record)
     manifest.save()
     print_submission(manifest, record)

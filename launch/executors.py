@@ -186,6 +186,10 @@ def check_resources(stage: str, resources) -> None:
         raise ValueError(f"launcher.{stage}: nodes={nodes} and tasks_per_node={tasks} must be >= 1")
 
 
+class SubmissionError(RuntimeError):
+    """sbatch refused a job of the sweep; nothing of this submission is left queued."""
+
+
 class SlurmExecutor:
     def __init__(self, launcher_cfg, sweep_dir: Path, sweep_id: str, dry_run: bool = False):
         self.cfg = launcher_cfg
@@ -231,18 +235,36 @@ class SlurmExecutor:
         return f"{kind}:{job_id}" if array else f"afterok:{job_id}"
 
     def submit(self, manifest: graph.Manifest, plan: Plan) -> Dict:
+        """The plan's three sbatch calls at most. If one is refused (a partition, account or QOS that is not
+        there, a time over the partition's limit), the jobs already queued by this call are cancelled: no job
+        runs that the manifest does not record, and a resubmission with the fix submits every stage again."""
+        queued: List[str] = []
+        try:
+            return self._submit(manifest, plan, queued)
+        except Exception as exc:  # submitit's FailedJobError carries sbatch's stderr
+            if self.dry_run:
+                raise
+            if queued:
+                subprocess.run(["scancel", *queued], capture_output=True, timeout=60)
+            cancelled = f"; cancelled what it had queued ({', '.join(queued)})" if queued else ""
+            raise SubmissionError(f"submission failed{cancelled}: {' '.join(str(exc).split())}") from exc
+
+    def _submit(self, manifest: graph.Manifest, plan: Plan, queued: List[str]) -> Dict:
         record: Dict = {"time": _now(), "executor": "slurm", "train": [], "eval": []}
         waits = []
         if plan.train:
             paths = [manifest.points[i].run_dir for i in plan.train]
             task_ids, train_id = self._array("train", paths)
+            queued.append(train_id)
             record["train"].append({"job_id": train_id, "points": plan.train, "task_ids": task_ids})
             eval_ids, eval_id = self._array("eval", paths, self._after("aftercorr", train_id, len(paths) > 1))
+            queued.append(eval_id)
             record["eval"].append({"job_id": eval_id, "points": plan.train, "task_ids": eval_ids})
             waits += [train_id, eval_id]
         if plan.eval_only:
             paths = [manifest.points[i].run_dir for i in plan.eval_only]
             eval_ids, eval_id = self._array("eval", paths)
+            queued.append(eval_id)
             record["eval"].append({"job_id": eval_id, "points": plan.eval_only, "task_ids": eval_ids})
             waits.append(eval_id)
         if plan.report:

@@ -181,3 +181,31 @@ def test_two_process_gloo_training_then_evaluating_again(slurm, tmp_path, synthe
     rows = sweep_status(manifest)
     assert rows[0]["eval"] == "done" and rows[0]["eval_job"] == record["eval"][0]["task_ids"][0]
     assert graph.load_point_config(Path(manifest.points[0].run_dir)).eval.batch_size == 32
+
+
+def test_a_refused_sbatch_cancels_what_the_sweep_had_queued_and_resubmission_recovers(slurm, tmp_path,
+                                                                                       synthetic_root):
+    """The training array is queued, then sbatch refuses the evaluation array (a partition that is not there):
+    the launch fails naming sbatch's reason, cancels the training array, and the sweep is resubmitted whole
+    with the fix."""
+    result = subprocess.run([sys.executable, "-m", "launch.app", "-m", f"paths.root={tmp_path}",
+                             f"paths.data={synthetic_root}", *SMALL_RESOURCES, "train.steps=4",
+                             "launcher.eval.partition=no_such_partition", one_eval_task(synthetic_root)],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-2:]
+    assert error[0].startswith("error: submission failed; cancelled what it had queued (")
+    assert "Invalid partition" in error[0] and "clustermask-resubmit" in error[1]
+    train_id = error[0].split("(")[1].split(")")[0]
+    assert train_id not in queued()
+    sweep_dir = next(tmp_path.glob("sweeps/*"))
+    manifest = graph.Manifest.load(sweep_dir)
+    assert manifest.submissions == []
+    assert [(r["train"], r["eval"]) for r in sweep_status(manifest)] == [("cancelled", "cancelled")]
+    partition = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True,
+                               check=True).stdout.split()[0].rstrip("*")
+    record = resubmit(sweep_dir, [f"launcher.eval.partition={partition}"])
+    wait_for(base_ids(graph.Manifest.load(sweep_dir)))
+    rows = sweep_status(graph.Manifest.load(sweep_dir))
+    assert (rows[0]["train"], rows[0]["eval"]) == ("done", "done"), format_status(manifest, rows)
+    assert record["train"][0]["points"] == [0]
