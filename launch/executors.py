@@ -241,7 +241,8 @@ class SlurmExecutor:
         queued: List[str] = []
         try:
             return self._submit(manifest, plan, queued)
-        except Exception as exc:  # submitit's FailedJobError carries sbatch's stderr
+        # submitit's FailedJobError (a RuntimeError) carries sbatch's stderr
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             if self.dry_run:
                 raise
             if queued:
