@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -32,22 +32,23 @@ QUEUE_STATES = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "runn
 IN_FLIGHT = ("pending", "running")  # queued or running: never submitted again beside itself
 
 
-def queue_states() -> Dict[str, str]:
-    """job id ('12_3' for array tasks, '12' otherwise) -> our state, for jobs still known to squeue. A squeue
-    that fails (controller unreachable) raises: read as an empty queue, it would make every queued task look
-    killed, and a resubmission would start each a second time beside itself, in the same run directory."""
+def queued_jobs() -> Dict[str, Tuple[str, str]]:
+    """job id ('12_3' for array tasks, '12' otherwise) -> (our state, SLURM's reason for it: why a job waits,
+    `Dependency`, `Resources`, or `PartitionTimeLimit` for one that never starts), for jobs still known to squeue.
+    A squeue that fails (controller unreachable) raises: read as an empty queue, it would make every queued task
+    look killed, and a resubmission would start each a second time beside itself, in the same run directory."""
     if shutil.which("squeue") is None:
         raise RuntimeError("squeue not found: the state of a SLURM sweep's tasks needs SLURM's client commands")
-    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T %r"], capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
         raise RuntimeError(f"squeue failed (exit {out.returncode}: {out.stderr.strip()[-500:]}), so which tasks "
                            "are still queued is unknown; try again when SLURM answers")
-    states = {}
+    jobs = {}
     for line in out.stdout.splitlines():
-        job_id, _, state = line.strip().partition(" ")
+        job_id, state, reason = (line.split(None, 2) + ["", ""])[:3]
         if job_id:
-            states[job_id] = QUEUE_STATES.get(state, state.lower())
-    return states
+            jobs[job_id] = (QUEUE_STATES.get(state, state.lower()), "" if reason == "None" else reason.strip())
+    return jobs
 
 
 def _state(marker: dict, job_id: Optional[str], queue: Dict[str, str], local_running: bool) -> str:
@@ -70,7 +71,8 @@ def _state(marker: dict, job_id: Optional[str], queue: Dict[str, str], local_run
 
 def sweep_status(manifest: graph.Manifest) -> List[Dict]:
     jobs_of = {point.index: manifest.latest_jobs(point.index) for point in manifest.points}
-    queue = queue_states() if any(job != "local" for jobs in jobs_of.values() for job in jobs.values()) else {}
+    listing = queued_jobs() if any(job != "local" for jobs in jobs_of.values() for job in jobs.values()) else {}
+    queue = {job: state for job, (state, _) in listing.items()}
     local_running = graph.local_executor_alive(Path(manifest.sweep_dir))
     rows = []
     for point in manifest.points:
@@ -83,17 +85,29 @@ def sweep_status(manifest: graph.Manifest) -> List[Dict]:
             # steps trained or evaluation tasks done (`120/400`), as the running task last recorded them
             running = state == "running" and marker.get("state") == "running"
             row[f"{stage}_progress"] = marker.get("progress", "") if running else ""
+            # why a queued task waits: `Dependency`, `Resources`, or a limit that it will never start under
+            row[f"{stage}_reason"] = listing[jobs[stage]][1] if state == "pending" and jobs.get(stage) in listing \
+                else ""
         rows.append(row)
     return rows
 
 
+def stage_state(row: Dict, stage: str) -> str:
+    """`done`, `running 120/400` (progress), `pending (Dependency)` (SLURM's reason), ..."""
+    reason = row.get(f"{stage}_reason")
+    return " ".join(filter(None, [row[stage], row.get(f"{stage}_progress"), f"({reason})" if reason else ""]))
+
+
 def format_status(manifest: graph.Manifest, rows: List[Dict]) -> str:
-    width = max([44] + [len(r["point"]) for r in rows])  # a sweep of several settings has long point names
+    shown = [{stage: stage_state(r, stage) for stage in ("train", "eval")} for r in rows]
+    # a sweep of several settings has long point names, a task held back a long reason
+    width = max([44] + [len(r["point"]) for r in rows])
+    train_width, eval_width = (max([least] + [len(s[stage]) for s in shown]) for stage, least in
+                               (("train", 20), ("eval", 14)))
     lines = [f"sweep {manifest.sweep_id} ({manifest.executor}) in {manifest.sweep_dir}",
-             f"{'#':>3}  {'point':<{width}} {'train':<20} {'eval':<14} jobs"]
-    for r in rows:
-        train, evaluation = (" ".join(filter(None, [r[s], r.get(f"{s}_progress")])) for s in ("train", "eval"))
-        lines.append(f"{r['index']:>3}  {r['point']:<{width}} {train:<20} {evaluation:<14} "
+             f"{'#':>3}  {'point':<{width}} {'train':<{train_width}} {'eval':<{eval_width}} jobs"]
+    for r, s in zip(rows, shown):
+        lines.append(f"{r['index']:>3}  {r['point']:<{width}} {s['train']:<{train_width}} {s['eval']:<{eval_width}} "
                      f"{r['train_job']} / {r['eval_job']}")
         for stage in graph.STAGES:
             if r[stage] == "failed":

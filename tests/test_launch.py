@@ -435,19 +435,24 @@ def test_resubmission_plan_skips_finished_and_queued_work():
     assert plan == Plan(train=[1, 5], eval_only=[2])
 
 
-def test_status_columns_line_up_whatever_the_point_names():
+def test_status_columns_line_up_whatever_the_point_names_and_reasons():
+    """Long point names and SLURM's reasons for a waiting task widen their columns; a reason is shown only for a
+    pending task, a progress only for a running one."""
     from types import SimpleNamespace
     from launch.status import format_status
 
     manifest = SimpleNamespace(sweep_id="s", executor="slurm", sweep_dir="/sweeps/s")
     names = ["ratio-0.3-1a2b3c4d", "attention-True_target_coverage-0.3_masking-cluster_mixed-7a655c82"]
-    rows = [{"index": i, "point": name, "train": "done", "eval": "running", "eval_progress": "3/10",
-             "train_job": f"7_{i}", "eval_job": f"8_{i}"} for i, name in enumerate(names)]
+    rows = [{"index": 0, "point": names[0], "train": "running", "train_progress": "120/400", "eval": "pending",
+             "eval_reason": "Dependency", "train_job": "7_0", "eval_job": "8_0"},
+            {"index": 1, "point": names[1], "train": "pending", "train_reason": "PartitionTimeLimit",
+             "eval": "pending", "eval_reason": "Dependency", "train_job": "7_1", "eval_job": "8_1"}]
     header, *lines = format_status(manifest, rows).splitlines()[1:4]
     assert len(lines) == 2
+    assert "running 120/400 " in lines[0] and "pending (PartitionTimeLimit) " in lines[1]
     for line in lines:
-        assert line.index(" done ") + 1 == header.index("train")
-        assert line.index("running 3/10") == header.index("eval")
+        assert line.index(" running" if "running" in line else " pending (Part") + 1 == header.index("train")
+        assert line.index("pending (Dependency)") == header.index("eval")
         assert line.index(" 7_") + 1 == header.index("jobs")
 
 

@@ -205,6 +205,13 @@ def test_a_refused_sbatch_cancels_what_the_sweep_had_queued_and_resubmission_rec
     partition = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True,
                                check=True).stdout.split()[0].rstrip("*")
     record = resubmit(sweep_dir, [f"launcher.eval.partition={partition}"])
+    waiting = []  # status says why the evaluation waits (squeue may not give the reason at once)
+    for _ in range(20):
+        waiting.append(format_status(manifest, sweep_status(graph.Manifest.load(sweep_dir))))
+        if "pending (Dependency)" in waiting[-1]:
+            break
+        time.sleep(0.5)
+    assert "pending (Dependency)" in waiting[-1], waiting
     wait_for(base_ids(graph.Manifest.load(sweep_dir)))
     rows = sweep_status(graph.Manifest.load(sweep_dir))
     assert (rows[0]["train"], rows[0]["eval"]) == ("done", "done"), format_status(manifest, rows)
