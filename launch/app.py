@@ -246,11 +246,11 @@ def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Regis
 
 
 def exit_on_failure(manifest: graph.Manifest) -> None:
-    from .status import format_status, sweep_status
+    from .status import format_status, report_status, sweep_status
 
-    rows = sweep_status(manifest)
-    if any(row[stage] != "done" for row in rows for stage in graph.STAGES):
-        print(format_status(manifest, rows), file=sys.stderr)
+    rows, report = sweep_status(manifest), report_status(manifest)
+    if any(row[stage] != "done" for row in rows for stage in graph.STAGES) or report["report"] != "done":
+        print(format_status(manifest, rows, report), file=sys.stderr)
         raise SystemExit(1)
 
 

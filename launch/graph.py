@@ -62,6 +62,11 @@ class Manifest:
         data["points"] = [Point(**p) for p in data["points"]]
         return cls(**data)
 
+    def report_job(self) -> Optional[str]:
+        """The report job of the newest submission that had one."""
+        jobs = [submission["report"]["job_id"] for submission in self.submissions if "report" in submission]
+        return jobs[-1] if jobs else None
+
     def latest_jobs(self, index: int) -> Dict[str, str]:
         """stage -> job id of the newest submission that included this point (e.g. {'train': '12_3'})."""
         jobs = {}

@@ -151,10 +151,17 @@ def report(sweep_dir: str) -> str:
     """The sweep's tables and plots; also plots the sweep config's `report.plot_metric` (the same in every point)."""
     from analysis.report import build_report
 
-    manifest = graph.Manifest.load(Path(sweep_dir))
-    metric = graph.load_point_config(Path(manifest.points[0].run_dir)).report.get("plot_metric")
-    out_dir = build_report(Path(sweep_dir), [metric] if metric else None)
-    _close_sweep_run(manifest, out_dir)
+    sweep_dir = Path(sweep_dir).resolve()
+    _running(sweep_dir, "report")  # `clustermask-status` shows the report's state from this marker
+    try:
+        manifest = graph.Manifest.load(sweep_dir)
+        metric = graph.load_point_config(Path(manifest.points[0].run_dir)).report.get("plot_metric")
+        out_dir = build_report(sweep_dir, [metric] if metric else None)
+        _close_sweep_run(manifest, out_dir)
+    except Exception as error:
+        graph.mark(sweep_dir, "report", "failed", job_id=_job_id(), log=_log_path(), error=repr(error)[:2000])
+        raise
+    graph.mark(sweep_dir, "report", "done", job_id=_job_id(), log=_log_path())
     return str(out_dir)
 
 

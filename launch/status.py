@@ -54,9 +54,11 @@ def queued_jobs() -> Dict[str, Tuple[str, str]]:
 def _state(marker: dict, job_id: Optional[str], queue: Dict[str, str], local_running: bool) -> str:
     """One stage of one point, from its marker (`{}` if none) and the queue. `local_running`: a local executor
     still runs this sweep, so a local stage not yet started is queued behind the others rather than never to run."""
-    if marker.get("state") == "done":
+    queued = bool(job_id) and job_id in queue
+    # a stage done before and queued again (evaluated again, a report rebuilt) is the queued job's until it ends
+    if marker.get("state") == "done" and not (queued and marker.get("job_id") != job_id):
         return "done"
-    if job_id and job_id in queue:
+    if queued:
         return queue[job_id]
     if marker.get("state") == "failed":
         return "failed"
@@ -92,13 +94,28 @@ def sweep_status(manifest: graph.Manifest) -> List[Dict]:
     return rows
 
 
+def report_status(manifest: graph.Manifest) -> Dict:
+    """The sweep's report job as a row of its own (`report`, `report_job`, `report_log`, `report_reason`), from
+    the marker that the report task writes in the sweep directory."""
+    job = manifest.report_job()
+    listing = queued_jobs() if job and job != "local" else {}
+    marker = graph.read_state(Path(manifest.sweep_dir), "report") or {}
+    state = _state(marker, job, {j: state for j, (state, _) in listing.items()},
+                   graph.local_executor_alive(Path(manifest.sweep_dir)))
+    if not marker and state == "cancelled" and (Path(manifest.sweep_dir) / "report" / "results.md").exists():
+        state = "done"  # a sweep from before the report task wrote its marker
+    return {"report": state, "report_job": job or "-", "report_log": marker.get("log", ""),
+            "report_reason": listing[job][1] if state == "pending" and job in listing else ""}
+
+
 def stage_state(row: Dict, stage: str) -> str:
     """`done`, `running 120/400` (progress), `pending (Dependency)` (SLURM's reason), ..."""
     reason = row.get(f"{stage}_reason")
     return " ".join(filter(None, [row[stage], row.get(f"{stage}_progress"), f"({reason})" if reason else ""]))
 
 
-def format_status(manifest: graph.Manifest, rows: List[Dict]) -> str:
+def format_status(manifest: graph.Manifest, rows: List[Dict], report: Optional[Dict] = None) -> str:
+    """The table of points and stages; then, given `report_status`, the report job's state."""
     shown = [{stage: stage_state(r, stage) for stage in ("train", "eval")} for r in rows]
     # a sweep of several settings has long point names, a task held back a long reason
     width = max([44] + [len(r["point"]) for r in rows])
@@ -113,7 +130,14 @@ def format_status(manifest: graph.Manifest, rows: List[Dict]) -> str:
             if r[stage] == "failed":
                 lines.append(f"       {stage} failed, log: {r[f'{stage}_log'] or 'unknown'}")
     done = sum(r["eval"] == "done" for r in rows)
-    lines.append(f"{done}/{len(rows)} point(s) evaluated; report: {Path(manifest.sweep_dir) / 'report'}")
+    where = Path(manifest.sweep_dir) / "report"
+    if report is None:
+        lines.append(f"{done}/{len(rows)} point(s) evaluated; report: {where}")
+    else:
+        lines.append(f"{done}/{len(rows)} point(s) evaluated; report {stage_state(report, 'report')} "
+                     f"(job {report['report_job']}): {where}")
+        if report["report"] == "failed":
+            lines.append(f"       report failed, log: {report['report_log'] or 'unknown'}")
     return "\n".join(lines)
 
 
@@ -276,8 +300,9 @@ def main(argv=None) -> int:
     except (RuntimeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_status(manifest, rows))
-    return 1 if any(r[s] == "failed" for r in rows for s in graph.STAGES) else 0
+    report = report_status(manifest)
+    print(format_status(manifest, rows, report))
+    return 1 if any(r[s] == "failed" for r in rows for s in graph.STAGES) or report["report"] == "failed" else 0
 
 
 def resubmit_main(argv=None) -> int:

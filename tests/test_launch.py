@@ -435,6 +435,39 @@ def test_resubmission_plan_skips_finished_and_queued_work():
     assert plan == Plan(train=[1, 5], eval_only=[2])
 
 
+def test_a_stage_done_before_and_queued_again_is_the_queued_jobs():
+    """Evaluated again, or a report rebuilt: while the new job waits or runs, the stage is that job's state, not
+    the earlier `done`; a job that wrote `done` and is still completing in the queue is done."""
+    from launch.status import _state
+
+    done_by_7 = {"state": "done", "job_id": "7_0"}
+    assert _state(done_by_7, "9_0", {"9_0": "pending"}, False) == "pending"
+    assert _state(done_by_7, "9_0", {"9_0": "running"}, False) == "running"
+    assert _state(done_by_7, "9_0", {}, False) == "done"  # left the queue: until its own marker, the earlier one
+    assert _state(done_by_7, "7_0", {"7_0": "running"}, False) == "done"
+    assert _state({"state": "failed", "job_id": "7_0"}, "9_0", {"9_0": "pending"}, False) == "pending"
+
+
+def test_the_report_task_marks_its_state_and_status_shows_a_failed_report_with_its_log(tmp_path, monkeypatch):
+    from launch import jobs
+    from launch.status import format_status, report_status
+
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    submission = {"time": "2026-11-28T12:00:00", "executor": "local", "train": [], "eval": [],
+                  "report": {"job_id": "local"}}
+    graph.Manifest("s", str(sweep_dir), "", "local", "", "", "", [], [submission]).save()
+    monkeypatch.setenv("CLUSTERMASK_LOG", str(sweep_dir / "logs" / "report.log"))
+    with pytest.raises(IndexError):  # a sweep without points: the report task fails
+        jobs.report(str(sweep_dir))
+    manifest = graph.Manifest.load(sweep_dir)
+    report = report_status(manifest)
+    assert (report["report"], report["report_job"]) == ("failed", "local")
+    assert format_status(manifest, [], report).splitlines()[-2:] == [
+        f"0/0 point(s) evaluated; report failed (job local): {sweep_dir / 'report'}",
+        f"       report failed, log: {sweep_dir / 'logs' / 'report.log'}"]
+
+
 def test_status_columns_line_up_whatever_the_point_names_and_reasons():
     """Long point names and SLURM's reasons for a waiting task widen their columns; a reason is shown only for a
     pending task, a progress only for a running one."""

@@ -11,7 +11,7 @@ import mlflow
 import pytest
 
 from launch import graph
-from launch.status import format_status, plan_resubmission, sweep_status
+from launch.status import format_status, plan_resubmission, report_status, sweep_status
 
 from conftest import REPO
 
@@ -143,7 +143,8 @@ def test_status_shows_done_and_resubmit_has_nothing_to_do(local_sweep):
     manifest = graph.Manifest.load(sweep_dir)
     rows = sweep_status(manifest)
     assert all(r["train"] == "done" and r["eval"] == "done" for r in rows)
-    assert "4/4 point(s) evaluated" in format_status(manifest, rows)
+    assert format_status(manifest, rows, report_status(manifest)).endswith(
+        f"4/4 point(s) evaluated; report done (job local): {sweep_dir / 'report'}")
     assert plan_resubmission(rows).empty
     again = subprocess.run([sys.executable, "-m", "launch.status", str(sweep_dir)], capture_output=True, text=True)
     assert again.returncode == 0

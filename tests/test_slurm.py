@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from launch import graph
-from launch.status import format_status, resubmit, sweep_status
+from launch.status import format_status, report_status, resubmit, sweep_status
 
 from conftest import REPO
 
@@ -213,6 +213,9 @@ def test_a_refused_sbatch_cancels_what_the_sweep_had_queued_and_resubmission_rec
         time.sleep(0.5)
     assert "pending (Dependency)" in waiting[-1], waiting
     wait_for(base_ids(graph.Manifest.load(sweep_dir)))
-    rows = sweep_status(graph.Manifest.load(sweep_dir))
+    manifest = graph.Manifest.load(sweep_dir)
+    rows = sweep_status(manifest)
     assert (rows[0]["train"], rows[0]["eval"]) == ("done", "done"), format_status(manifest, rows)
     assert record["train"][0]["points"] == [0]
+    report = report_status(manifest)
+    assert (report["report"], report["report_job"]) == ("done", record["report"]["job_id"])
