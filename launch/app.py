@@ -24,7 +24,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from . import graph
-from .executors import Plan, SubmissionError, check_launcher, describe, make_executor
+from .executors import Plan, SlurmExecutor, SubmissionError, check_launcher, describe, make_executor
 from .expand import CONFIG_DIR, CONFIG_NAME, ComposedPoint, compose_sweep, resolved
 from .helpers import Registries, RegistriesInChild, TrackingInChild
 
@@ -227,6 +227,12 @@ def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Regis
     if (sweep_dir / "manifest.json").exists():
         raise SystemExit(f"error: {sweep_dir} already holds a sweep (manifest.json); use `clustermask-resubmit "
                          f"{sweep_dir}` to finish it, or choose another sweep_name=")
+    if launcher.executor == "slurm":
+        refused = SlurmExecutor(launcher, sweep_dir, "preflight").refusals(len(points))
+        if refused:
+            print("error: preflight failed, nothing was submitted:\n" + "\n".join(f"  {r}" for r in refused),
+                  file=sys.stderr)
+            raise SystemExit(2)
     _check_writable(sweep_dir)
     manifest = create_sweep(sweep_dir, points, tracker)
     executor = make_executor(launcher, sweep_dir, manifest.sweep_id)

@@ -216,6 +216,20 @@ class SlurmExecutor:
         executor.update_parameters(**params, slurm_additional_parameters=extra)
         return executor
 
+    def refusals(self, points: int) -> List[str]:
+        """What the controller would refuse in each stage's job script (a partition, account or QOS that is not
+        there, more memory or GPUs than a node has, a longer array than it allows), from `sbatch --test-only`:
+        found before the sweep writes anything. One line per refused stage."""
+        refused = []
+        for stage, size in (("train", points), ("eval", points), ("report", 1)):
+            inner = self._executor(stage)._executor
+            inner.parameters["map_count"] = size if size > 1 else None
+            script = inner._make_submission_file_text(inner._submitit_command_str, "test-only")
+            out = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=60)
+            if out.returncode != 0:
+                refused.append(f"launcher.{stage}: sbatch --test-only refuses its job: {' '.join(out.stderr.split())}")
+        return refused
+
     def _array(self, stage: str, paths: List[str], dependency: Optional[str] = None):
         from .jobs import StageTask
 

@@ -1,6 +1,8 @@
 """Against a real single-node SLURM (CI starts one with .ci/start_slurm.sh): arrays, aftercorr, afterany,
 failure handling, status, resubmission, requeue after a time-limit signal, and a 2-process gloo job."""
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -183,28 +185,58 @@ def test_two_process_gloo_training_then_evaluating_again(slurm, tmp_path, synthe
     assert graph.load_point_config(Path(manifest.points[0].run_dir)).eval.batch_size == 32
 
 
+def test_a_sweep_that_slurm_would_refuse_is_stopped_before_anything_is_written(slurm, tmp_path, synthetic_root):
+    """`sbatch --test-only` on each stage's script finds what the controller would refuse, naming the stage."""
+    result = subprocess.run([sys.executable, "-m", "launch.app", "-m", f"paths.root={tmp_path}",
+                             f"paths.data={synthetic_root}", *SMALL_RESOURCES, "launcher.train.mem_gb=100000",
+                             "launcher.eval.partition=no_such_partition", "masking=random,cluster"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-3] == "error: preflight failed, nothing was submitted:"
+    assert lines[-2].startswith("  launcher.train: sbatch --test-only refuses its job: ")
+    assert lines[-1].startswith("  launcher.eval: sbatch --test-only refuses its job: ") and "partition" in lines[-1]
+    assert not (tmp_path / "sweeps").exists()
+
+
+# sbatch, except that it refuses the second job it is asked to submit, as a QOS limit on the jobs a user may
+# have queued does (MaxSubmitJobs): `--test-only` does not check it, so only the submission finds it
+SBATCH_WITH_A_SUBMIT_LIMIT = """#!/bin/bash
+for arg in "$@"; do [ "$arg" = --test-only ] && exec {sbatch} "$@"; done
+count=$(( $(cat {counter} 2>/dev/null || echo 0) + 1 )); echo $count > {counter}
+if [ $count -ge 2 ]; then
+  echo "sbatch: error: QOSMaxSubmitJobPerUserLimit" >&2
+  echo "sbatch: error: Batch job submission failed: Job violates accounting/QOS policy (job submit limit)" >&2
+  exit 1
+fi
+exec {sbatch} "$@"
+"""
+
+
 def test_a_refused_sbatch_cancels_what_the_sweep_had_queued_and_resubmission_recovers(slurm, tmp_path,
                                                                                        synthetic_root):
-    """The training array is queued, then sbatch refuses the evaluation array (a partition that is not there):
-    the launch fails naming sbatch's reason, cancels the training array, and the sweep is resubmitted whole
-    with the fix."""
+    """The training array is queued, then sbatch refuses the evaluation array (a QOS submit limit): the launch
+    fails naming sbatch's reason, cancels the training array, and the sweep is resubmitted whole."""
+    limited = tmp_path / "bin"
+    limited.mkdir()
+    (limited / "sbatch").write_text(SBATCH_WITH_A_SUBMIT_LIMIT.format(sbatch=shutil.which("sbatch"),
+                                                                      counter=tmp_path / "submitted"))
+    (limited / "sbatch").chmod(0o755)
     result = subprocess.run([sys.executable, "-m", "launch.app", "-m", f"paths.root={tmp_path}",
                              f"paths.data={synthetic_root}", *SMALL_RESOURCES, "train.steps=4",
-                             "launcher.eval.partition=no_such_partition", one_eval_task(synthetic_root)],
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
+                             one_eval_task(synthetic_root)], capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "PATH": f"{limited}{os.pathsep}{os.environ['PATH']}"})
     assert result.returncode == 1
     error = result.stderr.strip().splitlines()[-2:]
     assert error[0].startswith("error: submission failed; cancelled what it had queued (")
-    assert "Invalid partition" in error[0] and "clustermask-resubmit" in error[1]
+    assert "QOSMaxSubmitJobPerUserLimit" in error[0] and "clustermask-resubmit" in error[1]
     train_id = error[0].split("(")[1].split(")")[0]
     assert train_id not in queued()
     sweep_dir = next(tmp_path.glob("sweeps/*"))
     manifest = graph.Manifest.load(sweep_dir)
     assert manifest.submissions == []
     assert [(r["train"], r["eval"]) for r in sweep_status(manifest)] == [("cancelled", "cancelled")]
-    partition = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True,
-                               check=True).stdout.split()[0].rstrip("*")
-    record = resubmit(sweep_dir, [f"launcher.eval.partition={partition}"])
+    record = resubmit(sweep_dir, [])
     waiting = []  # status says why the evaluation waits (squeue may not give the reason at once)
     for _ in range(20):
         waiting.append(format_status(manifest, sweep_status(graph.Manifest.load(sweep_dir))))
