@@ -26,7 +26,9 @@ SWEEP = ["masking=random,cluster,cluster_embedding,kmeans", "masking.ratio=0.2,0
 def sbatch_shim(folder: Path) -> Path:
     real = shutil.which("sbatch") or "sbatch"
     shim = folder / "sbatch"
-    shim.write_text(f"#!/usr/bin/env bash\necho call >> {folder}/calls\nexec {real} \"$@\"\n")
+    # one line per call: `submit`, or `test` for the preflight's `sbatch --test-only`
+    shim.write_text(f"#!/usr/bin/env bash\nkind=submit\nfor arg in \"$@\"; do [ \"$arg\" = --test-only ] && kind=test; "
+                    f"done\necho $kind >> {folder}/calls\nexec {real} \"$@\"\n")
     shim.chmod(0o755)
     return folder / "calls"
 
@@ -55,8 +57,16 @@ def submit_held(root: Path, data: Path, name: str, env) -> dict:
     return {"seconds": round(seconds, 2), "points": len(manifest["points"]), "job_ids": ids}
 
 
-def count(calls: Path) -> int:
-    return len(calls.read_text().splitlines()) if calls.exists() else 0
+def count(calls: Path, kind: str = "submit") -> int:
+    return calls.read_text().splitlines().count(kind) if calls.exists() else 0
+
+
+def calls_since(calls: Path, before: dict) -> dict:
+    return {key: value - before[key] for key, value in counts(calls).items()}
+
+
+def counts(calls: Path) -> dict:
+    return {"sbatch_calls": count(calls), "test_only": count(calls, "test")}
 
 
 def main(argv=None) -> int:
@@ -77,22 +87,23 @@ def main(argv=None) -> int:
         # a fresh cache: the first real submission also builds the empty MLflow store that later ones copy
         env = {**os.environ, "PATH": f"{tmp}:{os.environ['PATH']}", "XDG_CACHE_HOME": str(tmp / "cache")}
         for i in range(args.repeats):
-            before = count(calls)
+            before = counts(calls)
             seconds = submit(tmp / "out", data, f"dry{i}", ["launcher.dry_run=true"], env)
-            rows.append({"mode": "dry run", "points": 64, "seconds": round(seconds, 2),
-                         "sbatch_calls": count(calls) - before})
+            rows.append({"mode": "dry run", "points": 64, "seconds": round(seconds, 2), **calls_since(calls, before)})
             print(json.dumps(rows[-1]), flush=True)
         if not args.skip_real:
             for i in range(args.repeats + 1):
-                before = count(calls)
+                before = counts(calls)
                 mode = "real, first on this machine (builds the MLflow template)" if i == 0 else "real"
                 rows.append({"mode": f"{mode} (held, then cancelled)",
-                             **submit_held(tmp / "out", data, f"real{i}", env), "sbatch_calls": count(calls) - before})
+                             **submit_held(tmp / "out", data, f"real{i}", env), **calls_since(calls, before)})
                 print(json.dumps(rows[-1]), flush=True)
     lines = [f"# submitting a 64-point sweep ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
-             f"`python bench/launch.py`)", "", "| mode | points | wall s (whole command) | sbatch calls |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['mode']} | {r['points']} | {r['seconds']} | {r['sbatch_calls']} |" for r in rows]
+             f"`python bench/launch.py`)", "",
+             "| mode | points | wall s (whole command) | sbatch submissions | sbatch --test-only (preflight) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['mode']} | {r['points']} | {r['seconds']} | {r['sbatch_calls']} | {r['test_only']} |"
+              for r in rows]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
