@@ -169,8 +169,9 @@ def check_launcher(launcher) -> None:
         raise ValueError(f"launcher.executor={launcher['executor']!r} is not one of local, slurm")
     if launcher["max_parallel"] < 1:
         raise ValueError(f"launcher.max_parallel={launcher['max_parallel']} must be at least 1")
-    missing = [command for command in SLURM_COMMANDS if not shutil.which(command)]
-    if launcher["executor"] == "slurm" and not launcher["dry_run"] and missing:
+    missing = [command for command in SLURM_COMMANDS if not shutil.which(command)] \
+        if launcher["executor"] == "slurm" and not launcher["dry_run"] else []
+    if missing:
         raise FileNotFoundError(f"launcher=slurm: {' and '.join(missing)} not found on PATH, so this is no SLURM "
                                 "login node (launcher=local runs here; launcher.dry_run=true prints the job scripts)")
     for stage in ("train", "eval", "report"):
@@ -222,13 +223,18 @@ class SlurmExecutor:
         found before the sweep writes anything. One line per refused stage."""
         refused = []
         for stage, size in (("train", points), ("eval", points), ("report", 1)):
-            inner = self._executor(stage)._executor
-            inner.parameters["map_count"] = size if size > 1 else None
-            script = inner._make_submission_file_text(inner._submitit_command_str, "test-only")
+            script = self._script(self._executor(stage), size)
             out = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=60)
             if out.returncode != 0:
                 refused.append(f"launcher.{stage}: sbatch --test-only refuses its job: {' '.join(out.stderr.split())}")
         return refused
+
+    @staticmethod
+    def _script(executor, tasks: int) -> str:
+        """The job script that submitit would submit for `tasks` tasks (an array if more than one)."""
+        inner = executor._executor
+        inner.parameters["map_count"] = tasks if tasks > 1 else None
+        return inner._make_submission_file_text(inner._submitit_command_str, "")
 
     def _array(self, stage: str, paths: List[str], dependency: Optional[str] = None):
         from .jobs import StageTask
@@ -236,9 +242,7 @@ class SlurmExecutor:
         executor = self._executor(stage, dependency)
         if self.dry_run:
             print(f"# ---- {stage}: array of {len(paths)} task(s) ----")
-            inner = executor._executor
-            inner.parameters["map_count"] = len(paths) if len(paths) > 1 else None
-            print(inner._make_submission_file_text(inner._submitit_command_str, "DRY-RUN"))
+            print(self._script(executor, len(paths)))
             return [f"DRYRUN-{stage}_{i}" for i in range(len(paths))], f"DRYRUN-{stage}"
         jobs = executor.map_array(StageTask(stage), paths)
         job_id = jobs[0].job_id.split("_")[0]
@@ -288,8 +292,7 @@ class SlurmExecutor:
 
             if self.dry_run:
                 print("# ---- report: one job ----")
-                inner = executor._executor
-                print(inner._make_submission_file_text(inner._submitit_command_str, "DRY-RUN"))
+                print(self._script(executor, 1))
                 record["report"] = {"job_id": "DRYRUN-report"}
             else:
                 record["report"] = {"job_id": executor.submit(StageTask("report"), manifest.sweep_dir).job_id}
