@@ -71,9 +71,22 @@ def _state(marker: dict, job_id: Optional[str], queue: Dict[str, str], local_run
     return "pending" if local_running and job_id in (None, "local") else "cancelled"
 
 
-def sweep_status(manifest: graph.Manifest) -> List[Dict]:
+def queue_of(manifest: graph.Manifest) -> Dict[str, Tuple[str, str]]:
+    """`queued_jobs()` if the sweep has a SLURM job (a local sweep has no queue to ask)."""
+    jobs = [job for point in manifest.points for job in manifest.latest_jobs(point.index).values()]
+    return queued_jobs() if any(job != "local" for job in jobs + [manifest.report_job() or "local"]) else {}
+
+
+def _reason(listing: Dict[str, Tuple[str, str]], job_id: Optional[str], state: str) -> str:
+    """Why a queued task waits: `Dependency`, `Resources`, or a limit that it will never start under."""
+    return listing[job_id][1] if state == "pending" and job_id in listing else ""
+
+
+def sweep_status(manifest: graph.Manifest, listing: Optional[Dict[str, Tuple[str, str]]] = None) -> List[Dict]:
+    """A row per point: each stage's state, job, log, progress and reason. `listing`: `queue_of(manifest)`,
+    asked here if not given."""
     jobs_of = {point.index: manifest.latest_jobs(point.index) for point in manifest.points}
-    listing = queued_jobs() if any(job != "local" for jobs in jobs_of.values() for job in jobs.values()) else {}
+    listing = queue_of(manifest) if listing is None else listing
     queue = {job: state for job, (state, _) in listing.items()}
     local_running = graph.local_executor_alive(Path(manifest.sweep_dir))
     rows = []
@@ -87,25 +100,23 @@ def sweep_status(manifest: graph.Manifest) -> List[Dict]:
             # steps trained or evaluation tasks done (`120/400`), as the running task last recorded them
             running = state == "running" and marker.get("state") == "running"
             row[f"{stage}_progress"] = marker.get("progress", "") if running else ""
-            # why a queued task waits: `Dependency`, `Resources`, or a limit that it will never start under
-            row[f"{stage}_reason"] = listing[jobs[stage]][1] if state == "pending" and jobs.get(stage) in listing \
-                else ""
+            row[f"{stage}_reason"] = _reason(listing, jobs.get(stage), state)
         rows.append(row)
     return rows
 
 
-def report_status(manifest: graph.Manifest) -> Dict:
+def report_status(manifest: graph.Manifest, listing: Optional[Dict[str, Tuple[str, str]]] = None) -> Dict:
     """The sweep's report job as a row of its own (`report`, `report_job`, `report_log`, `report_reason`), from
-    the marker that the report task writes in the sweep directory."""
+    the marker that the report task writes in the sweep directory. `listing`: as for `sweep_status`."""
     job = manifest.report_job()
-    listing = queued_jobs() if job and job != "local" else {}
+    listing = queue_of(manifest) if listing is None else listing
     marker = graph.read_state(Path(manifest.sweep_dir), "report") or {}
     state = _state(marker, job, {j: state for j, (state, _) in listing.items()},
                    graph.local_executor_alive(Path(manifest.sweep_dir)))
     if not marker and state == "cancelled" and (Path(manifest.sweep_dir) / "report" / "results.md").exists():
         state = "done"  # a sweep from before the report task wrote its marker
     return {"report": state, "report_job": job or "-", "report_log": marker.get("log", ""),
-            "report_reason": listing[job][1] if state == "pending" and job in listing else ""}
+            "report_reason": _reason(listing, job, state)}
 
 
 def stage_state(row: Dict, stage: str) -> str:
@@ -296,11 +307,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         manifest = graph.Manifest.load(args.sweep_dir)
-        rows = sweep_status(manifest)
+        listing = queue_of(manifest)  # one squeue for the points and the report
+        rows, report = sweep_status(manifest, listing), report_status(manifest, listing)
     except (RuntimeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = report_status(manifest)
     print(format_status(manifest, rows, report))
     return 1 if any(r[s] == "failed" for r in rows for s in graph.STAGES) or report["report"] == "failed" else 0
 
