@@ -11,6 +11,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import submitit
 from omegaconf import OmegaConf
@@ -55,6 +56,14 @@ def _running(run_dir: Path, stage: str, **info) -> None:
     graph.mark(run_dir, stage, "running", job_id=_job_id(), log=_log_path(), **graph.this_process(), **info)
 
 
+def _finished(run_dir: Path, stage: str, error: Optional[BaseException] = None) -> None:
+    """The stage's last marker: done, or failed with the error."""
+    if error is None:
+        graph.mark(run_dir, stage, "done", job_id=_job_id(), log=_log_path())
+    else:
+        graph.mark(run_dir, stage, "failed", job_id=_job_id(), log=_log_path(), error=repr(error)[:2000])
+
+
 def _progress(run_dir: Path, stage: str, done: int, total: int) -> None:
     """What `clustermask-status` shows beside a running stage: steps trained, or evaluation tasks done."""
     _running(Path(run_dir).resolve(), stage, progress=f"{done}/{total}")
@@ -89,13 +98,13 @@ def _stage(stage: str, run_dir: Path, body) -> str:
         result = body(logger if rank == 0 else None)
     except Exception as error:  # not SystemExit: submitit exits that way after requeueing a preempted task
         if rank == 0:
-            graph.mark(run_dir, stage, "failed", job_id=_job_id(), log=_log_path(), error=repr(error)[:2000])
+            _finished(run_dir, stage, error)
             logger.tags({f"{stage}_state": "failed"})
             if stage == "train":
                 logger.finish("FAILED")
         raise
     if rank == 0:
-        graph.mark(run_dir, stage, "done", job_id=_job_id(), log=_log_path())
+        _finished(run_dir, stage)
         logger.tags({f"{stage}_state": "done"})
         if stage == "eval":
             logger.finish("FINISHED")
@@ -159,9 +168,9 @@ def report(sweep_dir: str) -> str:
         out_dir = build_report(sweep_dir, [metric] if metric else None)
         _close_sweep_run(manifest, out_dir)
     except Exception as error:
-        graph.mark(sweep_dir, "report", "failed", job_id=_job_id(), log=_log_path(), error=repr(error)[:2000])
+        _finished(sweep_dir, "report", error)
         raise
-    graph.mark(sweep_dir, "report", "done", job_id=_job_id(), log=_log_path())
+    _finished(sweep_dir, "report")
     return str(out_dir)
 
 
