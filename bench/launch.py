@@ -57,16 +57,13 @@ def submit_held(root: Path, data: Path, name: str, env) -> dict:
     return {"seconds": round(seconds, 2), "points": len(manifest["points"]), "job_ids": ids}
 
 
-def count(calls: Path, kind: str = "submit") -> int:
-    return calls.read_text().splitlines().count(kind) if calls.exists() else 0
+def counts(calls: Path) -> dict:
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    return {"sbatch_calls": lines.count("submit"), "test_only": lines.count("test")}
 
 
 def calls_since(calls: Path, before: dict) -> dict:
     return {key: value - before[key] for key, value in counts(calls).items()}
-
-
-def counts(calls: Path) -> dict:
-    return {"sbatch_calls": count(calls), "test_only": count(calls, "test")}
 
 
 def main(argv=None) -> int:

@@ -17,10 +17,10 @@ def shard_urls(spec: str) -> list:
     """Expand a brace pattern (``a/{000..007}.tar``), a glob or a directory into a sorted list of shards."""
     if os.path.isdir(spec):
         urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
-    elif not any(ch in spec for ch in "*?[{:") and not os.path.exists(spec):
-        raise FileNotFoundError(f"data.train_shards={spec!r}: no such folder or shard")
     elif any(ch in spec for ch in "*?["):
         urls = sorted(glob.glob(spec))
+    elif not any(ch in spec for ch in "{:") and not os.path.exists(spec):  # one path (not a brace pattern or URL)
+        raise FileNotFoundError(f"data.train_shards={spec!r}: no such folder or shard")
     else:
         import braceexpand
 
