@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
 import math
 import os
 import re
@@ -97,12 +98,16 @@ class TrackingConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def model_names() -> List[str]:
-    """open_clip's model names (its bundled configs) plus ours, read from the config files as open_clip's
-    registry does, without importing open_clip (tests/test_launch.py checks both lists agree)."""
+def model_config_files() -> Dict[str, Path]:
+    """open_clip's model configs (its bundled ones) and ours, name -> JSON file, found as open_clip's registry
+    finds them, without importing open_clip (tests/test_launch.py checks both lists agree)."""
     spec = importlib.util.find_spec("open_clip")
     folders = [Path(p) / "model_configs" for p in (spec.submodule_search_locations or [])] if spec else []
-    return sorted({path.stem for folder in folders + [MODEL_CONFIG_DIR] for path in folder.glob("*.json")})
+    return {path.stem: path for folder in folders + [MODEL_CONFIG_DIR] for path in sorted(folder.glob("*.json"))}
+
+
+def model_names() -> List[str]:
+    return sorted(model_config_files())
 
 
 def validate_model(cfg: ModelConfig) -> None:
@@ -112,6 +117,44 @@ def validate_model(cfg: ModelConfig) -> None:
         raise ValueError(f"model.name={cfg.name!r} is not an open_clip model; e.g. {close}")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"model.precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
+def image_tower_kind(vision_cfg: Dict[str, Any]) -> Optional[str]:
+    """What an open_clip model's image tower is when it is not open_clip's own VisionTransformer, else None."""
+    if vision_cfg.get("timm_model_name"):
+        return f"timm's {vision_cfg['timm_model_name']!r}"
+    if isinstance(vision_cfg.get("layers"), (list, tuple)):
+        return "a ModifiedResNet"
+    return None
+
+
+def pooling_beyond_cls(vision_cfg: Dict[str, Any]) -> Optional[str]:
+    """How a VisionTransformer's output reads other tokens than CLS (None when it reads CLS alone): with
+    `masking.attention` the hidden tokens would still reach the output through it."""
+    if vision_cfg.get("attentional_pool"):
+        return "an attentional pooler over every token"
+    pool_type = vision_cfg.get("pool_type", "tok")
+    return None if pool_type == "tok" else f"pool_type={pool_type!r} over the tokens"
+
+
+def validate_model_for_masking(model: ModelConfig, masking: MaskingConfig) -> None:
+    """The image tower of `model.name` can take the masking: a VisionTransformer (the masker replaces its
+    `patch_dropout`), and one that pools its CLS token alone where `masking.attention` hides tokens (attention
+    mode hides them from the transformer's attention, not from a pooling over all tokens). Read off open_clip's
+    config file; `masking.install_masking` checks the built model the same way."""
+    path = model_config_files().get(model.name)
+    if path is None:
+        return  # validate_model names it
+    vision_cfg = json.loads(path.read_text()).get("vision_cfg", {})
+    kind = image_tower_kind(vision_cfg)
+    if kind is not None:
+        raise ValueError(f"model.name={model.name!r}: its image tower is {kind}, not an open_clip VisionTransformer; "
+                         "clustermask masks a VisionTransformer's patch tokens (e.g. ViT-B-16)")
+    pooling = pooling_beyond_cls(vision_cfg)
+    if masking.attention and pooling is not None:
+        raise ValueError(f"masking.attention=true with model.name={model.name!r}: attention mode hides tokens from "
+                         f"attention only, and this tower's output reads them through {pooling}; use a model that "
+                         "pools its CLS token (e.g. ViT-B-16) or masking.attention=false")
 
 
 def validate_masking(cfg: MaskingConfig, strategies: Iterable[str]) -> None:

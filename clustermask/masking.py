@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
-from .config import MaskingConfig, calibrated, validate_masking
+from .config import MaskingConfig, calibrated, pooling_beyond_cls, validate_masking
 
 
 class MaskingInputs(NamedTuple):
@@ -494,9 +494,23 @@ def vision_tower(model: nn.Module) -> nn.Module:
     return visual
 
 
+def check_attention_pooling(visual: nn.Module, cfg: MaskingConfig) -> None:
+    """Attention mode hides tokens from the transformer's attention: only an output read off CLS alone is then
+    that of the visible tokens (an average or an attentional pooler over every token would read hidden ones)."""
+    if not (cfg.attention and "attention" in STRATEGY_SETTINGS.get(cfg.strategy, ())):
+        return
+    pooling = pooling_beyond_cls({"attentional_pool": getattr(visual, "attn_pool", None) is not None,
+                                  "pool_type": getattr(visual, "pool_type", "tok")})
+    if pooling is not None:
+        raise ValueError(f"masking.attention=true: attention mode hides tokens from attention only, and this "
+                         f"{type(visual).__name__}'s output reads them through {pooling}; use a tower that pools "
+                         "its CLS token or masking.attention=false")
+
+
 def install_masking(model: nn.Module, cfg: MaskingConfig, total_steps: int = 1) -> TokenMasker:
     """Install a TokenMasker into an open_clip CLIP model (or its VisionTransformer) in place."""
     visual = vision_tower(model)
+    check_attention_pooling(visual, cfg)
     patch = visual.conv1.kernel_size[0]
     heads = visual.transformer.resblocks[0].attn.num_heads
     masker = TokenMasker(cfg, patch, heads, total_steps).to(visual.conv1.weight.device)

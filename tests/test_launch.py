@@ -292,6 +292,25 @@ def test_preflight_names_the_bad_key(synthetic_root):
             app.preflight(compose_cfg(*good, override))
 
 
+def test_preflight_refuses_an_image_tower_that_cannot_take_the_masking(synthetic_root):
+    """Read off open_clip's config files before submission; the job would fail (a ResNet or timm tower) or hidden
+    tokens would reach the output (attention mode on a tower that pools more than CLS)."""
+    good = [f"paths.data={synthetic_root}"]
+    attention = ["masking=cluster", "masking.attention=true"]
+    cases = {("model.name=RN50",): r"model.name='RN50': its image tower is a ModifiedResNet, not an open_clip "
+                                   "VisionTransformer",
+             ("model.name=ViT-B-16-SigLIP",): "model.name='ViT-B-16-SigLIP': its image tower is timm's "
+                                              "'vit_base_patch16_siglip_224'",
+             (*attention, "model.name=coca_ViT-B-32"): r"masking.attention=true with model.name='coca_ViT-B-32'.*"
+                                                       "attentional pooler",
+             (*attention, "model.name=ViT-L-14-CLIPA"): r"masking.attention=true .*pool_type='avg'"}
+    for overrides, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            app.preflight(compose_cfg(*good, *overrides))
+    app.preflight(compose_cfg(*good, "masking=cluster", "model.name=ViT-L-14-CLIPA"))  # dropping tokens works there
+    app.preflight(compose_cfg(*good, *attention, "model.name=ViT-B-16"))
+
+
 def test_preflight_names_every_section_that_fails_at_once(synthetic_root, tmp_path):
     with pytest.raises(ValueError) as raised:
         app.preflight(compose_cfg(f"paths.data={synthetic_root}", "train.lr=-1", f"data.train_shards={tmp_path}/none",

@@ -248,36 +248,81 @@ def test_a_strategy_declaring_a_target_coverage_must_declare_what_its_calibratio
     assert "threshold" not in settings_in_effect(MaskingConfig(target_coverage=0.3), masking.CLUSTER_SETTINGS)
 
 
+class SelectTokens(torch.nn.Module):
+    """A patch_dropout that keeps CLS and the patch tokens `index`: physically removes the others."""
+
+    def __init__(self, index):
+        super().__init__()
+        self.index = index
+
+    def forward(self, x):
+        return torch.cat([x[:, :1], x[:, 1:][:, self.index]], dim=1)
+
+
+def two_halves_and_noise(size: int) -> torch.Tensor:
+    images = torch.zeros(2, 3, size, size)
+    images[:, 0, :, : size // 2] = 1.0  # two flat halves: big clusters, more than the quota can drop
+    images[1, 1] = torch.rand(size, size)
+    return images
+
+
+def assert_hidden_tokens_change_nothing(visual, masker, images):
+    """The tower's output with the hidden tokens masked == its output with them physically removed."""
+    with torch.no_grad():
+        masked_out = visual.train()(images)
+    result = masker.last
+    assert result.hidden is not None and result.hidden.any(), "the test needs hidden tokens"
+    try:
+        for i in range(len(images)):
+            visual.patch_dropout = SelectTokens(result.keep[i][~result.hidden[i]])
+            masker.attn_mask = None
+            with torch.no_grad():
+                removed_out = visual(images[i:i + 1])
+            torch.testing.assert_close(masked_out[i:i + 1], removed_out, atol=1e-5, rtol=1e-4)
+    finally:
+        visual.patch_dropout = masker
+
+
+ATTENTION_MASKING = MaskingConfig(strategy="cluster", ratio=0.3, attention=True, threshold=0.2)
+
+
 def test_attention_mode_hidden_tokens_change_nothing():
     """CLS output with hidden tokens masked == CLS output with those tokens physically removed."""
     torch.manual_seed(0)
-    model, *_ , masker = create(ModelConfig(), MaskingConfig(strategy="cluster", ratio=0.3, attention=True,
-                                                               threshold=0.2))
-    visual = model.visual.train()
-    images = torch.zeros(2, 3, 64, 64)
-    images[:, 0, :, :32] = 1.0  # two flat halves: big clusters, more than the quota can drop
-    images[1, 1] = torch.rand(64, 64)
-    with torch.no_grad():
-        masked_out = visual(images)
-    result = masker.last
-    assert result.hidden is not None and result.hidden.any(), "the test needs hidden tokens"
+    model, *_ , masker = create(ModelConfig(), ATTENTION_MASKING)
+    assert_hidden_tokens_change_nothing(model.visual, masker, two_halves_and_noise(64))
 
-    class Select(torch.nn.Module):
-        def __init__(self, index):
-            super().__init__()
-            self.index = index
 
-        def forward(self, x):
-            return torch.cat([x[:, :1], x[:, 1:][:, self.index]], dim=1)
+def small_tower(**options):
+    from open_clip.transformer import VisionTransformer
 
-    for i in range(2):
-        visible = result.keep[i][~result.hidden[i]]
-        visual.patch_dropout = Select(visible)
-        masker.attn_mask = None
-        with torch.no_grad():
-            removed_out = visual(images[i:i + 1])
-        torch.testing.assert_close(masked_out[i:i + 1], removed_out, atol=1e-5, rtol=1e-4)
-    visual.patch_dropout = masker
+    return VisionTransformer(image_size=32, patch_size=4, width=64, layers=2, heads=4, mlp_ratio=2.0, output_dim=32,
+                             **options)
+
+
+@pytest.mark.parametrize("options", [dict(block_type="custom", qk_norm=True, scale_heads=True),
+                                     dict(no_ln_pre=True, ls_init_value=0.1)])
+def test_attention_mode_hides_tokens_in_other_blocks_of_open_clip(options):
+    torch.manual_seed(0)
+    visual = small_tower(**options)
+    masker = masking.install_masking(visual, ATTENTION_MASKING)
+    assert_hidden_tokens_change_nothing(visual, masker, two_halves_and_noise(32))
+
+
+@pytest.mark.parametrize("options, pooling", [(dict(pool_type="avg", final_ln_after_pool=True), "pool_type='avg'"),
+                                              (dict(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=4,
+                                                    output_tokens=True), "attentional pooler")])
+def test_attention_mode_is_refused_for_a_tower_whose_output_reads_every_token(options, pooling):
+    """Hidden from attention, a token still reaches an average or an attentional pooler (CoCa's): refused, while
+    dropping tokens works on such towers as on any."""
+    with pytest.raises(ValueError, match=f"masking.attention=true.*{pooling}"):
+        masking.install_masking(small_tower(**options), ATTENTION_MASKING)
+    visual = small_tower(**options)
+    masker = masking.install_masking(visual, MaskingConfig(strategy="cluster", ratio=0.3, threshold=0.2))
+    seen = []
+    visual.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    visual.train()(two_halves_and_noise(32))
+    assert seen == [1 + 64 - 19] and masker.attn_mask is None
 
 
 def test_the_picture_shows_dropped_hidden_and_clustered_patches(tmp_path):
