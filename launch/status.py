@@ -3,7 +3,8 @@
 State per point and stage comes from squeue (pending / running) and from the markers the tasks write in
 their run directory (done / failed); it needs no `sacct`. A task that left the queue without writing
 `done` was either killed while running (failed: time limit, memory) or never started (cancelled, e.g.
-its training failed and SLURM removed it with --kill-on-invalid-dep). A local sweep has no queue: a running
+its training failed and SLURM removed it with --kill-on-invalid-dep); one with no job at all was not submitted
+(sbatch refused the sweep). A local sweep has no queue: a running
 marker whose process (pid, host) is gone was killed, and a stage not started is pending only while the local
 executor that would run it is alive.
 """
@@ -68,7 +69,9 @@ def _state(marker: dict, job_id: Optional[str], queue: Dict[str, str], local_run
         return "running" if graph.process_alive(marker) else "failed"
     if marker.get("state") == "cancelled":
         return "cancelled"
-    return "pending" if local_running and job_id in (None, "local") else "cancelled"
+    if local_running and job_id in (None, "local"):
+        return "pending"
+    return "not submitted" if job_id is None else "cancelled"  # no job: sbatch refused the sweep, say
 
 
 def queue_of(manifest: graph.Manifest) -> Dict[str, Tuple[str, str]]:

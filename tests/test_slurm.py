@@ -235,7 +235,10 @@ def test_a_refused_sbatch_cancels_what_the_sweep_had_queued_and_resubmission_rec
     sweep_dir = next(tmp_path.glob("sweeps/*"))
     manifest = graph.Manifest.load(sweep_dir)
     assert manifest.submissions == []
-    assert [(r["train"], r["eval"]) for r in sweep_status(manifest)] == [("cancelled", "cancelled")]
+    rows = sweep_status(manifest)
+    assert [(r["train"], r["eval"]) for r in rows] == [("not submitted", "not submitted")]
+    assert format_status(manifest, rows, report_status(manifest)).endswith(f"report not submitted (job -): "
+                                                                          f"{sweep_dir / 'report'}")
     record = resubmit(sweep_dir, [])
     waiting = []  # status says why the evaluation waits (squeue may not give the reason at once)
     for _ in range(20):
