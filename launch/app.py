@@ -229,7 +229,7 @@ def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Regis
         raise SystemExit(f"error: {sweep_dir} already holds a sweep (manifest.json); use `clustermask-resubmit "
                          f"{sweep_dir}` to finish it, or choose another sweep_name=")
     if launcher.executor == "slurm":
-        refused = SlurmExecutor(launcher, sweep_dir, "preflight").refusals(len(points))
+        refused = SlurmExecutor(launcher, sweep_dir, "preflight").refusals(Plan(train=list(range(len(points)))))
         if refused:
             print("error: preflight failed, nothing was submitted:\n" + "\n".join(f"  {r}" for r in refused),
                   file=sys.stderr)

@@ -217,12 +217,14 @@ class SlurmExecutor:
         executor.update_parameters(**params, slurm_additional_parameters=extra)
         return executor
 
-    def refusals(self, points: int) -> List[str]:
-        """What the controller would refuse in each stage's job script (a partition, account or QOS that is not
-        there, more memory or GPUs than a node has, a longer array than it allows), from `sbatch --test-only`:
-        found before the sweep writes anything. One line per refused stage."""
+    def refusals(self, plan: Plan) -> List[str]:
+        """What the controller would refuse in the job script of each stage that `plan` submits (a partition,
+        account or QOS that is not there, more memory or GPUs than a node has, a longer array than it allows), from
+        `sbatch --test-only`: found before the sweep, or a resubmission's fixes, are written. One line per refused
+        stage."""
+        sizes = {"train": len(plan.train), "eval": max(len(plan.train), len(plan.eval_only)), "report": int(plan.report)}
         refused = []
-        for stage, size in (("train", points), ("eval", points), ("report", 1)):
+        for stage, size in ((stage, size) for stage, size in sizes.items() if size):
             script = self._script(self._executor(stage), size)
             out = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=60)
             if out.returncode != 0:

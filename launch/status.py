@@ -11,6 +11,7 @@ executor that would run it is alive.
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 import shlex
 import shutil
@@ -19,11 +20,11 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import graph
-from .executors import Plan, describe, make_executor
+from .executors import Plan, SlurmExecutor, check_launcher, describe, make_executor
 
 QUEUE_STATES = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
                 "REQUEUED": "pending", "REQUEUE_HOLD": "pending", "REQUEUE_FED": "pending", "RESIZING": "running",
@@ -202,13 +203,12 @@ def apply_override(cfg, override: str) -> None:
         OmegaConf.update(cfg, key, _parse(value), merge=True)
 
 
-def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: List[str], save: bool = True) -> None:
+def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: List[str],
+                    save: bool = True) -> Dict[int, DictConfig]:
     """Fix the configs of the points about to be resubmitted (typed: a bad key or value is refused). Every
     point is checked before any is saved, so a fix refused for one point changes none. The fixes are tagged
     on each point's MLflow run (`resubmit_overrides`): its params keep the values it was created with.
-    `save=False` (a dry run) checks them only."""
-    from clustermask.tracking import RunLogger
-
+    `save=False` (a dry run, or before sbatch is asked about them) checks them only. Returns the fixed configs."""
     from .app import canonical_point_masking, preflight, unused_setting_note
     from .helpers import Registries
 
@@ -232,8 +232,15 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
             print(f"point {i} ({point.name}): {unused_setting_note(masking, key, value)}")
             cfg.masking[key] = getattr(masking, key)
         fixed[i] = cfg
-    if not save:
-        return
+    if save:
+        save_fixes(manifest, fixed, overrides)
+    return fixed
+
+
+def save_fixes(manifest: graph.Manifest, fixed: Dict[int, DictConfig], overrides: List[str]) -> None:
+    """Save `apply_overrides`' checked configs and tag the fixes on the points' MLflow runs."""
+    from clustermask.tracking import RunLogger
+
     # read before any config is saved: a tracking server that is down stops the fix here, with nothing changed
     loggers = {i: RunLogger(manifest.tracking_uri, manifest.points[i].mlflow_run_id)
                for i in fixed if manifest.points[i].mlflow_run_id}
@@ -281,8 +288,21 @@ def resubmit(sweep_dir: Path, overrides: List[str], dry_run: bool = False,
         print("nothing to evaluate again: no point has finished training, or its evaluation is queued"
               if evaluate_again else "nothing to resubmit: every point is done or still queued")
         return None
-    if overrides:
-        apply_overrides(manifest, plan.train + plan.eval_only, overrides, save=not dry_run)
+    indices = sorted(plan.train + plan.eval_only)
+    fixed = apply_overrides(manifest, indices, overrides, save=False) if overrides else {}
+    # the resubmitted points' launcher, fixes included (point 0 may be done, its config not fixed)
+    first = indices[0]
+    launcher = copy.deepcopy((fixed[first] if first in fixed else
+                              graph.load_point_config(Path(manifest.points[first].run_dir))).launcher)
+    launcher.dry_run = dry_run
+    check_launcher(launcher)
+    if launcher.executor == "slurm" and not dry_run:
+        refused = SlurmExecutor(launcher, Path(manifest.sweep_dir), "preflight").refusals(plan)
+        if refused:
+            raise ValueError("sbatch would refuse the resubmission, nothing changed or submitted:\n"
+                             + "\n".join(f"  {r}" for r in refused))
+    if fixed and not dry_run:
+        save_fixes(manifest, fixed, overrides)
     if evaluate_again and not dry_run:
         from clustermask.evaluate import forget_evaluated
 
@@ -292,8 +312,6 @@ def resubmit(sweep_dir: Path, overrides: List[str], dry_run: bool = False,
           + describe(plan, manifest))
     if dry_run and manifest.executor == "local":
         return None  # the local executor runs what it is given: there are no job scripts to print
-    launcher = graph.load_point_config(Path(manifest.points[0].run_dir)).launcher
-    launcher.dry_run = dry_run
     record = make_executor(launcher, Path(manifest.sweep_dir), manifest.sweep_id).submit(manifest, plan)
     if not dry_run:
         manifest.submissions.append(record)

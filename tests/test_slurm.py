@@ -87,8 +87,18 @@ def test_sweep_with_a_failing_point_then_resubmit(slurm, tmp_path, synthetic_roo
     assert sweep_run.info.status == "FAILED" and sweep_run.data.tags["points_evaluated"] == "3/4"
 
     finished = {p.name: Path(p.run_dir, "checkpoints", "final.pt").stat().st_mtime for p in others}
-    record = resubmit(sweep_dir, ["train.fail_at_step=-1"])
+    # a fix that sbatch would refuse is named before anything is written: the point's config keeps its values
+    saved = (Path(failing.run_dir) / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="nothing changed or submitted:\n  launcher.train: sbatch --test-only "
+                                         "refuses its job: .*partition"):
+        resubmit(sweep_dir, ["train.fail_at_step=-1", "launcher.train.partition=no_such_partition"])
+    assert (Path(failing.run_dir) / "config.yaml").read_text() == saved
+    assert len(graph.Manifest.load(sweep_dir).submissions) == 1
+    # point 0 is done and keeps its config: the jobs take the fixed launcher of the points resubmitted
+    record = resubmit(sweep_dir, ["train.fail_at_step=-1", "launcher.train.mem_gb=2"])
     assert record["train"][0]["points"] == [failing.index] and record["eval"][0]["points"] == [failing.index]
+    script = next((sweep_dir / "slurm" / "train").glob(f"**/{record['train'][0]['job_id']}*_submission.sh"))
+    assert "#SBATCH --mem=2GB" in script.read_text()
     manifest = graph.Manifest.load(sweep_dir)
     assert len(manifest.submissions) == 2
     wait_for(base_ids(manifest))
