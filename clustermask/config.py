@@ -119,6 +119,43 @@ def validate_model(cfg: ModelConfig) -> None:
         raise ValueError(f"model.precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
+def model_config(name: str) -> Dict[str, Any]:
+    return json.loads(model_config_files()[name].read_text())
+
+
+def hub_repositories(name: str) -> List[Tuple[str, str]]:
+    """(what, repository) for each part of open_clip's model `name` that it builds from the Hugging Face Hub: a
+    tokenizer (`hf_tokenizer_name`), a text tower and its weights (`hf_model_name`)."""
+    text_cfg = model_config(name).get("text_cfg", {})
+    parts = [("tokenizer", text_cfg.get("hf_tokenizer_name")), ("text tower", text_cfg.get("hf_model_name"))]
+    return [(what, repo) for what, repo in parts if repo]
+
+
+HUB_FILES = {"tokenizer": ("config.json",), "text tower": ("config.json", "model.safetensors|pytorch_model.bin")}
+
+
+def validate_model_offline(cfg: ModelConfig) -> None:
+    """What `model.name` needs from the Hugging Face Hub is in the local Hugging Face cache: the jobs download
+    nothing (they run with HF_HUB_OFFLINE=1), and without it the job would fail (or, online, download).
+    The cache read is this machine's: on a cluster, the one the jobs share (HF_HOME)."""
+    if cfg.name not in model_config_files():
+        return  # validate_model names it
+    repositories = hub_repositories(cfg.name)
+    if not repositories:
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    def cached(repo: str, names: str) -> bool:
+        return any(isinstance(try_to_load_from_cache(repo, name), str) for name in names.split("|"))
+
+    missing = [(what, repo) for what, repo in repositories if not all(cached(repo, names) for names in HUB_FILES[what])]
+    if missing:
+        parts = ", ".join(f"its {what} {repo!r}" for what, repo in missing)
+        raise ValueError(f"model.name={cfg.name!r} needs {parts} from the Hugging Face Hub, not found in the Hugging "
+                         f"Face cache {constants.HF_HUB_CACHE}; the jobs download nothing: fetch it once, e.g. "
+                         f"`huggingface-cli download {missing[0][1]}`, into the cache the jobs read (HF_HOME)")
+
+
 def image_tower_kind(vision_cfg: Dict[str, Any]) -> Optional[str]:
     """What an open_clip model's image tower is when it is not open_clip's own VisionTransformer, else None."""
     if vision_cfg.get("timm_model_name"):
@@ -142,10 +179,9 @@ def validate_model_for_masking(model: ModelConfig, masking: MaskingConfig) -> No
     `patch_dropout`), and one that pools its CLS token alone where `masking.attention` hides tokens (attention
     mode hides them from the transformer's attention, not from a pooling over all tokens). Read off open_clip's
     config file; `masking.install_masking` checks the built model the same way."""
-    path = model_config_files().get(model.name)
-    if path is None:
+    if model.name not in model_config_files():
         return  # validate_model names it
-    vision_cfg = json.loads(path.read_text()).get("vision_cfg", {})
+    vision_cfg = model_config(model.name).get("vision_cfg", {})
     kind = image_tower_kind(vision_cfg)
     if kind is not None:
         raise ValueError(f"model.name={model.name!r}: its image tower is {kind}, not an open_clip VisionTransformer; "

@@ -18,6 +18,10 @@ from omegaconf import OmegaConf
 
 from . import graph
 
+# a job downloads nothing: open_clip's Hugging Face tokenizers and text towers come from the local cache, which
+# preflight checked (`config.validate_model_offline`); set HF_HUB_OFFLINE=0 to let a job fetch them
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 
 def _log_path() -> str:
     if os.environ.get("CLUSTERMASK_LOG"):

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from hydra.errors import ConfigCompositionException, HydraException
 
+from clustermask.config import MaskingConfig, ModelConfig, validate_model_for_masking
 from launch import app, graph
 from launch.expand import compose_sweep
 from launch.executors import Plan, SlurmExecutor, executor_parameters
@@ -307,8 +308,54 @@ def test_preflight_refuses_an_image_tower_that_cannot_take_the_masking(synthetic
     for overrides, message in cases.items():
         with pytest.raises(ValueError, match=message):
             app.preflight(compose_cfg(*good, *overrides))
-    app.preflight(compose_cfg(*good, "masking=cluster", "model.name=ViT-L-14-CLIPA"))  # dropping tokens works there
     app.preflight(compose_cfg(*good, *attention, "model.name=ViT-B-16"))
+    # dropping tokens works on a tower that pools every token (CLIPA's preflight also wants its tokenizer cached)
+    validate_model_for_masking(ModelConfig("ViT-L-14-CLIPA"), MaskingConfig("cluster"))
+
+
+def cache_on_the_hub(cache: Path, repo: str, *files: str) -> None:
+    """Files of `repo` in a Hugging Face cache, laid out as huggingface_hub lays them out."""
+    snapshot = cache / f"models--{repo}" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        (snapshot / name).write_text("{}")
+    (cache / f"models--{repo}" / "refs").mkdir(exist_ok=True)
+    (cache / f"models--{repo}" / "refs" / "main").write_text("0123abc")
+
+
+def test_preflight_refuses_a_model_whose_hugging_face_parts_are_not_in_the_cache(synthetic_root, tmp_path,
+                                                                                 monkeypatch):
+    """open_clip would fetch them in the job (a tokenizer; a text tower and its weights): the jobs download
+    nothing, so they must be in the local cache before anything is submitted."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    good = [f"paths.data={synthetic_root}"]
+    for name, message in {"ViT-L-14-CLIPA": "its tokenizer 'bert-base-uncased'",
+                          "xlm-roberta-base-ViT-B-32": "its tokenizer 'xlm-roberta-base', its text tower "
+                                                      "'xlm-roberta-base'"}.items():
+        with pytest.raises(ValueError, match=re.escape(f"model.name={name!r} needs {message} from the Hugging Face "
+                                                       f"Hub, not found in the Hugging Face cache {cache}")):
+            app.preflight(compose_cfg(*good, f"model.name={name}"))
+    cache_on_the_hub(cache, "bert-base-uncased", "config.json")
+    app.preflight(compose_cfg(*good, "model.name=ViT-L-14-CLIPA"))
+    cache_on_the_hub(cache, "xlm-roberta-base", "config.json")  # the text tower's weights are still missing
+    with pytest.raises(ValueError, match="needs its text tower 'xlm-roberta-base' from"):
+        app.preflight(compose_cfg(*good, "model.name=xlm-roberta-base-ViT-B-32"))
+    cache_on_the_hub(cache, "xlm-roberta-base", "model.safetensors")
+    app.preflight(compose_cfg(*good, "model.name=xlm-roberta-base-ViT-B-32"))
+    app.preflight(compose_cfg(*good, "model.name=ViT-B-16"))  # open_clip's own tokenizer: nothing to fetch
+
+
+@pytest.mark.parametrize("setting, offline", [(None, True), ("0", False)])
+def test_jobs_run_offline_unless_told_otherwise(setting, offline):
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    if setting is not None:
+        env["HF_HUB_OFFLINE"] = setting
+    out = subprocess.run([sys.executable, "-c", "import launch.jobs, huggingface_hub.constants as c; "
+                          "print(c.HF_HUB_OFFLINE)"], capture_output=True, text=True, cwd=REPO, env=env, check=True)
+    assert out.stdout.strip() == str(offline)
 
 
 def test_preflight_names_every_section_that_fails_at_once(synthetic_root, tmp_path):
