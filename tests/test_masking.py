@@ -259,7 +259,7 @@ class SelectTokens(torch.nn.Module):
         return torch.cat([x[:, :1], x[:, 1:][:, self.index]], dim=1)
 
 
-def two_halves_and_noise(size: int) -> torch.Tensor:
+def flat_halves_then_noise(size: int) -> torch.Tensor:
     images = torch.zeros(2, 3, size, size)
     images[:, 0, :, : size // 2] = 1.0  # two flat halves: big clusters, more than the quota can drop
     images[1, 1] = torch.rand(size, size)
@@ -290,7 +290,7 @@ def test_attention_mode_hidden_tokens_change_nothing():
     """CLS output with hidden tokens masked == CLS output with those tokens physically removed."""
     torch.manual_seed(0)
     model, *_ , masker = create(ModelConfig(), ATTENTION_MASKING)
-    assert_hidden_tokens_change_nothing(model.visual, masker, two_halves_and_noise(64))
+    assert_hidden_tokens_change_nothing(model.visual, masker, flat_halves_then_noise(64))
 
 
 def small_tower(**options):
@@ -306,7 +306,7 @@ def test_attention_mode_hides_tokens_in_other_blocks_of_open_clip(options):
     torch.manual_seed(0)
     visual = small_tower(**options)
     masker = masking.install_masking(visual, ATTENTION_MASKING)
-    assert_hidden_tokens_change_nothing(visual, masker, two_halves_and_noise(32))
+    assert_hidden_tokens_change_nothing(visual, masker, flat_halves_then_noise(32))
 
 
 @pytest.mark.parametrize("options, pooling", [(dict(pool_type="avg", final_ln_after_pool=True), "pool_type='avg'"),
@@ -321,7 +321,7 @@ def test_attention_mode_is_refused_for_a_tower_whose_output_reads_every_token(op
     masker = masking.install_masking(visual, MaskingConfig(strategy="cluster", ratio=0.3, threshold=0.2))
     seen = []
     visual.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
-    visual.train()(two_halves_and_noise(32))
+    visual.train()(flat_halves_then_noise(32))
     assert seen == [1 + 64 - 19] and masker.attn_mask is None
 
 
