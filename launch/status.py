@@ -53,9 +53,11 @@ def queued_jobs() -> Dict[str, Tuple[str, str]]:
     return jobs
 
 
-def _state(marker: dict, job_id: Optional[str], queue: Dict[str, str], local_running: bool) -> str:
+def _state(marker: dict, job_id: Optional[str], queue: Dict[str, str], local_running: bool,
+           local: bool = False) -> str:
     """One stage of one point, from its marker (`{}` if none) and the queue. `local_running`: a local executor
-    still runs this sweep, so a local stage not yet started is queued behind the others rather than never to run."""
+    still runs this sweep, so a local stage not yet started is queued behind the others rather than never to run.
+    `local`: a local sweep, whose manifest records the jobs once they have all run."""
     queued = bool(job_id) and job_id in queue
     # a stage done before and queued again (evaluated again, a report rebuilt) is the queued job's until it ends
     if marker.get("state") == "done" and not (queued and marker.get("job_id") != job_id):
@@ -72,7 +74,7 @@ def _state(marker: dict, job_id: Optional[str], queue: Dict[str, str], local_run
         return "cancelled"
     if local_running and job_id in (None, "local"):
         return "pending"
-    return "not submitted" if job_id is None else "cancelled"  # no job: sbatch refused the sweep, say
+    return "not submitted" if job_id is None and not local else "cancelled"  # no job: sbatch refused the sweep
 
 
 def queue_of(manifest: graph.Manifest) -> Dict[str, Tuple[str, str]]:
@@ -99,7 +101,7 @@ def sweep_status(manifest: graph.Manifest, listing: Optional[Dict[str, Tuple[str
         row = {"index": point.index, "point": point.name}
         for stage in graph.STAGES:
             marker = graph.read_state(Path(point.run_dir), stage) or {}
-            state = _state(marker, jobs.get(stage), queue, local_running)
+            state = _state(marker, jobs.get(stage), queue, local_running, manifest.executor == "local")
             row[stage], row[f"{stage}_job"], row[f"{stage}_log"] = state, jobs.get(stage, "-"), marker.get("log", "")
             # steps trained or evaluation tasks done (`120/400`), as the running task last recorded them
             running = state == "running" and marker.get("state") == "running"
@@ -116,7 +118,7 @@ def report_status(manifest: graph.Manifest, listing: Optional[Dict[str, Tuple[st
     listing = queue_of(manifest) if listing is None else listing
     marker = graph.read_state(Path(manifest.sweep_dir), "report") or {}
     state = _state(marker, job, {j: state for j, (state, _) in listing.items()},
-                   graph.local_executor_alive(Path(manifest.sweep_dir)))
+                   graph.local_executor_alive(Path(manifest.sweep_dir)), manifest.executor == "local")
     if not marker and state == "cancelled" and (Path(manifest.sweep_dir) / "report" / "results.md").exists():
         state = "done"  # a sweep from before the report task wrote its marker
     return {"report": state, "report_job": job or "-", "report_log": marker.get("log", ""),

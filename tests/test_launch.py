@@ -515,14 +515,16 @@ def test_a_stage_done_before_and_queued_again_is_the_queued_jobs():
 
 
 def test_a_stage_never_submitted_is_told_from_one_cancelled():
-    """No job at all (sbatch refused the sweep): `not submitted`; a job that left the queue without starting (its
-    training failed): `cancelled`; a local sweep still running will get to it: `pending`."""
+    """No SLURM job at all (sbatch refused the sweep): `not submitted`; a job that left the queue without starting
+    (its training failed), or a local sweep's stage that never ran (the sweep was stopped: its manifest records the
+    jobs once they have all run): `cancelled`; a local sweep still running will get to it: `pending`."""
     from launch.status import _state
 
     assert _state({}, None, {}, False) == "not submitted"
     assert _state({}, "9_0", {}, False) == "cancelled"
-    assert _state({}, "local", {}, False) == "cancelled"
-    assert _state({}, None, {}, True) == "pending" and _state({}, "local", {}, True) == "pending"
+    assert _state({}, None, {}, False, local=True) == "cancelled"
+    assert _state({}, "local", {}, False, local=True) == "cancelled"
+    assert _state({}, None, {}, True, local=True) == "pending" and _state({}, "local", {}, True, local=True) == "pending"
 
 
 def test_the_report_task_marks_its_state_and_status_shows_a_failed_report_with_its_log(tmp_path, monkeypatch):
