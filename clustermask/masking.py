@@ -421,6 +421,7 @@ class TokenMasker(nn.Module):
         self.attn_mask: Optional[torch.Tensor] = None
         self.stats: Dict[str, torch.Tensor] = {}
         self.last: Optional[MaskResult] = None
+        self.hooks: List = []  # the tower's hooks that feed this masker (install_masking)
 
     @property
     def active(self) -> bool:
@@ -514,9 +515,14 @@ def install_masking(model: nn.Module, cfg: MaskingConfig, total_steps: int = 1) 
     patch = visual.conv1.kernel_size[0]
     heads = visual.transformer.resblocks[0].attn.num_heads
     masker = TokenMasker(cfg, patch, heads, total_steps).to(visual.conv1.weight.device)
+    if isinstance(visual.patch_dropout, TokenMasker):
+        # installed again (another strategy on the same model): the earlier masker's hooks would still hand the
+        # transformer that masker's last attention mask
+        for handle in visual.patch_dropout.hooks:
+            handle.remove()
     visual.patch_dropout = masker
-    visual.register_forward_pre_hook(_capture_pixels(masker))
-    visual.transformer.register_forward_pre_hook(_inject_attn_mask(masker), with_kwargs=True)
+    masker.hooks = [visual.register_forward_pre_hook(_capture_pixels(masker)),
+                    visual.transformer.register_forward_pre_hook(_inject_attn_mask(masker), with_kwargs=True)]
     return masker
 
 

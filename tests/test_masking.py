@@ -325,6 +325,24 @@ def test_attention_mode_is_refused_for_a_tower_whose_output_reads_every_token(op
     assert seen == [1 + 64 - 19] and masker.attn_mask is None
 
 
+def test_masking_installed_again_replaces_the_earlier_masker_and_its_hooks():
+    """Another strategy installed on the same model (comparing them in a notebook, say): only the new masker acts;
+    the earlier one's hooks would hand the transformer its last attention mask, of the same shape at the same
+    ratio, silently hiding tokens that the new strategy does not hide."""
+    torch.manual_seed(0)
+    visual = small_tower()
+    masking.install_masking(visual, ATTENTION_MASKING)
+    images = flat_halves_then_noise(32)
+    visual.train()(images)
+    masker = masking.install_masking(visual, MaskingConfig(strategy="random", ratio=0.3))
+    given = []
+    visual.transformer.register_forward_pre_hook(lambda module, args, kwargs: given.append(kwargs.get("attn_mask")),
+                                                 with_kwargs=True)
+    visual(images)
+    assert given == [None] and visual.patch_dropout is masker
+    assert len(visual._forward_pre_hooks) == 1 and len(visual.transformer._forward_pre_hooks) == 2
+
+
 def test_the_picture_shows_dropped_hidden_and_clustered_patches(tmp_path):
     """Each patch of the picture is greyed if the masker dropped it, darker if it kept it hidden from attention,
     tinted if clustered, and left as it was otherwise."""
