@@ -174,11 +174,12 @@ def pooling_beyond_cls(vision_cfg: Dict[str, Any]) -> Optional[str]:
     return None if pool_type == "tok" else f"pool_type={pool_type!r} over the tokens"
 
 
-def validate_model_for_masking(model: ModelConfig, masking: MaskingConfig) -> None:
+def validate_model_for_masking(model: ModelConfig, masking: MaskingConfig, strategy_settings: Iterable[str]) -> None:
     """The image tower of `model.name` can take the masking: a VisionTransformer (the masker replaces its
     `patch_dropout`), and one that pools its CLS token alone where `masking.attention` hides tokens (attention
     mode hides them from the transformer's attention, not from a pooling over all tokens). Read off open_clip's
-    config file; `masking.install_masking` checks the built model the same way."""
+    config file; `masking.install_masking` checks the built model the same way. `strategy_settings`: as for
+    `calibrated`."""
     if model.name not in model_config_files():
         return  # validate_model names it
     vision_cfg = model_config(model.name).get("vision_cfg", {})
@@ -187,7 +188,7 @@ def validate_model_for_masking(model: ModelConfig, masking: MaskingConfig) -> No
         raise ValueError(f"model.name={model.name!r}: its image tower is {kind}, not an open_clip VisionTransformer; "
                          "clustermask masks a VisionTransformer's patch tokens (e.g. ViT-B-16)")
     pooling = pooling_beyond_cls(vision_cfg)
-    if masking.attention and pooling is not None:
+    if hides_tokens(masking, strategy_settings) and pooling is not None:
         raise ValueError(f"masking.attention=true with model.name={model.name!r}: attention mode hides tokens from "
                          f"attention only, and this tower's output reads them through {pooling}; use a model that "
                          "pools its CLS token (e.g. ViT-B-16) or masking.attention=false")
@@ -218,6 +219,11 @@ def calibrated(cfg: MaskingConfig, strategy_settings: Iterable[str]) -> bool:
     """Whether training calibrates `cfg`'s threshold to a target coverage: one is given and the strategy
     declares it."""
     return cfg.target_coverage is not None and "target_coverage" in strategy_settings
+
+
+def hides_tokens(cfg: MaskingConfig, strategy_settings: Iterable[str]) -> bool:
+    """Whether `cfg`'s masker hides kept tokens from attention: `attention` is set and the strategy declares it."""
+    return cfg.attention and "attention" in strategy_settings
 
 
 def settings_in_effect(cfg: MaskingConfig, strategy_settings: Iterable[str]) -> Set[str]:

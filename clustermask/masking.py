@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
-from .config import MaskingConfig, calibrated, pooling_beyond_cls, validate_masking
+from .config import MaskingConfig, calibrated, hides_tokens, pooling_beyond_cls, validate_masking
 
 
 class MaskingInputs(NamedTuple):
@@ -498,7 +498,7 @@ def vision_tower(model: nn.Module) -> nn.Module:
 def check_attention_pooling(visual: nn.Module, cfg: MaskingConfig) -> None:
     """Attention mode hides tokens from the transformer's attention: only an output read off CLS alone is then
     that of the visible tokens (an average or an attentional pooler over every token would read hidden ones)."""
-    if not (cfg.attention and "attention" in STRATEGY_SETTINGS.get(cfg.strategy, ())):
+    if not hides_tokens(cfg, STRATEGY_SETTINGS.get(cfg.strategy, ())):
         return
     pooling = pooling_beyond_cls({"attentional_pool": getattr(visual, "attn_pool", None) is not None,
                                   "pool_type": getattr(visual, "pool_type", "tok")})

@@ -55,7 +55,8 @@ def preflight(cfg: Mapping, registries: Optional[Registries] = None, shards_foun
     typed = _typed_stage_configs(cfg)
     checks = [lambda: config.validate_model(typed["model"]),
               lambda: config.validate_model_offline(typed["model"]),
-              lambda: config.validate_model_for_masking(typed["model"], typed["masking"]),
+              lambda: config.validate_model_for_masking(typed["model"], typed["masking"],
+                                                        registries.strategies.get(typed["masking"].strategy, ())),
               lambda: config.validate_masking(typed["masking"], registries.strategies),
               lambda: config.validate_train(typed["train"]),
               lambda: config.validate_data(typed["data"]),

@@ -310,7 +310,9 @@ def test_preflight_refuses_an_image_tower_that_cannot_take_the_masking(synthetic
             app.preflight(compose_cfg(*good, *overrides))
     app.preflight(compose_cfg(*good, *attention, "model.name=ViT-B-16"))
     # dropping tokens works on a tower that pools every token (CLIPA's preflight also wants its tokenizer cached)
-    validate_model_for_masking(ModelConfig("ViT-L-14-CLIPA"), MaskingConfig("cluster"))
+    validate_model_for_masking(ModelConfig("ViT-L-14-CLIPA"), MaskingConfig("cluster"), ["attention"])
+    # a strategy that hides nothing (random does not read `attention`)
+    validate_model_for_masking(ModelConfig("coca_ViT-B-32"), MaskingConfig("random", attention=True), ["ratio"])
 
 
 def cache_on_the_hub(cache: Path, repo: str, *files: str) -> None:
