@@ -170,14 +170,17 @@ def plan_reevaluation(rows: List[Dict]) -> Plan:
     return Plan(eval_only=[r["index"] for r in rows if r["train"] == "done" and r["eval"] not in IN_FLIGHT])
 
 
+EVALUATION_KEYS = ("eval.", "launcher.eval.", "launcher.report.")
+
+
 def check_eval_overrides(overrides: List[str]) -> None:
-    """An evaluation again may change the evaluation only: the saved config must still say how the checkpoint
-    was trained."""
+    """An evaluation again may change the evaluation only (its settings, its jobs' and the report's resources):
+    the saved config must still say how the checkpoint was trained."""
     for override in overrides:
         key = override.partition("=")[0]
-        if key != "eval" and not key.startswith("eval."):
-            raise ValueError(f"{override!r}: --evaluate-again takes eval=NAME and eval.* overrides only, as the "
-                             "points are not trained again")
+        if key != "eval" and not key.startswith(EVALUATION_KEYS):
+            raise ValueError(f"{override!r}: --evaluate-again takes eval=NAME, eval.*, launcher.eval.* and "
+                             "launcher.report.* overrides only, as the points are not trained again")
 
 
 def group_option(group: str, name: str):
@@ -346,7 +349,8 @@ def resubmit_main(argv=None) -> int:
                         "resubmitted points")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--evaluate-again", action="store_true",
-                        help="evaluate every trained point again, then report (overrides: eval=NAME, eval.*)")
+                        help="evaluate every trained point again, then report (overrides: eval=NAME, eval.*, "
+                        "launcher.eval.*, launcher.report.*)")
     args = parser.parse_intermixed_args(argv)  # the flags may come after the overrides, or between them
     try:
         resubmit(Path(args.sweep_dir), args.overrides, args.dry_run, args.evaluate_again)

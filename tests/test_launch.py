@@ -649,7 +649,8 @@ def test_evaluating_again_takes_an_eval_option_and_eval_keys_only(tmp_path, synt
     run_dir = Path(manifest.points[0].run_dir)
     before = (run_dir / "config.yaml").read_text()
     for overrides, message in ((["eval.batch_size=8", "train.lr=0.1"], "'train.lr=0.1': --evaluate-again takes eval"),
-                               (["masking=cluster"], "'masking=cluster': --evaluate-again takes eval")):
+                               (["masking=cluster"], "'masking=cluster': --evaluate-again takes eval"),
+                               (["launcher.train.mem_gb=8"], "'launcher.train.mem_gb=8': --evaluate-again takes")):
         with pytest.raises(ValueError, match=message):
             status.resubmit(sweep.sweep_dir, overrides, evaluate_again=True)
     with pytest.raises(ValueError, match=r"eval='nope': no .*configs/eval/nope.yaml; the options are benchmarks, "):
@@ -657,7 +658,8 @@ def test_evaluating_again_takes_an_eval_option_and_eval_keys_only(tmp_path, synt
     with pytest.raises(ValueError, match=r"point 0 .*nothing changed: data.train_shards=\?\?\? must be given"):
         status.apply_overrides(manifest, [0], ["data=shards"])  # a resubmission fix, not an evaluation again
     assert (run_dir / "config.yaml").read_text() == before
-    status.check_eval_overrides(["eval=benchmarks", "eval.batch_size=8"])
+    status.check_eval_overrides(["eval=benchmarks", "eval.batch_size=8", "launcher.eval.mem_gb=8",
+                                 "launcher.report.timeout_min=5"])  # the evaluation's resources, not the training's
     status.apply_overrides(manifest, [0], ["eval=benchmarks", "eval.batch_size=8"])
     evaluation = graph.load_point_config(run_dir).eval
     assert len(evaluation.tasks) == 15 and evaluation.batch_size == 8 and evaluation.amp

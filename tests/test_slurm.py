@@ -185,9 +185,11 @@ def test_two_process_gloo_training_then_evaluating_again(slurm, tmp_path, synthe
     assert both == pytest.approx(2 * one)
     results = json.loads(next(Path(manifest.points[0].run_dir, "results").glob("*.json")).read_text())
     assert results["metrics"]["acc1"] > 0
-    # evaluating again: an eval-only array (no dependency) and the report after it, with the fix saved
-    record = resubmit(sweep_dir, ["eval.batch_size=32"], evaluate_again=True)
+    # evaluating again: an eval-only array (no dependency) and the report after it, with the fixes saved
+    record = resubmit(sweep_dir, ["eval.batch_size=32", "launcher.eval.mem_gb=2"], evaluate_again=True)
     assert record["train"] == [] and record["eval"][0]["points"] == [0] and "report" in record
+    script = next((sweep_dir / "slurm" / "eval").glob(f"**/{record['eval'][0]['job_id']}*_submission.sh"))
+    assert "#SBATCH --mem=2GB" in script.read_text()
     manifest = graph.Manifest.load(sweep_dir)
     wait_for(base_ids(manifest))
     rows = sweep_status(manifest)
