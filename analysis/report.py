@@ -17,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from clustermask.files import SQLITE, where_the_sweep_is  # noqa: E402
+
 POINT_COLUMNS = ["sweep", "point", "strategy", "features", "ratio", "attention", "seed", "status"]
 HEADLINE = [  # (task, metric, column) in table order: a column per evaluated dataset, named after it if several
     ("zeroshot_classification", "acc1", "zs_acc1"),
@@ -61,6 +63,9 @@ def point_runs(tracking_uri: str, experiment: str, sweep_id: str) -> pd.DataFram
     """The sweep's point runs as MLflow's search_runs gives them (params.*, metrics.*, tags.* columns)."""
     import mlflow
 
+    store = Path(tracking_uri[len(SQLITE):]) if tracking_uri.startswith(SQLITE) else None
+    if store is not None and not store.is_file():  # MLflow would create an empty store there, and find no run
+        raise FileNotFoundError(f"no MLflow store at {store} (a sweep copied without its mlflow.db?)")
     mlflow.set_tracking_uri(tracking_uri)
     return mlflow.search_runs(experiment_names=[experiment],
                               filter_string=f"tags.sweep_id = '{sweep_id}' and tags.kind = 'point'",
@@ -277,7 +282,7 @@ def read_manifest(sweep_dir: Path) -> dict:
     path = Path(sweep_dir) / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"{sweep_dir} is not a sweep directory: it has no manifest.json")
-    return json.loads(path.read_text())
+    return where_the_sweep_is(json.loads(path.read_text()), Path(sweep_dir))
 
 
 def _copy_mask_pictures(manifest: dict, out_dir: Path, prefix: str = "") -> None:

@@ -14,3 +14,31 @@ def write_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+SQLITE = "sqlite:///"
+
+
+def _under(path: str, folder: str) -> bool:
+    return Path(path) == Path(folder) or Path(folder) in Path(path).parents
+
+
+def where_the_sweep_is(manifest: dict, sweep_dir: Path) -> dict:
+    """A sweep's manifest (manifest.json's contents) with its paths where the sweep directory is now.
+
+    The manifest records where the sweep was made. A sweep copied or moved elsewhere (rsync'd from a cluster to a
+    laptop) must read its own run directories and MLflow store: at the recorded place there may be none (MLflow
+    would create an empty store there and the report would find no run) or the original's. Paths under the
+    recorded sweep directory are moved with it; a tracking server's URI stays."""
+    made, here = manifest["sweep_dir"], Path(sweep_dir).resolve()
+    if os.path.exists(made) and os.path.samefile(made, here):
+        return manifest
+
+    def moved(path: str) -> str:
+        return str(here / os.path.relpath(path, made)) if _under(path, made) else path
+
+    uri = manifest["tracking_uri"]
+    if uri.startswith(SQLITE):
+        uri = SQLITE + moved(uri[len(SQLITE):])
+    points = [{**point, "run_dir": moved(point["run_dir"])} for point in manifest["points"]]
+    return {**manifest, "sweep_dir": str(here), "tracking_uri": uri, "points": points}

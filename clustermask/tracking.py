@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .config import TrackingConfig
+from .files import SQLITE
 
 # compute nodes are often offline: no MLflow usage reports from our processes unless the user asks for them
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 MAX_PARAM_LENGTH = 6000
-SQLITE = "sqlite:///"
 
 
 def resolve_uri(cfg: TrackingConfig, sweep_dir: Path) -> str:

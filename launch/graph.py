@@ -19,7 +19,7 @@ from typing import Dict, Iterator, List, Optional
 import yaml
 from omegaconf import OmegaConf
 
-from clustermask.files import write_atomic
+from clustermask.files import where_the_sweep_is, write_atomic
 
 STAGES = ("train", "eval")
 NOT_POINT_KEYS = ("launcher", "experiment", "sweep_name", "paths", "hydra")
@@ -58,7 +58,7 @@ class Manifest:
         path = Path(sweep_dir) / "manifest.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: is {sweep_dir} a sweep directory?")
-        data = json.loads(path.read_text())
+        data = where_the_sweep_is(json.loads(path.read_text()), Path(sweep_dir))
         data["points"] = [Point(**p) for p in data["points"]]
         return cls(**data)
 

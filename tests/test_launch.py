@@ -516,6 +516,25 @@ def test_a_stage_done_before_and_queued_again_is_the_queued_jobs():
     assert _state({"state": "failed", "job_id": "7_0"}, "9_0", {"9_0": "pending"}, False) == "pending"
 
 
+def test_a_moved_sweeps_manifest_reads_where_the_sweep_is_now(tmp_path):
+    """Where it was made is gone (moved): its run directories and sqlite store move with it; a tracking server's URI
+    stays; where it still is, nothing changes."""
+    from clustermask.files import where_the_sweep_is
+
+    made = {"sweep_dir": "/cluster/outputs/sweeps/s", "tracking_uri": "sqlite:////cluster/outputs/sweeps/s/mlflow.db",
+            "points": [{"index": 0, "run_dir": "/cluster/outputs/sweeps/s/runs/a"},
+                       {"index": 1, "run_dir": "/elsewhere/runs/b"}]}
+    here = where_the_sweep_is(made, tmp_path / "s")
+    assert here["sweep_dir"] == str(tmp_path / "s")
+    assert here["tracking_uri"] == f"sqlite:///{tmp_path / 's' / 'mlflow.db'}"
+    assert [p["run_dir"] for p in here["points"]] == [str(tmp_path / "s" / "runs" / "a"), "/elsewhere/runs/b"]
+    served = where_the_sweep_is({**made, "tracking_uri": "http://mlflow:5000"}, tmp_path / "s")
+    assert served["tracking_uri"] == "http://mlflow:5000"
+    (tmp_path / "s").mkdir()
+    in_place = {**made, "sweep_dir": str(tmp_path / "s")}
+    assert where_the_sweep_is(in_place, tmp_path / "s") is in_place
+
+
 def test_a_stage_never_submitted_is_told_from_one_cancelled():
     """No SLURM job at all (sbatch refused the sweep): `not submitted`; a job that left the queue without starting
     (its training failed), or a local sweep's stage that never ran (the sweep was stopped: its manifest records the

@@ -2,10 +2,12 @@
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -148,6 +150,37 @@ def test_status_shows_done_and_resubmit_has_nothing_to_do(local_sweep):
     assert plan_resubmission(rows).empty
     again = subprocess.run([sys.executable, "-m", "launch.status", str(sweep_dir)], capture_output=True, text=True)
     assert again.returncode == 0
+
+
+def test_a_sweep_copied_elsewhere_reads_its_own_runs_and_mlflow_store(local_sweep, tmp_path):
+    """rsync'd from the cluster to a laptop: status and the report read the copy's run directories and MLflow
+    store, not those at the place the manifest says the sweep was made (the original here; often nothing, where
+    MLflow would create an empty store and the report find no run)."""
+    import pandas as pd
+    from analysis.report import build_report
+    from clustermask.tracking import RunLogger
+
+    sweep_dir, _ = local_sweep
+    copy = tmp_path / "laptop" / "e2e"
+    shutil.copytree(sweep_dir, copy)
+    manifest = graph.Manifest.load(copy)
+    assert manifest.sweep_dir == str(copy) and manifest.tracking_uri == f"sqlite:///{copy / 'mlflow.db'}"
+    assert all(Path(point.run_dir).parent.parent == copy for point in manifest.points)
+    graph.state_path(manifest.points[1].run_dir, "eval").unlink()
+    rows = sweep_status(manifest)
+    assert [row["eval"] for row in rows] == ["done", "cancelled", "done", "done"]
+    RunLogger(manifest.tracking_uri, manifest.points[0].mlflow_run_id).metrics({"extra/copied": 7.0})
+    build_report(copy, out_dir=tmp_path / "report")
+    assert pd.read_csv(tmp_path / "report" / "results_all_metrics.csv")["extra/copied"].max() == 7.0
+    original = graph.Manifest.load(sweep_dir)
+    assert original.tracking_uri != manifest.tracking_uri
+    assert "extra/copied" not in mlflow.MlflowClient(original.tracking_uri).get_run(
+        manifest.points[0].mlflow_run_id).data.metrics
+    assert [row["eval"] for row in sweep_status(original)] == ["done"] * 4
+    (copy / "mlflow.db").unlink()  # copied without its store: named, and none is made
+    with pytest.raises(FileNotFoundError, match=f"no MLflow store at {copy / 'mlflow.db'}"):
+        build_report(copy, out_dir=tmp_path / "again")
+    assert not (copy / "mlflow.db").exists()
 
 
 def test_relaunching_into_an_existing_sweep_is_refused(local_sweep, synthetic_root):

@@ -136,7 +136,7 @@ def recorded_sweep(folder, name: str, points):
     _, run_ids = create_sweep_runs(TrackingConfig(experiment=name), uri, f"{name}-id", {}, runs)
     for run_id, (*_, accuracy) in zip(run_ids, points):
         RunLogger(uri, run_id).metrics({"zeroshot_classification/wds/shapes/acc1": accuracy})
-    (folder / "manifest.json").write_text(json.dumps({"tracking_uri": uri, "experiment": name,
+    (folder / "manifest.json").write_text(json.dumps({"sweep_dir": str(folder), "tracking_uri": uri, "experiment": name,
                                                       "sweep_id": f"{name}-id", "points": []}))
     return folder
 
