@@ -53,11 +53,21 @@ def queued_jobs() -> Dict[str, Tuple[str, str]]:
     return jobs
 
 
+FINAL_STATES = ("done", "failed", "cancelled")  # what a task writes last
+
+
+class QueueUnknown(dict):
+    """The queue of a machine without squeue (a SLURM sweep copied to a laptop): which jobs wait or run is unknown."""
+
+
 def _state(marker: dict, job_id: Optional[str], queue: Dict[str, str], local_running: bool,
            local: bool = False) -> str:
     """One stage of one point, from its marker (`{}` if none) and the queue. `local_running`: a local executor
     still runs this sweep, so a local stage not yet started is queued behind the others rather than never to run.
-    `local`: a local sweep, whose manifest records the jobs once they have all run."""
+    `local`: a local sweep, whose manifest records the jobs once they have all run. A `QueueUnknown` queue: a SLURM
+    stage is what its task last wrote if that was final, else `unknown`."""
+    if isinstance(queue, QueueUnknown) and job_id not in (None, "local"):
+        return marker["state"] if marker.get("state") in FINAL_STATES else "unknown"
     queued = bool(job_id) and job_id in queue
     # a stage done before and queued again (evaluated again, a report rebuilt) is the queued job's until it ends
     if marker.get("state") == "done" and not (queued and marker.get("job_id") != job_id):
@@ -77,10 +87,20 @@ def _state(marker: dict, job_id: Optional[str], queue: Dict[str, str], local_run
     return "not submitted" if job_id is None and not local else "cancelled"  # no job: sbatch refused the sweep
 
 
-def queue_of(manifest: graph.Manifest) -> Dict[str, Tuple[str, str]]:
-    """`queued_jobs()` if the sweep has a SLURM job (a local sweep has no queue to ask)."""
+def queue_of(manifest: graph.Manifest, required: bool = True) -> Dict[str, Tuple[str, str]]:
+    """`queued_jobs()` if the sweep has a SLURM job (a local sweep has no queue to ask). Not `required` (status
+    only reads), on a machine without squeue: a `QueueUnknown`."""
     jobs = [job for point in manifest.points for job in manifest.latest_jobs(point.index).values()]
-    return queued_jobs() if any(job != "local" for job in jobs + [manifest.report_job() or "local"]) else {}
+    if not any(job != "local" for job in jobs + [manifest.report_job() or "local"]):
+        return {}
+    if not required and shutil.which("squeue") is None:
+        return QueueUnknown()
+    return queued_jobs()
+
+
+def _queue_states(listing: Dict[str, Tuple[str, str]]) -> Dict[str, str]:
+    """job id -> its state (of `queued_jobs()`), keeping a `QueueUnknown` unknown."""
+    return QueueUnknown() if isinstance(listing, QueueUnknown) else {job: state for job, (state, _) in listing.items()}
 
 
 def _reason(listing: Dict[str, Tuple[str, str]], job_id: Optional[str], state: str) -> str:
@@ -93,7 +113,7 @@ def sweep_status(manifest: graph.Manifest, listing: Optional[Dict[str, Tuple[str
     asked here if not given."""
     jobs_of = {point.index: manifest.latest_jobs(point.index) for point in manifest.points}
     listing = queue_of(manifest) if listing is None else listing
-    queue = {job: state for job, (state, _) in listing.items()}
+    queue = _queue_states(listing)
     local_running = graph.local_executor_alive(Path(manifest.sweep_dir))
     rows = []
     for point in manifest.points:
@@ -117,8 +137,8 @@ def report_status(manifest: graph.Manifest, listing: Optional[Dict[str, Tuple[st
     job = manifest.report_job()
     listing = queue_of(manifest) if listing is None else listing
     marker = graph.read_state(Path(manifest.sweep_dir), "report") or {}
-    state = _state(marker, job, {j: state for j, (state, _) in listing.items()},
-                   graph.local_executor_alive(Path(manifest.sweep_dir)), manifest.executor == "local")
+    state = _state(marker, job, _queue_states(listing), graph.local_executor_alive(Path(manifest.sweep_dir)),
+                   manifest.executor == "local")
     if not marker and state == "cancelled" and (Path(manifest.sweep_dir) / "report" / "results.md").exists():
         state = "done"  # a sweep from before the report task wrote its marker
     return {"report": state, "report_job": job or "-", "report_log": marker.get("log", ""),
@@ -333,11 +353,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         manifest = graph.Manifest.load(args.sweep_dir)
-        listing = queue_of(manifest)  # one squeue for the points and the report
+        listing = queue_of(manifest, required=False)  # one squeue for the points and the report
         rows, report = sweep_status(manifest, listing), report_status(manifest, listing)
     except (RuntimeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if isinstance(listing, QueueUnknown):
+        print("squeue not found here (a copy of the sweep?): a SLURM stage whose task has not written its last "
+              "state shows as unknown")
     print(format_status(manifest, rows, report))
     return 1 if any(r[s] == "failed" for r in rows for s in graph.STAGES) or report["report"] == "failed" else 0
 

@@ -765,6 +765,37 @@ def test_status_and_resubmit_refuse_when_squeue_fails(tmp_path, synthetic_root, 
     assert len(graph.Manifest.load(manifest.sweep_dir).submissions) == 1
 
 
+def test_status_without_squeue_shows_what_the_tasks_wrote_and_resubmit_refuses(tmp_path, synthetic_root,
+                                                                                monkeypatch, capsys):
+    """A SLURM sweep copied to a laptop: status shows the stages whose tasks wrote their last state, the others
+    unknown (neither pending nor killed); resubmission still needs squeue."""
+    from launch import status
+
+    sweep = compose_sweep([f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "launcher=slurm",
+                           "masking.ratio=0.3,0.5"])
+    manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
+    manifest.submissions.append({"train": [{"job_id": "41", "points": [0, 1], "task_ids": ["41_0", "41_1"]}],
+                                 "eval": [{"job_id": "42", "points": [0, 1], "task_ids": ["42_0", "42_1"]}],
+                                 "report": {"job_id": "43"}})
+    manifest.save()
+    first, second = (Path(point.run_dir) for point in manifest.points)
+    graph.mark(first, "train", "done", job_id="41_0")
+    graph.mark(first, "eval", "failed", job_id="42_0", log="eval.log")
+    graph.mark(second, "train", "running", job_id="41_1")
+    python_only = tmp_path / "python_only"
+    python_only.mkdir()
+    (python_only / "python").symlink_to(sys.executable)
+    monkeypatch.setenv("PATH", str(python_only))
+    assert status.main([manifest.sweep_dir]) == 1  # the failed evaluation
+    out = capsys.readouterr().out
+    assert out.startswith("squeue not found here")
+    rows = {line.split()[0]: line.split()[2:4] for line in out.splitlines() if line.split()[0] in ("0", "1")}
+    assert rows == {"0": ["done", "failed"], "1": ["unknown", "unknown"]}
+    assert "report unknown (job 43)" in out
+    assert status.resubmit_main([manifest.sweep_dir]) == 2
+    assert "squeue not found" in capsys.readouterr().err
+
+
 def test_a_failed_write_keeps_the_previous_marker_and_config(tmp_path, monkeypatch):
     """A disk that fills up mid-write must not leave a half-written status marker (clustermask-status would
     crash on it) or point config (the task could not start again)."""
