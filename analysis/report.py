@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from clustermask.files import SQLITE, where_the_sweep_is  # noqa: E402
+from clustermask.files import sqlite_path, where_the_sweep_is  # noqa: E402
 
 POINT_COLUMNS = ["sweep", "point", "strategy", "features", "ratio", "attention", "seed", "status"]
 HEADLINE = [  # (task, metric, column) in table order: a column per evaluated dataset, named after it if several
@@ -63,7 +63,7 @@ def point_runs(tracking_uri: str, experiment: str, sweep_id: str) -> pd.DataFram
     """The sweep's point runs as MLflow's search_runs gives them (params.*, metrics.*, tags.* columns)."""
     import mlflow
 
-    store = Path(tracking_uri[len(SQLITE):]) if tracking_uri.startswith(SQLITE) else None
+    store = sqlite_path(tracking_uri)
     if store is not None and not store.is_file():  # MLflow would create an empty store there, and find no run
         raise FileNotFoundError(f"no MLflow store at {store} (a sweep copied without its mlflow.db?)")
     mlflow.set_tracking_uri(tracking_uri)

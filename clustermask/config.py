@@ -119,8 +119,12 @@ def validate_model(cfg: ModelConfig) -> None:
         raise ValueError(f"model.precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
+@functools.lru_cache(maxsize=None)
 def model_config(name: str) -> Dict[str, Any]:
-    return json.loads(model_config_files()[name].read_text())
+    """open_clip's config of model `name` (read once: every point of a sweep is checked against it); {} for a name
+    it does not know, which `validate_model` names."""
+    path = model_config_files().get(name)
+    return json.loads(path.read_text()) if path is not None else {}
 
 
 def hub_repositories(name: str) -> List[Tuple[str, str]]:
@@ -138,8 +142,6 @@ def validate_model_offline(cfg: ModelConfig) -> None:
     """What `model.name` needs from the Hugging Face Hub is in the local Hugging Face cache: the jobs download
     nothing (they run with HF_HUB_OFFLINE=1), and without it the job would fail (or, online, download).
     The cache read is this machine's: on a cluster, the one the jobs share (HF_HOME)."""
-    if cfg.name not in model_config_files():
-        return  # validate_model names it
     repositories = hub_repositories(cfg.name)
     if not repositories:
         return
@@ -180,8 +182,6 @@ def validate_model_for_masking(model: ModelConfig, masking: MaskingConfig, strat
     mode hides them from the transformer's attention, not from a pooling over all tokens). Read off open_clip's
     config file; `masking.install_masking` checks the built model the same way. `strategy_settings`: as for
     `calibrated`."""
-    if model.name not in model_config_files():
-        return  # validate_model names it
     vision_cfg = model_config(model.name).get("vision_cfg", {})
     kind = image_tower_kind(vision_cfg)
     if kind is not None:

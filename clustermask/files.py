@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -17,6 +18,11 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 SQLITE = "sqlite:///"
+
+
+def sqlite_path(uri: str) -> Optional[Path]:
+    """The database file of an MLflow sqlite URI (None for another store, a tracking server)."""
+    return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
 
 
 def _under(path: str, folder: str) -> bool:
@@ -37,8 +43,8 @@ def where_the_sweep_is(manifest: dict, sweep_dir: Path) -> dict:
     def moved(path: str) -> str:
         return str(here / os.path.relpath(path, made)) if _under(path, made) else path
 
-    uri = manifest["tracking_uri"]
-    if uri.startswith(SQLITE):
-        uri = SQLITE + moved(uri[len(SQLITE):])
+    uri, store = manifest["tracking_uri"], sqlite_path(manifest["tracking_uri"])
+    if store is not None:
+        uri = SQLITE + moved(str(store))
     points = [{**point, "run_dir": moved(point["run_dir"])} for point in manifest["points"]]
     return {**manifest, "sweep_dir": str(here), "tracking_uri": uri, "points": points}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .config import TrackingConfig
-from .files import SQLITE
+from .files import SQLITE, sqlite_path
 
 # compute nodes are often offline: no MLflow usage reports from our processes unless the user asks for them
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -29,7 +29,7 @@ def resolve_uri(cfg: TrackingConfig, sweep_dir: Path) -> str:
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    db = Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
+    db = sqlite_path(uri)
     if db is not None and not db.exists():
         db.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(empty_sqlite_store(), db)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import graph
-from .executors import Plan, SlurmExecutor, check_launcher, describe, make_executor
+from .executors import Plan, SlurmExecutor, describe, make_executor
 
 QUEUE_STATES = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
                 "REQUEUED": "pending", "REQUEUE_HOLD": "pending", "REQUEUE_FED": "pending", "RESIZING": "running",
@@ -320,9 +320,9 @@ def resubmit(sweep_dir: Path, overrides: List[str], dry_run: bool = False,
     launcher = copy.deepcopy((fixed[first] if first in fixed else
                               graph.load_point_config(Path(manifest.points[first].run_dir))).launcher)
     launcher.dry_run = dry_run
-    check_launcher(launcher)
-    if launcher.executor == "slurm" and not dry_run:
-        refused = SlurmExecutor(launcher, Path(manifest.sweep_dir), "preflight").refusals(plan)
+    executor = make_executor(launcher, Path(manifest.sweep_dir), manifest.sweep_id)
+    if isinstance(executor, SlurmExecutor) and not dry_run:
+        refused = executor.refusals(plan)
         if refused:
             raise ValueError("sbatch would refuse the resubmission, nothing changed or submitted:\n"
                              + "\n".join(f"  {r}" for r in refused))
@@ -337,7 +337,7 @@ def resubmit(sweep_dir: Path, overrides: List[str], dry_run: bool = False,
           + describe(plan, manifest))
     if dry_run and manifest.executor == "local":
         return None  # the local executor runs what it is given: there are no job scripts to print
-    record = make_executor(launcher, Path(manifest.sweep_dir), manifest.sweep_id).submit(manifest, plan)
+    record = executor.submit(manifest, plan)
     if not dry_run:
         manifest.submissions.append(record)
         manifest.save()
