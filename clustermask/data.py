@@ -1,13 +1,18 @@
 """Training data: img2dataset-style webdataset shards -> (image, tokens) batches.
 
 Our own pipeline (open_clip_train's loader breaks on webdataset >= 0.2.96). The stream is resampled
-(infinite, shards drawn with replacement per worker), so training is counted in steps and a resumed job
-needs no epoch bookkeeping. The draw and the shuffle are seeded: the same seed gives the same batches.
+(infinite, shards drawn with replacement), so training is counted in steps and a resumed job needs no epoch
+bookkeeping. The draw, the shuffle and the crops are seeded, per checkpoint interval: the same seed gives the same
+batches, and a step's batch is the same whichever checkpoint the run resumed from.
 """
 from __future__ import annotations
 
+import functools
 import glob
+import itertools
 import os
+import random
+import sys
 import warnings
 
 from .config import DataConfig, validate_data as validate
@@ -59,18 +64,23 @@ class SkipUnreadable:
         return sample
 
 
-def training_stream(cfg: DataConfig, transform, tokenizer, batch_size: int, seed: int):
-    import webdataset as wds  # here, not at the top: the launcher checks shard paths without importing torch
+def derive_seed(*parts) -> int:
+    """A seed for the tuple `parts` (ints, strings), the same in every process (SHA-512 of their text, not
+    Python's salted hash), and different for every tuple in practice."""
+    return random.Random("/".join(map(str, parts))).getrandbits(63)
 
-    validate(cfg)
-    urls = shard_urls(cfg.train_shards)
-    workers = check_workers(urls, cfg.workers)
+
+def batch_pipeline(cfg: DataConfig, urls: list, transform, tokenizer, batch_size: int, seed: int):
+    """An endless stream of (images, tokens) batches: shards drawn with replacement and their samples shuffled,
+    both from `seed` alone."""
+    import webdataset as wds
+
     skip = SkipUnreadable(cfg.train_shards)
     shuffle = [wds.shuffle(cfg.shuffle_buffer, seed=seed)] if cfg.shuffle_buffer > 0 else []
-    pipeline = wds.DataPipeline(
+    return wds.DataPipeline(
         # WebDataset(resampled=True) ignores its seed: it draws shards from the pid, the clock and os.urandom.
-        # Here each rank and loader worker draws its own shards from `seed` and its rank * 1000 + worker.
-        wds.ResampledShards(urls, seed=seed, deterministic=True),
+        # The worker's own seed is not mixed in either: `seed` already says which slot of which rank this is.
+        wds.ResampledShards(urls, seed=seed, deterministic=True, worker_seed=lambda: 0),
         wds.tarfile_to_samples(handler=skip),
         *shuffle,
         wds.decode("pilrgb", handler=skip),
@@ -79,7 +89,45 @@ def training_stream(cfg: DataConfig, transform, tokenizer, batch_size: int, seed
         wds.map_tuple(transform, lambda text: tokenizer([text])[0]),
         wds.batched(batch_size, partial=False),
     )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+
+
+def interval_batches(open_slot, intervals, seed: int):
+    """The batches of the steps of `intervals` ([(first, end)]: checkpoint intervals), as one loader worker's part.
+
+    The loader takes its workers' batches in turn, so worker w of W makes those of steps start + w, start + w + W,
+    ... Within an interval the steps first + j, first + j + W, ... (slot j) come from a stream of their own,
+    `open_slot(seed of (seed, first, j))`: a step's batch does not depend on the step that the run started from (a
+    run resumed at a checkpoint gives each worker other slots, and the same batches). In a worker the crops (torch's
+    random state) follow the slot too; without workers they draw from the global random state, as the masks do."""
+    import torch
+
+    info = torch.utils.data.get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    start = intervals[0][0]
+    for first, end in intervals:
+        steps = range(first + (start + worker - first) % workers, end, workers)
+        if not steps:
+            continue
+        slot_seed = derive_seed(seed, first, steps[0] - first)
+        if info is not None:
+            torch.manual_seed(slot_seed)
+            random.seed(slot_seed)
+        yield from itertools.islice(open_slot(slot_seed), len(steps))
+
+
+def training_stream(cfg: DataConfig, transform, tokenizer, batch_size: int, seed: int, intervals=None):
+    """A loader of (images, tokens) batches that follows `seed` alone (the shards each worker draws, the
+    shuffle, and the crops when it has workers), for the steps of `intervals` ([(first, end)], checkpoint
+    intervals; endless by default). With workers it neither reads nor draws from the global random state."""
+    import torch
+    import webdataset as wds  # here, not at the top: the launcher checks shard paths without importing torch
+
+    validate(cfg)
+    urls = shard_urls(cfg.train_shards)
+    open_slot = functools.partial(batch_pipeline, cfg, urls, transform, tokenizer, batch_size)
+    batches = wds.DataPipeline(functools.partial(interval_batches, open_slot, intervals or [(0, sys.maxsize)], seed))
+    return wds.WebLoader(batches, batch_size=None, num_workers=check_workers(urls, cfg.workers),
+                         generator=torch.Generator().manual_seed(seed))  # the workers' seeds: not the global state
 
 
 def sample_batches(cfg: DataConfig, transform, tokenizer, batch_size: int, count: int, seed: int = 0):

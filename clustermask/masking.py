@@ -577,16 +577,19 @@ def mean_coverage(inputs: MaskingInputs, cfg: MaskingConfig, threshold: float, s
     return coverage_at(anchor_draw(inputs, cfg, seed), threshold)
 
 
-def calibrate_threshold_schedule(batches, cfg: MaskingConfig, target: float) -> List[float]:
+def calibrate_threshold_schedule(batches, cfg: MaskingConfig, target: float, seed: int = 0) -> List[float]:
     """`calibrate_threshold` at each point of the masker's threshold schedule (`threshold_points`): for `mixed`
     features the similarity, and so the threshold that gives the target coverage, moves from rgb's to the
     embedding's over training. The embeddings are those of the model at calibration."""
-    return [calibrate_threshold([b._replace(progress=b.progress.new_tensor(p)) for b in batches], cfg, target)
+    return [calibrate_threshold([b._replace(progress=b.progress.new_tensor(p)) for b in batches], cfg, target,
+                                seed=seed)
             for p in schedule_progress(threshold_points(cfg))]
 
 
-def calibrate_threshold(batches, cfg: MaskingConfig, target: float, iters: int = 30, draws: int = 4) -> float:
-    """Bisect the similarity threshold so that the mean cluster coverage over `batches` is `target`.
+def calibrate_threshold(batches, cfg: MaskingConfig, target: float, iters: int = 30, draws: int = 4,
+                        seed: int = 0) -> float:
+    """Bisect the similarity threshold so that the mean cluster coverage over `batches` is `target`, the anchors
+    drawn from `seed`.
 
     Coverage is averaged over `draws` anchor draws per batch: which patches become anchors is the main source
     of variance, and a threshold fitted to one draw would not hold on the next batches. The similarities of
@@ -599,7 +602,8 @@ def calibrate_threshold(batches, cfg: MaskingConfig, target: float, iters: int =
         raise ValueError(f"masking.target_coverage={target!r} is not above the anchors' own coverage "
                          f"({anchors / length:.4f}: {anchors} of {length} patches at "
                          f"masking.anchor_fraction={cfg.anchor_fraction!r}); no threshold reaches it")
-    anchor_draws = [anchor_draw(b, cfg, seed=i * draws + d) for i, b in enumerate(batches) for d in range(draws)]
+    anchor_draws = [anchor_draw(b, cfg, seed=seed * 1_000_000 + i * draws + d)
+                    for i, b in enumerate(batches) for d in range(draws)]
 
     def coverage(threshold: float) -> float:
         return sum(coverage_at(draw, threshold) for draw in anchor_draws) / len(anchor_draws)

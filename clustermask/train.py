@@ -7,7 +7,7 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import open_clip
 import torch
@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import masking as masking_lib
 from .config import DataConfig, MaskingConfig, ModelConfig, TrainConfig, validate_data, validate_train as validate
-from .data import sample_batches, training_stream
+from .data import derive_seed, sample_batches, training_stream
 from .files import write_atomic
 from .model import create
 
@@ -73,6 +73,12 @@ def save_checkpoint(path: Path, model, optimizer, step: int, name: str, threshol
     os.replace(tmp, path)
 
 
+def interval_bounds(start: int, steps: int, every: int) -> List[Tuple[int, int]]:
+    """(first, end) of each checkpoint interval from `start` (a checkpoint's step, or 0) to `steps`."""
+    firsts = [start] + list(range((start // every + 1) * every, steps, every))
+    return list(zip(firsts, firsts[1:] + [steps]))
+
+
 def finite_loss(loss: torch.Tensor, step: int, lr: float) -> float:
     value = loss.item()
     if not math.isfinite(value):
@@ -101,11 +107,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 
 
 def calibrate(model, masker, masking: MaskingConfig, data: DataConfig, transform, tokenizer, batch_size, device,
-              dtype: Optional[torch.dtype] = None) -> List[float]:
-    """The masker's threshold schedule calibrated to masking.target_coverage on the first training batches."""
-    batches = sample_batches(data, transform, tokenizer, batch_size, masking.calibration_batches)
+              dtype: Optional[torch.dtype] = None, seed: int = 0) -> List[float]:
+    """The masker's threshold schedule calibrated to masking.target_coverage on the first batches of a training
+    stream, their crops and the anchors drawn from `seed`."""
+    batches = sample_batches(data, transform, tokenizer, batch_size, masking.calibration_batches, seed=seed)
     inputs = [masking_lib.collect_features(model, images.to(device=device, dtype=dtype)) for images, _ in batches]
-    thresholds = masking_lib.calibrate_threshold_schedule(inputs, masking, masking.target_coverage)
+    thresholds = masking_lib.calibrate_threshold_schedule(inputs, masking, masking.target_coverage, seed=seed)
     masker.set_threshold(thresholds)
     return thresholds
 
@@ -166,7 +173,7 @@ class Trainer:
         start = self._resume(latest, model, optimizer, masker)
         if start == 0 and masking_lib.calibrates_threshold(self.masking):
             thresholds = calibrate(model, masker, self.masking, self.data, train_tf, tokenizer, self.cfg.batch_size,
-                                   self.device, self.input_dtype)
+                                   self.device, self.input_dtype, seed=self.cfg.seed)
             # each at the step where the schedule holds it (one point unless features are mixed)
             for progress, threshold in zip(masking_lib.schedule_progress(len(thresholds)), thresholds):
                 self.log({"mask/calibrated_threshold": threshold}, round(progress * self.cfg.steps))
@@ -221,6 +228,21 @@ class Trainer:
             return torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16)
         return nullcontext()
 
+    def _batches(self, transform, tokenizer, start: int):
+        """(step, images, texts) from `start` to the end. Each checkpoint interval's data and mask noise are seeded
+        by train.seed, the rank and its first step: a run resumed at a checkpoint draws what it would have drawn
+        had it gone on."""
+        cfg = self.cfg
+        intervals = interval_bounds(start, cfg.steps, cfg.checkpoint_every)
+        stream = iter(training_stream(self.data, transform, tokenizer, cfg.batch_size,
+                                      seed=derive_seed(cfg.seed, self.rank, "data"), intervals=intervals))
+        firsts = {first for first, _ in intervals}
+        for step in range(start, cfg.steps):
+            if step in firsts:  # before the batch: without loader workers the crops draw from this state too
+                torch.manual_seed(derive_seed(cfg.seed, self.rank, "masks", step))
+            images, texts = next(stream)
+            yield step, images, texts
+
     def _loop(self, model, optimizer, masker, transform, tokenizer, start: int, latest: Path) -> None:
         cfg = self.cfg
         loss_fn = open_clip.ClipLoss(gather_with_grad=True, rank=self.rank, world_size=self.world)
@@ -231,15 +253,10 @@ class Trainer:
         if self.model_cfg.compile:
             forward = torch.compile(forward)
         model.train()
-        seed = (cfg.seed * 1000 + start) * 100 + self.rank
-        torch.manual_seed(seed)  # the masks' noise, like the data: each rank's own, and fresh after a resume
-        stream = training_stream(self.data, transform, tokenizer, cfg.batch_size, seed=seed)
-        timer, logged_step, step = time.perf_counter(), start, start
+        timer, logged_step = time.perf_counter(), start
         self.loop_started = timer
         progress = tqdm(total=cfg.steps, initial=start, desc=f"train[{self.rank}]", mininterval=5, disable=None)
-        for images, texts in stream:
-            if step >= cfg.steps:
-                break
+        for step, images, texts in self._batches(transform, tokenizer, start):
             if step == cfg.fail_at_step:
                 raise RuntimeError(f"train.fail_at_step={cfg.fail_at_step}: injected failure")
             scheduler(step)

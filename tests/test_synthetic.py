@@ -1,4 +1,6 @@
+import functools
 import hashlib
+import itertools
 import json
 import re
 import warnings
@@ -9,7 +11,7 @@ import webdataset as wds
 from clip_benchmark.datasets.builder import build_dataset
 
 from clustermask import synthetic
-from clustermask.data import DataConfig, check_workers, shard_urls, training_stream
+from clustermask.data import DataConfig, check_workers, interval_batches, shard_urls, training_stream
 from clustermask.model import ModelConfig, create
 from clustermask.synthetic import SUGARCREPE_TASKS, SyntheticConfig, generate
 
@@ -111,8 +113,8 @@ def stream(shards: str, workers: int, batch_size: int = 16, seed: int = 0):
     return iter(training_stream(cfg, train_tf, tokenizer, batch_size=batch_size, seed=seed))
 
 
-def first_batches(shards: str, workers: int, seed: int, count: int = 4):
-    torch.manual_seed(seed)  # as training does: the crops' randomness, and the loader workers' base seed
+def first_batches(shards: str, workers: int, seed: int, count: int = 4, global_seed: int = 0):
+    torch.manual_seed(global_seed)  # without workers the crops draw from the global random state
     return [batch for batch, _ in zip(stream(shards, workers, seed=seed), range(count))]
 
 
@@ -131,6 +133,31 @@ def test_the_same_seed_gives_the_same_batches(synthetic_root, workers):
     assert not same(batches, first_batches(shards, workers, seed=4))
     if workers:  # the loader takes batches from its workers in turn; each worker draws its own shards
         assert not torch.equal(batches[0][1], batches[1][1])
+        # the workers' crops follow the stream's seed alone, not the global random state (the masks' noise)
+        assert same(batches, first_batches(shards, workers, seed=3, global_seed=1))
+        _, train_tf, _, tokenizer, _ = create(ModelConfig(), None)
+        state = torch.get_rng_state()
+        next(iter(training_stream(DataConfig(train_shards=shards, workers=workers), train_tf, tokenizer, 16, seed=3)))
+        assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_a_steps_batch_does_not_depend_on_the_step_the_loader_started_from(workers):
+    """Checkpoint intervals [0, 3), [3, 6), [6, 8): the loader that starts at step 3 (a resumed run) gives the
+    batches of steps 3 to 7 that the loader started at 0 gave, though its workers take other steps; each
+    interval's part of each worker is drawn from a seed of its own, and the seed given decides them all."""
+    def open_slot(slot_seed):  # an endless stream of batches, each naming its slot's seed and its place
+        return ((slot_seed, place) for place in itertools.count())
+
+    def batches(intervals, seed=0):
+        pipeline = wds.DataPipeline(functools.partial(interval_batches, open_slot, intervals, seed))
+        return [tuple(map(int, batch)) for batch in wds.WebLoader(pipeline, batch_size=None, num_workers=workers)]
+
+    from_0 = batches([(0, 3), (3, 6), (6, 8)])
+    assert len(from_0) == 8 and len(set(from_0)) == 8
+    assert len({slot for slot, _ in from_0}) == 2 * min(workers, 3) + min(workers, 2)  # slots per interval
+    assert batches([(3, 6), (6, 8)]) == from_0[3:]
+    assert set(batches([(0, 3), (3, 6), (6, 8)], seed=1)).isdisjoint(from_0)
 
 
 def test_training_stream_with_as_many_workers_as_shards(synthetic_root):

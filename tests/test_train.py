@@ -92,6 +92,39 @@ def test_the_same_seed_trains_the_same_weights_on_the_cpu(tmp_path, synthetic_ro
     assert not all(torch.equal(weights[key], other[key]) for key in weights)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_resumed_at_a_checkpoint_ends_as_one_that_went_on(tmp_path, synthetic_root, workers):
+    """A preempted run (here: failed before step 5, resumed from its checkpoint at step 3) draws the batches and
+    masks that the run would have drawn had it gone on, so it ends with the same weights and losses, bit for bit
+    on the CPU. With two loader workers, step 3 is the second worker's in one run and the first's in the other.
+    Calibration and the mask picture run in the first attempt only."""
+    def trainer(run_dir, fail_at_step, logged):
+        return train.Trainer(ModelConfig(),
+                             MaskingConfig(strategy="cluster", ratio=0.5, target_coverage=0.3, calibration_batches=1),
+                             DataConfig(train_shards=str(synthetic_root / "train"), workers=workers),
+                             TrainConfig(steps=7, batch_size=8, log_every=1, checkpoint_every=3, warmup_steps=1,
+                                         device="cpu", fail_at_step=fail_at_step),
+                             run_dir, log=lambda metrics, step: logged.update({step: metrics}))
+
+    went_on, resumed = {}, {}
+    weights = torch.load(trainer(tmp_path / "a", -1, went_on).run(), weights_only=True)["state_dict"]
+    with pytest.raises(RuntimeError, match="injected failure"):
+        trainer(tmp_path / "b", 5, resumed).run()
+    assert torch.load(train.checkpoint_paths(tmp_path / "b")[0], weights_only=True)["step"] == 3
+    resumed.update({step: None for step in (4, 5)})  # logged before the failure; the resumed run logs them again
+    again = torch.load(trainer(tmp_path / "b", -1, resumed).run(), weights_only=True)["state_dict"]
+    assert all(torch.equal(weights[key], again[key]) for key in weights)
+    losses = [{step: m["train/loss"] for step, m in logged.items() if step > 0} for logged in (went_on, resumed)]
+    assert losses[0] == losses[1] and sorted(losses[0]) == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_checkpoint_intervals_start_at_the_resumed_step_then_at_each_multiple():
+    assert train.interval_bounds(0, 6, 2) == [(0, 2), (2, 4), (4, 6)]
+    assert train.interval_bounds(4, 6, 2) == [(4, 6)]
+    assert train.interval_bounds(3, 10, 4) == [(3, 4), (4, 8), (8, 10)]  # checkpoint_every changed by a fix
+    assert train.interval_bounds(0, 5, 10) == [(0, 5)]
+
+
 def test_each_cuda_process_takes_its_local_gpu_before_nccl_starts(monkeypatch):
     """Multi-GPU jobs (8 tasks per node, each seeing the node's 8 GPUs): rank 1 must work on cuda:1, and be
     bound to it before the NCCL group starts (no GPU here, so the two calls are recorded, not made)."""
