@@ -249,7 +249,7 @@ def build(args, masking_kw, mode: str):
     op = torch.compile(masker) if compiled else masker
 
     def mask_op():
-        masker.pixels = images
+        masker.in_tower, masker.pixels = True, images  # as the tower's hooks set them for its call
         with autocast:
             op(tokens)
 

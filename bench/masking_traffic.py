@@ -65,7 +65,7 @@ def op_traffic(model_name: str, batch: int, masking_kw: dict, device: str, token
     visual = model.visual
     size = visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size
     patch = visual.conv1.kernel_size[0]
-    masker.pixels = torch.randn(batch, 3, size, size, device=device)
+    masker.in_tower, masker.pixels = True, torch.randn(batch, 3, size, size, device=device)  # as the tower's hooks
     tokens = torch.randn(batch, 1 + (size // patch) ** 2, visual.conv1.out_channels, device=device,
                          dtype=token_dtype)
     metrics.reset()

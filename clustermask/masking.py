@@ -7,9 +7,9 @@ random order, with no bias towards low or high indices. Every image keeps exactl
 the host: the masking path can be compiled with ``torch.compile(fullgraph=True)``.
 
 The masking module replaces open_clip's ``patch_dropout`` slot of a ``VisionTransformer`` (it sees the tokens
-after the positional embedding and before ``ln_pre``); forward pre-hooks hand it the pixels and, in
-``attention`` mode, give the transformer a per-image key-padding mask. The model's ``state_dict`` is
-unchanged, so checkpoints stay in open_clip's format.
+after the positional embedding and before ``ln_pre``); hooks on the tower hand it the pixels for the call and,
+in ``attention`` mode, give the transformer a per-image key-padding mask (so in training mode it runs only within
+a call of the tower). The model's ``state_dict`` is unchanged, so checkpoints stay in open_clip's format.
 """
 from __future__ import annotations
 
@@ -422,6 +422,8 @@ class TokenMasker(nn.Module):
         self.stats: Dict[str, torch.Tensor] = {}
         self.last: Optional[MaskResult] = None
         self.hooks: List = []  # the tower's hooks that feed this masker (install_masking)
+        self.installed = False  # in a tower, whose hooks feed it (a bool: dynamo cannot read `hooks`' handles)
+        self.in_tower = False  # within a call of that tower (its hooks set it)
 
     @property
     def active(self) -> bool:
@@ -454,6 +456,11 @@ class TokenMasker(nn.Module):
         self.attn_mask = None
         if not self.active:
             return x
+        if self.installed and not self.in_tower:
+            raise RuntimeError(
+                f"masking.strategy={self.cfg.strategy!r}: the masker ran in training mode outside a call of the image "
+                "tower it is installed in (open_clip's forward_intermediates?), so its hooks did not hand it the "
+                "images nor the transformer its attention mask; call the tower itself, or put it in evaluation mode")
         out, self.last, self.attn_mask, self.stats = self.mask_tokens(x, self.pixels, self.threshold_schedule,
                                                                       self.progress)
         return out
@@ -471,9 +478,20 @@ class TokenMasker(nn.Module):
         return torch.cat([cls_token, kept], dim=1), result, attn_mask, mask_stats(result, threshold)
 
 
-def _capture_pixels(masker: TokenMasker):
+def _enter_tower(masker: TokenMasker):
     def hook(module, args):
+        masker.in_tower = True
         masker.pixels = args[0] if masker.active and masker.cfg.strategy in PIXEL_STRATEGIES else None
+
+    return hook
+
+
+def _leave_tower(masker: TokenMasker):
+    """After the tower's call, failed or not: the images are not kept for a later call that would not go through
+    the tower (they would be another batch's)."""
+    def hook(module, args, output):
+        masker.in_tower = False
+        masker.pixels = None
 
     return hook
 
@@ -521,8 +539,10 @@ def install_masking(model: nn.Module, cfg: MaskingConfig, total_steps: int = 1) 
         for handle in visual.patch_dropout.hooks:
             handle.remove()
     visual.patch_dropout = masker
-    masker.hooks = [visual.register_forward_pre_hook(_capture_pixels(masker)),
+    masker.hooks = [visual.register_forward_pre_hook(_enter_tower(masker)),
+                    visual.register_forward_hook(_leave_tower(masker), always_call=True),
                     visual.transformer.register_forward_pre_hook(_inject_attn_mask(masker), with_kwargs=True)]
+    masker.installed = True
     return masker
 
 

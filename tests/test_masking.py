@@ -309,6 +309,24 @@ def test_attention_mode_hides_tokens_in_other_blocks_of_open_clip(options):
     assert_hidden_tokens_change_nothing(visual, masker, flat_halves_then_noise(32))
 
 
+def test_a_call_that_bypasses_the_towers_hooks_is_refused_rather_than_given_another_batchs_images():
+    """open_clip's VisionTransformer.forward_intermediates runs the masker but not the tower's hooks: in training
+    mode it clustered its tokens by the images of the tower's previous call, and in attention mode hid nothing.
+    Now refused, saying why; in evaluation mode (feature extraction) it runs. A tower's call that fails leaves no
+    images behind either."""
+    model, *_, masker = create(ModelConfig(), MaskingConfig(strategy="cluster", ratio=0.5, attention=True))
+    visual = model.visual.train()
+    visual(torch.rand(4, 3, 64, 64))
+    assert masker.pixels is None and not masker.in_tower
+    with pytest.raises(RuntimeError, match="outside a call of the image tower.*forward_intermediates"):
+        visual.forward_intermediates(torch.rand(4, 3, 64, 64), output_fmt="NLC", indices=1)
+    features = visual.eval().forward_intermediates(torch.rand(4, 3, 64, 64), output_fmt="NLC", indices=1)
+    assert features["image_intermediates"][0].shape == (4, 64, 128)
+    with pytest.raises(RuntimeError, match="size"):
+        visual.train()(torch.rand(4, 3, 56, 56))  # fails in the tower, after its first hook took the images
+    assert masker.pixels is None and not masker.in_tower
+
+
 @pytest.mark.parametrize("options, pooling", [(dict(pool_type="avg", final_ln_after_pool=True), "pool_type='avg'"),
                                               (dict(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=4,
                                                     output_tokens=True), "attentional pooler")])
