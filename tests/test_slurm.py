@@ -161,6 +161,14 @@ def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root)
     client = MlflowClient(manifest.tracking_uri)
     history = client.get_metric_history(point.mlflow_run_id, "zeroshot_classification/wds/shapes/acc1")
     assert len(history) == 2 and history[0].value == history[1].value
+    # the steps that the requeued attempt redoes (those after the checkpoint it resumed from) draw the data and masks
+    # that the signalled attempt drew: the same losses, to the last bit
+    losses = {}
+    for metric in client.get_metric_history(point.mlflow_run_id, "train/loss"):
+        losses.setdefault(metric.step, []).append(metric.value)
+    redone = {step: values for step, values in losses.items() if len(values) > 1}
+    assert all(len(set(values)) == 1 for values in redone.values()), redone
+    print(f"steps redone after the requeue, with the same losses: {sorted(redone)}")
     # the requeued attempt counts the signalled one's time up to the signal, steps it redoes included
     minutes = [m.value for m in sorted(client.get_metric_history(point.mlflow_run_id, "train/minutes"),
                                        key=lambda m: (m.timestamp, m.step))]
