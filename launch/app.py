@@ -143,6 +143,35 @@ def unused_setting_note(masking, key: str, value) -> str:
             f"{getattr(masking, key)!r}")
 
 
+SWEEP_SETTINGS = ("launcher", "tracking", "sweep_name", "paths")  # the sweep's: one value for all its points
+
+
+def sweep_settings_that_differ(points: List[ComposedPoint]) -> List[str]:
+    """`key: value, value` for each of the sweep's own settings whose value differs between its points (a sweep
+    over `launcher.train.mem_gb=16,64` would have submitted every point with point 0's)."""
+    from clustermask.tracking import flatten
+
+    flat = [flatten({k: p.config[k] for k in SWEEP_SETTINGS if k in p.config}) for p in points]
+    keys = sorted(set().union(*flat)) if flat else []
+    lines = []
+    for key in keys:
+        values = list(dict.fromkeys(f.get(key, "(not set)") for f in flat))
+        if len(values) > 1:
+            lines.append(f"{key}: {', '.join(values)}")
+    return lines
+
+
+def same_overrides(points: List[ComposedPoint]) -> Optional[Tuple[int, int]]:
+    """The first two points with the same overrides, if any."""
+    seen: Dict[Tuple[str, ...], int] = {}
+    for index, point in enumerate(points):
+        key = tuple(point.overrides)
+        if key in seen:
+            return seen[key], index
+        seen[key] = index
+    return None
+
+
 def merge_same_runs(points: List[ComposedPoint], strategies: Mapping[str, List[str]]
                     ) -> Tuple[List[ComposedPoint], List[str]]:
     """Each distinct run once, and a line for each thing changed.
@@ -218,12 +247,22 @@ def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Regis
     if errors:
         print("error: preflight failed, nothing was submitted:\n" + "\n".join(errors), file=sys.stderr)
         raise SystemExit(2)
+    differing = sweep_settings_that_differ(points)
+    if differing:
+        print("error: a sweep has one launcher, MLflow tracking, name and paths for all of its points; these "
+              "differ between its points (make a sweep for each value), nothing was submitted:\n"
+              + "\n".join(f"  {line}" for line in differing), file=sys.stderr)
+        raise SystemExit(2)
     points, notes = merge_same_runs(points, registries.strategies)
     if notes:
         print("note: settings a point's strategy does not use are recorded at a fixed value, and points that "
               "differ only in them are one run:\n" + "\n".join(f"  {note}" for note in notes), flush=True)
-    if len({tuple(p.overrides) for p in points}) != len(points):
-        raise SystemExit("error: two points have the same overrides")
+    same = same_overrides(points)
+    if same:
+        raise SystemExit(f"error: points {same[0]} and {same[1]} have the same overrides "
+                         f"({' '.join(points[same[0]].overrides) or 'none'}) but other configs: they differ in a "
+                         f"setting that does not name a point ({', '.join(graph.NOT_POINT_KEYS)}); nothing was "
+                         "submitted")
     launcher = OmegaConf.create(points[0].config["launcher"])
     if launcher.dry_run:
         return dry_run(sweep_dir, points, launcher)

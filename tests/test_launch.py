@@ -17,7 +17,7 @@ from hydra.errors import ConfigCompositionException, HydraException
 
 from clustermask.config import MaskingConfig, ModelConfig, validate_model_for_masking
 from launch import app, graph
-from launch.expand import compose_sweep
+from launch.expand import ComposedPoint, compose_sweep
 from launch.executors import Plan, SlurmExecutor, executor_parameters
 from launch.status import plan_resubmission
 
@@ -400,6 +400,19 @@ def test_preflight_failure_submits_nothing_and_names_the_point(tmp_path, synthet
     assert "nothing was submitted" in result.stderr
     assert "  points 1, 3: masking.ratio=1.5 must be in [0, 1)" in result.stderr  # the same error, named once
     assert not list(tmp_path.rglob("manifest.json")) and not list(tmp_path.rglob("mlflow.db"))
+
+
+def test_a_sweep_whose_points_differ_in_the_sweeps_own_settings_is_refused_naming_them(tmp_path, synthetic_root):
+    """One launcher, MLflow store and experiment per sweep: `launcher.train.mem_gb=4,8` submitted every point with
+    4 GB (point 0's), though point 1's saved config said 8; `tracking.experiment=a,b` logged both points in `a`."""
+    result = sweep_cli(f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "masking=random,cluster",
+                       "launcher.train.mem_gb=4,8", "tracking.experiment=a,b")
+    assert result.returncode == 2, result.stderr
+    assert "these differ between its points (make a sweep for each value), nothing was submitted" in result.stderr
+    assert "  launcher.train.mem_gb: 4, 8\n  tracking.experiment: a, b" in result.stderr
+    assert not list(tmp_path.rglob("manifest.json")) and not list(tmp_path.rglob("mlflow.db"))
+    points = [ComposedPoint(overrides, {}) for overrides in (["a=1"], ["a=2"], ["a=1"])]
+    assert app.same_overrides(points) == (0, 2) and app.same_overrides(points[:2]) is None
 
 
 def test_dry_run_prints_scripts_and_graph(tmp_path, synthetic_root):
