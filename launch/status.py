@@ -203,6 +203,23 @@ def check_eval_overrides(overrides: List[str]) -> None:
                              "launcher.report.* overrides only, as the points are not trained again")
 
 
+FIXED_WITH_THE_SWEEP = {
+    "tracking": "the sweep's MLflow store and experiment, which its runs are in",
+    "sweep_name": "the sweep's name, which its folder and runs are under",
+    "paths": "resolved into the points' configs when the sweep was made (fix the keys that used them: "
+             "data.train_shards, data.eval_root)",
+}
+
+
+def check_fixable(overrides: List[str]) -> None:
+    """A resubmission's fixes change the points' saved configs: not what the sweep fixed when it was made."""
+    for override in overrides:
+        key = override.partition("=")[0].lstrip("+~")
+        for setting, why in FIXED_WITH_THE_SWEEP.items():
+            if key == setting or key.startswith(setting + "."):
+                raise ValueError(f"{override!r}: a resubmission cannot change {setting}: {why}")
+
+
 def group_option(group: str, name: str):
     """configs/<group>/<name>.yaml on its typed schema, as Hydra composes a config-group option."""
     from .expand import CONFIG_DIR
@@ -305,6 +322,7 @@ def resubmit(sweep_dir: Path, overrides: List[str], dry_run: bool = False,
              evaluate_again: bool = False) -> Optional[dict]:
     """The unfinished or failed points, or with `evaluate_again` every trained point's evaluation; then the
     report. `overrides` fix the configs of the points resubmitted."""
+    check_fixable(overrides)
     if evaluate_again:
         check_eval_overrides(overrides)
     manifest = graph.Manifest.load(sweep_dir)

@@ -719,6 +719,12 @@ def test_a_dry_run_resubmission_checks_the_fix_and_changes_or_runs_nothing(tmp_p
     before = (run_dir / "config.yaml").read_text()
     with pytest.raises(ValueError, match="eval.batch_size=0"):
         status.resubmit(sweep.sweep_dir, ["eval.batch_size=0"], dry_run=True, evaluate_again=True)
+    # what the sweep fixed when it was made: a fix would be saved and do nothing (paths were resolved into the
+    # configs, the runs are in the sweep's MLflow store and experiment)
+    for fix, setting in (("paths.data=/elsewhere", "paths"), ("tracking.experiment=other", "tracking"),
+                         ("sweep_name=other", "sweep_name")):
+        with pytest.raises(ValueError, match=f"'{re.escape(fix)}': a resubmission cannot change {setting}: "):
+            status.resubmit(sweep.sweep_dir, [fix], dry_run=True)
     assert status.resubmit(sweep.sweep_dir, ["eval.batch_size=8"], dry_run=True, evaluate_again=True) is None
     assert "dry run, nothing is changed or submitted; would resubmit:\n  eval[0]" in capsys.readouterr().out
     assert (run_dir / "config.yaml").read_text() == before
