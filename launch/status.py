@@ -245,6 +245,17 @@ def apply_override(cfg, override: str) -> None:
         OmegaConf.update(cfg, key, _parse(value), merge=True)
 
 
+def follow_eval_root(cfg: DictConfig, earlier: str) -> None:
+    """The evaluation tasks' roots under `earlier`, data.eval_root when the sweep was made (`${data.eval_root}/...`
+    resolved then), follow a fix of data.eval_root (evaluation data moved), as the interpolation would have."""
+    earlier, now = earlier.rstrip("/"), cfg.data.eval_root.rstrip("/")
+    if now == earlier:
+        return
+    for task in cfg.eval.tasks:
+        if task.root == earlier or task.root.startswith(earlier + "/"):
+            task.root = now + task.root[len(earlier):]
+
+
 def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: List[str],
                     save: bool = True) -> Dict[int, DictConfig]:
     """Fix the configs of the points about to be resubmitted (typed: a bad key or value is refused). Every
@@ -260,8 +271,10 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
         point = manifest.points[i]
         cfg = graph.load_point_config(Path(point.run_dir))
         OmegaConf.set_struct(cfg, True)
+        eval_root = cfg.data.eval_root
         for override in overrides:
             apply_override(cfg, override)
+        follow_eval_root(cfg, eval_root)
         try:
             preflight(cfg, registries, shards_found)
         except (ValueError, FileNotFoundError, TypeError) as exc:

@@ -704,6 +704,29 @@ def test_evaluating_again_takes_an_eval_option_and_eval_keys_only(tmp_path, synt
                                      {"index": 3, "train": "failed", "eval": "cancelled"}]).eval_only == [0, 1]
 
 
+def test_a_fix_of_the_evaluation_data_root_moves_the_tasks_roots_with_it(tmp_path, synthetic_root):
+    """The tasks' roots were resolved from data.eval_root when the sweep was made: a fix `data.eval_root=NEW`
+    (the benchmarks moved) changed data.eval_root alone, and the evaluation read the old place. Now the roots under
+    it follow, whether the eval group is replaced too or not; a root elsewhere stays."""
+    from launch import status
+
+    sweep = compose_sweep([f"paths.root={tmp_path}", f"paths.data={synthetic_root}"])
+    manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
+    moved = tmp_path / "moved"
+    shutil.copytree(synthetic_root / "eval", moved)
+    for fixes in ([f"data.eval_root={moved}"], ["eval=synthetic", f"data.eval_root={moved}/"]):
+        evaluation = status.apply_overrides(manifest, [0], fixes, save=False)[0].eval
+        assert [Path(task.root).parent for task in evaluation.tasks] == [moved] * len(evaluation.tasks)
+    cfg = graph.load_point_config(Path(manifest.points[0].run_dir))
+    cfg.eval.tasks[0].root = str(tmp_path / "elsewhere" / "shapes")
+    status.follow_eval_root(cfg, str(synthetic_root / "nowhere"))
+    assert cfg.eval.tasks[0].root == str(tmp_path / "elsewhere" / "shapes")
+    cfg.data.eval_root = str(moved)
+    status.follow_eval_root(cfg, str(synthetic_root / "eval"))
+    assert cfg.eval.tasks[0].root == str(tmp_path / "elsewhere" / "shapes")
+    assert cfg.eval.tasks[1].root == str(moved / "shapes")
+
+
 def test_a_dry_run_resubmission_checks_the_fix_and_changes_or_runs_nothing(tmp_path, synthetic_root, capsys):
     """`clustermask-resubmit --dry-run` saved its fixes into the points' configs and, on a local sweep, ran the
     jobs (the local executor has no dry run)."""
