@@ -248,6 +248,8 @@ def apply_override(cfg, override: str) -> None:
 def follow_eval_root(cfg: DictConfig, earlier: str) -> None:
     """The evaluation tasks' roots under `earlier`, data.eval_root when the sweep was made (`${data.eval_root}/...`
     resolved then), follow a fix of data.eval_root (evaluation data moved), as the interpolation would have."""
+    if OmegaConf.is_missing(cfg.data, "eval_root"):  # `data=shards` without it: preflight names it
+        return
     earlier, now = earlier.rstrip("/"), cfg.data.eval_root.rstrip("/")
     if now == earlier:
         return
