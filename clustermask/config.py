@@ -68,6 +68,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 20
     checkpoint_every: int = 100
+    # each checkpoint interval's data and masks drawn from seeds of its own, so that a resumed run draws what it
+    # would have drawn had it gone on; false: one stream from each (re)start, which saves re-filling each loader
+    # worker's shuffle buffer per interval (up to data.shuffle_buffer samples read and dropped)
+    exact_resume: bool = True
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     device: str = "auto"  # auto | cpu | cuda
     fail_at_step: int = -1  # fault injection for tests: raise at this step (-1: never)

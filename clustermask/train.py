@@ -231,9 +231,9 @@ class Trainer:
     def _batches(self, transform, tokenizer, start: int):
         """(step, images, texts) from `start` to the end. Each checkpoint interval's data and mask noise are seeded
         by train.seed, the rank and its first step: a run resumed at a checkpoint draws what it would have drawn
-        had it gone on."""
+        had it gone on. Without train.exact_resume, the one interval is from `start` to the end."""
         cfg = self.cfg
-        intervals = interval_bounds(start, cfg.steps, cfg.checkpoint_every)
+        intervals = interval_bounds(start, cfg.steps, cfg.checkpoint_every if cfg.exact_resume else cfg.steps)
         stream = iter(training_stream(self.data, transform, tokenizer, cfg.batch_size,
                                       seed=derive_seed(cfg.seed, self.rank, "data"), intervals=intervals))
         firsts = {first for first, _ in intervals}

@@ -98,12 +98,12 @@ def test_a_run_resumed_at_a_checkpoint_ends_as_one_that_went_on(tmp_path, synthe
     masks that the run would have drawn had it gone on, so it ends with the same weights and losses, bit for bit
     on the CPU. With two loader workers, step 3 is the second worker's in one run and the first's in the other.
     Calibration and the mask picture run in the first attempt only."""
-    def trainer(run_dir, fail_at_step, logged):
+    def trainer(run_dir, fail_at_step, logged, exact_resume=True):
         return train.Trainer(ModelConfig(),
                              MaskingConfig(strategy="cluster", ratio=0.5, target_coverage=0.3, calibration_batches=1),
                              DataConfig(train_shards=str(synthetic_root / "train"), workers=workers),
                              TrainConfig(steps=7, batch_size=8, log_every=1, checkpoint_every=3, warmup_steps=1,
-                                         device="cpu", fail_at_step=fail_at_step),
+                                         device="cpu", fail_at_step=fail_at_step, exact_resume=exact_resume),
                              run_dir, log=lambda metrics, step: logged.update({step: metrics}))
 
     went_on, resumed = {}, {}
@@ -116,6 +116,12 @@ def test_a_run_resumed_at_a_checkpoint_ends_as_one_that_went_on(tmp_path, synthe
     assert all(torch.equal(weights[key], again[key]) for key in weights)
     losses = [{step: m["train/loss"] for step, m in logged.items() if step > 0} for logged in (went_on, resumed)]
     assert losses[0] == losses[1] and sorted(losses[0]) == [1, 2, 3, 4, 5, 6, 7]
+    # train.exact_resume=false: one stream from each (re)start, so the resumed run ends elsewhere
+    afresh = {}
+    with pytest.raises(RuntimeError, match="injected failure"):
+        trainer(tmp_path / "c", 5, afresh, exact_resume=False).run()
+    elsewhere = torch.load(trainer(tmp_path / "c", -1, afresh, exact_resume=False).run(), weights_only=True)
+    assert not all(torch.equal(weights[key], elsewhere["state_dict"][key]) for key in weights)
 
 
 def test_checkpoint_intervals_start_at_the_resumed_step_then_at_each_multiple():

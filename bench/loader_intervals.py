@@ -1,0 +1,40 @@
+"""The training loader's throughput in one stream and in checkpoint intervals (train.exact_resume).
+
+    python bench/loader_intervals.py --data data/synthetic [--workers 2] [--batch 64] [--steps 400]
+
+Each interval starts every loader worker's part afresh (its shards, its shuffle buffer), so that a resumed run
+draws what it would have drawn: this times the loader alone, no model, for one interval and for intervals of
+50 and 10 steps, twice each, and prints batches per second.
+"""
+import argparse
+import time
+
+from clustermask.data import DataConfig, training_stream
+from clustermask.model import ModelConfig, create
+
+
+def batches_per_s(cfg: DataConfig, transform, tokenizer, batch: int, intervals) -> float:
+    started = time.perf_counter()
+    count = sum(1 for _ in training_stream(cfg, transform, tokenizer, batch, seed=0, intervals=intervals))
+    return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, help="a folder with train/ shards (clustermask-data --out ...)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=400)
+    args = parser.parse_args()
+    _, transform, _, tokenizer, _ = create(ModelConfig(), None)
+    cfg = DataConfig(train_shards=f"{args.data}/train", workers=args.workers)
+    print(f"| intervals | batches/s ({args.workers} workers, batches of {args.batch}, {args.steps} steps) |")
+    print("|---|---|")
+    for every in (args.steps, 50, 10) * 2:
+        intervals = [(first, min(first + every, args.steps)) for first in range(0, args.steps, every)]
+        rate = batches_per_s(cfg, transform, tokenizer, args.batch, intervals)
+        print(f"| {'one' if every == args.steps else f'{every} steps'} | {rate:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
