@@ -139,7 +139,9 @@ def hub_repositories(name: str) -> List[Tuple[str, str]]:
     return [(what, repo) for what, repo in parts if repo]
 
 
-HUB_FILES = {"tokenizer": ("config.json",), "text tower": ("config.json", "model.safetensors|pytorch_model.bin")}
+# per part, the files it needs (`a|b`: either), as transformers' Auto classes read them
+HUB_FILES = {"tokenizer": ("config.json", "tokenizer.json|vocab.txt|sentencepiece.bpe.model|spiece.model"),
+             "text tower": ("config.json", "model.safetensors|pytorch_model.bin")}
 
 
 def validate_model_offline(cfg: ModelConfig) -> None:

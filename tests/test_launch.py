@@ -340,9 +340,13 @@ def test_preflight_refuses_a_model_whose_hugging_face_parts_are_not_in_the_cache
         with pytest.raises(ValueError, match=re.escape(f"model.name={name!r} needs {message} from the Hugging Face "
                                                        f"Hub, not found in the Hugging Face cache {cache}")):
             app.preflight(compose_cfg(*good, f"model.name={name}"))
-    cache_on_the_hub(cache, "bert-base-uncased", "config.json")
+    cache_on_the_hub(cache, "bert-base-uncased", "config.json")  # the tokenizer's vocabulary is still missing
+    with pytest.raises(ValueError, match="needs its tokenizer 'bert-base-uncased' from"):
+        app.preflight(compose_cfg(*good, "model.name=ViT-L-14-CLIPA"))
+    cache_on_the_hub(cache, "bert-base-uncased", "vocab.txt")
     app.preflight(compose_cfg(*good, "model.name=ViT-L-14-CLIPA"))
-    cache_on_the_hub(cache, "xlm-roberta-base", "config.json")  # the text tower's weights are still missing
+    cache_on_the_hub(cache, "xlm-roberta-base", "config.json")
+    cache_on_the_hub(cache, "xlm-roberta-base", "sentencepiece.bpe.model")  # the text tower's weights still missing
     with pytest.raises(ValueError, match="needs its text tower 'xlm-roberta-base' from"):
         app.preflight(compose_cfg(*good, "model.name=xlm-roberta-base-ViT-B-32"))
     cache_on_the_hub(cache, "xlm-roberta-base", "model.safetensors")
