@@ -29,6 +29,11 @@ def _under(path: str, folder: str) -> bool:
     return Path(path) == Path(folder) or Path(folder) in Path(path).parents
 
 
+def moved_with(path: str, folder: str, to) -> str:
+    """`path` where it is once `folder` is at `to`, if it is under `folder`; else `path` as it is."""
+    return str(Path(to) / os.path.relpath(path, folder)) if _under(path, folder) else path
+
+
 def where_the_sweep_is(manifest: dict, sweep_dir: Path) -> dict:
     """A sweep's manifest (manifest.json's contents) with its paths where the sweep directory is now.
 
@@ -40,11 +45,8 @@ def where_the_sweep_is(manifest: dict, sweep_dir: Path) -> dict:
     if os.path.exists(made) and os.path.samefile(made, here):
         return manifest
 
-    def moved(path: str) -> str:
-        return str(here / os.path.relpath(path, made)) if _under(path, made) else path
-
     uri, store = manifest["tracking_uri"], sqlite_path(manifest["tracking_uri"])
     if store is not None:
-        uri = SQLITE + moved(str(store))
-    points = [{**point, "run_dir": moved(point["run_dir"])} for point in manifest["points"]]
+        uri = SQLITE + moved_with(str(store), made, here)
+    points = [{**point, "run_dir": moved_with(point["run_dir"], made, here)} for point in manifest["points"]]
     return {**manifest, "sweep_dir": str(here), "tracking_uri": uri, "points": points}

@@ -14,7 +14,7 @@ import socket
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -86,9 +86,13 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def section_of(key: str, sections: Iterable[str]) -> Optional[str]:
+    """The one of `sections` that `key` is or is under (`launcher` for `launcher.train.mem_gb`), else None."""
+    return next((section for section in sections if key == section or key.startswith(section + ".")), None)
+
+
 def is_point_override(override: str) -> bool:
-    key = override_key(override)
-    return not any(key == k or key.startswith(k + ".") for k in NOT_POINT_KEYS)
+    return section_of(override_key(override), NOT_POINT_KEYS) is None
 
 
 def point_overrides(task_overrides: List[str]) -> List[str]:

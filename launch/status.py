@@ -214,10 +214,9 @@ FIXED_WITH_THE_SWEEP = {
 def check_fixable(overrides: List[str]) -> None:
     """A resubmission's fixes change the points' saved configs: not what the sweep fixed when it was made."""
     for override in overrides:
-        key = override.partition("=")[0].lstrip("+~")
-        for setting, why in FIXED_WITH_THE_SWEEP.items():
-            if key == setting or key.startswith(setting + "."):
-                raise ValueError(f"{override!r}: a resubmission cannot change {setting}: {why}")
+        setting = graph.section_of(graph.override_key(override), FIXED_WITH_THE_SWEEP)
+        if setting is not None:
+            raise ValueError(f"{override!r}: a resubmission cannot change {setting}: {FIXED_WITH_THE_SWEEP[setting]}")
 
 
 def group_option(group: str, name: str):
@@ -248,14 +247,12 @@ def apply_override(cfg, override: str) -> None:
 def follow_eval_root(cfg: DictConfig, earlier: str) -> None:
     """The evaluation tasks' roots under `earlier`, data.eval_root when the sweep was made (`${data.eval_root}/...`
     resolved then), follow a fix of data.eval_root (evaluation data moved), as the interpolation would have."""
-    if OmegaConf.is_missing(cfg.data, "eval_root"):  # `data=shards` without it: preflight names it
-        return
-    earlier, now = earlier.rstrip("/"), cfg.data.eval_root.rstrip("/")
-    if now == earlier:
-        return
+    from clustermask.files import moved_with
+
+    if OmegaConf.is_missing(cfg.data, "eval_root") or Path(cfg.data.eval_root) == Path(earlier):
+        return  # not moved, or `data=shards` without it (preflight names it)
     for task in cfg.eval.tasks:
-        if task.root == earlier or task.root.startswith(earlier + "/"):
-            task.root = now + task.root[len(earlier):]
+        task.root = moved_with(task.root, earlier, cfg.data.eval_root)
 
 
 def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: List[str],
