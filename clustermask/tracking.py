@@ -23,7 +23,11 @@ MAX_PARAM_LENGTH = 6000
 
 def resolve_uri(cfg: TrackingConfig, sweep_dir: Path) -> str:
     # MLflow 3 refuses the plain file store: sqlite is the local default
-    return cfg.uri or f"{SQLITE}{Path(sweep_dir).resolve() / 'mlflow.db'}"
+    if not cfg.uri:
+        return f"{SQLITE}{Path(sweep_dir).resolve() / 'mlflow.db'}"
+    store = sqlite_path(cfg.uri)
+    # a relative sqlite path (`sqlite:///runs.db`) is pinned here: a job elsewhere would start an empty store
+    return f"{SQLITE}{store.resolve()}" if store is not None and not store.is_absolute() else cfg.uri
 
 
 def client(uri: str):

@@ -243,6 +243,9 @@ def create_sweep(sweep_dir: Path, points: List[ComposedPoint], tracker: Tracking
 def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Registries,
                  tracker: TrackingInChild) -> None:
     """Preflight every point, then write the sweep and hand its graph to the executor."""
+    for point in points:
+        if point.config is not None:
+            graph.pin_relative_paths(point.config, Path.cwd())
     errors = check_points(points, registries)
     if errors:
         print("error: preflight failed, nothing was submitted:\n" + "\n".join(errors), file=sys.stderr)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from clustermask.files import where_the_sweep_is, write_atomic
 
@@ -145,6 +145,30 @@ def save_point_config(run_dir: Path, cfg) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
     write_atomic(run_dir / "config.yaml", yaml.dump(cfg, Dumper=dumper, sort_keys=False, allow_unicode=True))
+
+
+def _path_settings(cfg) -> Iterator[tuple]:
+    """(section, key) of each setting of a point's config that names a file or folder."""
+    yield from ((cfg["paths"], "root"), (cfg["paths"], "data"), (cfg["data"], "train_shards"),
+                (cfg["data"], "eval_root"))
+    yield from ((task, "root") for task in cfg["eval"]["tasks"])
+
+
+def pinned_path(value, base: Path):
+    """`value` made absolute against `base` if it is a relative path (not a URL, `pipe:` or `???`)."""
+    if not isinstance(value, str) or not value or value == "???" or ":" in value or os.path.isabs(value):
+        return value
+    return os.path.normpath(os.path.join(base, value))
+
+
+def pin_relative_paths(cfg, base: Path) -> None:
+    """Make a point's relative paths (`paths.*`, `data.train_shards`, `data.eval_root`, the evaluation tasks'
+    roots) absolute against `base`, the folder the command runs in, in place (a dict or a DictConfig). A job reads
+    them from its own working folder, which is the one its submission ran in: resubmitted from elsewhere it would
+    read other data, or none."""
+    for section, key in _path_settings(cfg):
+        if not (isinstance(section, DictConfig) and OmegaConf.is_missing(section, key)):
+            section[key] = pinned_path(section[key], base)
 
 
 def load_point_config(run_dir: Path):

@@ -274,6 +274,7 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
         for override in overrides:
             apply_override(cfg, override)
         follow_eval_root(cfg, eval_root)
+        graph.pin_relative_paths(cfg, Path.cwd())  # a fix's relative path, or a sweep made before they were pinned
         try:
             preflight(cfg, registries, shards_found)
         except (ValueError, FileNotFoundError, TypeError) as exc:

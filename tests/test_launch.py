@@ -761,6 +761,42 @@ def test_a_dry_run_resubmission_checks_the_fix_and_changes_or_runs_nothing(tmp_p
     assert graph.Manifest.load(sweep.sweep_dir).submissions == manifest.submissions
 
 
+def test_relative_paths_stay_where_the_sweep_was_made_for_jobs_and_commands_run_elsewhere(tmp_path, synthetic_root,
+                                                                                        monkeypatch, capsys):
+    """A job reads its config's paths from its own working folder, the one its submission ran in: a sweep made
+    with `paths.root=outputs paths.data=data` and resubmitted from another folder read other data or none, and a
+    relative sqlite store (`tracking.uri=sqlite:///runs.db`) would have been started afresh there."""
+    from mlflow.tracking import MlflowClient
+
+    from launch import status
+
+    made_in, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    made_in.mkdir()
+    elsewhere.mkdir()
+    (made_in / "data").symlink_to(synthetic_root)
+    made = sweep_cli("paths.root=outputs", "paths.data=data", "tracking.uri=sqlite:///runs.db", "train.fail_at_step=0",
+                     "sweep_name=pinned", cwd=made_in)
+    sweep_dir = made_in / "outputs" / "sweeps" / "pinned"
+    manifest = graph.Manifest.load(sweep_dir)
+    log = Path(manifest.points[0].run_dir) / "logs" / "train.log"
+    assert made.returncode == 1 and "injected failure" in log.read_text(), made.stderr
+    cfg = graph.load_point_config(Path(manifest.points[0].run_dir))
+    assert cfg.data.train_shards == str(made_in / "data" / "train")
+    assert cfg.paths.root == str(made_in / "outputs") and cfg.data.eval_root == str(made_in / "data" / "eval")
+    assert [Path(task.root).parent for task in cfg.eval.tasks] == [made_in / "data" / "eval"] * len(cfg.eval.tasks)
+    assert manifest.tracking_uri == f"sqlite:///{made_in / 'runs.db'}"
+    tags = MlflowClient(manifest.tracking_uri).get_run(manifest.points[0].mlflow_run_id).data.tags
+    assert tags["train_state"] == "failed"  # the job wrote where the sweep's runs are
+
+    monkeypatch.chdir(elsewhere)
+    assert status.resubmit(sweep_dir, ["train.fail_at_step=-1"], dry_run=True) is None  # preflight found the data
+    assert "would resubmit" in capsys.readouterr().out
+    status.apply_overrides(manifest, [0], ["data.train_shards=../project/data/train"])  # a fix's relative path
+    assert graph.load_point_config(Path(manifest.points[0].run_dir)).data.train_shards == str(
+        made_in / "data" / "train")
+    assert not list(elsewhere.iterdir())
+
+
 def test_resubmit_with_the_tracking_server_down_changes_no_config(tmp_path, synthetic_root, monkeypatch):
     from launch.status import apply_overrides
 
