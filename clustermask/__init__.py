@@ -12,6 +12,7 @@ _PUBLIC = {
     "evaluate": ("EVALUATORS", "evaluate_checkpoint", "register_evaluator"),
     "masking": ("STRATEGIES", "TokenMasker", "calibrate_threshold", "install_masking", "register_strategy"),
     "model": ("create_model", "load_for_eval"),
+    "plugins": ("load_plugins",),
     "synthetic": ("SyntheticConfig", "generate_synthetic"),
     "train": ("Trainer",),
     "visualize": ("save_mask_grid",),

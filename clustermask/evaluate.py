@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from .config import EvalConfig, EvalTask, validate_eval
 from .files import write_atomic
+from .plugins import check_name_free
 
 # clip_benchmark is imported where it is used: composing and checking a 64-point sweep should not pay for it.
 
@@ -38,6 +39,8 @@ EVALUATORS: Dict[str, Evaluator] = {}
 
 
 def register_evaluator(name: str):
+    check_name_free(EVALUATORS, name, "evaluator")
+
     def wrap(fn: Evaluator) -> Evaluator:
         EVALUATORS[name] = fn
         return fn

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import MaskingConfig, calibrated, hides_tokens, pooling_beyond_cls, validate_masking
+from .plugins import check_name_free
 
 
 class MaskingInputs(NamedTuple):
@@ -56,6 +57,7 @@ def register_strategy(name: str, needs_pixels: bool = False, settings: Tuple[str
     other key changes them). Without `ratio` the strategy drops nothing, as `none`. With `target_coverage` it
     clusters with `cluster_membership` (or `nearest_anchors`), whose threshold training calibrates to that
     coverage, and so it must declare the keys those read as well (CALIBRATED_SETTINGS)."""
+    check_name_free(STRATEGIES, name, "masking strategy")
     unknown = set(settings) - {f.name for f in fields(MaskingConfig)}
     if unknown:
         raise ValueError(f"strategy {name!r}: {sorted(unknown)} are not MaskingConfig keys")

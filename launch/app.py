@@ -23,6 +23,8 @@ from hydra._internal.utils import get_args_parser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from clustermask.plugins import PluginError
+
 from . import graph
 from .executors import Plan, SlurmExecutor, SubmissionError, check_launcher, describe, make_executor
 from .expand import CONFIG_DIR, CONFIG_NAME, ComposedPoint, compose_sweep, resolved
@@ -143,7 +145,8 @@ def unused_setting_note(masking, key: str, value) -> str:
             f"{getattr(masking, key)!r}")
 
 
-SWEEP_SETTINGS = ("launcher", "tracking", "sweep_name", "paths")  # the sweep's: one value for all its points
+# the sweep's: one value for all its points
+SWEEP_SETTINGS = ("launcher", "tracking", "sweep_name", "paths", "plugins")
 
 
 def sweep_settings_that_differ(points: List[ComposedPoint]) -> List[str]:
@@ -151,7 +154,7 @@ def sweep_settings_that_differ(points: List[ComposedPoint]) -> List[str]:
     over `launcher.train.mem_gb=16,64` would have submitted every point with point 0's)."""
     from clustermask.tracking import flatten
 
-    flat = [flatten({k: p.config[k] for k in SWEEP_SETTINGS if k in p.config}) for p in points]
+    flat = [flatten({k: p.config[k] for k in SWEEP_SETTINGS if k in p.config}) for p in points if p.config]
     keys = sorted(set().union(*flat)) if flat else []
     lines = []
     for key in keys:
@@ -159,6 +162,21 @@ def sweep_settings_that_differ(points: List[ComposedPoint]) -> List[str]:
         if len(values) > 1:
             lines.append(f"{key}: {', '.join(values)}")
     return lines
+
+
+def check_sweep_settings(points: List[ComposedPoint]) -> None:
+    differing = sweep_settings_that_differ(points)
+    if differing:
+        print("error: a sweep has one launcher, MLflow tracking, name, paths and plugins for all of its points; "
+              "these differ between its points (make a sweep for each value), nothing was submitted:\n"
+              + "\n".join(f"  {line}" for line in differing), file=sys.stderr)
+        raise SystemExit(2)
+
+
+def sweep_plugins(points: List[ComposedPoint]) -> List[str]:
+    """The sweep's plugins: every point's, once `check_sweep_settings` passed."""
+    composed = [p.config for p in points if p.config]
+    return list(composed[0].get("plugins", [])) if composed else []
 
 
 def same_overrides(points: List[ComposedPoint]) -> Optional[Tuple[int, int]]:
@@ -243,18 +261,9 @@ def create_sweep(sweep_dir: Path, points: List[ComposedPoint], tracker: Tracking
 def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Registries,
                  tracker: TrackingInChild) -> None:
     """Preflight every point, then write the sweep and hand its graph to the executor."""
-    for point in points:
-        if point.config is not None:
-            graph.pin_relative_paths(point.config, Path.cwd())
     errors = check_points(points, registries)
     if errors:
         print("error: preflight failed, nothing was submitted:\n" + "\n".join(errors), file=sys.stderr)
-        raise SystemExit(2)
-    differing = sweep_settings_that_differ(points)
-    if differing:
-        print("error: a sweep has one launcher, MLflow tracking, name and paths for all of its points; these "
-              "differ between its points (make a sweep for each value), nothing was submitted:\n"
-              + "\n".join(f"  {line}" for line in differing), file=sys.stderr)
         raise SystemExit(2)
     points, notes = merge_same_runs(points, registries.strategies)
     if notes:
@@ -345,7 +354,16 @@ def main(argv: Optional[List[str]] = None) -> None:
             sweep = compose_sweep(args.overrides, multirun=args.multirun)
         except HydraException as exc:
             raise SystemExit(f"error: {' '.join(str(exc).split())}") from None
-        submit_sweep(sweep.sweep_dir, sweep.points, registries.result(), tracker)
+        check_sweep_settings(sweep.points)
+        for point in sweep.points:
+            if point.config is not None:
+                graph.pin_relative_paths(point.config, Path.cwd())
+        try:
+            found = registries.result(sweep_plugins(sweep.points))
+        except PluginError as exc:
+            print(f"error: preflight failed, nothing was submitted:\n  {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        submit_sweep(sweep.sweep_dir, sweep.points, found, tracker)
 
 
 if __name__ == "__main__":

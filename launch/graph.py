@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from clustermask.files import where_the_sweep_is, write_atomic
 
 STAGES = ("train", "eval")
-NOT_POINT_KEYS = ("launcher", "experiment", "sweep_name", "paths", "hydra")
+NOT_POINT_KEYS = ("launcher", "experiment", "sweep_name", "paths", "plugins", "hydra")
 
 
 @dataclass
@@ -149,9 +149,13 @@ def save_point_config(run_dir: Path, cfg) -> None:
 
 def _path_settings(cfg) -> Iterator[tuple]:
     """(section, key) of each setting of a point's config that names a file or folder."""
+    from clustermask.plugins import is_file
+
     yield from ((cfg["paths"], "root"), (cfg["paths"], "data"), (cfg["data"], "train_shards"),
                 (cfg["data"], "eval_root"))
     yield from ((task, "root") for task in cfg["eval"]["tasks"])
+    plugins = cfg.get("plugins") or []  # none in a sweep made before they were
+    yield from ((plugins, i) for i, entry in enumerate(plugins) if is_file(entry))
 
 
 def pinned_path(value, base: Path):
@@ -163,7 +167,7 @@ def pinned_path(value, base: Path):
 
 def pin_relative_paths(cfg, base: Path) -> None:
     """Make a point's relative paths (`paths.*`, `data.train_shards`, `data.eval_root`, the evaluation tasks'
-    roots) absolute against `base`, the folder the command runs in, in place (a dict or a DictConfig). A job reads
+    roots, plugin files) absolute against `base`, the folder the command runs in, in place (a dict or a DictConfig). A job reads
     them from its own working folder, which is the one its submission ran in: resubmitted from elsewhere it would
     read other data, or none."""
     for section, key in _path_settings(cfg):

@@ -4,8 +4,8 @@ Importing torch (for the strategy and evaluator registries) and MLflow takes sec
 while the command composes the sweep, so submitting 64 points stays a matter of seconds. Neither child
 writes anything until the command has checked every point and asks it to:
 
-- `RegistriesInChild`: the names registered with the model code (strategies and the settings each uses,
-  evaluators), for preflight.
+- `RegistriesInChild`: the names registered with the model code and the sweep's plugins (strategies and the
+  settings each uses, evaluators), for preflight. It imports the model code at once, the plugins when asked.
 - `TrackingInChild`: imports MLflow and readies the empty sqlite store, then, only when asked, creates the
   sweep's parent run and a run per point, and answers their ids. Closing it unasked writes nothing.
 
@@ -14,12 +14,13 @@ writes anything until the command has checked every point and asks it to:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,9 +32,12 @@ class Registries:
     evaluators: List[str]
 
     @classmethod
-    def here(cls) -> "Registries":
+    def here(cls, plugins: Sequence[str] = ()) -> "Registries":
+        """What is registered once `plugins` are imported (PluginError names one that fails)."""
         from clustermask import evaluate, masking
+        from clustermask.plugins import load_plugins
 
+        load_plugins(plugins)
         return cls({name: list(masking.STRATEGY_SETTINGS[name]) for name in sorted(masking.STRATEGIES)},
                    sorted(evaluate.EVALUATORS))
 
@@ -63,8 +67,14 @@ class _Child:
 class RegistriesInChild(_Child):
     role = "registries"
 
-    def result(self) -> Registries:
-        return Registries(**self._answer())
+    def result(self, plugins: Sequence[str] = ()) -> Registries:
+        """Registries.here(plugins), from the child; a plugin that fails to import raises PluginError."""
+        from clustermask.plugins import PluginError
+
+        answer = self._answer(json.dumps(list(plugins)))
+        if "plugin_error" in answer:
+            raise PluginError(answer["plugin_error"])
+        return Registries(**answer)
 
 
 class TrackingInChild(_Child):
@@ -93,8 +103,20 @@ def _serve_tracking() -> dict:
     return {"parent": parent, "runs": runs}
 
 
+def _serve_registries() -> dict:
+    from clustermask.plugins import PluginError
+
+    for module in ("clustermask.masking", "clustermask.evaluate"):  # torch, while the command composes the sweep
+        importlib.import_module(module)
+
+    try:
+        return dataclasses.asdict(Registries.here(json.loads(sys.stdin.read() or "[]")))
+    except PluginError as exc:
+        return {"plugin_error": str(exc)}
+
+
 def main(role: str) -> None:
-    answer = dataclasses.asdict(Registries.here()) if role == "registries" else _serve_tracking()
+    answer = _serve_registries() if role == "registries" else _serve_tracking()
     print(json.dumps(answer), flush=True)
 
 

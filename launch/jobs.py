@@ -16,6 +16,8 @@ from typing import Optional
 import submitit
 from omegaconf import OmegaConf
 
+from clustermask.plugins import load_plugins
+
 from . import graph
 
 # a job downloads nothing: open_clip's Hugging Face tokenizers and text towers come from the local cache, which
@@ -121,6 +123,8 @@ def train_point(run_dir: str) -> str:
     cfg = graph.load_point_config(Path(run_dir))
 
     def body(logger):
+        load_plugins(cfg.get("plugins") or [])
+
         def log(metrics, step):
             logger.metrics(metrics, step)
             _progress(run_dir, "train", step, cfg.train.steps)
@@ -142,6 +146,7 @@ def eval_point(run_dir: str) -> str:
     cfg = graph.load_point_config(Path(run_dir))
 
     def body(logger):
+        load_plugins(cfg.get("plugins") or [])
         checkpoint = final_checkpoint(Path(run_dir))
         if not checkpoint.exists():
             raise FileNotFoundError(f"no trained checkpoint at {checkpoint}: did training finish?")

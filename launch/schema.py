@@ -5,7 +5,7 @@ YAML files in configs/ extend these; struct mode rejects unknown keys, and Omega
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
@@ -56,6 +56,9 @@ class PathsConfig:
 class Config:
     sweep_name: str = "default"
     paths: PathsConfig = field(default_factory=PathsConfig)
+    # a researcher's own masking strategies and evaluators: .py files or module names that register them when
+    # imported (clustermask/plugins.py), imported by the sweep command and by every job
+    plugins: List[str] = field(default_factory=list)
     model: ModelConfig = MISSING
     masking: MaskingConfig = MISSING
     data: DataSchema = MISSING

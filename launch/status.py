@@ -264,7 +264,6 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
     from .app import canonical_point_masking, preflight, unused_setting_note
     from .helpers import Registries
 
-    registries = Registries.here()
     fixed, shards_found = {}, set()
     for i in indices:
         point = manifest.points[i]
@@ -276,6 +275,7 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
         follow_eval_root(cfg, eval_root)
         graph.pin_relative_paths(cfg, Path.cwd())  # a fix's relative path, or a sweep made before they were pinned
         try:
+            registries = Registries.here(cfg.get("plugins") or [])
             preflight(cfg, registries, shards_found)
         except (ValueError, FileNotFoundError, TypeError) as exc:
             problems = str(exc).replace("\n", "\n  ")  # preflight's error has a line per problem

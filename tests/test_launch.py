@@ -419,6 +419,63 @@ def test_a_sweep_whose_points_differ_in_the_sweeps_own_settings_is_refused_namin
     assert app.same_overrides(points) == (0, 2) and app.same_overrides(points[:2]) is None
 
 
+@pytest.mark.parametrize("plugin, problem", [
+    (None, "plugins[0]='{dir}/missing.py': no such file"),
+    ("raise RuntimeError('no GPU here')\n", "plugins[0]='{dir}/mine.py' failed to import: RuntimeError: no GPU here"),
+    ("from clustermask.masking import register_strategy, score_random\nregister_strategy('random')(score_random)\n",
+     "plugins[0]='{dir}/mine.py' failed to import: ValueError: masking strategy 'random' is already registered "
+     "(clustermask.masking.score_random)"),
+])
+def test_a_plugin_that_cannot_be_imported_is_named_before_anything_is_written(tmp_path, synthetic_root, plugin,
+                                                                              problem):
+    if plugin is not None:
+        (tmp_path / "mine.py").write_text(plugin)
+    result = sweep_cli(f"plugins=[{'missing' if plugin is None else 'mine'}.py]", "paths.root=out",
+                       f"paths.data={synthetic_root}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert f"nothing was submitted:\n  {problem.format(dir=tmp_path)}" in result.stderr  # pinned where it runs
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plugin_modules_strategy_is_checked_as_the_built_in_ones(tmp_path, synthetic_root):
+    """A module on PYTHONPATH registers them; the sweep's points are checked against its names and settings (a
+    setting its strategy does not declare is recorded at a fixed value), and a resubmission's checks import it."""
+    from launch import status
+    from launch.helpers import Registries
+
+    (tmp_path / "lab_masks.py").write_text(
+        "from clustermask.masking import register_strategy, score_random\n"
+        "register_strategy('lab_random')(score_random)\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    common = ["plugins=[lab_masks]", f"paths.root={tmp_path}", f"paths.data={synthetic_root}",
+              "masking.strategy=lab_random", "launcher.dry_run=true"]
+    shown = subprocess.run([sys.executable, "-m", "launch.app", "-m", *common, "masking.threshold=0.3,0.7"],
+                           capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "masking.threshold=0.3 is not used by masking.strategy=lab_random" in shown.stdout
+    assert "dry run: 1 point(s)" in shown.stdout
+    unknown = sweep_cli(*common, cwd=REPO)  # without the module on PYTHONPATH
+    assert unknown.returncode == 2
+    assert "plugins[0]='lab_masks': no module named 'lab_masks'" in unknown.stderr
+    with pytest.raises(ValueError, match="masking.strategy='lab_random' is not one of"):
+        app.preflight(compose_sweep(common[1:], multirun=False).points[0].config)
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        sweep = compose_sweep(common[:-1], multirun=False)
+        assert Registries.here(["lab_masks"]).strategies["lab_random"] == ["ratio"]
+        manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
+        status.apply_overrides(manifest, [0], ["masking.ratio=0.3"])
+        assert graph.load_point_config(Path(manifest.points[0].run_dir)).masking.ratio == 0.3
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("lab_masks", None)
+        from clustermask import masking
+
+        masking.STRATEGIES.pop("lab_random", None)
+        masking.STRATEGY_SETTINGS.pop("lab_random", None)
+
+
 def test_dry_run_prints_scripts_and_graph(tmp_path, synthetic_root):
     result = sweep_cli(f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "launcher=slurm",
                        "launcher.dry_run=true", "masking=random,cluster", "masking.ratio=0.3,0.5")

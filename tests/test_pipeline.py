@@ -32,6 +32,52 @@ def local_sweep(tmp_path_factory, synthetic_root):
     return root / "sweeps" / "e2e", result.stdout
 
 
+OWN_STRATEGY_AND_EVALUATOR = """
+from pathlib import Path
+
+import torch
+from clustermask.evaluate import register_evaluator
+from clustermask.masking import MaskScores, register_strategy
+
+
+@register_strategy("first_rows_first")
+def score_first_rows_first(inputs, cfg):
+    Path(__file__).with_name("strategy_ran").touch()
+    b, length, _ = inputs.tokens.shape
+    return MaskScores(torch.arange(length, 0, -1, device=inputs.tokens.device).float().expand(b, length), None, None)
+
+
+@register_evaluator("logit_scale")
+def logit_scale(model, transform, tokenizer, task, ctx):
+    yield "value", float(model.logit_scale.exp())
+"""
+
+
+def test_a_researchers_own_strategy_and_evaluator_run_from_a_plugin_file_and_their_yaml(tmp_path, synthetic_root):
+    """Extending the method without editing the library: a .py file that registers a strategy and an evaluator
+    (`plugins=[file]`, relative to where the command runs) and a YAML for each in the researcher's config folder
+    (`hydra.searchpath`). The sweep command checks the point against them, the jobs import them, and the
+    evaluator's metrics land in MLflow as the built-in ones'."""
+    (tmp_path / "mine.py").write_text(OWN_STRATEGY_AND_EVALUATOR)
+    for group, text in (("masking", "strategy: first_rows_first\nratio: 0.5\n"),
+                        ("eval", "tasks:\n  - {name: logit_scale, dataset: own/logit_scale, root: '${data.eval_root}'}\n")):
+        (tmp_path / "conf" / group).mkdir(parents=True)
+        (tmp_path / "conf" / group / "mine.yaml").write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.app", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "plugins=[mine.py]",
+         "masking=mine", "eval=mine", "paths.root=out", f"paths.data={synthetic_root}", "train.steps=4",
+         "train.batch_size=8", "train.log_every=2", "sweep_name=own"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    manifest = graph.Manifest.load(tmp_path / "out" / "sweeps" / "own")
+    run = mlflow.MlflowClient(manifest.tracking_uri).get_run(manifest.points[0].mlflow_run_id)
+    assert run.data.params["masking.strategy"] == "first_rows_first"
+    assert run.data.params["plugins"] == str([str(tmp_path / "mine.py")])
+    assert (tmp_path / "strategy_ran").exists()
+    assert run.data.metrics["logit_scale/own/logit_scale/value"] > 1
+    assert run.data.metrics["mask/drop_ratio"] == 0.5
+
+
 def test_manifest_and_run_directories(local_sweep):
     sweep_dir, stdout = local_sweep
     manifest = graph.Manifest.load(sweep_dir)
