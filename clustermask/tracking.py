@@ -83,9 +83,10 @@ def experiment_id(mlflow_client, name: str, artifact_location: Optional[str] = N
 
 
 def artifact_location(cfg: TrackingConfig, sweep_dir: Path) -> Optional[str]:
-    """Beside the sqlite file for the local default (MLflow would use ./mlruns of the current directory);
-    a tracking server keeps its own."""
-    return None if cfg.uri else (Path(sweep_dir).resolve() / "mlartifacts").as_uri()
+    """Beside the sqlite file, `mlartifacts/` (MLflow would use ./mlruns of the working folder of whichever process
+    creates the experiment); a tracking server keeps its own."""
+    store = sqlite_path(resolve_uri(cfg, sweep_dir))
+    return None if store is None else (store.parent / "mlartifacts").as_uri()
 
 
 def log_params(mlflow_client, run_id: str, params: Mapping[str, str]) -> None:

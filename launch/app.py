@@ -16,7 +16,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import hydra
 from hydra._internal.utils import get_args_parser
@@ -233,7 +233,8 @@ def _check_writable(sweep_dir: Path) -> None:
         raise SystemExit(f"error: output directory {sweep_dir} is not writable: {exc}") from exc
 
 
-def create_sweep(sweep_dir: Path, points: List[ComposedPoint], tracker: TrackingInChild) -> graph.Manifest:
+def create_sweep(sweep_dir: Path, points: List[ComposedPoint], tracker: TrackingInChild,
+                 config_folders: Sequence[str] = ()) -> graph.Manifest:
     from clustermask.config import TrackingConfig
     from clustermask.tracking import PointRun, artifact_location, flatten, resolve_uri
 
@@ -253,13 +254,14 @@ def create_sweep(sweep_dir: Path, points: List[ComposedPoint], tracker: Tracking
         manifest_points.append(graph.Point(index, run_dir.name, point.overrides, str(run_dir), run_id))
     manifest = graph.Manifest(sweep_id=sweep_id, sweep_dir=str(sweep_dir), created=graph.dt.datetime.now().isoformat(
         timespec="seconds"), executor=first["launcher"]["executor"], tracking_uri=uri,
-        experiment=tracking.experiment, parent_run_id=parent, points=manifest_points)
+        experiment=tracking.experiment, parent_run_id=parent, points=manifest_points,
+        config_folders=list(config_folders))
     manifest.save()
     return manifest
 
 
 def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Registries,
-                 tracker: TrackingInChild) -> None:
+                 tracker: TrackingInChild, config_folders: Sequence[str] = ()) -> None:
     """Preflight every point, then write the sweep and hand its graph to the executor."""
     errors = check_points(points, registries)
     if errors:
@@ -288,7 +290,7 @@ def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Regis
                   file=sys.stderr)
             raise SystemExit(2)
     _check_writable(sweep_dir)
-    manifest = create_sweep(sweep_dir, points, tracker)
+    manifest = create_sweep(sweep_dir, points, tracker, config_folders)
     executor = make_executor(launcher, sweep_dir, manifest.sweep_id)
     plan = Plan(train=list(range(len(manifest.points))))
     print(f"sweep {manifest.sweep_id}: {len(manifest.points)} point(s) in {sweep_dir}", flush=True)
@@ -363,7 +365,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         except PluginError as exc:
             print(f"error: preflight failed, nothing was submitted:\n  {exc}", file=sys.stderr)
             raise SystemExit(2) from None
-        submit_sweep(sweep.sweep_dir, sweep.points, found, tracker)
+        submit_sweep(sweep.sweep_dir, sweep.points, found, tracker, sweep.config_folders)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ distinct group selection, then the point's value overrides are applied with Hydr
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -30,6 +30,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from . import graph
 from .schema import register_configs
 
+FILE = "file://"
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 CONFIG_NAME = "config"
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"
@@ -48,6 +49,9 @@ class ComposedPoint:
 class Sweep:
     sweep_dir: Path
     points: List[ComposedPoint]
+    # the researcher's config folders (hydra.searchpath's file:// entries, absolute), where a resubmission looks
+    # for a config-group option as well
+    config_folders: List[str] = field(default_factory=list)
 
 
 class _Composer:
@@ -136,4 +140,8 @@ def compose_sweep(overrides: List[str], multirun: bool = True) -> Sweep:
                 points.append(ComposedPoint(own, composer.resolved_task_config(hydra_overrides + point)))
             except (HydraException, OmegaConfBaseException, ValueError) as exc:
                 points.append(ComposedPoint(own, None, " ".join(str(exc).split())))
-    return Sweep(sweep_dir, points)
+    return Sweep(sweep_dir, points, config_folders(sweep_cfg.hydra.searchpath))
+
+
+def config_folders(searchpath: List[str]) -> List[str]:
+    return [str(Path(entry[len(FILE):]).resolve()) for entry in searchpath if entry.startswith(FILE)]

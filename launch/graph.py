@@ -45,6 +45,7 @@ class Manifest:
     parent_run_id: str
     points: List[Point]
     submissions: List[Dict] = field(default_factory=list)
+    config_folders: List[str] = field(default_factory=list)  # the sweep's hydra.searchpath folders
 
     @property
     def path(self) -> Path:
@@ -167,9 +168,9 @@ def pinned_path(value, base: Path):
 
 def pin_relative_paths(cfg, base: Path) -> None:
     """Make a point's relative paths (`paths.*`, `data.train_shards`, `data.eval_root`, the evaluation tasks'
-    roots, plugin files) absolute against `base`, the folder the command runs in, in place (a dict or a DictConfig). A job reads
-    them from its own working folder, which is the one its submission ran in: resubmitted from elsewhere it would
-    read other data, or none."""
+    roots, plugin files) absolute against `base`, the folder the command runs in, in place (a dict or a
+    DictConfig). A job reads them from its own working folder, which is the one its submission ran in:
+    resubmitted from elsewhere it would read other data, or none."""
     for section, key in _path_settings(cfg):
         if not (isinstance(section, DictConfig) and OmegaConf.is_missing(section, key)):
             section[key] = pinned_path(section[key], base)

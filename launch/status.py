@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -219,19 +219,22 @@ def check_fixable(overrides: List[str]) -> None:
             raise ValueError(f"{override!r}: a resubmission cannot change {setting}: {FIXED_WITH_THE_SWEEP[setting]}")
 
 
-def group_option(group: str, name: str):
-    """configs/<group>/<name>.yaml on its typed schema, as Hydra composes a config-group option."""
+def group_option(group: str, name: str, config_folders: Sequence[str] = ()):
+    """<group>/<name>.yaml on its typed schema, as Hydra composes a config-group option: from configs/, else from
+    the sweep's own config folders (its hydra.searchpath), in that order, as Hydra's search path has them."""
     from .expand import CONFIG_DIR
     from .schema import GROUP_SCHEMAS
 
-    path = Path(CONFIG_DIR) / group / f"{name}.yaml"
-    if not path.is_file():
-        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ValueError(f"{group}={name!r}: no {path}; the options are {', '.join(options)}")
+    folders = [Path(folder) / group for folder in (CONFIG_DIR, *config_folders)]
+    path = next((folder / f"{name}.yaml" for folder in folders if (folder / f"{name}.yaml").is_file()), None)
+    if path is None:
+        options = sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
+        raise ValueError(f"{group}={name!r}: no {name}.yaml in {', '.join(map(str, folders))}; the options are "
+                         f"{', '.join(options)}")
     return OmegaConf.merge(OmegaConf.structured(GROUP_SCHEMAS[group]), OmegaConf.load(path))
 
 
-def apply_override(cfg, override: str) -> None:
+def apply_override(cfg, override: str, config_folders: Sequence[str] = ()) -> None:
     """key=value (YAML-typed), or group=name for a config-group option, which replaces the whole group."""
     from .schema import GROUP_SCHEMAS
 
@@ -239,7 +242,7 @@ def apply_override(cfg, override: str) -> None:
     if not sep:
         raise ValueError(f"override {override!r} is not key=value")
     if key in GROUP_SCHEMAS:
-        OmegaConf.update(cfg, key, group_option(key, value), merge=False)
+        OmegaConf.update(cfg, key, group_option(key, value, config_folders), merge=False)
     else:
         OmegaConf.update(cfg, key, _parse(value), merge=True)
 
@@ -271,7 +274,7 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
         OmegaConf.set_struct(cfg, True)
         eval_root = cfg.data.eval_root
         for override in overrides:
-            apply_override(cfg, override)
+            apply_override(cfg, override, manifest.config_folders)
         follow_eval_root(cfg, eval_root)
         graph.pin_relative_paths(cfg, Path.cwd())  # a fix's relative path, or a sweep made before they were pinned
         try:

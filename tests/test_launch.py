@@ -746,7 +746,7 @@ def test_evaluating_again_takes_an_eval_option_and_eval_keys_only(tmp_path, synt
                                (["launcher.train.mem_gb=8"], "'launcher.train.mem_gb=8': --evaluate-again takes")):
         with pytest.raises(ValueError, match=message):
             status.resubmit(sweep.sweep_dir, overrides, evaluate_again=True)
-    with pytest.raises(ValueError, match=r"eval='nope': no .*configs/eval/nope.yaml; the options are benchmarks, "):
+    with pytest.raises(ValueError, match=r"eval='nope': no nope.yaml in .*configs/eval; the options are benchmarks, "):
         status.apply_overrides(manifest, [0], ["eval=nope"])
     with pytest.raises(ValueError, match=r"point 0 .*nothing changed: data.train_shards=\?\?\? must be given"):
         status.apply_overrides(manifest, [0], ["data=shards"])  # a resubmission fix, not an evaluation again
@@ -844,6 +844,8 @@ def test_relative_paths_stay_where_the_sweep_was_made_for_jobs_and_commands_run_
     assert manifest.tracking_uri == f"sqlite:///{made_in / 'runs.db'}"
     tags = MlflowClient(manifest.tracking_uri).get_run(manifest.points[0].mlflow_run_id).data.tags
     assert tags["train_state"] == "failed"  # the job wrote where the sweep's runs are
+    assert list((made_in / "mlartifacts").rglob("report/results.md"))  # beside the store
+    assert not (REPO / "mlruns").exists()  # MLflow's default: the tracking helper's working folder, the repository
 
     monkeypatch.chdir(elsewhere)
     assert status.resubmit(sweep_dir, ["train.fail_at_step=-1"], dry_run=True) is None  # preflight found the data

@@ -57,10 +57,11 @@ def test_a_researchers_own_strategy_and_evaluator_run_from_a_plugin_file_and_the
     """Extending the method without editing the library: a .py file that registers a strategy and an evaluator
     (`plugins=[file]`, relative to where the command runs) and a YAML for each in the researcher's config folder
     (`hydra.searchpath`). The sweep command checks the point against them, the jobs import them, and the
-    evaluator's metrics land in MLflow as the built-in ones'."""
+    evaluator's metrics land in MLflow as the built-in ones'. A resubmission finds a group option in that folder
+    too: `--evaluate-again eval=NAME` of the researcher's own YAML."""
     (tmp_path / "mine.py").write_text(OWN_STRATEGY_AND_EVALUATOR)
-    for group, text in (("masking", "strategy: first_rows_first\nratio: 0.5\n"),
-                        ("eval", "tasks:\n  - {name: logit_scale, dataset: own/logit_scale, root: '${data.eval_root}'}\n")):
+    task = "{name: logit_scale, dataset: own/logit_scale, root: '${data.eval_root}'}"
+    for group, text in (("masking", "strategy: first_rows_first\nratio: 0.5\n"), ("eval", f"tasks:\n  - {task}\n")):
         (tmp_path / "conf" / group).mkdir(parents=True)
         (tmp_path / "conf" / group / "mine.yaml").write_text(text)
     result = subprocess.run(
@@ -76,6 +77,15 @@ def test_a_researchers_own_strategy_and_evaluator_run_from_a_plugin_file_and_the
     assert (tmp_path / "strategy_ran").exists()
     assert run.data.metrics["logit_scale/own/logit_scale/value"] > 1
     assert run.data.metrics["mask/drop_ratio"] == 0.5
+
+    (tmp_path / "conf" / "eval" / "more.yaml").write_text(
+        "tasks:\n  - {name: logit_scale, dataset: own/again, root: '${data.eval_root}'}\n")
+    resubmit = Path(sys.executable).parent / "clustermask-resubmit"  # from elsewhere: the sweep knows its folder
+    again = subprocess.run([str(resubmit), str(tmp_path / "out" / "sweeps" / "own"), "--evaluate-again", "eval=more"],
+                           capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    metrics = mlflow.MlflowClient(manifest.tracking_uri).get_run(manifest.points[0].mlflow_run_id).data.metrics
+    assert metrics["logit_scale/own/again/value"] == run.data.metrics["logit_scale/own/logit_scale/value"]
 
 
 def test_manifest_and_run_directories(local_sweep):
