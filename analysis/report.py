@@ -94,7 +94,8 @@ def points_frame(runs: pd.DataFrame) -> pd.DataFrame:
         "status": runs["status"],
         "run_id": runs["run_id"],
     })
-    metrics = runs[[c for c in runs.columns if c.startswith("metrics.")]]
+    # a metric that no run has a value of: an evaluation's that was superseded (logged NaN when evaluated again)
+    metrics = runs[[c for c in runs.columns if c.startswith("metrics.")]].dropna(axis=1, how="all")
     metrics.columns = [c[len("metrics."):] for c in metrics.columns]
     frame = pd.concat([frame, metrics], axis=1)
     strategies = frame.apply(strategy_label, axis=1)

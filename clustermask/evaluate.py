@@ -11,7 +11,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -259,4 +259,19 @@ def evaluate_checkpoint(model_name: str, checkpoint: str, cfg: EvalConfig, out_d
         if log is not None:
             log(task_metrics)
         flat.update(task_metrics)
+    set_aside_other_results(out_dir, [result_path(out_dir, task, model_name, checkpoint) for task in cfg.tasks])
     return flat
+
+
+SUPERSEDED = "superseded"
+
+
+def set_aside_other_results(out_dir: Path, current: List[Path]) -> List[Path]:
+    """Move the result JSONs in `out_dir` of tasks this evaluation did not run (an earlier evaluation's, evaluated
+    again with other tasks) into `out_dir/superseded/`, out of `clip_benchmark build results/*.json`; returns
+    where they went."""
+    moved = []
+    for path in sorted(set(Path(out_dir).glob("*.json")) - set(current)):
+        (Path(out_dir) / SUPERSEDED).mkdir(exist_ok=True)
+        moved.append(path.replace(Path(out_dir) / SUPERSEDED / path.name))
+    return moved

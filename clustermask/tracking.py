@@ -5,6 +5,7 @@ training tasks and the evaluation tasks, in different processes, write to the sa
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -123,6 +124,10 @@ def create_sweep_runs(cfg: TrackingConfig, uri: str, sweep_id: str, params: Mapp
     return parent.info.run_id, children
 
 
+# what the training job logs on a point's run; every other metric there is an evaluation's
+TRAINING_METRICS = ("train/", "mask/")
+
+
 class RunLogger:
     """Logs metrics and tags to one existing run."""
 
@@ -136,6 +141,17 @@ class RunLogger:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
+
+    def supersede(self, evaluated: Mapping[str, float]) -> List[str]:
+        """Log NaN for each evaluation metric on the run that `evaluated`, a whole evaluation's metrics, lacks (a
+        task or a metric no longer evaluated), so that its latest value, what the report and the MLflow UI show, is
+        none rather than an earlier evaluation's; its history keeps the values. Returns their keys."""
+        latest = self.client.get_run(self.run_id).data.metrics
+        stale = sorted(key for key, value in latest.items() if key not in evaluated
+                       and not key.startswith(TRAINING_METRICS) and not math.isnan(value))
+        if stale:
+            self.metrics({key: math.nan for key in stale})
+        return stale
 
     def tags(self, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():

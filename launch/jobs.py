@@ -158,8 +158,12 @@ def eval_point(run_dir: str) -> str:
 
         # a requeued or resubmitted evaluation goes on from its first unfinished task (`clustermask-resubmit
         # --evaluate-again` forgets what was evaluated before it submits)
-        evaluate_checkpoint(cfg.model.name, str(checkpoint), _typed(cfg.eval), Path(run_dir) / "results",
-                            log=log if logger else None, resume=True)
+        evaluated = evaluate_checkpoint(cfg.model.name, str(checkpoint), _typed(cfg.eval), Path(run_dir) / "results",
+                                        log=log if logger else None, resume=True)
+        superseded = logger.supersede(evaluated) if logger else []
+        if superseded:
+            print(f"eval: no longer evaluated, so logged NaN in MLflow (their history keeps the earlier values): "
+                  f"{', '.join(superseded)}", flush=True)
         return str(Path(run_dir) / "results")
 
     return _stage("eval", run_dir, body)

@@ -1,6 +1,7 @@
 """The whole vertical slice on the embedded default (local executor): train -> eval -> MLflow -> report."""
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -58,7 +59,9 @@ def test_a_researchers_own_strategy_and_evaluator_run_from_a_plugin_file_and_the
     (`plugins=[file]`, relative to where the command runs) and a YAML for each in the researcher's config folder
     (`hydra.searchpath`). The sweep command checks the point against them, the jobs import them, and the
     evaluator's metrics land in MLflow as the built-in ones'. A resubmission finds a group option in that folder
-    too: `--evaluate-again eval=NAME` of the researcher's own YAML."""
+    too: `--evaluate-again eval=NAME` of the researcher's own YAML. What that evaluation no longer evaluates is
+    superseded: its metric's latest value in MLflow is NaN (its history keeps the value), its JSON is set aside and
+    the report has no column of it."""
     (tmp_path / "mine.py").write_text(OWN_STRATEGY_AND_EVALUATOR)
     task = "{name: logit_scale, dataset: own/logit_scale, root: '${data.eval_root}'}"
     for group, text in (("masking", "strategy: first_rows_first\nratio: 0.5\n"), ("eval", f"tasks:\n  - {task}\n")):
@@ -84,8 +87,19 @@ def test_a_researchers_own_strategy_and_evaluator_run_from_a_plugin_file_and_the
     again = subprocess.run([str(resubmit), str(tmp_path / "out" / "sweeps" / "own"), "--evaluate-again", "eval=more"],
                            capture_output=True, text=True, cwd=REPO, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    metrics = mlflow.MlflowClient(manifest.tracking_uri).get_run(manifest.points[0].mlflow_run_id).data.metrics
-    assert metrics["logit_scale/own/again/value"] == run.data.metrics["logit_scale/own/logit_scale/value"]
+    client, run_id = mlflow.MlflowClient(manifest.tracking_uri), manifest.points[0].mlflow_run_id
+    metrics, before = client.get_run(run_id).data.metrics, run.data.metrics["logit_scale/own/logit_scale/value"]
+    assert metrics["logit_scale/own/again/value"] == before
+    assert math.isnan(metrics["logit_scale/own/logit_scale/value"])
+    assert [m.value for m in client.get_metric_history(run_id, "logit_scale/own/logit_scale/value")][0] == before
+    run_dir = Path(manifest.points[0].run_dir)
+    assert metrics["train/loss"] == run.data.metrics["train/loss"]
+    assert "no longer evaluated" in (run_dir / "logs" / "eval.log").read_text()
+    results = run_dir / "results"
+    assert [p.name.split("_")[:2] for p in results.glob("*.json")] == [["own", "again"]]
+    assert [p.name.split("_")[:3] for p in (results / "superseded").glob("*.json")] == [["own", "logit", "scale"]]
+    report = (tmp_path / "out" / "sweeps" / "own" / "report" / "results_all_metrics.csv").read_text()
+    assert "logit_scale/own/again/value" in report and "logit_scale/own/logit_scale/value" not in report
 
 
 def test_manifest_and_run_directories(local_sweep):
