@@ -31,7 +31,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Iterable
+from typing import Iterable, List, Sequence
 
 
 class PluginError(ValueError):
@@ -90,6 +90,15 @@ def load_plugin(index: int, entry: str) -> ModuleType:
         raise PluginError(f"{where} failed to import: {type(exc).__name__}: {exc}") from exc
 
 
-def load_plugins(entries: Iterable[str]) -> None:
-    for index, entry in enumerate(entries):
-        load_plugin(index, entry)
+def load_plugins(entries: Iterable[str]) -> List[ModuleType]:
+    return [load_plugin(index, entry) for index, entry in enumerate(entries)]
+
+
+def fingerprint(entries: Sequence[str], modules: Sequence[ModuleType]) -> str:
+    """`entry@<sha256 of its file, 12 digits>` for each plugin: which code a job ran, as git_sha is for the
+    library's (a plugin's file may change between a sweep's jobs)."""
+    def digest(module: ModuleType) -> str:
+        source = getattr(module, "__file__", None)
+        return hashlib.sha256(Path(source).read_bytes()).hexdigest()[:12] if source else "unknown"
+
+    return " ".join(f"{entry}@{digest(module)}" for entry, module in zip(entries, modules))

@@ -16,7 +16,7 @@ from typing import Optional
 import submitit
 from omegaconf import OmegaConf
 
-from clustermask.plugins import load_plugins
+from clustermask.plugins import fingerprint, load_plugins
 
 from . import graph
 
@@ -117,13 +117,22 @@ def _stage(stage: str, run_dir: Path, body) -> str:
     return result
 
 
+def _load_plugins(cfg, stage: str, logger) -> None:
+    """The point's plugins, imported before the registries are read; which code they were is tagged on its run
+    (`train_plugins`, `eval_plugins`)."""
+    entries = list(cfg.get("plugins") or [])
+    modules = load_plugins(entries)
+    if logger and entries:
+        logger.tags({f"{stage}_plugins": fingerprint(entries, modules)})
+
+
 def train_point(run_dir: str) -> str:
     from clustermask.train import Trainer
 
     cfg = graph.load_point_config(Path(run_dir))
 
     def body(logger):
-        load_plugins(cfg.get("plugins") or [])
+        _load_plugins(cfg, "train", logger)
 
         def log(metrics, step):
             logger.metrics(metrics, step)
@@ -146,7 +155,7 @@ def eval_point(run_dir: str) -> str:
     cfg = graph.load_point_config(Path(run_dir))
 
     def body(logger):
-        load_plugins(cfg.get("plugins") or [])
+        _load_plugins(cfg, "eval", logger)
         checkpoint = final_checkpoint(Path(run_dir))
         if not checkpoint.exists():
             raise FileNotFoundError(f"no trained checkpoint at {checkpoint}: did training finish?")

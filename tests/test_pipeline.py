@@ -1,5 +1,6 @@
 """The whole vertical slice on the embedded default (local executor): train -> eval -> MLflow -> report."""
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -78,6 +79,8 @@ def test_a_researchers_own_strategy_and_evaluator_run_from_a_plugin_file_and_the
     assert run.data.params["masking.strategy"] == "first_rows_first"
     assert run.data.params["plugins"] == str([str(tmp_path / "mine.py")])
     assert (tmp_path / "strategy_ran").exists()
+    digest = hashlib.sha256(OWN_STRATEGY_AND_EVALUATOR.encode()).hexdigest()[:12]
+    assert run.data.tags["train_plugins"] == run.data.tags["eval_plugins"] == f"{tmp_path / 'mine.py'}@{digest}"
     assert run.data.metrics["logit_scale/own/logit_scale/value"] > 1
     assert run.data.metrics["mask/drop_ratio"] == 0.5
 
