@@ -640,10 +640,58 @@ def calibrate_threshold(batches, cfg: MaskingConfig, target: float, iters: int =
     return 0.5 * (low + high)
 
 
+# ---------------------------------------------------------------- a strategy's declared settings
+
+# a second valid value of every MaskingConfig setting (the defaults are the first)
+OTHER_VALUES = {"ratio": 0.25, "features": "embedding", "anchor_fraction": 0.2, "threshold": -0.3,
+                "target_coverage": 0.6, "calibration_batches": 3, "kmeans_k": 3, "kmeans_iters": 1, "attention": True}
+PROBE_PATCH = 4
+
+
+def _probe(cfg: MaskingConfig, tokens: torch.Tensor, pixels: torch.Tensor):
+    """What `cfg`'s masker does to a batch: its output tokens and attention mask, from torch's generator at 7."""
+    torch.manual_seed(7)
+    masker = TokenMasker(cfg, patch_size=PROBE_PATCH, num_heads=2).train()
+    masker.pixels = pixels
+    return masker(tokens), masker.attn_mask
+
+
+def _same(a, b) -> bool:
+    return a[0].shape == b[0].shape and torch.equal(a[0], b[0]) and (
+        a[1] is None if b[1] is None else a[1] is not None and torch.equal(a[1], b[1]))
+
+
+def declaration_problems(strategy: str) -> List[str]:
+    """What in a registered strategy's declaration is wrong, on a small random batch: each MaskingConfig setting
+    it does not declare but whose value changes its masks, or that its masks differ between two runs from the same
+    torch seed; [] if nothing (a setting read only in cases this batch does not reach goes unseen).
+
+    The launcher records a setting that a strategy does not declare at one fixed value and submits once the points
+    that differ only in it: a strategy that reads one would be trained once for all its values."""
+    from dataclasses import replace
+
+    from .config import settings_in_effect
+
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        generator = torch.Generator().manual_seed(0)
+        pixels = torch.randn(3, 3, 4 * PROBE_PATCH, 5 * PROBE_PATCH, generator=generator)
+        tokens = torch.randn(3, 1 + 4 * 5, 8, generator=generator)
+        base = MaskingConfig(strategy=strategy, ratio=0.5)
+        masks = _probe(base, tokens, pixels)
+        if not _same(_probe(base, tokens, pixels), masks):
+            return [f"masking.strategy={strategy!r}: its masks differ between two runs from the same torch seed "
+                    "(draw the noise with torch's generator, on the tokens' device)"]
+        undeclared = sorted(set(OTHER_VALUES) - settings_in_effect(base, STRATEGY_SETTINGS[strategy]))
+        return [f"masking.strategy={strategy!r} reads masking.{key}, which it does not declare "
+                f"(register_strategy(..., settings=...)): a sweep over it would train one run for all its values"
+                for key in undeclared if not _same(_probe(replace(base, **{key: OTHER_VALUES[key]}), tokens, pixels),
+                                                   masks)]
+
+
 __all__ = [
     "MaskingConfig", "MaskingInputs", "MaskScores", "MaskResult", "STRATEGIES", "STRATEGY_SETTINGS",
     "register_strategy", "calibrates_threshold", "select_tokens", "install_masking", "TokenMasker",
     "calibrate_threshold", "calibrate_threshold_schedule", "collect_features", "run_tower", "scheduled_threshold",
     "schedule_progress", "threshold_points", "standardised_patches", "patchify", "num_dropped", "validate",
-    "key_padding_attn_mask", "mean_coverage",
+    "key_padding_attn_mask", "mean_coverage", "declaration_problems",
 ]

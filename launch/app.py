@@ -60,6 +60,7 @@ def preflight(cfg: Mapping, registries: Optional[Registries] = None, shards_foun
               lambda: config.validate_model_for_masking(typed["model"], typed["masking"],
                                                         registries.strategies.get(typed["masking"].strategy, ())),
               lambda: config.validate_masking(typed["masking"], registries.strategies),
+              lambda: check_declaration(typed["masking"].strategy, registries),
               lambda: config.validate_train(typed["train"]),
               lambda: config.validate_data(typed["data"]),
               lambda: check_training_shards(cfg, set() if shards_found is None else shards_found),
@@ -73,6 +74,12 @@ def preflight(cfg: Mapping, registries: Optional[Registries] = None, shards_foun
             problems.append(exc)
     if problems:
         raise type(problems[0])("\n".join(map(str, problems)))
+
+
+def check_declaration(strategy: str, registries: Registries) -> None:
+    problems = registries.declaration_problems.get(strategy)
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 def check_training_shards(cfg: Mapping, shards_found: set) -> None:

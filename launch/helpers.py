@@ -30,6 +30,8 @@ class Registries:
     """Names registered with the model code: masking strategies (with the settings each uses) and evaluators."""
     strategies: Dict[str, List[str]]
     evaluators: List[str]
+    # what is wrong in a plugin strategy's declaration (masking.declaration_problems); the built-ins' is tested
+    declaration_problems: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def here(cls, plugins: Sequence[str] = ()) -> "Registries":
@@ -38,8 +40,10 @@ class Registries:
         from clustermask.plugins import load_plugins
 
         load_plugins(plugins)
+        from_plugins = [name for name, fn in masking.STRATEGIES.items() if not fn.__module__.startswith("clustermask.")]
         return cls({name: list(masking.STRATEGY_SETTINGS[name]) for name in sorted(masking.STRATEGIES)},
-                   sorted(evaluate.EVALUATORS))
+                   sorted(evaluate.EVALUATORS),
+                   {name: problems for name in from_plugins if (problems := masking.declaration_problems(name))})
 
 
 class _Child:

@@ -36,3 +36,21 @@ def slurm():
             pytest.fail("CLUSTERMASK_REQUIRE_SLURM=1 but no SLURM controller answers sinfo")
         pytest.skip("no SLURM controller (run .ci/start_slurm.sh as root)")
     return True
+
+
+@pytest.fixture
+def registered_strategy():
+    """Registers strategies for one test: register(name, settings)(fn); unregistered afterwards."""
+    from clustermask import masking
+
+    names = []
+
+    def register(name, settings):
+        names.append(name)
+        return masking.register_strategy(name, needs_pixels=True, settings=settings)
+
+    yield register
+    for name in names:
+        masking.STRATEGIES.pop(name, None)
+        masking.STRATEGY_SETTINGS.pop(name, None)
+        masking.PIXEL_STRATEGIES.discard(name)

@@ -445,7 +445,11 @@ def test_a_plugin_modules_strategy_is_checked_as_the_built_in_ones(tmp_path, syn
 
     (tmp_path / "lab_masks.py").write_text(
         "from clustermask.masking import register_strategy, score_random\n"
-        "register_strategy('lab_random')(score_random)\n")
+        "register_strategy('lab_random')(score_random)\n"
+        "@register_strategy('lab_unsaid')  # reads the threshold, declares only the ratio\n"
+        "def lab_unsaid(inputs, cfg):\n"
+        "    scores = score_random(inputs, cfg)\n"
+        "    return scores._replace(score=scores.score * cfg.threshold)\n")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     common = ["plugins=[lab_masks]", f"paths.root={tmp_path}", f"paths.data={synthetic_root}",
               "masking.strategy=lab_random", "launcher.dry_run=true"]
@@ -454,6 +458,10 @@ def test_a_plugin_modules_strategy_is_checked_as_the_built_in_ones(tmp_path, syn
     assert shown.returncode == 0, shown.stderr
     assert "masking.threshold=0.3 is not used by masking.strategy=lab_random" in shown.stdout
     assert "dry run: 1 point(s)" in shown.stdout
+    unsaid = subprocess.run([sys.executable, "-m", "launch.app", *common, "masking.strategy=lab_unsaid"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+    assert unsaid.returncode == 2
+    assert "masking.strategy='lab_unsaid' reads masking.threshold, which it does not declare" in unsaid.stderr
     unknown = sweep_cli(*common, cwd=REPO)  # without the module on PYTHONPATH
     assert unknown.returncode == 2
     assert "plugins[0]='lab_masks': no module named 'lab_masks'" in unknown.stderr
@@ -472,8 +480,9 @@ def test_a_plugin_modules_strategy_is_checked_as_the_built_in_ones(tmp_path, syn
         sys.modules.pop("lab_masks", None)
         from clustermask import masking
 
-        masking.STRATEGIES.pop("lab_random", None)
-        masking.STRATEGY_SETTINGS.pop("lab_random", None)
+        for name in ("lab_random", "lab_unsaid"):
+            masking.STRATEGIES.pop(name, None)
+            masking.STRATEGY_SETTINGS.pop(name, None)
 
 
 def test_dry_run_prints_scripts_and_graph(tmp_path, synthetic_root):

@@ -190,42 +190,48 @@ def test_seeded_and_reproducible():
     assert not torch.equal(a.last.keep, b.last.keep)
 
 
-# a second valid value of every MaskingConfig setting
-OTHER_VALUES = {"ratio": 0.25, "features": "embedding", "anchor_fraction": 0.2, "threshold": -0.3,
-                "target_coverage": 0.6, "calibration_batches": 3, "kmeans_k": 3, "kmeans_iters": 1, "attention": True}
-
-
-def masked(cfg: MaskingConfig, x, pixels):
-    torch.manual_seed(7)
-    masker = TokenMasker(cfg, patch_size=PATCH, num_heads=2).train()
-    out = run(masker, x, pixels)
-    return out, masker.attn_mask
-
-
 def test_other_values_name_every_masking_setting():
     from dataclasses import fields
 
-    assert set(OTHER_VALUES) == {f.name for f in fields(MaskingConfig)} - {"strategy"}
+    assert set(masking.OTHER_VALUES) == {f.name for f in fields(MaskingConfig)} - {"strategy"}
 
 
 @pytest.mark.parametrize("strategy", sorted(masking.STRATEGIES))
 def test_a_strategy_masks_alike_whatever_the_settings_it_does_not_declare(strategy):
     """The launcher submits once the points that differ only in settings their strategy does not declare
     (config.canonical_masking): that is right only if those settings change nothing."""
-    from dataclasses import replace
-
-    from clustermask.config import settings_in_effect
-
-    x, pixels = tokens_and_pixels(3, 4, 5)
-    base = MaskingConfig(strategy=strategy, ratio=0.5)
-    out, attn_mask = masked(base, x, pixels)
-    unused = set(OTHER_VALUES) - settings_in_effect(base, masking.STRATEGY_SETTINGS[strategy])
-    for key in unused:
-        other_out, other_mask = masked(replace(base, **{key: OTHER_VALUES[key]}), x, pixels)
-        assert torch.equal(other_out, out), key
-        assert other_mask is None if attn_mask is None else torch.equal(other_mask, attn_mask), key
+    assert masking.declaration_problems(strategy) == []
     if "ratio" in masking.STRATEGY_SETTINGS[strategy]:  # the declaration is not empty for the ones that act
-        assert masked(replace(base, ratio=0.25), x, pixels)[0].shape != out.shape
+        x, pixels = tokens_and_pixels(3, 4, 5)
+        shapes = [run(TokenMasker(MaskingConfig(strategy=strategy, ratio=ratio), patch_size=PATCH, num_heads=2)
+                      .train(), x, pixels).shape for ratio in (0.5, 0.25)]
+        assert shapes[0] != shapes[1]
+
+
+def test_a_strategy_that_reads_a_setting_it_does_not_declare_or_draws_its_own_noise_is_found(registered_strategy):
+    """What preflight asks of a plugin's strategy (`Registries.here`): every undeclared setting whose value changes
+    its masks is named, with attention masks too, and masks that a torch seed does not fix are named."""
+    @registered_strategy("threshold_unsaid", settings=("ratio",))
+    def threshold_unsaid(inputs, cfg):
+        scores = masking.score_random(inputs, cfg)
+        return scores._replace(score=scores.score * cfg.threshold)
+
+    @registered_strategy("hides_unsaid", settings=("ratio",))
+    def hides_unsaid(inputs, cfg):
+        scores = masking.score_random(inputs, cfg)
+        return scores._replace(clustered=scores.score > 0.8)  # hidden when masking.attention is set
+
+    @registered_strategy("numpy_noise", settings=("ratio",))
+    def numpy_noise(inputs, cfg):
+        return masking.MaskScores(torch.from_numpy(np.random.rand(*inputs.tokens.shape[:2])), None, None)
+
+    def read(strategy):
+        return re.findall(r"reads masking\.(\w+)", " ".join(masking.declaration_problems(strategy)))
+
+    state = torch.random.get_rng_state()
+    assert read("threshold_unsaid") == ["threshold"] and read("hides_unsaid") == ["attention"]
+    assert "differ between two runs from the same torch seed" in masking.declaration_problems("numpy_noise")[0]
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is left alone
 
 
 def test_registering_a_strategy_with_an_unknown_setting_is_refused():

@@ -188,24 +188,6 @@ def test_trains_with_the_masking_op_compiled_alone(tmp_path, synthetic_root, mon
     assert (tmp_path / "run" / "masks.png").stat().st_size > 1000
 
 
-@pytest.fixture
-def registered_strategy():
-    """Registers strategies for one test: register(name, settings)(fn); unregistered afterwards."""
-    from clustermask import masking
-
-    names = []
-
-    def register(name, settings):
-        names.append(name)
-        return masking.register_strategy(name, needs_pixels=True, settings=settings)
-
-    yield register
-    for name in names:
-        masking.STRATEGIES.pop(name, None)
-        masking.STRATEGY_SETTINGS.pop(name, None)
-        masking.PIXEL_STRATEGIES.discard(name)
-
-
 def test_a_registered_strategy_that_declares_a_target_coverage_is_calibrated(tmp_path, synthetic_root,
                                                                              registered_strategy):
     """Training calibrates the threshold of any strategy declaring target_coverage, not only `cluster`'s; a
