@@ -372,6 +372,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         except PluginError as exc:
             print(f"error: preflight failed, nothing was submitted:\n  {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+        for strategy, error in found.unchecked.items():
+            print(f"note: masking.strategy={strategy!r} failed on a small CPU batch ({error[:300]}), so whether its "
+                  "masks depend only on the settings it declares was not checked", flush=True)
         submit_sweep(sweep.sweep_dir, sweep.points, found, tracker, sweep.config_folders)
 
 

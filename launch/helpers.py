@@ -32,6 +32,8 @@ class Registries:
     evaluators: List[str]
     # what is wrong in a plugin strategy's declaration (masking.declaration_problems); the built-ins' is tested
     declaration_problems: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
+    # a plugin strategy that failed on the check's small CPU batch (one for a GPU only?): its error
+    unchecked: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def here(cls, plugins: Sequence[str] = ()) -> "Registries":
@@ -40,10 +42,16 @@ class Registries:
         from clustermask.plugins import load_plugins
 
         load_plugins(plugins)
-        from_plugins = [name for name, fn in masking.STRATEGIES.items() if not fn.__module__.startswith("clustermask.")]
+        problems, unchecked = {}, {}
+        for name, fn in masking.STRATEGIES.items():
+            if fn.__module__.startswith("clustermask."):
+                continue
+            try:
+                problems[name] = masking.declaration_problems(name)
+            except Exception as exc:  # the plugin's own error
+                unchecked[name] = f"{type(exc).__name__}: {exc}"
         return cls({name: list(masking.STRATEGY_SETTINGS[name]) for name in sorted(masking.STRATEGIES)},
-                   sorted(evaluate.EVALUATORS),
-                   {name: problems for name in from_plugins if (problems := masking.declaration_problems(name))})
+                   sorted(evaluate.EVALUATORS), {name: found for name, found in problems.items() if found}, unchecked)
 
 
 class _Child:

@@ -449,7 +449,11 @@ def test_a_plugin_modules_strategy_is_checked_as_the_built_in_ones(tmp_path, syn
         "@register_strategy('lab_unsaid')  # reads the threshold, declares only the ratio\n"
         "def lab_unsaid(inputs, cfg):\n"
         "    scores = score_random(inputs, cfg)\n"
-        "    return scores._replace(score=scores.score * cfg.threshold)\n")
+        "    return scores._replace(score=scores.score * cfg.threshold)\n"
+        "@register_strategy('lab_gpu_only')\n"
+        "def lab_gpu_only(inputs, cfg):\n"
+        "    if not inputs.tokens.is_cuda:\n"
+        "        raise RuntimeError('needs CUDA')\n")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     common = ["plugins=[lab_masks]", f"paths.root={tmp_path}", f"paths.data={synthetic_root}",
               "masking.strategy=lab_random", "launcher.dry_run=true"]
@@ -458,6 +462,8 @@ def test_a_plugin_modules_strategy_is_checked_as_the_built_in_ones(tmp_path, syn
     assert shown.returncode == 0, shown.stderr
     assert "masking.threshold=0.3 is not used by masking.strategy=lab_random" in shown.stdout
     assert "dry run: 1 point(s)" in shown.stdout
+    assert "note: masking.strategy='lab_gpu_only' failed on a small CPU batch (RuntimeError: needs CUDA)" in \
+        shown.stdout
     unsaid = subprocess.run([sys.executable, "-m", "launch.app", *common, "masking.strategy=lab_unsaid"],
                             capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
     assert unsaid.returncode == 2
@@ -480,7 +486,7 @@ def test_a_plugin_modules_strategy_is_checked_as_the_built_in_ones(tmp_path, syn
         sys.modules.pop("lab_masks", None)
         from clustermask import masking
 
-        for name in ("lab_random", "lab_unsaid"):
+        for name in ("lab_random", "lab_unsaid", "lab_gpu_only"):
             masking.STRATEGIES.pop(name, None)
             masking.STRATEGY_SETTINGS.pop(name, None)
 
