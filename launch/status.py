@@ -267,7 +267,7 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
     from .app import canonical_point_masking, preflight, unused_setting_note
     from .helpers import Registries
 
-    fixed, shards_found = {}, set()
+    fixed, shards_found, registries = {}, set(), {}  # registries: per list of plugins (a sweep has one)
     for i in indices:
         point = manifest.points[i]
         cfg = graph.load_point_config(Path(point.run_dir))
@@ -278,14 +278,16 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
         follow_eval_root(cfg, eval_root)
         graph.pin_relative_paths(cfg, Path.cwd())  # a fix's relative path, or a sweep made before they were pinned
         try:
-            registries = Registries.here(cfg.get("plugins") or [])
-            preflight(cfg, registries, shards_found)
+            plugins = tuple(cfg.get("plugins") or [])
+            if plugins not in registries:
+                registries[plugins] = Registries.here(plugins)
+            preflight(cfg, registries[plugins], shards_found)
         except (ValueError, FileNotFoundError, TypeError) as exc:
             problems = str(exc).replace("\n", "\n  ")  # preflight's error has a line per problem
             raise type(exc)(f"point {i} ({point.name}), nothing changed: {problems}") from exc
         # as the sweep recorded them: a fix that the point's strategy does not use must not set its points apart
         masking, unused = canonical_point_masking(OmegaConf.to_container(cfg.masking, resolve=True),
-                                                  registries.strategies)
+                                                  registries[plugins].strategies)
         for key, value in unused.items():
             print(f"point {i} ({point.name}): {unused_setting_note(masking, key, value)}")
             cfg.masking[key] = getattr(masking, key)
