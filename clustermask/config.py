@@ -48,6 +48,8 @@ class MaskingConfig:
     kmeans_k: int = 8
     kmeans_iters: int = 3
     attention: bool = False  # also hide the clustered tokens that were kept, with a key-padding mask
+    # a plugin strategy's own settings (`+masking.options.width=4`), for one that declares "options"
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -219,6 +221,8 @@ def validate_masking(cfg: MaskingConfig, strategies: Iterable[str]) -> None:
         raise ValueError(f"masking.target_coverage={cfg.target_coverage!r} must be above "
                          f"masking.anchor_fraction={cfg.anchor_fraction!r}: the anchors are always in their cluster")
     check_minimums("masking", cfg, {"calibration_batches": 1, "kmeans_k": 1, "kmeans_iters": 0})
+    if not isinstance(cfg.options, dict):
+        raise ValueError(f"masking.options={cfg.options!r} must be a mapping of a strategy's own settings")
 
 
 def calibrated(cfg: MaskingConfig, strategy_settings: Iterable[str]) -> bool:

@@ -644,7 +644,8 @@ def calibrate_threshold(batches, cfg: MaskingConfig, target: float, iters: int =
 
 # a second valid value of every MaskingConfig setting (the defaults are the first)
 OTHER_VALUES = {"ratio": 0.25, "features": "embedding", "anchor_fraction": 0.2, "threshold": -0.3,
-                "target_coverage": 0.6, "calibration_batches": 3, "kmeans_k": 3, "kmeans_iters": 1, "attention": True}
+                "target_coverage": 0.6, "calibration_batches": 3, "kmeans_k": 3, "kmeans_iters": 1, "attention": True,
+                "options": {"probe": 1}}
 PROBE_PATCH = 4
 
 

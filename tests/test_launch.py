@@ -444,12 +444,18 @@ def test_a_plugin_modules_strategy_is_checked_as_the_built_in_ones(tmp_path, syn
     from launch.helpers import Registries
 
     (tmp_path / "lab_masks.py").write_text(
+        "import torch\n"
         "from clustermask.masking import register_strategy, score_random\n"
         "register_strategy('lab_random')(score_random)\n"
         "@register_strategy('lab_unsaid')  # reads the threshold, declares only the ratio\n"
         "def lab_unsaid(inputs, cfg):\n"
         "    scores = score_random(inputs, cfg)\n"
         "    return scores._replace(score=scores.score * cfg.threshold)\n"
+        "@register_strategy('lab_stripes', settings=('ratio', 'options'))  # its own setting: options.width\n"
+        "def lab_stripes(inputs, cfg):\n"
+        "    scores = score_random(inputs, cfg)\n"
+        "    stripe = torch.arange(scores.score.shape[1]) // cfg.options.get('width', 1) % 2\n"
+        "    return scores._replace(score=scores.score + stripe)\n"
         "@register_strategy('lab_gpu_only')\n"
         "def lab_gpu_only(inputs, cfg):\n"
         "    if not inputs.tokens.is_cuda:\n"
@@ -477,7 +483,16 @@ def test_a_plugin_modules_strategy_is_checked_as_the_built_in_ones(tmp_path, syn
     sys.path.insert(0, str(tmp_path))
     try:
         sweep = compose_sweep(common[:-1], multirun=False)
-        assert Registries.here(["lab_masks"]).strategies["lab_random"] == ["ratio"]
+        registries = Registries.here(["lab_masks"])
+        assert registries.strategies["lab_random"] == ["ratio"]
+        # a strategy's own settings: swept where it declares them, one run where it does not
+        widths = ["+masking.options.width=1,2", "masking.ratio=0.5"]
+        stripes = compose_sweep([*common[:-1], "masking.strategy=lab_stripes", *widths])
+        assert [p.config["masking"]["options"] for p in app.merge_same_runs(stripes.points, registries.strategies)[0]] \
+            == [{"width": 1}, {"width": 2}]
+        runs, notes = app.merge_same_runs(compose_sweep([*common[:-1], *widths]).points, registries.strategies)
+        assert [p.config["masking"]["options"] for p in runs] == [{}]
+        assert "masking.options={'width': 1} is not used by masking.strategy=lab_random" in notes[0]
         manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
         status.apply_overrides(manifest, [0], ["masking.ratio=0.3"])
         assert graph.load_point_config(Path(manifest.points[0].run_dir)).masking.ratio == 0.3
@@ -486,7 +501,7 @@ def test_a_plugin_modules_strategy_is_checked_as_the_built_in_ones(tmp_path, syn
         sys.modules.pop("lab_masks", None)
         from clustermask import masking
 
-        for name in ("lab_random", "lab_unsaid", "lab_gpu_only"):
+        for name in ("lab_random", "lab_unsaid", "lab_stripes", "lab_gpu_only"):
             masking.STRATEGIES.pop(name, None)
             masking.STRATEGY_SETTINGS.pop(name, None)
 
