@@ -179,9 +179,36 @@ def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root)
     assert len(list(Path(point.run_dir, "results").glob("*.json"))) == tasks
 
 
-def test_two_process_gloo_training_then_evaluating_again(slurm, tmp_path, synthetic_root):
+RANKS_RANDOM = """
+import os
+from pathlib import Path
+
+from clustermask.masking import register_strategy, score_random
+
+
+@register_strategy("ranks_random")  # random masking that says which ranks ran it
+def ranks_random(inputs, cfg):
+    Path(__file__).with_name(f"ran_on_rank_{os.environ.get('RANK', '-')}").touch()
+    return score_random(inputs, cfg)
+"""
+
+
+@pytest.fixture
+def ranks_random_plugin(tmp_path):
+    """A plugin file; the strategy it registers is unregistered after the test (a resubmission imports it here)."""
+    from clustermask import masking
+
+    (tmp_path / "ranks_random.py").write_text(RANKS_RANDOM)
+    yield tmp_path / "ranks_random.py"
+    masking.STRATEGIES.pop("ranks_random", None)
+    masking.STRATEGY_SETTINGS.pop("ranks_random", None)
+
+
+def test_two_process_gloo_training_then_evaluating_again(slurm, tmp_path, synthetic_root, ranks_random_plugin):
+    """Two ranks under srun, each importing the sweep's plugin; then an evaluation again."""
     launch(tmp_path, synthetic_root, "sweep_name=ddp", "train.steps=10", "launcher.train.tasks_per_node=2",
-           "train.threads=1", one_eval_task(synthetic_root))
+           "train.threads=1", one_eval_task(synthetic_root), f"plugins=[{ranks_random_plugin}]",
+           "masking.strategy=ranks_random")
     sweep_dir = tmp_path / "sweeps" / "ddp"
     manifest = graph.Manifest.load(sweep_dir)
     wait_for(base_ids(manifest))
@@ -189,6 +216,7 @@ def test_two_process_gloo_training_then_evaluating_again(slurm, tmp_path, synthe
     assert rows[0]["train"] == "done" and rows[0]["eval"] == "done", format_status(manifest, rows)
     logs = "".join(p.read_text() for p in (sweep_dir / "slurm" / "train").rglob("*_log.*"))
     assert "distributed: rank 0 of 2" in logs and "distributed: rank 1 of 2" in logs
+    assert (tmp_path / "ran_on_rank_0").exists() and (tmp_path / "ran_on_rank_1").exists()
     mlflow = MlflowClient(manifest.tracking_uri)
     run_id = manifest.points[0].mlflow_run_id
     both, one = (mlflow.get_metric_history(run_id, key)[-1].value
