@@ -1,7 +1,10 @@
 """Files that other processes read while they are being written (markers, manifests, results)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -50,3 +53,31 @@ def where_the_sweep_is(manifest: dict, sweep_dir: Path) -> dict:
         uri = SQLITE + moved_with(str(store), made, here)
     points = [{**point, "run_dir": moved_with(point["run_dir"], made, here)} for point in manifest["points"]]
     return {**manifest, "sweep_dir": str(here), "tracking_uri": uri, "points": points}
+
+
+# where MLflow's sqlite schema keeps the artifact locations: (table, key, column)
+ARTIFACT_COLUMNS = (("experiments", "experiment_id", "artifact_location"), ("runs", "run_uuid", "artifact_uri"))
+
+
+def relocate_artifacts(uri: str, made: str, here) -> int:
+    """Point the artifact locations under `made` (the sweep's folder where it was made) in the sqlite MLflow store
+    at `uri` to the same places under `here` (where the sweep is now), so that the MLflow UI of a copied sweep shows
+    its own mask pictures and report. MLflow has no call that moves them. Returns the rows changed; a store that
+    cannot be written (a read-only copy) is left as it is, with a warning."""
+    store = sqlite_path(uri)
+    if store is None or not store.is_file():
+        return 0
+    old, new = Path(made).as_uri(), Path(here).as_uri()
+    changed = 0
+    try:
+        with contextlib.closing(sqlite3.connect(store, timeout=30)) as db, db:
+            for table, key, column in ARTIFACT_COLUMNS:
+                for row_key, location in db.execute(f"SELECT {key}, {column} FROM {table}").fetchall():
+                    if location and (location == old or location.startswith(old + "/")):
+                        db.execute(f"UPDATE {table} SET {column} = ? WHERE {key} = ?",
+                                   (new + location[len(old):], row_key))
+                        changed += 1
+    except sqlite3.Error as exc:
+        warnings.warn(f"the MLflow store {store} still points at the artifacts in {made}: {exc}")
+        return 0
+    return changed

@@ -19,7 +19,7 @@ from typing import Dict, Iterable, Iterator, List, Optional
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from clustermask.files import where_the_sweep_is, write_atomic
+from clustermask.files import relocate_artifacts, where_the_sweep_is, write_atomic
 
 STAGES = ("train", "eval")
 NOT_POINT_KEYS = ("launcher", "experiment", "sweep_name", "paths", "plugins", "hydra")
@@ -59,7 +59,10 @@ class Manifest:
         path = Path(sweep_dir) / "manifest.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: is {sweep_dir} a sweep directory?")
-        data = where_the_sweep_is(json.loads(path.read_text()), Path(sweep_dir))
+        recorded = json.loads(path.read_text())
+        data = where_the_sweep_is(recorded, Path(sweep_dir))
+        if data["tracking_uri"] != recorded["tracking_uri"]:  # moved with its own store: its artifacts too
+            relocate_artifacts(data["tracking_uri"], recorded["sweep_dir"], data["sweep_dir"])
         data["points"] = [Point(**p) for p in data["points"]]
         return cls(**data)
 

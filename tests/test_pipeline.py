@@ -238,6 +238,13 @@ def test_a_sweep_copied_elsewhere_reads_its_own_runs_and_mlflow_store(local_swee
     shutil.copytree(sweep_dir, copy)
     manifest = graph.Manifest.load(copy)
     assert manifest.sweep_dir == str(copy) and manifest.tracking_uri == f"sqlite:///{copy / 'mlflow.db'}"
+    # its MLflow UI shows the copy's own artifacts (the mask pictures, the report), not the original's
+    copied_store = mlflow.MlflowClient(manifest.tracking_uri)
+    for run_id, artifact in ((manifest.points[0].mlflow_run_id, "masks.png"), (manifest.parent_run_id, "report")):
+        assert copied_store.get_run(run_id).info.artifact_uri.startswith(copy.as_uri() + "/mlartifacts/")
+        assert Path(copied_store.download_artifacts(run_id, artifact, str(tmp_path / "got"))).exists()
+    assert mlflow.MlflowClient(f"sqlite:///{sweep_dir / 'mlflow.db'}").get_run(
+        manifest.points[0].mlflow_run_id).info.artifact_uri.startswith(sweep_dir.as_uri())
     assert all(Path(point.run_dir).parent.parent == copy for point in manifest.points)
     graph.state_path(manifest.points[1].run_dir, "eval").unlink()
     rows = sweep_status(manifest)
