@@ -19,7 +19,7 @@ from typing import Dict, Iterable, Iterator, List, Optional
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from clustermask.files import relocate_artifacts, where_the_sweep_is, write_atomic
+from clustermask.files import moved_with, relocate_artifacts, where_the_sweep_is, write_atomic
 
 STAGES = ("train", "eval")
 NOT_POINT_KEYS = ("launcher", "experiment", "sweep_name", "paths", "plugins", "hydra")
@@ -46,6 +46,7 @@ class Manifest:
     points: List[Point]
     submissions: List[Dict] = field(default_factory=list)
     config_folders: List[str] = field(default_factory=list)  # the sweep's hydra.searchpath folders
+    made_at = ""  # where the manifest says the sweep was made, if it has moved since (not saved: not a field)
 
     @property
     def path(self) -> Path:
@@ -64,7 +65,14 @@ class Manifest:
         if data["tracking_uri"] != recorded["tracking_uri"]:  # moved with its own store: its artifacts too
             relocate_artifacts(data["tracking_uri"], recorded["sweep_dir"], data["sweep_dir"])
         data["points"] = [Point(**p) for p in data["points"]]
-        return cls(**data)
+        manifest = cls(**data)
+        if data["sweep_dir"] != recorded["sweep_dir"]:
+            manifest.made_at = recorded["sweep_dir"]
+        return manifest
+
+    def where_now(self, path: str) -> str:
+        """A path that a task recorded (its log), where it is now that the sweep has moved."""
+        return moved_with(path, self.made_at, self.sweep_dir) if self.made_at and path else path
 
     def report_job(self) -> Optional[str]:
         """The report job of the newest submission that had one."""

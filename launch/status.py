@@ -122,7 +122,8 @@ def sweep_status(manifest: graph.Manifest, listing: Optional[Dict[str, Tuple[str
         for stage in graph.STAGES:
             marker = graph.read_state(Path(point.run_dir), stage) or {}
             state = _state(marker, jobs.get(stage), queue, local_running, manifest.executor == "local")
-            row[stage], row[f"{stage}_job"], row[f"{stage}_log"] = state, jobs.get(stage, "-"), marker.get("log", "")
+            row[stage], row[f"{stage}_job"] = state, jobs.get(stage, "-")
+            row[f"{stage}_log"] = manifest.where_now(marker.get("log", ""))
             # steps trained or evaluation tasks done (`120/400`), as the running task last recorded them
             running = state == "running" and marker.get("state") == "running"
             row[f"{stage}_progress"] = marker.get("progress", "") if running else ""
@@ -141,7 +142,7 @@ def report_status(manifest: graph.Manifest, listing: Optional[Dict[str, Tuple[st
                    manifest.executor == "local")
     if not marker and state == "cancelled" and (Path(manifest.sweep_dir) / "report" / "results.md").exists():
         state = "done"  # a sweep from before the report task wrote its marker
-    return {"report": state, "report_job": job or "-", "report_log": marker.get("log", ""),
+    return {"report": state, "report_job": job or "-", "report_log": manifest.where_now(marker.get("log", "")),
             "report_reason": _reason(listing, job, state)}
 
 

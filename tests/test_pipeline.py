@@ -249,6 +249,7 @@ def test_a_sweep_copied_elsewhere_reads_its_own_runs_and_mlflow_store(local_swee
     graph.state_path(manifest.points[1].run_dir, "eval").unlink()
     rows = sweep_status(manifest)
     assert [row["eval"] for row in rows] == ["done", "cancelled", "done", "done"]
+    assert rows[0]["train_log"] == str(Path(manifest.points[0].run_dir) / "logs" / "train.log")  # the copy's log
     RunLogger(manifest.tracking_uri, manifest.points[0].mlflow_run_id).metrics({"extra/copied": 7.0})
     build_report(copy, out_dir=tmp_path / "report")
     assert pd.read_csv(tmp_path / "report" / "results_all_metrics.csv")["extra/copied"].max() == 7.0
