@@ -11,6 +11,7 @@ distinct group selection, then the point's value overrides are applied with Hydr
 from __future__ import annotations
 
 import copy
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -30,7 +31,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from . import graph
 from .schema import register_configs
 
-FILE = "file://"
+FILE, PKG = "file://", "pkg://"
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 CONFIG_NAME = "config"
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"
@@ -144,4 +145,12 @@ def compose_sweep(overrides: List[str], multirun: bool = True) -> Sweep:
 
 
 def config_folders(searchpath: List[str]) -> List[str]:
-    return [str(Path(entry[len(FILE):]).resolve()) for entry in searchpath if entry.startswith(FILE)]
+    """The folders of hydra.searchpath's entries: `file://` ones made absolute, `pkg://` ones found as packages."""
+    folders = []
+    for entry in searchpath:
+        if entry.startswith(FILE):
+            folders.append(str(Path(entry[len(FILE):]).resolve()))
+        elif entry.startswith(PKG):
+            spec = importlib.util.find_spec(entry[len(PKG):].replace("/", "."))
+            folders.extend(list(spec.submodule_search_locations or [])[:1] if spec else [])
+    return folders

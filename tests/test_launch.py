@@ -126,6 +126,25 @@ def test_a_researchers_own_experiment_folder_joins_through_hydra_searchpath(tmp_
     assert all(p.config["masking"]["strategy"] == "cluster" for p in sweep.points)
 
 
+def test_the_sweeps_config_folders_are_its_searchpath_folders_for_a_resubmission(tmp_path, monkeypatch):
+    """`file://` (relative to where the command runs) and `pkg://` entries alike: a resubmission looks there for a
+    config-group option (`--evaluate-again eval=mine`)."""
+    from launch import status
+
+    for folder in (tmp_path / "conf" / "eval", tmp_path / "lab_conf" / "eval"):
+        folder.mkdir(parents=True)
+        (folder / f"{folder.parent.name}.yaml").write_text("batch_size: 3\n")
+    (tmp_path / "lab_conf" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    sweep = compose_sweep(["hydra.searchpath=[file://conf,pkg://lab_conf]", f"paths.root={tmp_path}"])
+    assert sweep.config_folders == [str(tmp_path / "conf"), str(tmp_path / "lab_conf")]
+    for name in ("conf", "lab_conf"):
+        assert status.group_option("eval", name, sweep.config_folders).batch_size == 3
+    with pytest.raises(ValueError, match=r"eval='nope': no nope.yaml in .*; the options are .*benchmarks, conf, "):
+        status.group_option("eval", "nope", sweep.config_folders)
+
+
 def test_a_point_that_does_not_compose_carries_its_error(tmp_path):
     sweep = compose_sweep([f"paths.root={tmp_path}", "masking=random,blocks"])
     assert sweep.points[0].config is not None and not sweep.points[0].error
