@@ -135,9 +135,10 @@ def check_points(points: List[ComposedPoint], registries: Registries) -> List[st
 
 
 def sets_an_unused_setting(override: str, in_effect) -> bool:
-    """`masking.<key>=...` for a key not in `in_effect` (a config-group override `masking=...` is not)."""
+    """`masking.<key>=...` (or `masking.<key>.<entry>=...`, in `masking.options`) for a key not in `in_effect` (a
+    config-group override `masking=...` is not)."""
     section, _, key = graph.override_key(override).partition(".")
-    return section == "masking" and bool(key) and key not in in_effect
+    return section == "masking" and bool(key) and key.split(".")[0] not in in_effect
 
 
 def canonical_point_masking(masking: Mapping, strategies: Mapping[str, List[str]]):

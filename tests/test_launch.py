@@ -507,8 +507,9 @@ def test_a_plugin_modules_strategy_is_checked_as_the_built_in_ones(tmp_path, syn
         # a strategy's own settings: swept where it declares them, one run where it does not
         widths = ["+masking.options.width=1,2", "masking.ratio=0.5"]
         stripes = compose_sweep([*common[:-1], "masking.strategy=lab_stripes", *widths])
-        assert [p.config["masking"]["options"] for p in app.merge_same_runs(stripes.points, registries.strategies)[0]] \
-            == [{"width": 1}, {"width": 2}]
+        runs = app.merge_same_runs(stripes.points, registries.strategies)[0]
+        assert [p.config["masking"]["options"] for p in runs] == [{"width": 1}, {"width": 2}]
+        assert [p.overrides[0] for p in runs] == ["+masking.options.width=1", "+masking.options.width=2"]
         runs, notes = app.merge_same_runs(compose_sweep([*common[:-1], *widths]).points, registries.strategies)
         assert [p.config["masking"]["options"] for p in runs] == [{}]
         assert "masking.options={'width': 1} is not used by masking.strategy=lab_random" in notes[0]
