@@ -152,5 +152,6 @@ def config_folders(searchpath: List[str]) -> List[str]:
             folders.append(str(Path(entry[len(FILE):]).resolve()))
         elif entry.startswith(PKG):
             spec = importlib.util.find_spec(entry[len(PKG):].replace("/", "."))
-            folders.extend(list(spec.submodule_search_locations or [])[:1] if spec else [])
+            if spec is not None and spec.submodule_search_locations:  # a package: its folder
+                folders.append(next(iter(spec.submodule_search_locations)))
     return folders

@@ -39,18 +39,21 @@ def slurm():
 
 
 @pytest.fixture
-def registered_strategy():
+def restore_strategies():
+    """The masking strategies registered during the test (by it, or by a plugin it imports) are unregistered after."""
+    from clustermask import masking
+
+    before = set(masking.STRATEGIES)
+    yield
+    for name in set(masking.STRATEGIES) - before:
+        del masking.STRATEGIES[name]
+        masking.STRATEGY_SETTINGS.pop(name, None)
+        masking.PIXEL_STRATEGIES.discard(name)
+
+
+@pytest.fixture
+def registered_strategy(restore_strategies):
     """Registers strategies for one test: register(name, settings)(fn); unregistered afterwards."""
     from clustermask import masking
 
-    names = []
-
-    def register(name, settings):
-        names.append(name)
-        return masking.register_strategy(name, needs_pixels=True, settings=settings)
-
-    yield register
-    for name in names:
-        masking.STRATEGIES.pop(name, None)
-        masking.STRATEGY_SETTINGS.pop(name, None)
-        masking.PIXEL_STRATEGIES.discard(name)
+    return lambda name, settings: masking.register_strategy(name, needs_pixels=True, settings=settings)

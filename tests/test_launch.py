@@ -456,7 +456,8 @@ def test_a_plugin_that_cannot_be_imported_is_named_before_anything_is_written(tm
     assert not (tmp_path / "out").exists()
 
 
-def test_a_plugin_modules_strategy_is_checked_as_the_built_in_ones(tmp_path, synthetic_root):
+def test_a_plugin_modules_strategy_is_checked_as_the_built_in_ones(tmp_path, synthetic_root, monkeypatch, request,
+                                                                   restore_strategies):
     """A module on PYTHONPATH registers them; the sweep's points are checked against its names and settings (a
     setting its strategy does not declare is recorded at a fixed value), and a resubmission's checks import it."""
     from launch import status
@@ -499,31 +500,23 @@ def test_a_plugin_modules_strategy_is_checked_as_the_built_in_ones(tmp_path, syn
     with pytest.raises(ValueError, match="masking.strategy='lab_random' is not one of"):
         app.preflight(compose_sweep(common[1:], multirun=False).points[0].config)
 
-    sys.path.insert(0, str(tmp_path))
-    try:
-        sweep = compose_sweep(common[:-1], multirun=False)
-        registries = Registries.here(["lab_masks"])
-        assert registries.strategies["lab_random"] == ["ratio"]
-        # a strategy's own settings: swept where it declares them, one run where it does not
-        widths = ["+masking.options.width=1,2", "masking.ratio=0.5"]
-        stripes = compose_sweep([*common[:-1], "masking.strategy=lab_stripes", *widths])
-        runs = app.merge_same_runs(stripes.points, registries.strategies)[0]
-        assert [p.config["masking"]["options"] for p in runs] == [{"width": 1}, {"width": 2}]
-        assert [p.overrides[0] for p in runs] == ["+masking.options.width=1", "+masking.options.width=2"]
-        runs, notes = app.merge_same_runs(compose_sweep([*common[:-1], *widths]).points, registries.strategies)
-        assert [p.config["masking"]["options"] for p in runs] == [{}]
-        assert "masking.options={'width': 1} is not used by masking.strategy=lab_random" in notes[0]
-        manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
-        status.apply_overrides(manifest, [0], ["masking.ratio=0.3"])
-        assert graph.load_point_config(Path(manifest.points[0].run_dir)).masking.ratio == 0.3
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("lab_masks", None)
-        from clustermask import masking
-
-        for name in ("lab_random", "lab_unsaid", "lab_stripes", "lab_gpu_only"):
-            masking.STRATEGIES.pop(name, None)
-            masking.STRATEGY_SETTINGS.pop(name, None)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    request.addfinalizer(lambda: sys.modules.pop("lab_masks", None))  # imported here below: forgotten afterwards
+    sweep = compose_sweep(common[:-1], multirun=False)
+    registries = Registries.here(["lab_masks"])
+    assert registries.strategies["lab_random"] == ["ratio"]
+    # a strategy's own settings: swept where it declares them, one run where it does not
+    widths = ["+masking.options.width=1,2", "masking.ratio=0.5"]
+    stripes = compose_sweep([*common[:-1], "masking.strategy=lab_stripes", *widths])
+    runs = app.merge_same_runs(stripes.points, registries.strategies)[0]
+    assert [p.config["masking"]["options"] for p in runs] == [{"width": 1}, {"width": 2}]
+    assert [p.overrides[0] for p in runs] == ["+masking.options.width=1", "+masking.options.width=2"]
+    runs, notes = app.merge_same_runs(compose_sweep([*common[:-1], *widths]).points, registries.strategies)
+    assert [p.config["masking"]["options"] for p in runs] == [{}]
+    assert "masking.options={'width': 1} is not used by masking.strategy=lab_random" in notes[0]
+    manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
+    status.apply_overrides(manifest, [0], ["masking.ratio=0.3"])
+    assert graph.load_point_config(Path(manifest.points[0].run_dir)).masking.ratio == 0.3
 
 
 def test_dry_run_prints_scripts_and_graph(tmp_path, synthetic_root):

@@ -194,14 +194,10 @@ def ranks_random(inputs, cfg):
 
 
 @pytest.fixture
-def ranks_random_plugin(tmp_path):
+def ranks_random_plugin(tmp_path, restore_strategies):
     """A plugin file; the strategy it registers is unregistered after the test (a resubmission imports it here)."""
-    from clustermask import masking
-
     (tmp_path / "ranks_random.py").write_text(RANKS_RANDOM)
-    yield tmp_path / "ranks_random.py"
-    masking.STRATEGIES.pop("ranks_random", None)
-    masking.STRATEGY_SETTINGS.pop("ranks_random", None)
+    return tmp_path / "ranks_random.py"
 
 
 def test_two_process_gloo_training_then_evaluating_again(slurm, tmp_path, synthetic_root, ranks_random_plugin):
