@@ -642,10 +642,10 @@ def calibrate_threshold(batches, cfg: MaskingConfig, target: float, iters: int =
 
 # ---------------------------------------------------------------- a strategy's declared settings
 
-# a second valid value of every MaskingConfig setting (the defaults are the first)
+# a second valid value of every MaskingConfig setting (the defaults are the first) but `options`, whose keys are
+# the strategy's own: what it asks of them is recorded instead (`options_asked`)
 OTHER_VALUES = {"ratio": 0.25, "features": "embedding", "anchor_fraction": 0.2, "threshold": -0.3,
-                "target_coverage": 0.6, "calibration_batches": 3, "kmeans_k": 3, "kmeans_iters": 1, "attention": True,
-                "options": {"probe": 1}}
+                "target_coverage": 0.6, "calibration_batches": 3, "kmeans_k": 3, "kmeans_iters": 1, "attention": True}
 PROBE_PATCH = 4
 
 
@@ -657,6 +657,63 @@ def _probe(cfg: MaskingConfig, tokens: torch.Tensor, pixels: torch.Tensor):
     return masker(tokens), masker.attn_mask
 
 
+class _AskedOptions(dict):
+    """An empty `masking.options` that records what a strategy asks of it: the keys looked up, "*" for all of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.asked: List[str] = []
+
+    def _ask(self, what: str) -> None:
+        self.asked.append(what)
+
+    def __getitem__(self, key):
+        self._ask(str(key))
+        raise KeyError(key)
+
+    def get(self, key, default=None):
+        self._ask(str(key))
+        return default
+
+    def __contains__(self, key):
+        self._ask(str(key))
+        return False
+
+    def __iter__(self):
+        self._ask("*")
+        return iter(())
+
+    def __len__(self):
+        self._ask("*")
+        return 0
+
+    def keys(self):
+        self._ask("*")
+        return super().keys()
+
+    def items(self):
+        self._ask("*")
+        return super().items()
+
+    def values(self):
+        self._ask("*")
+        return super().values()
+
+
+def options_asked(cfg: MaskingConfig, tokens: torch.Tensor, pixels: torch.Tensor) -> List[str]:
+    """The `masking.options` keys that `cfg`'s strategy looks up on a batch ("*": all of them), whether it then
+    fails for want of them or not."""
+    from dataclasses import replace
+
+    options = _AskedOptions()
+    try:
+        _probe(replace(cfg, options=options), tokens, pixels)
+    except Exception:
+        if not options.asked:
+            raise
+    return sorted(set(options.asked))
+
+
 def _same(a, b) -> bool:
     return a[0].shape == b[0].shape and torch.equal(a[0], b[0]) and (
         a[1] is None if b[1] is None else a[1] is not None and torch.equal(a[1], b[1]))
@@ -664,8 +721,9 @@ def _same(a, b) -> bool:
 
 def declaration_problems(strategy: str) -> List[str]:
     """What in a registered strategy's declaration is wrong, on a small random batch: each MaskingConfig setting
-    it does not declare but whose value changes its masks, or that its masks differ between two runs from the same
-    torch seed; [] if nothing (a setting read only in cases this batch does not reach goes unseen).
+    it does not declare but whose value changes its masks, `masking.options` looked up without being declared, or
+    that its masks differ between two runs from the same torch seed; [] if nothing (a setting read only in cases
+    this batch does not reach goes unseen).
 
     The launcher records a setting that a strategy does not declare at one fixed value and submits once the points
     that differ only in it: a strategy that reads one would be trained once for all its values."""
@@ -678,15 +736,20 @@ def declaration_problems(strategy: str) -> List[str]:
         pixels = torch.randn(3, 3, 4 * PROBE_PATCH, 5 * PROBE_PATCH, generator=generator)
         tokens = torch.randn(3, 1 + 4 * 5, 8, generator=generator)
         base = MaskingConfig(strategy=strategy, ratio=0.5)
+        undeclared = {f.name for f in fields(MaskingConfig)} - settings_in_effect(base, STRATEGY_SETTINGS[strategy])
+        asked = options_asked(base, tokens, pixels) if "options" in undeclared else []
+        if asked:  # first: without its options, the strategy may not run at all
+            return [f"masking.strategy={strategy!r} reads masking.options ({', '.join(asked)}), which it does not "
+                    "declare (register_strategy(..., settings=(..., 'options'))): a job would be given options={}, "
+                    "whatever the sweep set"]
         masks = _probe(base, tokens, pixels)
         if not _same(_probe(base, tokens, pixels), masks):
             return [f"masking.strategy={strategy!r}: its masks differ between two runs from the same torch seed "
                     "(draw the noise with torch's generator, on the tokens' device)"]
-        undeclared = sorted(set(OTHER_VALUES) - settings_in_effect(base, STRATEGY_SETTINGS[strategy]))
         return [f"masking.strategy={strategy!r} reads masking.{key}, which it does not declare "
                 f"(register_strategy(..., settings=...)): a sweep over it would train one run for all its values"
-                for key in undeclared if not _same(_probe(replace(base, **{key: OTHER_VALUES[key]}), tokens, pixels),
-                                                   masks)]
+                for key in sorted(undeclared - {"options"})
+                if not _same(_probe(replace(base, **{key: OTHER_VALUES[key]}), tokens, pixels), masks)]
 
 
 __all__ = [

@@ -193,7 +193,7 @@ def test_seeded_and_reproducible():
 def test_other_values_name_every_masking_setting():
     from dataclasses import fields
 
-    assert set(masking.OTHER_VALUES) == {f.name for f in fields(MaskingConfig)} - {"strategy"}
+    assert set(masking.OTHER_VALUES) == {f.name for f in fields(MaskingConfig)} - {"strategy", "options"}
 
 
 @pytest.mark.parametrize("strategy", sorted(masking.STRATEGIES))
@@ -225,11 +225,31 @@ def test_a_strategy_that_reads_a_setting_it_does_not_declare_or_draws_its_own_no
     def numpy_noise(inputs, cfg):
         return masking.MaskScores(torch.from_numpy(np.random.rand(*inputs.tokens.shape[:2])), None, None)
 
+    @registered_strategy("width_unsaid", settings=("ratio",))
+    def width_unsaid(inputs, cfg):  # a job would always get options={}, so the default width, whatever the sweep
+        scores = masking.score_random(inputs, cfg)
+        return scores._replace(score=scores.score * cfg.options.get("width", 2))
+
+    @registered_strategy("band_unsaid", settings=("ratio",))
+    def band_unsaid(inputs, cfg):  # no default: fails on the options a job would be given
+        return masking.score_random(inputs, cfg)._replace(score=inputs.tokens[..., 0] * cfg.options["band"])
+
+    @registered_strategy("all_options_unsaid", settings=("ratio",))
+    def all_options_unsaid(inputs, cfg):
+        return masking.score_random(inputs, cfg)._replace(score=inputs.tokens[..., 0] + len(dict(cfg.options)))
+
+    @registered_strategy("width_said", settings=("ratio", "options"))
+    def width_said(inputs, cfg):
+        return width_unsaid(inputs, cfg)
+
     def read(strategy):
-        return re.findall(r"reads masking\.(\w+)", " ".join(masking.declaration_problems(strategy)))
+        return re.findall(r"reads masking\.(\w+(?: \([^)]*\))?)", " ".join(masking.declaration_problems(strategy)))
 
     state = torch.random.get_rng_state()
     assert read("threshold_unsaid") == ["threshold"] and read("hides_unsaid") == ["attention"]
+    assert read("width_unsaid") == ["options (width)"] and read("band_unsaid") == ["options (band)"]
+    assert read("all_options_unsaid") == ["options (*)"]
+    assert masking.declaration_problems("width_said") == []
     assert "differ between two runs from the same torch seed" in masking.declaration_problems("numpy_noise")[0]
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is left alone
 
