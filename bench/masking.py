@@ -103,7 +103,21 @@ def use_previous():
     masking.kmeans_clusters = previous_kmeans_clusters
 
 
-# variant -> (the strategies it changes, how to set it up); `current` is the library as it is
+# the images' dtype in the `bf16pixels` variant (None: fp32, as the loader hands them to a step)
+PIXEL_DTYPE = {"dtype": None}
+
+
+def use_bf16_pixels():
+    """`bf16pixels` variant: under bf16 autocast, the tower given bf16 images. conv1 casts its fp32 input to bf16
+    under autocast anyway, so the model's input is bit for bit the same (the cast moves out of the step to where
+    the batch reaches the GPU), while the masking op reads the pixels once in 77 MB rather than 154 MB (ViT-B-16,
+    batch 256). The rgb features then come from pixels rounded to bf16: at most 2^-9 x 2.2 of a CLIP-normalised
+    value, about 0.3 of an 8-bit level."""
+    PIXEL_DTYPE["dtype"] = torch.bfloat16
+
+
+# variant -> (the strategies it changes, how to set it up); `current` is the library as it is. Variants join
+# with "+" (`pooled+bf16pixels`): each set up, for the strategies they all change
 VARIANTS = {
     "current": (None, lambda: None),
     "previous": ({"cluster-rgb", "kmeans"}, use_previous),
@@ -111,22 +125,26 @@ VARIANTS = {
     "bmm": ({"cluster-rgb", "cluster-embedding"}, lambda: setattr(masking, "UNROLLED_DOTS_MAX", 0)),
     "split": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", split_kmeans_clusters)),
     "pooled": ({"kmeans"}, lambda: setattr(masking, "kmeans_features", pooled_kmeans_features)),
+    "bf16pixels": ({"cluster-rgb", "cluster-mixed", "kmeans"}, use_bf16_pixels),
 }
 
 
 @contextlib.contextmanager
 def variant(name: str):
-    saved = masking.rgb_similarity, masking.kmeans_clusters, masking.kmeans_features, masking.UNROLLED_DOTS_MAX
-    VARIANTS[name][1]()
+    saved = (masking.rgb_similarity, masking.kmeans_clusters, masking.kmeans_features, masking.UNROLLED_DOTS_MAX,
+             dict(PIXEL_DTYPE))
+    for part in name.split("+"):
+        VARIANTS[part][1]()
     try:
         yield
     finally:
-        masking.rgb_similarity, masking.kmeans_clusters, masking.kmeans_features, masking.UNROLLED_DOTS_MAX = saved
+        (masking.rgb_similarity, masking.kmeans_clusters, masking.kmeans_features, masking.UNROLLED_DOTS_MAX,
+         pixel_dtype) = saved
+        PIXEL_DTYPE.update(pixel_dtype)
 
 
 def variant_applies(name: str, label: str) -> bool:
-    strategies = VARIANTS[name][0]
-    return strategies is None or label in strategies
+    return all(VARIANTS[part][0] is None or label in VARIANTS[part][0] for part in name.split("+"))
 
 
 class Timer:
@@ -155,8 +173,8 @@ class Timer:
 
 
 def kernel_ms(fn, iters: int, top: int = 0):
-    """GPU time of the kernels one call of fn launches (torch.profiler), averaged over iters calls; with `top`,
-    also the `top` costliest kernels as [name, ms per call].
+    """(GPU time of the kernels one call of fn launches (torch.profiler), averaged over iters calls, the number of
+    kernels it launches, the `top` costliest kernels as [name, ms per call]).
 
     The op's cost inside a training step, where the GPU runs ahead of Python and launch gaps are hidden;
     CUDA events around a lone call also count the gaps between its kernels."""
@@ -168,14 +186,13 @@ def kernel_ms(fn, iters: int, top: int = 0):
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    per_name = {}
+    per_name, launches = {}, 0
     for event in prof.events():
         if event.device_type == DeviceType.CUDA:
             per_name[event.name] = per_name.get(event.name, 0.0) + event.time_range.elapsed_us() / 1000 / iters
-    total = sum(per_name.values())
-    if not top:
-        return total
-    return total, [[name, ms] for name, ms in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]]
+            launches += 1
+    costliest = [[name, ms] for name, ms in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]]
+    return sum(per_name.values()), launches / iters, costliest
 
 
 def graph_ms(fn, timer, iters: int) -> float:
@@ -229,13 +246,15 @@ def build(args, masking_kw, mode: str):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else \
         torch.autocast("cpu", enabled=False)
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
-    images = torch.randn(args.batch, 3, size, size, device=args.device)
+    images = torch.randn(args.batch, 3, size, size, device=args.device).to(PIXEL_DTYPE["dtype"] or torch.float32)
+    # without autocast (the CPU's fp32 step) conv1 takes fp32 images: only the op sees bf16 ones there
+    step_images = images if gpu else images.float()
     texts = torch.randint(0, 49407, (args.batch, model.context_length if hasattr(model, "context_length") else 77),
                           device=args.device)
 
     def step():
         with autocast:
-            image_features, text_features, scale = forward(images, texts)[:3]
+            image_features, text_features, scale = forward(step_images, texts)[:3]
             loss = loss_fn(image_features, text_features, scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -274,7 +293,9 @@ def main(argv=None) -> int:
                         help=f"comma-separated, of {sorted(VARIANTS)}: `previous` is the rgb similarity and "
                              "k-means before 2026-11-27, `bmm` batched_dots as a bmm when compiled, `split` k-means' "
                              "Gram of fp32 features (2026-11-27), `pooled` k-means on 2 x 2-averaged pixels, "
-                             "`twopass` the rgb similarity with its statistics' own pass (2026-11-27)")
+                             "`twopass` the rgb similarity with its statistics' own pass (2026-11-27), `bf16pixels` "
+                             "bf16 images (under autocast, the tower's input unchanged); join with + "
+                             "(`pooled+bf16pixels`)")
     parser.add_argument("--kernels", type=int, default=0, help="on a GPU, list the op's N costliest kernels")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="time the strategies' steps in turn, ROUNDS times, all models built first: step "
@@ -282,7 +303,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if set(args.modes.split(",")) - set(MODES):
         parser.error(f"unknown --modes {sorted(set(args.modes.split(',')) - set(MODES))}; known: {list(MODES)}")
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    unknown = {part for name in args.variants.split(",") for part in name.split("+")} - set(VARIANTS)
     if unknown:
         parser.error(f"unknown --variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
     if args.interleave and args.op_only:
@@ -354,9 +375,10 @@ def measure(args, timer, label: str, kw: dict, mode: str) -> dict:
            "op_kernel_ms": None, "op_graph_ms": None}
     if gpu and label != "none":
         kernels = optional("kernel timing", kernel_ms, mask_op, args.steps * 5, args.kernels)
-        if args.kernels and kernels is not None:
-            kernels, row["op_top_kernels"] = kernels
-        row["op_kernel_ms"] = kernels
+        if kernels is not None:
+            row["op_kernel_ms"], row["op_kernels"], top_kernels = kernels
+            if args.kernels:
+                row["op_top_kernels"] = top_kernels
         row["op_graph_ms"] = optional("CUDA graph timing", graph_ms, mask_op, timer, args.steps * 5)
     del step, mask_op
     if gpu:
@@ -409,14 +431,15 @@ def render(header, rows) -> str:
     lines = [f"# masking benchmark: {header['model']} batch {header['batch']}, {header['precision']}",
              f"device: {header['device']}; torch {header['torch']}; {header['date']}", "",
              "| strategy | variant | ratio | mode | step ms | step / random | op ms | op / random | op share of step | "
-             "op kernels ms | kernels share of step | op CUDA graph ms | graph share of step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "op kernels ms | kernels share of step | kernels per call | op CUDA graph ms | graph share of step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = baseline.get((r["ratio"], r["mode"]), {})
         rel_step = r["step_ms"] / base["step_ms"] if r["step_ms"] and base.get("step_ms") else None
         rel_op = r["op_ms"] / base["op_ms"] if r["op_ms"] is not None and base.get("op_ms") else None
         share = r["op_ms"] / r["step_ms"] if r["step_ms"] and r["op_ms"] is not None else None
-        gpu_cells = " | ".join(share_cells(r.get(key), r["step_ms"]) for key in ("op_kernel_ms", "op_graph_ms"))
+        gpu_cells = " | ".join([share_cells(r.get("op_kernel_ms"), r["step_ms"]), number(r.get("op_kernels"), 0),
+                                share_cells(r.get("op_graph_ms"), r["step_ms"])])
         lines.append(f"| {r['strategy']} | {r.get('variant', 'current')} | {r['ratio']:g} | {r['mode']} | "
                      f"{number(r['step_ms'], 2)} | {number(rel_step, 3)} | {number(r['op_ms'], 3)} | "
                      f"{number(rel_op, 2)} | {'-' if share is None else f'{100 * share:.2f}%'} | {gpu_cells} |")

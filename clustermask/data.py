@@ -115,10 +115,12 @@ def interval_batches(open_slot, intervals, seed: int):
         yield from itertools.islice(open_slot(slot_seed), len(steps))
 
 
-def training_stream(cfg: DataConfig, transform, tokenizer, batch_size: int, seed: int, intervals=None):
+def training_stream(cfg: DataConfig, transform, tokenizer, batch_size: int, seed: int, intervals=None,
+                    pin_memory: bool = False):
     """A loader of (images, tokens) batches that follows `seed` alone (the shards each worker draws, the
     shuffle, and the crops when it has workers), for the steps of `intervals` ([(first, end)], checkpoint
-    intervals; endless by default). With workers it neither reads nor draws from the global random state."""
+    intervals; endless by default). With workers it neither reads nor draws from the global random state.
+    `pin_memory` (for a GPU): batches in page-locked memory, whose copy to the GPU need not wait on the host."""
     import torch
     import webdataset as wds  # here, not at the top: the launcher checks shard paths without importing torch
 
@@ -126,7 +128,7 @@ def training_stream(cfg: DataConfig, transform, tokenizer, batch_size: int, seed
     urls = shard_urls(cfg.train_shards)
     open_slot = functools.partial(batch_pipeline, cfg, urls, transform, tokenizer, batch_size)
     batches = wds.DataPipeline(functools.partial(interval_batches, open_slot, intervals or [(0, sys.maxsize)], seed))
-    return wds.WebLoader(batches, batch_size=None, num_workers=check_workers(urls, cfg.workers),
+    return wds.WebLoader(batches, batch_size=None, num_workers=check_workers(urls, cfg.workers), pin_memory=pin_memory,
                          generator=torch.Generator().manual_seed(seed))  # the workers' seeds: not the global state
 
 

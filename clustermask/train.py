@@ -221,7 +221,9 @@ class Trainer:
         save_mask_grid(model, self._inputs(images), self.run_dir / "masks.png")
 
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
-        return images.to(device=self.device, dtype=self.input_dtype)
+        # copied as they are, then cast on the device: a copy that casts converts on the host first, into memory
+        # that is not pinned (a whole host pass over the batch, and a copy that waits for it)
+        return images.to(self.device, non_blocking=True).to(dtype=self.input_dtype)
 
     def _autocast(self):
         if self.model_cfg.precision == "amp_bf16":
@@ -234,8 +236,11 @@ class Trainer:
         had it gone on. Without train.exact_resume, the one interval is from `start` to the end."""
         cfg = self.cfg
         intervals = interval_bounds(start, cfg.steps, cfg.checkpoint_every if cfg.exact_resume else cfg.steps)
+        # pinned on a GPU: each batch's copy is queued behind the previous step's kernels instead of stopping the
+        # host until the GPU has finished them and copied it (154 MB per step for ViT-B-16 at batch 256)
         stream = iter(training_stream(self.data, transform, tokenizer, cfg.batch_size,
-                                      seed=derive_seed(cfg.seed, self.rank, "data"), intervals=intervals))
+                                      seed=derive_seed(cfg.seed, self.rank, "data"), intervals=intervals,
+                                      pin_memory=self.device.startswith("cuda")))
         firsts = {first for first, _ in intervals}
         for step in range(start, cfg.steps):
             if step in firsts:  # before the batch: without loader workers the crops draw from this state too
@@ -262,7 +267,8 @@ class Trainer:
             scheduler(step)
             masker.set_step(step)
             with self._autocast():
-                image_features, text_features, logit_scale = forward(self._inputs(images), texts.to(self.device))[:3]
+                image_features, text_features, logit_scale = forward(self._inputs(images),
+                                                                     texts.to(self.device, non_blocking=True))[:3]
                 loss = loss_fn(image_features, text_features, logit_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

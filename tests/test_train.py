@@ -299,3 +299,26 @@ def test_a_diverged_run_stops_and_keeps_only_finite_checkpoints(tmp_path, synthe
     if checkpoint_every == 1:
         state = torch.load(latest, weights_only=True)
         assert state["step"] >= 1 and all(torch.isfinite(w).all() for w in state["state_dict"].values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_the_training_batches_come_pinned(tmp_path, synthetic_root, monkeypatch):
+    """Each step's batch is in page-locked memory, from a loader worker too, so its copy to the GPU is queued
+    behind the previous step's kernels rather than waiting for them on the host; the run trains."""
+    pinned, logged = [], {}
+    stream = train.training_stream
+
+    def recording_stream(*args, **kwargs):
+        for images, texts in stream(*args, **kwargs):
+            pinned.append((images.is_pinned(), texts.is_pinned()))
+            yield images, texts
+
+    monkeypatch.setattr(train, "training_stream", recording_stream)
+    trainer = train.Trainer(ModelConfig(precision="amp_bf16"), MaskingConfig(strategy="cluster", ratio=0.5),
+                            DataConfig(train_shards=str(synthetic_root / "train"), workers=1),
+                            TrainConfig(steps=3, batch_size=8, log_every=1, warmup_steps=1, device="cuda"),
+                            tmp_path / "run", log=lambda metrics, step: logged.update({step: metrics}))
+    trainer.run()
+    assert pinned == [(True, True)] * 3
+    assert all(torch.isfinite(torch.tensor(logged[step]["train/loss"])) for step in (1, 2, 3))

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Prepared 2026-12-04 (twenty-second session, no GPU) for the next session with one; replaces gpu_check8.sh
+# (prepared 2026-11-28, never run: no session since has had a GPU). At most about 9.5 minutes:
+#   run(command="OUT=$OUT bash bench/gpu_check9.sh", carry=[".whl"], timeout_s=590)
+# Each stage writes its rows as they come; the last runs only if time is left. What #4 still needs measured:
+# 1. The op alone at 0.5, compiled, with its 8 costliest kernels and its kernel count: kmeans now (bf16 features,
+#    one bf16 GEMM) against `pooled` (2 x 2-averaged pixels), `bf16pixels` (bf16 images, as a bf16 autocast step
+#    could hand the tower: conv1's input unchanged, the pixels read in half the bytes) and both; random as the
+#    anchor. Then cluster-rgb (0.290 ms in run 5, before its one-pass similarity) and cluster-mixed (never measured)
+#    now, with bf16 pixels, and as `twopass` (the statistics' own pass over the pixels, as until 2026-11-28).
+# 2. The op alone at 0.5 as `model.compile: false` runs it on a GPU (`op-compiled`: eager model, the op compiled
+#    on its own), every strategy; eager, run 6 measured 0.2-1.7 ms.
+# 3. The CUDA tests (`-m gpu`): no host sync, eager and compiled alone; the op compiled alone keeps what eager
+#    keeps; k-means on the GPU as on the CPU (bf16 features); the rgb similarity against its definition; the
+#    training batches come pinned (new). Then `h2d.py`: a batch copied from pageable memory (the loader until
+#    2026-12-04) and from pinned memory (now) behind a 60 ms stand-in step: the GPU's idle share.
+# 4. The steps at 0.5 of the eager model with the op compiled alone, in turn (3 rounds of 20 steps).
+# 5. If under 7 minutes have gone: the compiled steps at 0.5 of random, cluster-mixed and kmeans, in turn.
+set -u
+source bench/gpu_setup.sh
+quiet() { grep -v -i warn | tee "$1" | grep -v "^{"; }
+python3 bench/masking.py --out "$OUT/masking_op_kmeans" --op-only --modes compiled --compile-ratios 0.5 \
+  --strategies random,kmeans --variants current,bf16pixels,pooled,pooled+bf16pixels --kernels 8 \
+  --budget-s 90 2>&1 | quiet "$OUT/masking_op_kmeans.log"
+python3 bench/masking.py --out "$OUT/masking_op_rgb" --op-only --modes compiled --compile-ratios 0.5 \
+  --strategies random,cluster-rgb,cluster-mixed --variants current,bf16pixels,twopass --kernels 8 \
+  --budget-s 80 2>&1 | quiet "$OUT/masking_op_rgb.log"
+python3 bench/masking.py --out "$OUT/masking_opcompiled" --op-only --modes op-compiled --ratios 0.5 \
+  --strategies random,cluster-rgb,cluster-embedding,cluster-mixed,kmeans --kernels 4 \
+  --budget-s 70 2>&1 | quiet "$OUT/masking_opcompiled.log"
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_masking.py tests/test_train.py -m gpu 2>&1 \
+  | tail -4 | tee "$OUT/gpu_tests.txt"
+timeout 60 python3 bench/h2d.py --out "$OUT/h2d" 2>&1 | tail -8
+timeout 100 python3 bench/masking.py --out "$OUT/masking_eager_steps" --modes op-compiled --ratios 0.5 \
+  --strategies random,cluster-rgb,cluster-embedding,kmeans --interleave 3 2>&1 | quiet "$OUT/masking_eager_steps.log"
+if [ "$SECONDS" -lt 420 ]; then
+  timeout $((560 - SECONDS)) python3 bench/masking.py --out "$OUT/masking_compiled_steps" --modes compiled \
+    --compile-ratios 0.5 --strategies random,cluster-mixed,kmeans --interleave 3 2>&1 \
+    | quiet "$OUT/masking_compiled_steps.log"
+fi
