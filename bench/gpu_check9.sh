@@ -11,8 +11,9 @@
 # 2. The op alone at 0.5 as `model.compile: false` runs it on a GPU (`op-compiled`: eager model, the op compiled
 #    on its own), every strategy; eager, run 6 measured 0.2-1.7 ms.
 # 3. The CUDA tests (`-m gpu`): no host sync, eager and compiled alone; the op compiled alone keeps what eager
-#    keeps; k-means on the GPU as on the CPU (bf16 features); the rgb similarity against its definition; the
-#    training batches come pinned (new). Then `h2d.py`: a batch copied from pageable memory (the loader until
+#    keeps; k-means on the GPU as on the CPU (bf16 features); the rgb similarity against its definition; (new:) the
+#    training batches come pinned; a run resumed at a checkpoint ends as one that went on, bit for bit, on the GPU
+#    (only ever checked on a CPU). Then `h2d.py`: a batch copied from pageable memory (the loader until
 #    2026-12-04) and from pinned memory (now) behind a 60 ms stand-in step: the GPU's idle share.
 # 4. The steps at 0.5 of the eager model with the op compiled alone, in turn (3 rounds of 20 steps).
 # 5. If under 7 minutes have gone: the compiled steps at 0.5 of random, cluster-mixed and kmeans, in turn.

@@ -7,6 +7,8 @@ import torch
 from clustermask import train
 from clustermask.config import DataConfig, MaskingConfig, ModelConfig, TrainConfig
 
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
 
 def test_throughput_counts_the_steps_of_each_log_interval(tmp_path, synthetic_root, monkeypatch):
     """5 steps logged every 2: intervals of 2, 2 and 1 steps, each one clock second long."""
@@ -92,18 +94,23 @@ def test_the_same_seed_trains_the_same_weights_on_the_cpu(tmp_path, synthetic_ro
     assert not all(torch.equal(weights[key], other[key]) for key in weights)
 
 
+ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_run_resumed_at_a_checkpoint_ends_as_one_that_went_on(tmp_path, synthetic_root, workers):
+def test_a_run_resumed_at_a_checkpoint_ends_as_one_that_went_on(tmp_path, synthetic_root, workers, device):
     """A preempted run (here: failed before step 5, resumed from its checkpoint at step 3) draws the batches and
     masks that the run would have drawn had it gone on, so it ends with the same weights and losses, bit for bit
-    on the CPU. With two loader workers, step 3 is the second worker's in one run and the first's in the other.
-    Calibration and the mask picture run in the first attempt only."""
+    on the CPU, and on a GPU (with its fused AdamW and pinned batches). With two loader workers, step 3 is the
+    second worker's in one run and the first's in the other. Calibration and the mask picture run in the first
+    attempt only."""
     def trainer(run_dir, fail_at_step, logged, exact_resume=True):
         return train.Trainer(ModelConfig(),
                              MaskingConfig(strategy="cluster", ratio=0.5, target_coverage=0.3, calibration_batches=1),
                              DataConfig(train_shards=str(synthetic_root / "train"), workers=workers),
                              TrainConfig(steps=7, batch_size=8, log_every=1, checkpoint_every=3, warmup_steps=1,
-                                         device="cpu", fail_at_step=fail_at_step, exact_resume=exact_resume),
+                                         device=device, fail_at_step=fail_at_step, exact_resume=exact_resume),
                              run_dir, log=lambda metrics, step: logged.update({step: metrics}))
 
     went_on, resumed = {}, {}
@@ -302,7 +309,7 @@ def test_a_diverged_run_stops_and_keeps_only_finite_checkpoints(tmp_path, synthe
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@NEEDS_CUDA
 def test_on_a_gpu_the_training_batches_come_pinned(tmp_path, synthetic_root, monkeypatch):
     """Each step's batch is in page-locked memory, from a loader worker too, so its copy to the GPU is queued
     behind the previous step's kernels rather than waiting for them on the host; the run trains."""
