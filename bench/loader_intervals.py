@@ -11,7 +11,7 @@ crops) on 256 px shards and one worker, it is what one CPU core feeds a GPU (`cl
 import argparse
 import time
 
-from clustermask.data import DataConfig, training_stream
+from clustermask.data import DataConfig, split_transform, training_stream
 from clustermask.model import ModelConfig, create
 
 
@@ -30,11 +30,16 @@ def main() -> None:
     parser.add_argument("--model", default=ModelConfig.name, help="whose transform and tokenizer (its crop size)")
     parser.add_argument("--intervals", default="one,50,10", help="comma-separated: `one` stream, or steps per interval")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--whole-transform", action="store_true",
+                        help="normalised float images from the workers, as the trainer's loader until 2026-12-04 (now "
+                             "uint8, normalised on the device: data.split_transform)")
     args = parser.parse_args()
     _, transform, _, tokenizer, _ = create(ModelConfig(name=args.model), None)
+    if not args.whole_transform:
+        transform = split_transform(transform)[0]
     cfg = DataConfig(train_shards=f"{args.data}/train", workers=args.workers)
     print(f"| intervals | batches/s ({args.workers} workers, batches of {args.batch}, {args.steps} steps, "
-          f"{args.model}'s transform) | images/s |")
+          f"{args.model}'s transform{', whole' if args.whole_transform else ' to uint8'}) | images/s |")
     print("|---|---|---|")
     for every in [args.steps if e == "one" else int(e) for e in args.intervals.split(",")] * args.repeat:
         intervals = [(first, min(first + every, args.steps)) for first in range(0, args.steps, every)]

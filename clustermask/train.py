@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import masking as masking_lib
 from .config import DataConfig, MaskingConfig, ModelConfig, TrainConfig, validate_data, validate_train as validate
-from .data import derive_seed, sample_batches, training_stream
+from .data import derive_seed, sample_batches, split_transform, training_stream
 from .files import write_atomic
 from .model import create
 
@@ -106,12 +106,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
             {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": weight_decay}]
 
 
-def calibrate(model, masker, masking: MaskingConfig, data: DataConfig, transform, tokenizer, batch_size, device,
-              dtype: Optional[torch.dtype] = None, seed: int = 0) -> List[float]:
+def calibrate(model, masker, masking: MaskingConfig, data: DataConfig, transform, tokenizer, batch_size,
+              to_inputs: Callable[[torch.Tensor], torch.Tensor], seed: int = 0) -> List[float]:
     """The masker's threshold schedule calibrated to masking.target_coverage on the first batches of a training
-    stream, their crops and the anchors drawn from `seed`."""
+    stream, their crops and the anchors drawn from `seed`; `to_inputs` makes a batch the model's input."""
     batches = sample_batches(data, transform, tokenizer, batch_size, masking.calibration_batches, seed=seed)
-    inputs = [masking_lib.collect_features(model, images.to(device=device, dtype=dtype)) for images, _ in batches]
+    inputs = [masking_lib.collect_features(model, to_inputs(images)) for images, _ in batches]
     thresholds = masking_lib.calibrate_threshold_schedule(inputs, masking, masking.target_coverage, seed=seed)
     masker.set_threshold(thresholds)
     return thresholds
@@ -146,6 +146,7 @@ class Trainer:
         self.device = resolve_device(train.device)
         # a model in pure bf16 takes bf16 images (open_clip_train casts them the same way); None keeps fp32
         self.input_dtype = open_clip.get_input_dtype(model_cfg.precision)
+        self.finish_images: Callable[[torch.Tensor], torch.Tensor] = lambda images: images  # set by run()
         self.rank, self.world = 0, 1
         self.seconds_before = 0.0  # the training loop's time in the runs before a resumption
         self.loop_started: Optional[float] = None  # time.perf_counter() when this process's loop started
@@ -168,13 +169,15 @@ class Trainer:
             print(f"distributed: rank {self.rank} of {self.world} on {self.device}", flush=True)
         torch.manual_seed(self.cfg.seed)
         model, train_tf, _, tokenizer, masker = create(self.model_cfg, self.masking, self.cfg.steps, self.device)
+        # the loader hands over uint8 images, normalised once on the device (`_inputs`)
+        train_tf, self.finish_images = split_transform(train_tf)
         # fused on a GPU: one kernel over all the parameters instead of foreach's passes (as bench/masking.py's step)
         optimizer = torch.optim.AdamW(param_groups(model, self.cfg.weight_decay), lr=self.cfg.lr, betas=(0.9, 0.98),
                                       eps=1e-6, fused=self.device.startswith("cuda") or None)
         start = self._resume(latest, model, optimizer, masker)
         if start == 0 and masking_lib.calibrates_threshold(self.masking):
             thresholds = calibrate(model, masker, self.masking, self.data, train_tf, tokenizer, self.cfg.batch_size,
-                                   self.device, self.input_dtype, seed=self.cfg.seed)
+                                   self._inputs, seed=self.cfg.seed)
             # each at the step where the schedule holds it (one point unless features are mixed)
             for progress, threshold in zip(masking_lib.schedule_progress(len(thresholds)), thresholds):
                 self.log({"mask/calibrated_threshold": threshold}, round(progress * self.cfg.steps))
@@ -222,9 +225,10 @@ class Trainer:
         save_mask_grid(model, self._inputs(images), self.run_dir / "masks.png")
 
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
-        # copied as they are, then cast on the device: a copy that casts converts on the host first, into memory
-        # that is not pinned (a whole host pass over the batch, and a copy that waits for it)
-        return images.to(self.device, non_blocking=True).to(dtype=self.input_dtype)
+        """A batch from the loader (uint8, `data.split_transform`) as the model takes it: normalised on the device,
+        in the model's input dtype. Copied as it is, then converted: a copy that converts does so on the host first,
+        into memory that is not pinned."""
+        return self.finish_images(images.to(self.device, non_blocking=True)).to(dtype=self.input_dtype)
 
     def _autocast(self):
         if self.model_cfg.precision == "amp_bf16":

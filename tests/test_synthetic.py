@@ -11,7 +11,7 @@ import webdataset as wds
 from clip_benchmark.datasets.builder import build_dataset
 
 from clustermask import synthetic
-from clustermask.data import DataConfig, check_workers, interval_batches, shard_urls, training_stream
+from clustermask.data import DataConfig, check_workers, interval_batches, shard_urls, split_transform, training_stream
 from clustermask.model import ModelConfig, create
 from clustermask.synthetic import SUGARCREPE_TASKS, SyntheticConfig, generate
 
@@ -158,6 +158,23 @@ def test_a_steps_batch_does_not_depend_on_the_step_the_loader_started_from(worke
     assert len({slot for slot, _ in from_0}) == 2 * min(workers, 3) + min(workers, 2)  # slots per interval
     assert batches([(3, 6), (6, 8)]) == from_0[3:]
     assert set(batches([(0, 3), (3, 6), (6, 8)], seed=1)).isdisjoint(from_0)
+
+
+@pytest.mark.parametrize("model", ["ViT-Tiny-8-64", "ViT-B-16"])
+def test_the_loader_hands_over_uint8_images_that_the_device_part_makes_the_whole_transforms(synthetic_root, model):
+    """The trainer's loader runs the transform up to a uint8 tensor (a quarter of the bytes to batch, hand over, pin
+    and copy); normalised on the device, each batch is the whole transform's, bit for bit, crops included."""
+    _, train_tf, _, tokenizer, _ = create(ModelConfig(name=model), None)
+    host, finish = split_transform(train_tf)
+    cfg = DataConfig(train_shards=str(synthetic_root / "train"), workers=2)
+    whole = training_stream(cfg, train_tf, tokenizer, batch_size=8, seed=5)
+    split = training_stream(cfg, host, tokenizer, batch_size=8, seed=5)
+    for (images, texts), (small, same_texts), _ in zip(whole, split, range(3)):
+        assert small.dtype == torch.uint8 and images.dtype == torch.float32 and small.shape == images.shape
+        assert torch.equal(finish(small), images) and torch.equal(texts, same_texts)
+    # a transform of another form stays whole on the host, and the device part leaves the batch alone
+    host, finish = split_transform(train_tf.transforms[0])
+    assert host is train_tf.transforms[0] and finish(images) is images
 
 
 def test_training_stream_with_as_many_workers_as_shards(synthetic_root):
