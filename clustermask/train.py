@@ -21,6 +21,8 @@ from .files import write_atomic
 from .model import create
 
 LogFn = Callable[[Dict[str, float], int], None]
+# the clock of the loader wait, apart from `time.perf_counter` (tests fake that one and count its readings)
+wait_clock = time.perf_counter
 
 
 def resolve_device(name: str) -> str:
@@ -150,6 +152,7 @@ class Trainer:
         self.rank, self.world = 0, 1
         self.seconds_before = 0.0  # the training loop's time in the runs before a resumption
         self.loop_started: Optional[float] = None  # time.perf_counter() when this process's loop started
+        self.waited_for_data = 0.0  # seconds the loop waited for the loader since the last log
 
     def train_seconds(self, now: float) -> float:
         """The training loop's wall-clock time so far, summed over resumptions: what a point cost to train
@@ -250,7 +253,9 @@ class Trainer:
         for step in range(start, cfg.steps):
             if step in firsts:  # before the batch: without loader workers the crops draw from this state too
                 torch.manual_seed(derive_seed(cfg.seed, self.rank, "masks", step))
+            asked = wait_clock()
             images, texts = next(stream)
+            self.waited_for_data += wait_clock() - asked
             yield step, images, texts
 
     def _loop(self, model, optimizer, masker, transform, tokenizer, start: int, latest: Path) -> None:
@@ -263,7 +268,7 @@ class Trainer:
         if self.model_cfg.compile:
             forward = torch.compile(forward)
         model.train()
-        timer, logged_step = time.perf_counter(), start
+        timer, logged_step, self.waited_for_data = time.perf_counter(), start, 0.0
         self.loop_started = timer
         progress = tqdm(total=cfg.steps, initial=start, desc=f"train[{self.rank}]", mininterval=5, disable=None)
         for step, images, texts in self._batches(transform, tokenizer, start):
@@ -290,8 +295,10 @@ class Trainer:
                            # all ranks', as open_clip logs it: they step together (DDP's all-reduce)
                            "train/samples_per_s": samples * self.world / max(now - timer, 1e-9),
                            "train/samples_per_s_per_rank": samples / max(now - timer, 1e-9),
+                           # near 1: the loader bounds the run (more data.workers and cores); near 0: the step does
+                           "train/data_wait_share": min(1.0, self.waited_for_data / max(now - timer, 1e-9)),
                            "train/minutes": self.train_seconds(now) / 60}
-                timer, logged_step = now, step
+                timer, logged_step, self.waited_for_data = now, step, 0.0
                 if self.rank == 0:  # an attempt killed outright then loses only the time since this log
                     record_spent(self.run_dir, self.train_seconds(now))
                 metrics.update({k: v.item() for k, v in masker.stats.items()})

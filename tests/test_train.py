@@ -1,4 +1,5 @@
 import itertools
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -76,6 +77,33 @@ def test_an_attempt_killed_outright_counts_up_to_its_last_checkpoint(tmp_path, s
     final = trainer(fail_at_step=-1).run()
     assert {step: logged[step]["train/minutes"] * 60 for step in (3, 4)} == {3: 4.0, 4: 5.0}
     assert torch.load(final, weights_only=True)["train_seconds"] == 6.0
+
+
+def test_the_share_of_time_spent_waiting_for_the_loader_is_logged(tmp_path, synthetic_root, monkeypatch):
+    """A loader slower than the step (0.25 s a batch against a few ms of tiny model) is nearly all the run's time;
+    batches made in advance are none of it."""
+    stream = train.training_stream
+
+    def made_in_advance(*args, **kwargs):
+        batches = [batch for batch, _ in zip(stream(*args, **kwargs), range(4))]
+        return iter(batches)
+
+    def slow(*args, **kwargs):
+        for batch in made_in_advance(*args, **kwargs):
+            time.sleep(0.25)
+            yield batch
+
+    shares = {}
+    for name, loader in (("slow", slow), ("made in advance", made_in_advance)):
+        monkeypatch.setattr(train, "training_stream", loader)
+        logged = {}
+        train.Trainer(ModelConfig(), MaskingConfig(strategy="random", ratio=0.5),
+                      DataConfig(train_shards=str(synthetic_root / "train"), workers=0),
+                      TrainConfig(steps=4, batch_size=8, log_every=2, warmup_steps=1, device="cpu"),
+                      tmp_path / name, log=lambda metrics, step: logged.update({step: metrics})).run()
+        shares[name] = [logged[step]["train/data_wait_share"] for step in (2, 4)]
+    assert all(share > 0.8 for share in shares["slow"]), shares
+    assert all(share < 0.05 for share in shares["made in advance"]), shares
 
 
 def train_weights(run_dir, synthetic_root, seed: int) -> dict:
