@@ -53,8 +53,9 @@ def validate(cfg: EvalConfig, check_paths: bool = True) -> None:
 
 
 def _loader(dataset, ctx: EvalContext, collate_fn, task: EvalTask, split: str = "test") -> DataLoader:
+    # pinned on a GPU: clip_benchmark's copies then go straight from the batch, not through a staging buffer
     return DataLoader(dataset, batch_size=ctx.batch_size, num_workers=_workers(task, split, ctx.workers),
-                      collate_fn=collate_fn)
+                      collate_fn=collate_fn, pin_memory=ctx.device.startswith("cuda"))
 
 
 def _workers(task: EvalTask, split: str, workers: int) -> int:
