@@ -1,7 +1,7 @@
 # Sourced by the gpu_check scripts, on the lent GPU machine from the repo root: the pure-Python wheels of
 # .whl/ (open_clip, webdataset, ...) into /tmp/site, the environment, the output folder and the GPU's name.
 # .whl/ is git-ignored; make it here with: pip download --no-deps -d .whl open_clip_torch==3.3.0 ftfy wcwidth
-#   webdataset==1.0.2 braceexpand pytest-timeout==2.4.0   (then run(..., carry=[".whl"]))
+#   webdataset==1.0.2 braceexpand pytest-timeout==2.4.0 clip-benchmark==1.6.2   (then run(..., carry=[".whl"]))
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 OUT=${OUT:-bench/results}

@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from clip_benchmark.metrics import linear_probe
 
 from clustermask.evaluate import EvalConfig, EvalContext, EvalTask, linear_probe_eval, run_task, validate
@@ -210,3 +211,26 @@ def test_a_resumed_evaluation_runs_only_the_tasks_it_had_not_finished(tmp_path, 
     assert evaluate_tasks(b_options={"recall_k": [1, 10]})[1] == ["a", "b", "b"] + ["a", "b"] * 2
     evaluate.forget_evaluated(results)
     assert evaluate_tasks(b_options={"recall_k": [1, 10]})[1] == ["a", "b", "b"] + ["a", "b"] * 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_every_evaluator_names_the_metrics_the_cpu_names(tmp_path, synthetic_root):
+    """The CUDA path (clip_benchmark's own linear probe, which asserts CUDA, and pinned loaders) gives the report the
+    same columns as the CPU path; zero-shot, retrieval and SugarCrepe scores of the same model agree but for ties."""
+    from clustermask.evaluate import evaluate_checkpoint
+
+    checkpoint = untrained_checkpoint(tmp_path / "final.pt")
+    root = synthetic_root / "eval"
+    tasks = [EvalTask("zeroshot_classification", "wds/shapes", str(root / "shapes")),
+             EvalTask("linear_probe", "wds/shapes", str(root / "shapes"), {"lr": 0.1, "epochs": 2}),
+             EvalTask("zeroshot_retrieval", "wds/scenes", str(root / "scenes"), {"recall_k": [1, 5]}),
+             EvalTask("image_caption_selection", "sugar_crepe/swap_att", str(root / "sugar_crepe"))]
+    results = {device: evaluate_checkpoint("ViT-Tiny-8-64", str(checkpoint),
+                                           EvalConfig(tasks=tasks, device=device, batch_size=64), tmp_path / device)
+               for device in ("cpu", "cuda")}
+    assert results["cuda"].keys() == results["cpu"].keys()
+    for key, value in results["cpu"].items():
+        assert 0 <= results["cuda"][key] <= 1, key
+        if not key.startswith("linear_probe/"):
+            assert results["cuda"][key] == pytest.approx(value, abs=0.03), key
