@@ -30,6 +30,8 @@ HEADLINE = [  # (task, metric, column) in table order: a column per evaluated da
 ]
 SUGARCREPE = "image_caption_selection/sugar_crepe/"
 TRAIN_MINUTES = "train/minutes"  # what a point cost: masking is there to make training cheaper
+DATA_WAIT = "train/data_wait_share"  # at the last log: the share of the loop's time spent waiting for the loader
+LOADER_BOUND = 0.2
 
 
 # the params a point's label shows by their own (strategy_label) or that are the table's own columns
@@ -207,6 +209,21 @@ def plot_against_training_time(frame: pd.DataFrame, metric: str, path: Path) -> 
     return save_plot(fig, ax, "training minutes (mean over seeds; points: mask ratio)", metric, path)
 
 
+def loader_bound_note(frame: pd.DataFrame) -> Optional[str]:
+    """A line naming the points whose training waited for its loader for more than LOADER_BOUND of its last log
+    interval: their `train_min` says how fast the loader was as much as how cheap the masking made the step."""
+    if DATA_WAIT not in frame:
+        return None
+    bound = frame[frame[DATA_WAIT] > LOADER_BOUND]
+    if bound.empty:
+        return None
+    points = ", ".join(f"{r.label} {r.ratio:g} seed {r.seed} ({r.wait:.0%})"
+                       for r in bound.assign(wait=bound[DATA_WAIT]).itertuples())
+    return (f"report: {len(bound)} point(s) waited for their loader more than {LOADER_BOUND:.0%} of the time at their "
+            f"last log, so their train_min is the loader's as much as the masking's: {points} (more data.workers and "
+            "cores per task would train them faster)")
+
+
 def write_table_and_mean(rows: pd.DataFrame, out_dir: Path, name: str) -> List[Path]:
     """`name`.md/.tex, a row per point, and `name`_mean.md/.tex, `mean ± std` over seeds."""
     written = []
@@ -268,6 +285,9 @@ def build_report(sweep_dirs, plot_metrics: Optional[List[str]] = None, out_dir: 
     if TRAIN_MINUTES in frame:
         for metric in (k for k in headline_columns(frame) if k.startswith("zeroshot_classification/")):
             plot_against_training_time(frame, metric, out_dir / f"{metric.replace('/', '_')}_vs_train_minutes.png")
+    note = loader_bound_note(frame)
+    if note:
+        print(note)
     for manifest in manifests:
         _copy_mask_pictures(manifest, out_dir, f"{manifest['sweep_id']}_" if len(manifests) > 1 else "")
     repeated = table[table.duplicated(["label", "ratio", "seed"], keep=False)]

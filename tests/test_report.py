@@ -3,7 +3,7 @@ import pytest
 import torch
 from clip_benchmark.metrics import zeroshot_retrieval
 
-from analysis.report import default_plot_metrics, headline_table, missing_metric
+from analysis.report import default_plot_metrics, headline_table, loader_bound_note, missing_metric
 from clustermask.evaluate import EvalTask, metric_key
 
 # two images and one caption each; caption b is closest to image A, so the directions disagree:
@@ -44,6 +44,18 @@ def test_headline_has_a_column_per_dataset_named_after_it_when_there_are_several
     assert default_plot_metrics(frame) == ["zeroshot_classification/wds/cifar10/acc1",
                                            "zeroshot_classification/wds/imagenet1k/acc1",
                                            "image_caption_selection/sugar_crepe/swap_att/acc"]
+
+
+def test_points_whose_training_waited_for_the_loader_are_named():
+    """Their train_min (and the accuracy-against-minutes plot) measures the loader as much as the masking."""
+    frame = pd.DataFrame([{"label": "random", "ratio": 0.5, "seed": 0, "train/data_wait_share": 0.05},
+                          {"label": "cluster-rgb", "ratio": 0.5, "seed": 1, "train/data_wait_share": 0.42},
+                          {"label": "kmeans", "ratio": 0.3, "seed": 0, "train/data_wait_share": float("nan")}])
+    note = loader_bound_note(frame)
+    assert "1 point(s) waited for their loader" in note and "cluster-rgb 0.5 seed 1 (42%)" in note
+    assert "random" not in note and "kmeans" not in note
+    assert loader_bound_note(frame.iloc[[0, 2]]) is None
+    assert loader_bound_note(frame.drop(columns="train/data_wait_share")) is None  # sweeps before the metric
 
 
 def test_a_metric_not_in_the_sweep_is_named_with_the_closest_that_are():
