@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from clustermask.config import LOADER_BOUND  # noqa: E402
 from clustermask.files import sqlite_path, where_the_sweep_is  # noqa: E402
 
 POINT_COLUMNS = ["sweep", "point", "strategy", "features", "ratio", "attention", "seed", "status"]
@@ -31,7 +32,6 @@ HEADLINE = [  # (task, metric, column) in table order: a column per evaluated da
 SUGARCREPE = "image_caption_selection/sugar_crepe/"
 TRAIN_MINUTES = "train/minutes"  # what a point cost: masking is there to make training cheaper
 DATA_WAIT = "train/data_wait_share"  # at the last log: the share of the loop's time spent waiting for the loader
-LOADER_BOUND = 0.2
 
 
 # the params a point's label shows by their own (strategy_label) or that are the table's own columns

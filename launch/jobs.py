@@ -16,6 +16,7 @@ from typing import Optional
 import submitit
 from omegaconf import OmegaConf
 
+from clustermask.config import LOADER_BOUND
 from clustermask.plugins import fingerprint, load_plugins
 
 from . import graph
@@ -70,9 +71,14 @@ def _finished(run_dir: Path, stage: str, error: Optional[BaseException] = None) 
         graph.mark(run_dir, stage, "failed", job_id=_job_id(), log=_log_path(), error=repr(error)[:2000])
 
 
-def _progress(run_dir: Path, stage: str, done: int, total: int) -> None:
-    """What `clustermask-status` shows beside a running stage: steps trained, or evaluation tasks done."""
-    _running(Path(run_dir).resolve(), stage, progress=f"{done}/{total}")
+def _progress(run_dir: Path, stage: str, done: int, total: int, waited: Optional[float] = None) -> None:
+    """What `clustermask-status` shows beside a running stage: steps trained, or evaluation tasks done; and the
+    share of its time a training waited for its loader since its last log, when over LOADER_BOUND (a run to stop
+    and give more data.workers and cores)."""
+    progress = f"{done}/{total}"
+    if waited is not None and waited > LOADER_BOUND:
+        progress += f", {waited:.0%} waiting for data"
+    _running(Path(run_dir).resolve(), stage, progress=progress)
 
 
 def _use_the_allocated_cpus() -> None:
@@ -136,7 +142,7 @@ def train_point(run_dir: str) -> str:
 
         def log(metrics, step):
             logger.metrics(metrics, step)
-            _progress(run_dir, "train", step, cfg.train.steps)
+            _progress(run_dir, "train", step, cfg.train.steps, metrics.get("train/data_wait_share"))
 
         trainer = Trainer(_typed(cfg.model), _typed(cfg.masking), _typed(cfg.data), _typed(cfg.train),
                           Path(run_dir), log=log if logger else None)

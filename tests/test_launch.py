@@ -706,6 +706,18 @@ def test_status_columns_line_up_whatever_the_point_names_and_reasons():
         assert line.index(" 7_") + 1 == header.index("jobs")
 
 
+def test_a_training_that_waits_for_its_loader_says_so_beside_its_progress(tmp_path):
+    """`clustermask-status` shows a running training's steps, and the share of its time since its last log spent
+    waiting for its loader when that is over LOADER_BOUND: a run to stop and give more workers and cores."""
+    from launch import jobs
+
+    shown = []
+    for waited in (0.35, 0.05, None):
+        jobs._progress(tmp_path, "train", 120, 400, waited)
+        shown.append(graph.read_state(tmp_path, "train")["progress"])
+    assert shown == ["120/400, 35% waiting for data", "120/400", "120/400"]
+
+
 class TrackingHere:
     """`create_sweep`'s tracker, in this process rather than the helper child."""
 
