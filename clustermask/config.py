@@ -21,9 +21,9 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 FEATURES = ("rgb", "embedding", "mixed")
 PRECISIONS = ("fp32", "amp_bf16", "bf16")
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-# the kind of wds dataset (its dataset_type.txt) each built-in evaluator reads
 # the share of its time a training may wait for its loader before `clustermask-status` and the report say so
 LOADER_BOUND = 0.2
+# the kind of wds dataset (its dataset_type.txt) each built-in evaluator reads
 WDS_KIND = {"zeroshot_classification": "classification", "linear_probe": "classification",
             "zeroshot_retrieval": "retrieval"}
 
