@@ -217,8 +217,8 @@ def loader_bound_note(frame: pd.DataFrame) -> Optional[str]:
     bound = frame[frame[DATA_WAIT] > LOADER_BOUND]
     if bound.empty:
         return None
-    points = ", ".join(f"{r.label} {r.ratio:g} seed {r.seed} ({r.wait:.0%})"
-                       for r in bound.assign(wait=bound[DATA_WAIT]).itertuples())
+    points = ", ".join(f"{r.label} {r.ratio:g} seed {r.seed} ({wait:.0%})"
+                       for r, wait in zip(bound.itertuples(), bound[DATA_WAIT]))
     return (f"report: {len(bound)} point(s) waited for their loader more than {LOADER_BOUND:.0%} of the time at their "
             f"last log, so their train_min is the loader's as much as the masking's: {points} (more data.workers and "
             "cores per task would train them faster)")

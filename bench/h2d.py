@@ -15,12 +15,11 @@ not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
+from results_files import write_results
 
 
 def stand_in_step(side: int, step_ms: float):
@@ -92,12 +91,7 @@ def main(argv=None) -> int:
              f"device: {header['device']}; torch {header['torch']}; {header['date']}", "",
              "| | ms per iteration | GPU idle share |", "|---|---|---|"]
     lines += [f"| {name} | {ms:.2f} | {100 * (1 - work / ms):.1f}% |" for name, ms in rows.items()]
-    table = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(table)
-    print(table)
+    write_results(args.out, header, rows, "\n".join(lines) + "\n")
     return 0
 
 

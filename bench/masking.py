@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clustermask import masking  # noqa: E402
 from clustermask.masking import MaskingConfig  # noqa: E402
 from clustermask.model import ModelConfig, create  # noqa: E402
+from results_files import write_results  # noqa: E402
 
 CONFIGS = [  # (label, masking config)
     ("none", dict(strategy="none", ratio=0.0)),
@@ -325,8 +326,6 @@ def main(argv=None) -> int:
     modes = [m for m in args.modes.split(",") if not (args.no_compile and m == "compiled")]
     wanted = set(args.strategies.split(","))
     compile_ratios = [float(r) for r in args.compile_ratios.split(",")]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     for mode in modes:
         mode_ratios = compile_ratios if mode == "compiled" else ratios
         for ratio in mode_ratios:
@@ -335,7 +334,7 @@ def main(argv=None) -> int:
                           if label in wanted and not (label == "none" and ratio != mode_ratios[0])]
                 rows += measure_interleaved(args, timer, chosen, mode)
                 print("\n".join(json.dumps(row) for row in rows[-len(chosen):]), flush=True)
-                (out.with_suffix(".json")).write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+                write_results(args.out, header, rows)
                 continue
             for label, kw in CONFIGS:
                 if label not in wanted or (label == "none" and ratio != mode_ratios[0]):
@@ -351,10 +350,8 @@ def main(argv=None) -> int:
                     row["variant"] = name
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                    (out.with_suffix(".json")).write_text(json.dumps({"header": header, "rows": rows}, indent=1))
-    table = render(header, rows)
-    out.with_suffix(".md").write_text(table)
-    print(table)
+                    write_results(args.out, header, rows)
+    write_results(args.out, header, rows, render(header, rows))
     return 0
 
 

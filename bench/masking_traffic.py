@@ -29,6 +29,7 @@ from torch._inductor import metrics
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clustermask.masking import MaskingConfig  # noqa: E402
 from clustermask.model import ModelConfig, create  # noqa: E402
+from results_files import write_results  # noqa: E402
 
 CONFIGS = [  # (label, masking config)
     ("random", dict(strategy="random")),
@@ -131,12 +132,7 @@ def main(argv=None) -> int:
                     row = {"strategy": label, "ratio": ratio, **traffic}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    table = render(header, rows)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(table)
-    print(table)
+    write_results(args.out, header, rows, render(header, rows))
     return 0
 
 
