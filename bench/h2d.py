@@ -17,9 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
-from results_files import write_results
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.results_files import write_results  # noqa: E402
 
 
 def stand_in_step(side: int, step_ms: float):

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clustermask import masking  # noqa: E402
 from clustermask.masking import MaskingConfig  # noqa: E402
 from clustermask.model import ModelConfig, create  # noqa: E402
-from results_files import write_results  # noqa: E402
+from bench.results_files import write_results  # noqa: E402
 
 CONFIGS = [  # (label, masking config)
     ("none", dict(strategy="none", ratio=0.0)),

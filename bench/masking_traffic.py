@@ -29,7 +29,7 @@ from torch._inductor import metrics
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clustermask.masking import MaskingConfig  # noqa: E402
 from clustermask.model import ModelConfig, create  # noqa: E402
-from results_files import write_results  # noqa: E402
+from bench.results_files import write_results  # noqa: E402
 
 CONFIGS = [  # (label, masking config)
     ("random", dict(strategy="random")),
