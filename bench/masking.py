@@ -99,6 +99,27 @@ def pooled_kmeans_features(pixels: torch.Tensor, patch_size: int) -> torch.Tenso
     return masking.patchify((F.avg_pool2d(x, 2) - mean) / scale, patch_size // 2).to(torch.bfloat16)
 
 
+# the multiple that the `padgram` variant pads the patches to (bench/gram.py measures each multiple's GEMM)
+GRAM_PAD_MULTIPLE = int(os.environ.get("CLUSTERMASK_BENCH_GRAM_PAD", "16"))
+
+
+def padded_gram_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int):
+    """`padgram` variant: the features padded with zero rows to a multiple of GRAM_PAD_MULTIPLE patches before
+    the Gram's GEMM (compiled, the padding is written by the features' kernel), whose top-left block is the Gram:
+    for shapes where cuBLAS picks a faster kernel (bench/gram.py)."""
+    feats = masking.kmeans_features(pixels, patch_size)
+    length = feats.shape[1]
+    feats = F.pad(feats, (0, 0, 0, -length % GRAM_PAD_MULTIPLE))
+    return masking.kmeans_assignment(masking.bf16_bmm(feats, feats.transpose(1, 2))[:, :length, :length], initial,
+                                     iters)
+
+
+def bf16_gram_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int):
+    """`bf16gram` variant: the Gram's GEMM with bf16 results (dot products to 2^-9 of themselves), then fp32."""
+    feats = masking.kmeans_features(pixels, patch_size)
+    return masking.kmeans_assignment(torch.bmm(feats, feats.transpose(1, 2)).float(), initial, iters)
+
+
 def use_previous():
     masking.rgb_similarity = previous_rgb_similarity
     masking.kmeans_clusters = previous_kmeans_clusters
@@ -127,6 +148,8 @@ VARIANTS = {
     "split": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", split_kmeans_clusters)),
     "pooled": ({"kmeans"}, lambda: setattr(masking, "kmeans_features", pooled_kmeans_features)),
     "bf16pixels": ({"cluster-rgb", "cluster-mixed", "kmeans"}, use_bf16_pixels),
+    "padgram": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", padded_gram_kmeans_clusters)),
+    "bf16gram": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", bf16_gram_kmeans_clusters)),
 }
 
 

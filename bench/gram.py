@@ -1,0 +1,97 @@
+"""Benchmark: k-means' Gram matrix (`masking.kmeans_clusters`: every patch's dot products with its image's other
+patches) computed in several forms, at ViT-B-16's shapes by default.
+
+    python bench/gram.py                         # batch 256, 196 patches of 768 values (bf16), on the GPU
+    python bench/gram.py --batch 64 --length 196 --dim 768 --out bench/results/gram_h200
+
+The library's form is one batched bf16 GEMM with fp32 results (`masking.bf16_bmm`). On an H200 (2026-11-27, run
+5) it took 0.105 ms in a kernel of cuBLAS's sm80 family, where its 15 GFLOP need about 0.02 ms at the card's bf16
+rate. The other forms: the result in bf16; the patches padded with zero rows to a multiple of 8, 16, 32 or 64 (the
+Gram of the real patches is then its top-left block); the second operand laid out transposed; fp32 features with
+TF32. Prints each form's milliseconds (CUDA events, median), TFLOP/s counting the real patches only, and its
+costliest kernel. A measurement, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.masking import Timer, kernel_ms, optional  # noqa: E402
+from bench.results_files import write_results  # noqa: E402
+from clustermask import masking  # noqa: E402
+
+PAD_MULTIPLES = (8, 16, 32, 64)
+
+
+def padded(feats: torch.Tensor, multiple: int) -> torch.Tensor:
+    return F.pad(feats, (0, 0, 0, -feats.shape[1] % multiple))
+
+
+def forms(feats: torch.Tensor) -> dict:
+    """name -> a call computing the Gram (or a padded Gram holding it) from operands prepared in advance, so
+    that each times the GEMM alone."""
+    transposed = feats.transpose(1, 2).contiguous()
+    full = feats.float()
+    calls = {
+        "current (bf16 in, fp32 out)": lambda: masking.bf16_bmm(feats, feats.transpose(1, 2)),
+        "bf16 out": lambda: torch.bmm(feats, feats.transpose(1, 2)),
+        "second operand transposed in memory": lambda: masking.bf16_bmm(feats, transposed),
+        "fp32 features, TF32": lambda: torch.bmm(full, full.transpose(1, 2)),
+    }
+    for multiple in PAD_MULTIPLES:
+        operand = padded(feats, multiple)
+        calls[f"padded to a multiple of {multiple} ({operand.shape[1]})"] = \
+            lambda operand=operand: masking.bf16_bmm(operand, operand.transpose(1, 2))
+    return calls
+
+
+def check_padding_keeps_the_gram(feats: torch.Tensor) -> float:
+    """The largest difference between the Gram and the top-left block of the padded one (0 expected: the padded
+    rows are zeros)."""
+    gram = masking.bf16_bmm(feats, feats.transpose(1, 2))
+    operand = padded(feats, 16)
+    block = masking.bf16_bmm(operand, operand.transpose(1, 2))[:, : feats.shape[1], : feats.shape[1]]
+    return (gram - block).abs().max().item()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--length", type=int, default=196, help="patches per image")
+    parser.add_argument("--dim", type=int, default=768, help="values per patch (C * p * p)")
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--out", default="bench/results/gram")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gram.py measures a GPU's GEMM kernels: no CUDA device here", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(0)
+    feats = torch.randn(args.batch, args.length, args.dim, device="cuda").to(torch.bfloat16)
+    flops = 2 * args.batch * args.length ** 2 * args.dim
+    timer = Timer("cuda")
+    header = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,
+              "length": args.length, "dim": args.dim, "padding_error": check_padding_keeps_the_gram(feats)}
+    rows = []
+    for name, call in forms(feats).items():
+        ms = timer(call, args.iters, 10)
+        kernels = optional(f"{name} kernels", kernel_ms, call, 10, 1)
+        top = kernels[2][0] if kernels and kernels[2] else ["-", None]
+        rows.append({"form": name, "ms": ms, "tflops": flops / ms / 1e9, "kernel": top[0][:90], "kernel_ms": top[1]})
+        write_results(args.out, header, rows)
+    lines = [f"# k-means' Gram: batch {args.batch}, {args.length} patches of {args.dim} bf16 values",
+             f"device: {header['device']}; torch {header['torch']}; padded Gram's block - Gram: "
+             f"{header['padding_error']:g}", "", "| form | ms | TFLOP/s (real patches) | costliest kernel |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['form']} | {r['ms']:.4f} | {r['tflops']:.0f} | {r['kernel']} |" for r in rows]
+    write_results(args.out, header, rows, "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
