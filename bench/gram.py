@@ -29,25 +29,63 @@ PAD_MULTIPLES = (8, 16, 32, 64)
 
 
 def padded(feats: torch.Tensor, multiple: int) -> torch.Tensor:
+    """feats with zero rows appended to a multiple of `multiple` rows."""
     return F.pad(feats, (0, 0, 0, -feats.shape[1] % multiple))
 
 
-def forms(feats: torch.Tensor) -> dict:
+def tf32_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bmm with TF32 for this call alone: training leaves TF32 off, as the other forms do."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return torch.bmm(a, b)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def gram_forms(feats: torch.Tensor) -> dict:
     """name -> a call computing the Gram (or a padded Gram holding it) from operands prepared in advance, so
     that each times the GEMM alone."""
     transposed = feats.transpose(1, 2).contiguous()
     full = feats.float()
     calls = {
-        "current (bf16 in, fp32 out)": lambda: masking.bf16_bmm(feats, feats.transpose(1, 2)),
+        "unpadded (bf16 in, fp32 out; until 2026-12-04)": lambda: masking.bf16_bmm(feats, feats.transpose(1, 2)),
+        "masking.gram (padded to a multiple of 8)": lambda: masking.gram(feats),
         "bf16 out": lambda: torch.bmm(feats, feats.transpose(1, 2)),
         "second operand transposed in memory": lambda: masking.bf16_bmm(feats, transposed),
-        "fp32 features, TF32": lambda: torch.bmm(full, full.transpose(1, 2)),
+        "fp32 features, TF32": lambda: tf32_bmm(full, full.transpose(1, 2)),
     }
     for multiple in PAD_MULTIPLES:
         operand = padded(feats, multiple)
         calls[f"padded to a multiple of {multiple} ({operand.shape[1]})"] = \
             lambda operand=operand: masking.bf16_bmm(operand, operand.transpose(1, 2))
     return calls
+
+
+def anchor_dot_forms(feats: torch.Tensor, anchors: int) -> dict:
+    """The embedding similarity's dot products of every patch with its image's anchors (B, L, A)."""
+    anchor_feats = feats[:, :anchors]
+    eight = padded(anchor_feats, 8)
+    full, full_anchors = feats.float(), anchor_feats.float()
+    return {
+        f"fp32 bmm, {anchors} anchors (eager library)": lambda: torch.bmm(full, full_anchors.transpose(1, 2)),
+        f"bf16 in, fp32 out, {anchors} anchors": lambda: masking.bf16_bmm(feats, anchor_feats.transpose(1, 2)),
+        f"bf16 in, fp32 out, anchors padded to {eight.shape[1]}": lambda: masking.bf16_bmm(feats, eight.transpose(1, 2)),
+        "fp32 squared norms (the reduction beside it)": lambda: full.pow(2).sum(-1),
+    }
+
+
+def iteration_forms(length: int, batch: int, k: int = 8) -> dict:
+    """One k-means iteration's bmm: the patches' fp32 dot products (B, L, L) times the members (B, L, k)."""
+    dots = torch.randn(batch, length, length, device="cuda")
+    members = torch.randn(batch, length, k, device="cuda")
+    members_t = members.transpose(1, 2).contiguous()
+    pad = -length % 8
+    dots_padded, members_padded = F.pad(dots, (0, pad, 0, pad)), F.pad(members, (0, 0, 0, pad))
+    return {
+        "dots @ members (library)": lambda: torch.bmm(dots, members),
+        "(members^T @ dots)^T": lambda: torch.bmm(members_t, dots),
+        f"patches padded to {length + pad}": lambda: torch.bmm(dots_padded, members_padded),
+    }
 
 
 def check_padding_keeps_the_gram(feats: torch.Tensor) -> float:
@@ -64,13 +102,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--length", type=int, default=196, help="patches per image")
     parser.add_argument("--dim", type=int, default=768, help="values per patch (C * p * p)")
+    parser.add_argument("--anchors", type=int, default=6, help="anchors per image (3% of 196 patches: 6)")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default="bench/results/gram")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gram.py measures a GPU's GEMM kernels: no CUDA device here", file=sys.stderr)
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
     feats = torch.randn(args.batch, args.length, args.dim, device="cuda").to(torch.bfloat16)
     flops = 2 * args.batch * args.length ** 2 * args.dim
@@ -78,17 +116,22 @@ def main(argv=None) -> int:
     header = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,
               "length": args.length, "dim": args.dim, "padding_error": check_padding_keeps_the_gram(feats)}
     rows = []
-    for name, call in forms(feats).items():
-        ms = timer(call, args.iters, 10)
-        kernels = optional(f"{name} kernels", kernel_ms, call, 10, 1)
-        top = kernels[2][0] if kernels and kernels[2] else ["-", None]
-        rows.append({"form": name, "ms": ms, "tflops": flops / ms / 1e9, "kernel": top[0][:90], "kernel_ms": top[1]})
-        write_results(args.out, header, rows)
+    groups = {"gram": (gram_forms(feats), flops),
+              "anchor dots": (anchor_dot_forms(feats, args.anchors), flops * args.anchors / args.length),
+              "k-means iteration": (iteration_forms(args.length, args.batch), 2 * args.batch * args.length ** 2 * 8)}
+    for group, (calls, group_flops) in groups.items():
+        for name, call in calls.items():
+            ms = timer(call, args.iters, 10)
+            kernels = optional(f"{name} kernels", kernel_ms, call, 10, 1)
+            top = kernels[2][0] if kernels and kernels[2] else ["-", None]
+            rows.append({"group": group, "form": name, "ms": ms, "tflops": group_flops / ms / 1e9,
+                         "kernel": top[0][:90], "kernel_ms": top[1]})
+            write_results(args.out, header, rows)
     lines = [f"# k-means' Gram: batch {args.batch}, {args.length} patches of {args.dim} bf16 values",
              f"device: {header['device']}; torch {header['torch']}; padded Gram's block - Gram: "
-             f"{header['padding_error']:g}", "", "| form | ms | TFLOP/s (real patches) | costliest kernel |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['form']} | {r['ms']:.4f} | {r['tflops']:.0f} | {r['kernel']} |" for r in rows]
+             f"{header['padding_error']:g}", "", "| GEMM | form | ms | TFLOP/s (real patches) | costliest kernel |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['group']} | {r['form']} | {r['ms']:.4f} | {r['tflops']:.1f} | {r['kernel']} |" for r in rows]
     write_results(args.out, header, rows, "\n".join(lines) + "\n")
     return 0
 

@@ -99,19 +99,39 @@ def pooled_kmeans_features(pixels: torch.Tensor, patch_size: int) -> torch.Tenso
     return masking.patchify((F.avg_pool2d(x, 2) - mean) / scale, patch_size // 2).to(torch.bfloat16)
 
 
-# the multiple that the `padgram` variant pads the patches to (bench/gram.py measures each multiple's GEMM)
-GRAM_PAD_MULTIPLE = int(os.environ.get("CLUSTERMASK_BENCH_GRAM_PAD", "16"))
-
-
-def padded_gram_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int):
-    """`padgram` variant: the features padded with zero rows to a multiple of GRAM_PAD_MULTIPLE patches before
-    the Gram's GEMM (compiled, the padding is written by the features' kernel), whose top-left block is the Gram:
-    for shapes where cuBLAS picks a faster kernel (bench/gram.py)."""
+def unpadded_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int):
+    """`unpadded` variant: k-means' Gram from the 196 patches as they are, as until 2026-12-04 (cuBLAS's sm80
+    kernel on an H200; `masking.gram` pads them to a multiple of 8)."""
     feats = masking.kmeans_features(pixels, patch_size)
-    length = feats.shape[1]
-    feats = F.pad(feats, (0, 0, 0, -length % GRAM_PAD_MULTIPLE))
-    return masking.kmeans_assignment(masking.bf16_bmm(feats, feats.transpose(1, 2))[:, :length, :length], initial,
-                                     iters)
+    return masking.kmeans_assignment(masking.bf16_bmm(feats, feats.transpose(1, 2)), initial, iters)
+
+
+def transposed_kmeans_assignment(dots: torch.Tensor, initial: torch.Tensor, iters: int) -> torch.Tensor:
+    """`itert` variant: `masking.kmeans_assignment` with each iteration's bmm as (members^T dots)^T, the same
+    sums (dots is symmetric), for the kernel cuBLAS picks with the k = 8 centres as its rows."""
+    length, k = dots.shape[1], initial.shape[1]
+    inverse_norms = masking.norms_from_squares(dots.diagonal(dim1=1, dim2=2)).reciprocal()
+    to_initial = dots.gather(2, initial[:, None, :].expand(-1, length, -1))
+    similarity = to_initial * inverse_norms.gather(1, initial)[:, None, :]
+    for _ in range(iters):
+        members = masking._one_hot(similarity.argmax(-1), k, dots.dtype)
+        unit_members = members * inverse_norms[:, :, None]
+        to_sums = torch.bmm(unit_members.transpose(1, 2), dots).transpose(1, 2)
+        norms = masking.norms_from_squares((unit_members * to_sums).sum(1))
+        similarity = torch.where(members.sum(1, keepdim=True) > 0, to_sums / norms[:, None, :], similarity)
+    return similarity.argmax(-1)
+
+
+def bmm_embedding_similarity(tokens: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """`embbmm` variant: the embedding similarity's dot products from one bf16 GEMM with fp32 sums (the anchors
+    padded to a multiple of 8), exact products as in the fused fp32 sums, which read the anchors' features again
+    for every patch; the squared norms from a reduction of their own."""
+    feats = tokens.to(torch.bfloat16)  # under autocast the tokens are bf16 already
+    count = anchors.shape[1]
+    anchor_feats = feats.gather(1, anchors[..., None].expand(-1, -1, feats.shape[-1]))
+    anchor_feats = F.pad(anchor_feats, (0, 0, 0, -count % masking.GEMM_ROW_MULTIPLE))
+    dots = masking.bf16_bmm(feats, anchor_feats.transpose(1, 2))[..., :count]
+    return masking.cosines(dots, tokens.float().pow(2).sum(-1), anchors)
 
 
 def bf16_gram_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int):
@@ -148,7 +168,10 @@ VARIANTS = {
     "split": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", split_kmeans_clusters)),
     "pooled": ({"kmeans"}, lambda: setattr(masking, "kmeans_features", pooled_kmeans_features)),
     "bf16pixels": ({"cluster-rgb", "cluster-mixed", "kmeans"}, use_bf16_pixels),
-    "padgram": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", padded_gram_kmeans_clusters)),
+    "unpadded": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", unpadded_kmeans_clusters)),
+    "itert": ({"kmeans"}, lambda: setattr(masking, "kmeans_assignment", transposed_kmeans_assignment)),
+    "embbmm": ({"cluster-embedding", "cluster-mixed"},
+               lambda: setattr(masking, "embedding_similarity", bmm_embedding_similarity)),
     "bf16gram": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", bf16_gram_kmeans_clusters)),
 }
 
@@ -156,14 +179,14 @@ VARIANTS = {
 @contextlib.contextmanager
 def variant(name: str):
     saved = (masking.rgb_similarity, masking.kmeans_clusters, masking.kmeans_features, masking.UNROLLED_DOTS_MAX,
-             dict(PIXEL_DTYPE))
+             masking.kmeans_assignment, masking.embedding_similarity, dict(PIXEL_DTYPE))
     for part in name.split("+"):
         VARIANTS[part][1]()
     try:
         yield
     finally:
         (masking.rgb_similarity, masking.kmeans_clusters, masking.kmeans_features, masking.UNROLLED_DOTS_MAX,
-         pixel_dtype) = saved
+         masking.kmeans_assignment, masking.embedding_similarity, pixel_dtype) = saved
         PIXEL_DTYPE.update(pixel_dtype)
 
 

@@ -656,6 +656,19 @@ def test_kmeans_features_round_within_an_8_bit_level():
     assert (~near).any() and (error > step / 4).any()  # the bound is near: the test would catch a coarser format
 
 
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
+@pytest.mark.parametrize("length", [42, 196, 200])
+def test_the_gram_of_patches_padded_for_the_gemm_is_the_gram(length, device):
+    """k-means' Gram is computed over the patches padded with zero rows to a multiple of 8 (a faster GEMM on a
+    GPU); what it returns must be the (B, L, L) dot products of the patches themselves."""
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(3, length, 48, generator=g).to(torch.bfloat16)
+    expected = torch.einsum("bld,bmd->blm", feats.double(), feats.double())
+    got = masking.gram(feats.to(device))
+    assert got.shape == (3, length, length) and got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.gpu
 @NEEDS_CUDA
 @pytest.mark.parametrize("compiled", [False, True])
