@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Ran 2026-12-04 as run 8 (bench/README.md). Its `embbmm` variant has since become the library's
+# `masking.embedding_similarity` (the old form is `fusedemb`): to run it again, ask for fusedemb instead.
 # Prepared 2026-12-04 (twenty-third session) after run 7 (gpu_check9.sh) on the same day, for the 350 s of device
 # time left (at most about 4.5 minutes):
 #   run(command="OUT=$OUT bash bench/gpu_check10.sh", carry=[".whl"], timeout_s=290)

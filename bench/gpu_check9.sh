@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Ran 2026-12-04 as run 7 (bench/README.md). Its `padgram` variant has since become the library's `masking.gram`
+# (and is gone from masking.py): to run it again, leave padgram out of stage 1.
 # Prepared 2026-12-04 (twenty-second session, no GPU; stage 0 and the packing added in the twenty-third) for the next session with one; replaces gpu_check8.sh
 # (prepared 2026-11-28, never run: no session since has had a GPU). At most about 9.5 minutes:
 #   run(command="OUT=$OUT bash bench/gpu_check9.sh", carry=[".whl"], timeout_s=590)

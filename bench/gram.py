@@ -1,15 +1,18 @@
-"""Benchmark: k-means' Gram matrix (`masking.kmeans_clusters`: every patch's dot products with its image's other
-patches) computed in several forms, at ViT-B-16's shapes by default.
+"""Benchmark: the masking op's GEMMs alone in several forms, at ViT-B-16's shapes by default: k-means' Gram
+(`masking.gram`: every patch's dot products with its image's other patches), the embedding similarity's dot
+products with the anchors, and one k-means iteration's bmm.
 
-    python bench/gram.py                         # batch 256, 196 patches of 768 values (bf16), on the GPU
+    python bench/gram.py                         # batch 256, 196 patches of 768 values (bf16), 6 anchors, on the GPU
     python bench/gram.py --batch 64 --length 196 --dim 768 --out bench/results/gram_h200
 
-The library's form is one batched bf16 GEMM with fp32 results (`masking.bf16_bmm`). On an H200 (2026-11-27, run
-5) it took 0.105 ms in a kernel of cuBLAS's sm80 family, where its 15 GFLOP need about 0.02 ms at the card's bf16
-rate. The other forms: the result in bf16; the patches padded with zero rows to a multiple of 8, 16, 32 or 64 (the
-Gram of the real patches is then its top-left block); the second operand laid out transposed; fp32 features with
-TF32. Prints each form's milliseconds (CUDA events, median), TFLOP/s counting the real patches only, and its
-costliest kernel. A measurement, not a test.
+On an H200 (runs 7 and 8, 2026-12-04) cuBLAS ran the Gram of 196 patches in an sm80 kernel in 0.118 ms, where its
+15 GFLOP need about 0.02 ms at the card's bf16 rate, and the patches padded with zero rows to 200 in an sm90 one in
+0.058 ms: `masking.gram` pads them since. The forms: the Gram unpadded (until 2026-12-04), as the library computes
+it, with bf16 results, with the second operand laid out transposed, from fp32 features with TF32, padded to a
+multiple of 8, 16, 32 or 64 (the Gram of the real patches is then its top-left block); the anchors' dot products
+in fp32 (the eager library until 2026-12-04) and in bf16 with fp32 results, the anchors padded to 8 or not; an
+iteration's bmm as the library does it, transposed, and on the padded Gram. Prints each form's milliseconds (CUDA
+events, median), TFLOP/s counting the real patches only, and its costliest kernel. A measurement, not a test.
 """
 from __future__ import annotations
 

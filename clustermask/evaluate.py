@@ -108,6 +108,10 @@ def image_caption_selection_eval(model, transform, tokenizer, task: EvalTask, ct
     yield from image_caption_selection.evaluate(model, loader, tokenizer, ctx.device, amp=ctx.amp).items()
 
 
+# the scores of clip_benchmark's linear probe, which the CPU path computes as well
+LINEAR_PROBE_METRICS = ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall")
+
+
 @register_evaluator("linear_probe")
 def linear_probe_eval(model, transform, tokenizer, task: EvalTask, ctx: EvalContext):
     """clip_benchmark's linear probe; its `evaluate` asserts CUDA, so on CPU we drive its own parts."""
@@ -125,7 +129,8 @@ def linear_probe_eval(model, transform, tokenizer, task: EvalTask, ctx: EvalCont
                                             seed=0, feature_root=str(features.parent), device="cuda", amp=ctx.amp)
         finally:
             shutil.rmtree(features, ignore_errors=True)
-        yield from metrics.items()
+        # it returns its settings beside the scores (weight_decay, epochs, seed, fewshot_k, normalized)
+        yield from ((name, metrics[name]) for name in LINEAR_PROBE_METRICS)
         return
     yield from _linear_probe_cpu(model, train, test, lr, epochs, ctx).items()
 

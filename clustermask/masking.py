@@ -148,6 +148,23 @@ def batched_dots(features: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     return torch.matmul(features, vectors.transpose(-1, -2))
 
 
+BMM_HAS_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"
+
+
+def bf16_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bmm of bf16 operands with an fp32 result."""
+    if a.is_cuda and BMM_HAS_OUT_DTYPE:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    # no bf16 -> fp32 bmm (CPU, torch < 2.8): bf16 values are exact in fp32 and in tf32, and so their products
+    return torch.bmm(a.float(), b.float())
+
+
+# cuBLAS on an H200 runs the op's batched GEMMs in its sm90 kernels when both operands' rows (patches, anchors)
+# come in multiples of 8, else in sm80 ones at up to half the speed (bench/results/gram_h200.md: k-means' Gram of
+# ViT-B-16's 196 patches 0.118 ms, padded to 200 0.058 ms; the 6 anchors' dot products 0.061 ms, padded 0.043 ms)
+GEMM_ROW_MULTIPLE = 8
+
+
 def norms_from_squares(squares: torch.Tensor) -> torch.Tensor:
     """Norms from sums of squares (or from dot products that rounding may leave just under 0), at least 1e-6 as
     in F.normalize: a zero vector then has cosine 0 with everything."""
@@ -203,8 +220,20 @@ def num_anchors(num_patches: int, fraction: float) -> int:
 
 
 def embedding_similarity(tokens: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """`anchor_similarity` of the patch tokens (conv1's output, bf16 in a bf16 autocast step), in fp32."""
-    return anchor_similarity(tokens.float(), anchors)
+    """`anchor_similarity` of the patch tokens (conv1's output), in fp32.
+
+    bf16 tokens (a bf16 autocast step) take their dot products with the anchors from one bf16 GEMM with fp32
+    sums, the anchors padded to a multiple of GEMM_ROW_MULTIPLE: bf16 products are exact in fp32, so only the
+    order of the sums differs from fp32 features. Compiled on an H200 the fused fp32 sums took 0.187 ms, as they
+    read each image's anchors again for every patch; the GEMM and the squared norms' reduction 0.055 ms
+    (bench/results/masking_op_h200_run8.md)."""
+    if tokens.dtype != torch.bfloat16:
+        return anchor_similarity(tokens.float(), anchors)
+    count = anchors.shape[1]
+    anchor_tokens = tokens.gather(1, anchors[..., None].expand(-1, -1, tokens.shape[-1]))
+    anchor_tokens = F.pad(anchor_tokens, (0, 0, 0, -count % GEMM_ROW_MULTIPLE))
+    dots = bf16_bmm(tokens, anchor_tokens.transpose(1, 2))[..., :count]
+    return cosines(dots, tokens.float().pow(2).sum(-1), anchors)
 
 
 def cluster_similarity(inputs: MaskingInputs, cfg: MaskingConfig, anchors: torch.Tensor) -> torch.Tensor:
@@ -264,17 +293,6 @@ def _one_hot(index: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
     return (index[..., None] == torch.arange(k, device=index.device)).to(dtype)
 
 
-BMM_HAS_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"
-
-
-def bf16_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """bmm of bf16 operands with an fp32 result."""
-    if a.is_cuda and BMM_HAS_OUT_DTYPE:
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    # no bf16 -> fp32 bmm (CPU, torch < 2.8): bf16 values are exact in fp32 and in tf32, and so their products
-    return torch.bmm(a.float(), b.float())
-
-
 def kmeans_features(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, L, C * p * p) bf16: `standardised_patches` rounded to bf16, what k-means clusters.
 
@@ -310,11 +328,6 @@ def kmeans_assignment(dots: torch.Tensor, initial: torch.Tensor, iters: int) -> 
         # an empty cluster keeps its centre
         similarity = torch.where(members.sum(1, keepdim=True) > 0, to_sums / norms[:, None, :], similarity)
     return similarity.argmax(-1)
-
-
-# cuBLAS on an H200 runs a batched GEMM whose rows are a multiple of 8 in its sm90 kernels and ViT-B-16's 196
-# patches in an sm80 one at half the speed (bench/results/gram_h200.md: 0.058 against 0.118 ms)
-GEMM_ROW_MULTIPLE = 8
 
 
 def gram(feats: torch.Tensor) -> torch.Tensor:

@@ -14,17 +14,22 @@ from conftest import SMALL
 
 
 def test_each_cuda_linear_probe_starts_from_an_empty_feature_cache(tmp_path, synthetic_root, monkeypatch):
-    """clip_benchmark's linear probe (CUDA only, so replaced here by a recorder that caches as it does) keeps
-    features in feature_root/model_id and reuses a cache it finds there. Each dataset must get its own empty
-    directory, a stale cache from an earlier evaluation must not be read, and nothing is left behind."""
+    """clip_benchmark's linear probe (CUDA only, so replaced here by a recorder that caches and answers as it does)
+    keeps features in feature_root/model_id and reuses a cache it finds there. Each dataset must get its own empty
+    directory, a stale cache from an earlier evaluation must not be read, and nothing is left behind. Of what it
+    returns only the scores are metrics: its settings beside them made the report's columns differ by device (seen
+    on an H200, 2026-12-04)."""
     calls = []
+    scores = {"lp_acc1": 0.5, "lp_acc5": 0.75, "lp_mean_per_class_recall": 0.25}
 
     def caching_evaluate(model, train, test, *, model_id, feature_root, **options):
         cache = Path(feature_root) / model_id
         calls.append((cache, sorted(p.name for p in cache.glob("*"))))
         cache.mkdir(exist_ok=True)
         (cache / "targets_train.pt").write_bytes(b"features of this model on this dataset")
-        return {"lp_acc1": 0.5}
+        # clip_benchmark 1.6.2's answer, settings included
+        return {**scores, "weight_decay": 0, "epochs": options["epochs"], "seed": options["seed"],
+                "fewshot_k": options["fewshot_k"], "normalized": True}
 
     monkeypatch.setattr(linear_probe, "evaluate", caching_evaluate)
     ctx = EvalContext("cuda", batch_size=32, workers=0, amp=False, feature_dir=tmp_path / "features")
@@ -34,7 +39,7 @@ def test_each_cuda_linear_probe_starts_from_an_empty_feature_cache(tmp_path, syn
     root = str(synthetic_root / "eval" / "shapes")
     for dataset in ("wds/shapes", "wds/shapes_again"):
         task = EvalTask("linear_probe", dataset, root)
-        assert dict(linear_probe_eval(None, None, None, task, ctx)) == {"lp_acc1": 0.5}
+        assert dict(linear_probe_eval(None, None, None, task, ctx)) == scores
     assert [files for _, files in calls] == [[], []]
     assert calls[0][0] != calls[1][0]
     assert not any(cache.exists() for cache, _ in calls)

@@ -657,6 +657,25 @@ def test_kmeans_features_round_within_an_8_bit_level():
 
 
 @pytest.mark.parametrize("device", ["cpu", ON_GPU])
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("num_anchors", [3, 8])
+def test_the_embedding_similarity_of_bf16_tokens_is_their_cosine(num_anchors, compiled, device):
+    """bf16 tokens (a bf16 autocast step) get their dot products with the anchors from one GEMM, the anchors
+    padded to a multiple of 8; the similarity must still be each patch's cosine with each of its image's anchors."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(4, 42, 64, generator=g).to(torch.bfloat16)
+    anchors = torch.rand(4, 42, generator=g).argsort(1)[:, :num_anchors]
+    anchor_tokens = tokens.double().gather(1, anchors[..., None].expand(-1, -1, 64))
+    definition = torch.nn.functional.cosine_similarity(tokens.double()[:, :, None], anchor_tokens[:, None], dim=-1)
+    similarity = torch.compile(masking.embedding_similarity, fullgraph=True) if compiled else \
+        masking.embedding_similarity
+    got = similarity(tokens.to(device), anchors.to(device))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu().double(), definition, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
 @pytest.mark.parametrize("length", [42, 196, 200])
 def test_the_gram_of_patches_padded_for_the_gemm_is_the_gram(length, device):
     """k-means' Gram is computed over the patches padded with zero rows to a multiple of 8 (a faster GEMM on a
@@ -852,14 +871,16 @@ def test_anchor_count():
 @pytest.mark.gpu
 @NEEDS_CUDA
 @pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("config", STRATEGY_CONFIGS)
-def test_no_host_sync_on_gpu(config, compiled):
-    """Eager, and compiled on its own as an eager model on a GPU runs it."""
+def test_no_host_sync_on_gpu(config, dtype, compiled):
+    """Eager, and compiled on its own as an eager model on a GPU runs it; fp32 tokens, and bf16 ones as a bf16
+    autocast step gives the masker (the embedding similarity then takes a GEMM)."""
     torch._dynamo.reset()
     masker = TokenMasker(MaskingConfig(ratio=0.5, **config), patch_size=16, num_heads=12).cuda().train()
     if compiled:
         masker.compile_op()
-    x = torch.randn(8, 197, 768, device="cuda")
+    x = torch.randn(8, 197, 768, device="cuda", dtype=dtype)
     masker.pixels = torch.randn(8, 3, 224, 224, device="cuda")
     masker(x)  # warm-up (lazy init may sync)
     torch.cuda.synchronize()
