@@ -72,7 +72,8 @@ def anchor_dot_forms(feats: torch.Tensor, anchors: int) -> dict:
     return {
         f"fp32 bmm, {anchors} anchors (eager library)": lambda: torch.bmm(full, full_anchors.transpose(1, 2)),
         f"bf16 in, fp32 out, {anchors} anchors": lambda: masking.bf16_bmm(feats, anchor_feats.transpose(1, 2)),
-        f"bf16 in, fp32 out, anchors padded to {eight.shape[1]}": lambda: masking.bf16_bmm(feats, eight.transpose(1, 2)),
+        f"bf16 in, fp32 out, anchors padded to {eight.shape[1]}":
+            lambda: masking.bf16_bmm(feats, eight.transpose(1, 2)),
         "fp32 squared norms (the reduction beside it)": lambda: full.pow(2).sum(-1),
     }
 

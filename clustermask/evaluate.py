@@ -177,9 +177,20 @@ def _linear_probe_cpu(model, train_loader, test_loader, lr: float, epochs: int, 
             optimizer.step()
     with torch.no_grad():
         logits = probe(test_x)
-    acc1, acc5 = linear_probe.accuracy(logits, test_y, topk=(1, min(5, logits.shape[1])))
+    acc1, acc5 = probe_accuracies(logits, test_y)
     return {"lp_acc1": acc1, "lp_acc5": acc5,
             "lp_mean_per_class_recall": balanced_accuracy_score(test_y, logits.argmax(1))}
+
+
+def probe_accuracies(logits: torch.Tensor, targets: torch.Tensor):
+    """(top-1, top-5) as clip_benchmark's CUDA linear probe reports them: top-5 NaN where the test labels stay
+    under 5 (a top-5 of 5 classes or fewer is 1 whatever the probe), so a CPU evaluation reports what a GPU one
+    does."""
+    from clip_benchmark.metrics import linear_probe
+
+    if targets.max() >= 5:
+        return tuple(linear_probe.accuracy(logits, targets, topk=(1, 5)))
+    return linear_probe.accuracy(logits, targets, topk=(1,))[0], float("nan")
 
 
 # ---------------------------------------------------------------- running and writing

@@ -160,8 +160,9 @@ def bf16_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # cuBLAS on an H200 runs the op's batched GEMMs in its sm90 kernels when both operands' rows (patches, anchors)
-# come in multiples of 8, else in sm80 ones at up to half the speed (bench/results/gram_h200.md: k-means' Gram of
-# ViT-B-16's 196 patches 0.118 ms, padded to 200 0.058 ms; the 6 anchors' dot products 0.061 ms, padded 0.043 ms)
+# come in multiples of 8, else in sm80 ones at up to half the speed (bench/results/gram_h200_run8.md: k-means'
+# Gram of ViT-B-16's 196 patches 0.118 ms, padded to 200 0.058 ms; the 6 anchors' dot products 0.061 ms, padded to
+# 8 0.043 ms)
 GEMM_ROW_MULTIPLE = 8
 
 

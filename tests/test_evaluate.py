@@ -45,6 +45,24 @@ def test_each_cuda_linear_probe_starts_from_an_empty_feature_cache(tmp_path, syn
     assert not any(cache.exists() for cache, _ in calls)
 
 
+def test_the_probe_reports_top_5_only_where_clip_benchmark_does():
+    """clip_benchmark's CUDA linear probe gives top-5 accuracy only where the test labels reach 5, NaN otherwise;
+    the CPU path must report the same, not the top-k of however many classes there are."""
+    import math
+
+    from clustermask.evaluate import probe_accuracies
+
+    g = torch.Generator().manual_seed(0)
+    many = torch.randn(200, 18, generator=g), torch.randint(0, 18, (200,), generator=g)
+    expected = linear_probe.accuracy(*many, topk=(1, 5))
+    assert probe_accuracies(*many) == pytest.approx(tuple(expected))
+    assert 0 < expected[0] < expected[1] < 1
+    few_logits, few_targets = torch.randn(200, 5, generator=g), torch.randint(0, 5, (200,), generator=g)
+    acc1, acc5 = probe_accuracies(few_logits, few_targets)
+    assert acc1 == pytest.approx((few_logits.argmax(1) == few_targets).float().mean().item())
+    assert math.isnan(acc5)
+
+
 def test_more_loader_workers_than_shards_give_the_same_metrics(tmp_path, synthetic_root):
     """webdataset 1.x fails a loader that has more workers than the split has shards: evaluation takes at most
     one worker per shard, as training does."""
