@@ -11,11 +11,7 @@
 # 3. The CUDA tests of the padded Gram and k-means, and the evaluation test with numpy 2.3 (.whl holds it: in
 #    run 7 the machine's numpy 2.5 broke clip_benchmark 1.6.2's accuracy(), which pyproject.toml's numpy<2.4 avoids).
 set -u
-BACK=${OUT:-bench/results}
-OUT=$(mktemp -d /tmp/gpu_check10.XXXX)
-pack() { tar czf "$BACK/gpu_check10.tgz" -C "$OUT" .; }
-source bench/gpu_setup.sh
-quiet() { grep -v -i warn | tee "$1" | grep -v "^{"; pack; }
+source bench/gpu_setup.sh  # sets OUT to a work folder, packed into $OUT/<script>.tgz: pack, quiet LOG
 timeout 40 python3 bench/gram.py --out "$OUT/gram" 2>&1 | grep -v -i warn; pack
 python3 bench/masking.py --out "$OUT/masking_op" --op-only --modes compiled --compile-ratios 0.5 \
   --strategies random,cluster-embedding,cluster-mixed,kmeans --variants current,embbmm,itert --kernels 6 \

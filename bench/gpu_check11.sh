@@ -11,11 +11,7 @@
 #    since run 3c). Then the CUDA tests (`-m gpu`: test_masking, test_train, test_evaluate).
 # 3. In the time left: the steps at 0.5 of the eager model with the op compiled alone, in turn.
 set -u
-BACK=${OUT:-bench/results}
-OUT=$(mktemp -d /tmp/gpu_check11.XXXX)
-pack() { tar czf "$BACK/gpu_check11.tgz" -C "$OUT" .; }
-source bench/gpu_setup.sh
-quiet() { grep -v -i warn | tee "$1" | grep -v "^{"; pack; }
+source bench/gpu_setup.sh  # sets OUT to a work folder, packed into $OUT/<script>.tgz: pack, quiet LOG
 python3 bench/masking.py --out "$OUT/masking_op" --op-only --modes compiled --compile-ratios 0.5 \
   --strategies random,cluster-rgb,cluster-embedding,cluster-mixed,kmeans --variants current,paditer,pooled \
   --kernels 8 --budget-s 110 2>&1 | quiet "$OUT/masking_op.log"

@@ -25,12 +25,7 @@
 #    of 20 steps).
 # 5. If under 7 minutes have gone: the compiled steps at 0.5 of random, cluster-mixed and kmeans, in turn.
 set -u
-# the lent machine returns at most 8 files from $OUT: every stage writes into a work folder, packed after each
-BACK=${OUT:-bench/results}
-OUT=$(mktemp -d /tmp/gpu_check9.XXXX)
-pack() { tar czf "$BACK/gpu_check9.tgz" -C "$OUT" .; }
-source bench/gpu_setup.sh
-quiet() { grep -v -i warn | tee "$1" | grep -v "^{"; pack; }
+source bench/gpu_setup.sh  # sets OUT to a work folder, packed into $OUT/<script>.tgz: pack, quiet LOG
 # k-means' Gram in each form (GEMM alone); the padgram variant then pads to the fastest multiple measured
 timeout 60 python3 bench/gram.py --out "$OUT/gram" 2>&1 | grep -v -i warn; pack
 export CLUSTERMASK_BENCH_GRAM_PAD=$(python3 -c "

@@ -31,11 +31,6 @@ from clustermask import masking  # noqa: E402
 PAD_MULTIPLES = (8, 16, 32, 64)
 
 
-def padded(feats: torch.Tensor, multiple: int) -> torch.Tensor:
-    """feats with zero rows appended to a multiple of `multiple` rows."""
-    return F.pad(feats, (0, 0, 0, -feats.shape[1] % multiple))
-
-
 def tf32_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """bmm with TF32 for this call alone: training leaves TF32 off, as the other forms do."""
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -58,7 +53,7 @@ def gram_forms(feats: torch.Tensor) -> dict:
         "fp32 features, TF32": lambda: tf32_bmm(full, full.transpose(1, 2)),
     }
     for multiple in PAD_MULTIPLES:
-        operand = padded(feats, multiple)
+        operand = masking.pad_rows(feats, multiple)
         calls[f"padded to a multiple of {multiple} ({operand.shape[1]})"] = \
             lambda operand=operand: masking.bf16_bmm(operand, operand.transpose(1, 2))
     return calls
@@ -67,7 +62,7 @@ def gram_forms(feats: torch.Tensor) -> dict:
 def anchor_dot_forms(feats: torch.Tensor, anchors: int) -> dict:
     """The embedding similarity's dot products of every patch with its image's anchors (B, L, A)."""
     anchor_feats = feats[:, :anchors]
-    eight = padded(anchor_feats, 8)
+    eight = masking.pad_rows(anchor_feats, 8)
     full, full_anchors = feats.float(), anchor_feats.float()
     return {
         f"fp32 bmm, {anchors} anchors (eager library)": lambda: torch.bmm(full, full_anchors.transpose(1, 2)),
@@ -96,7 +91,7 @@ def check_padding_keeps_the_gram(feats: torch.Tensor) -> float:
     """The largest difference between the Gram and the top-left block of the padded one (0 expected: the padded
     rows are zeros)."""
     gram = masking.bf16_bmm(feats, feats.transpose(1, 2))
-    operand = padded(feats, 16)
+    operand = masking.pad_rows(feats, 16)
     block = masking.bf16_bmm(operand, operand.transpose(1, 2))[:, : feats.shape[1], : feats.shape[1]]
     return (gram - block).abs().max().item()
 

@@ -166,6 +166,12 @@ def bf16_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 GEMM_ROW_MULTIPLE = 8
 
 
+def pad_rows(x: torch.Tensor, multiple: int = GEMM_ROW_MULTIPLE) -> torch.Tensor:
+    """(B, N, D) -> (B, N', D): zero rows appended up to a multiple of `multiple` (compiled, written by the kernel
+    that produces x)."""
+    return F.pad(x, (0, 0, 0, -x.shape[1] % multiple))
+
+
 def norms_from_squares(squares: torch.Tensor) -> torch.Tensor:
     """Norms from sums of squares (or from dot products that rounding may leave just under 0), at least 1e-6 as
     in F.normalize: a zero vector then has cosine 0 with everything."""
@@ -232,8 +238,7 @@ def embedding_similarity(tokens: torch.Tensor, anchors: torch.Tensor) -> torch.T
         return anchor_similarity(tokens.float(), anchors)
     count = anchors.shape[1]
     anchor_tokens = tokens.gather(1, anchors[..., None].expand(-1, -1, tokens.shape[-1]))
-    anchor_tokens = F.pad(anchor_tokens, (0, 0, 0, -count % GEMM_ROW_MULTIPLE))
-    dots = bf16_bmm(tokens, anchor_tokens.transpose(1, 2))[..., :count]
+    dots = bf16_bmm(tokens, pad_rows(anchor_tokens).transpose(1, 2))[..., :count]
     return cosines(dots, tokens.float().pow(2).sum(-1), anchors)
 
 
@@ -336,7 +341,7 @@ def gram(feats: torch.Tensor) -> torch.Tensor:
     the patches padded with zero rows to a multiple of GEMM_ROW_MULTIPLE (compiled, the features' kernel writes
     the padding): the padded Gram's top-left block is the Gram, bit for bit."""
     length = feats.shape[1]
-    padded = F.pad(feats, (0, 0, 0, -length % GEMM_ROW_MULTIPLE))
+    padded = pad_rows(feats)
     return bf16_bmm(padded, padded.transpose(1, 2))[:, :length, :length]
 
 
