@@ -7,6 +7,8 @@ Modes: `eager` (model and op), `op-compiled` (the model eager, the op compiled o
     python bench/masking.py --device cpu --steps 5 --no-compile
     python bench/masking.py --op-only --modes compiled --variants current,previous,bmm --kernels 8
     python bench/masking.py --modes compiled --compile-ratios 0.5 --strategies random,cluster-rgb --interleave 5
+    python bench/masking.py --modes compiled --compile-ratios 0.5 --strategies random,kmeans --interleave 5 \
+        --variants tgram
 
 Prints each figure as a ratio to `random` at the same ratio, and the masking op's share of the step.
 Writes JSON and Markdown next to --out. A measurement, not a test: nothing here asserts a speed.
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from clustermask import masking  # noqa: E402
+from clustermask import gram_kernel, masking  # noqa: E402
 from clustermask.masking import MaskingConfig  # noqa: E402
 from clustermask.model import ModelConfig, create  # noqa: E402
 from bench.results_files import write_results  # noqa: E402
@@ -122,14 +124,10 @@ def transposed_kmeans_assignment(dots: torch.Tensor, initial: torch.Tensor, iter
     return similarity.argmax(-1)
 
 
-def padded_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int):
-    """`paditer` variant: k-means' iterations on the padded Gram itself (B, L', L'), the padded patches no
-    cluster's members, rather than on its (B, L, L) block: each iteration's bmm then has rows in multiples of 8 too
-    (bench/results/gram_h200_run8.md: 0.040 against 0.053 ms a bmm, eager)."""
-    feats = masking.kmeans_features(pixels, patch_size)
-    length, k = feats.shape[1], initial.shape[1]
-    feats = masking.pad_rows(feats)
-    dots = masking.bf16_bmm(feats, feats.transpose(1, 2))
+def padded_kmeans_assignment(dots: torch.Tensor, length: int, initial: torch.Tensor, iters: int) -> torch.Tensor:
+    """`masking.kmeans_assignment` on a Gram padded with zero-feature patches (B, L', L'), the padded patches no
+    cluster's members: each iteration's bmm then has rows in multiples of 8 too."""
+    k = initial.shape[1]
     real = (torch.arange(dots.shape[1], device=dots.device) < length).to(dots.dtype)  # (L',)
     inverse_norms = masking.norms_from_squares(dots.diagonal(dim1=1, dim2=2)).reciprocal() * real
     to_initial = dots.gather(2, initial[:, None, :].expand(-1, dots.shape[1], -1))
@@ -141,6 +139,30 @@ def padded_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch
         norms = masking.norms_from_squares((unit_members * to_sums).sum(1))
         similarity = torch.where(members.sum(1, keepdim=True) > 0, to_sums / norms[:, None, :], similarity)
     return similarity.argmax(-1)[:, :length]
+
+
+def padded_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int):
+    """`paditer` variant: k-means' iterations on the padded Gram itself rather than on its (B, L, L) block
+    (bench/results/gram_h200_run8.md: 0.040 against 0.053 ms a bmm, eager)."""
+    feats = masking.pad_rows(masking.kmeans_features(pixels, patch_size))
+    dots = masking.bf16_bmm(feats, feats.transpose(1, 2))
+    return padded_kmeans_assignment(dots, (pixels.shape[-2] // patch_size) * (pixels.shape[-1] // patch_size),
+                                    initial, iters)
+
+
+def use_gram_kernel(tile: int):
+    """`tgram` and `tgram128` variants: k-means' Gram from clustermask.gram_kernel (one Triton kernel from the
+    pixels, in tiles of 64 or 128 patches a side) rather than the features' kernel and cuBLAS."""
+    gram_kernel.USE_ON_GPU = True
+    gram_kernel.TILE = tile
+
+
+def kernel_padded_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int):
+    """`tgrampad` variant: gram_kernel's Gram padded to a multiple of 8 patches, and `paditer`'s iterations on it."""
+    _, mean, scale = masking.channel_statistics(pixels)
+    dots = gram_kernel.standardised_patch_gram(pixels, mean, scale, patch_size, pad_to=masking.GEMM_ROW_MULTIPLE)
+    return padded_kmeans_assignment(dots, (pixels.shape[-2] // patch_size) * (pixels.shape[-1] // patch_size),
+                                    initial, iters)
 
 
 def fused_embedding_similarity(tokens: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
@@ -190,20 +212,25 @@ VARIANTS = {
     "fusedemb": ({"cluster-embedding", "cluster-mixed"},
                  lambda: setattr(masking, "embedding_similarity", fused_embedding_similarity)),
     "bf16gram": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", bf16_gram_kmeans_clusters)),
+    "tgram": ({"kmeans"}, lambda: use_gram_kernel(64)),
+    "tgram128": ({"kmeans"}, lambda: use_gram_kernel(128)),
+    "tgrampad": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", kernel_padded_kmeans_clusters)),
 }
 
 
 @contextlib.contextmanager
 def variant(name: str):
     saved = (masking.rgb_similarity, masking.kmeans_clusters, masking.kmeans_features, masking.UNROLLED_DOTS_MAX,
-             masking.kmeans_assignment, masking.embedding_similarity, dict(PIXEL_DTYPE))
+             masking.kmeans_assignment, masking.embedding_similarity, dict(PIXEL_DTYPE), gram_kernel.USE_ON_GPU,
+             gram_kernel.TILE)
     for part in name.split("+"):
         VARIANTS[part][1]()
     try:
         yield
     finally:
         (masking.rgb_similarity, masking.kmeans_clusters, masking.kmeans_features, masking.UNROLLED_DOTS_MAX,
-         masking.kmeans_assignment, masking.embedding_similarity, pixel_dtype) = saved
+         masking.kmeans_assignment, masking.embedding_similarity, pixel_dtype, gram_kernel.USE_ON_GPU,
+         gram_kernel.TILE) = saved
         PIXEL_DTYPE.update(pixel_dtype)
 
 
@@ -358,8 +385,10 @@ def main(argv=None) -> int:
                              "k-means before 2026-11-27, `bmm` batched_dots as a bmm when compiled, `split` k-means' "
                              "Gram of fp32 features (2026-11-27), `pooled` k-means on 2 x 2-averaged pixels, "
                              "`twopass` the rgb similarity with its statistics' own pass (2026-11-27), `bf16pixels` "
-                             "bf16 images (under autocast, the tower's input unchanged); join with + "
-                             "(`pooled+bf16pixels`)")
+                             "bf16 images (under autocast, the tower's input unchanged), `tgram`/`tgram128` "
+                             "k-means' Gram from clustermask.gram_kernel's Triton kernel (tiles of 64/128), "
+                             "`tgrampad` that Gram padded and `paditer`'s iterations on it; join with + "
+                             "(`pooled+bf16pixels`); with --interleave, one variant for every strategy")
     parser.add_argument("--kernels", type=int, default=0, help="on a GPU, list the op's N costliest kernels")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="time the strategies' steps in turn, ROUNDS times, all models built first: step "
@@ -372,8 +401,9 @@ def main(argv=None) -> int:
         parser.error(f"unknown --variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
     if args.interleave and args.op_only:
         parser.error(f"--interleave {args.interleave} times steps: not with --op-only")
-    if args.interleave and args.variants != "current":
-        parser.error(f"--interleave {args.interleave} times the library as it is: not with --variants {args.variants}")
+    if args.interleave and "," in args.variants:
+        parser.error(f"--interleave {args.interleave} times every strategy under one variant, not --variants "
+                     f"{args.variants}")
     gpu = args.device.startswith("cuda")
     args.model = args.model or ("ViT-B-16" if gpu else "ViT-Tiny-8-64")
     args.batch = args.batch or (256 if gpu else 64)
@@ -395,7 +425,8 @@ def main(argv=None) -> int:
             if args.interleave:
                 chosen = [(label, dict(kw, ratio=0.0 if label == "none" else ratio)) for label, kw in CONFIGS
                           if label in wanted and not (label == "none" and ratio != mode_ratios[0])]
-                rows += measure_interleaved(args, timer, chosen, mode)
+                with variant(args.variants):
+                    rows += measure_interleaved(args, timer, chosen, mode)
                 print("\n".join(json.dumps(row) for row in rows[-len(chosen):]), flush=True)
                 write_results(args.out, header, rows)
                 continue
@@ -409,7 +440,10 @@ def main(argv=None) -> int:
                         print(f"budget spent: skipping {label} {ratio} {mode} {name}", flush=True)
                         continue
                     with variant(name):
-                        row = measure(args, timer, label, dict(kw, ratio=0.0 if label == "none" else ratio), mode)
+                        row = optional(f"{label} {ratio} {mode} {name}", measure, args, timer, label,
+                                       dict(kw, ratio=0.0 if label == "none" else ratio), mode)
+                    if row is None:
+                        continue
                     row["variant"] = name
                     rows.append(row)
                     print(json.dumps(row), flush=True)
@@ -464,7 +498,8 @@ def measure_interleaved(args, timer, chosen: list, mode: str) -> list:
     rows = []
     for label, kw in chosen:
         times = sorted(rounds[label])
-        rows.append({"strategy": label, "ratio": kw["ratio"], "mode": mode, "variant": "current",
+        name = args.variants if variant_applies(args.variants, label) else "current"
+        rows.append({"strategy": label, "ratio": kw["ratio"], "mode": mode, "variant": name,
                      "step_ms": times[len(times) // 2], "step_rounds_ms": rounds[label], "op_ms": None,
                      "op_kernel_ms": None, "op_graph_ms": None})
     del steps

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gram_kernel
 from .config import MaskingConfig, calibrated, hides_tokens, pooling_beyond_cls, validate_masking
 from .plugins import check_name_free
 
@@ -345,9 +346,18 @@ def gram(feats: torch.Tensor) -> torch.Tensor:
     return bf16_bmm(padded, padded.transpose(1, 2))[:, :length, :length]
 
 
+def kmeans_gram(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, L, L) fp32 dot products of each image's `kmeans_features` with each other: on a GPU where
+    `gram_kernel.enabled`, from one Triton kernel that reads the pixels, else `gram` of the features."""
+    if gram_kernel.enabled(pixels):
+        _, mean, scale = channel_statistics(pixels)
+        return gram_kernel.standardised_patch_gram(pixels, mean, scale, patch_size)
+    return gram(kmeans_features(pixels, patch_size))
+
+
 def kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int) -> torch.Tensor:
     """(B, L) k-means cluster index of each patch's `kmeans_features`."""
-    return kmeans_assignment(gram(kmeans_features(pixels, patch_size)), initial, iters)
+    return kmeans_assignment(kmeans_gram(pixels, patch_size), initial, iters)
 
 
 @register_strategy("kmeans", needs_pixels=True, settings=("ratio", "kmeans_k", "kmeans_iters"))

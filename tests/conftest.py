@@ -4,8 +4,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
-from clustermask.synthetic import SyntheticConfig, generate
+# Without a GPU, Triton kernels run under its interpreter on CPU tensors (tests/test_gram_kernel.py): `triton.jit`
+# chooses that when a kernel is made, Triton's own library included, so before anything imports triton
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from clustermask.synthetic import SyntheticConfig, generate  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

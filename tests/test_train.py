@@ -80,8 +80,8 @@ def test_an_attempt_killed_outright_counts_up_to_its_last_checkpoint(tmp_path, s
 
 
 def test_the_share_of_time_spent_waiting_for_the_loader_is_logged(tmp_path, synthetic_root, monkeypatch):
-    """A loader slower than the step (0.25 s a batch against a few ms of tiny model) is nearly all the run's time;
-    batches made in advance are none of it."""
+    """A loader slower than the step (0.5 s a batch against a few ms of tiny model, tens of ms on a loaded 2-core
+    machine) is nearly all the run's time; batches made in advance are none of it."""
     stream = train.training_stream
 
     def made_in_advance(*args, **kwargs):
@@ -90,7 +90,7 @@ def test_the_share_of_time_spent_waiting_for_the_loader_is_logged(tmp_path, synt
 
     def slow(*args, **kwargs):
         for batch in made_in_advance(*args, **kwargs):
-            time.sleep(0.25)
+            time.sleep(0.5)
             yield batch
 
     shares = {}
@@ -102,7 +102,7 @@ def test_the_share_of_time_spent_waiting_for_the_loader_is_logged(tmp_path, synt
                       TrainConfig(steps=4, batch_size=8, log_every=2, warmup_steps=1, device="cpu"),
                       tmp_path / name, log=lambda metrics, step: logged.update({step: metrics})).run()
         shares[name] = [logged[step]["train/data_wait_share"] for step in (2, 4)]
-    assert all(share > 0.8 for share in shares["slow"]), shares
+    assert all(share > 0.75 for share in shares["slow"]), shares
     assert all(share < 0.05 for share in shares["made in advance"]), shares
 
 

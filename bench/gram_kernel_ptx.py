@@ -1,0 +1,99 @@
+"""Compile clustermask.gram_kernel's kernel for a GPU architecture without a GPU, and report what ptxas says of it.
+
+    python bench/gram_kernel_ptx.py --out bench/results/gram_kernel_sm90      # ViT-B-16's shapes, sm_90a (H100/H200)
+
+Triton compiles ahead of time for a target (triton.compiler.ASTSource, triton 3.x's signature format) and carries its
+own ptxas: this catches what the interpreter the tests use cannot (Triton's compiler rejecting the kernel), and
+shows the instructions the dot became (wgmma on sm90), the shared memory, the registers and any spills. A check
+and a record, not a timing: only a GPU says how fast the kernel is (bench/masking.py's `tgram` variants).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from clustermask import gram_kernel  # noqa: E402
+from bench.results_files import write_results  # noqa: E402
+
+POINTERS = ("pixels", "mean", "inverse_scale", "out")
+INTEGERS = ("num_patches", "out_length", "tiles", "stride_b", "stride_c", "stride_h", "out_stride_b")
+
+
+def compile_kernel(tile: int, diagonal: bool, patch: int, patches_per_row: int, capability: int, stages: int):
+    constants = {"stride_w": 1, "CHANNELS": 3, "PATCH": patch, "PATCHES_PER_ROW": patches_per_row, "TILE": tile,
+                 "PIXELS_PER_STEP": gram_kernel.PIXELS_PER_STEP,
+                 "STEPS_PER_CHANNEL": triton.cdiv(patch * patch, gram_kernel.PIXELS_PER_STEP),
+                 "WHOLE_STEPS": patch * patch % gram_kernel.PIXELS_PER_STEP == 0, "DIAGONAL": diagonal,
+                 "DOT_BF16": True}
+    signature = {name: "*fp32" for name in POINTERS} | {name: "i32" for name in INTEGERS}
+    signature |= {name: "constexpr" for name in constants}
+    source = ASTSource(gram_kernel._gram_kernel, signature, constants)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": gram_kernel.num_warps(tile), "num_stages": stages})
+
+
+def ptxas_report(ptx: str, capability: int) -> dict:
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        report = subprocess.run([str(ptxas), f"-arch={arch}", "-v", "k.ptx", "-o", "k.cubin"], cwd=tmp,
+                                capture_output=True, text=True, check=True).stderr
+    return {"registers": first_number(r"Used (\d+) registers", report),
+            "spill_stores_bytes": first_number(r"(\d+) bytes spill stores", report),
+            "spill_loads_bytes": first_number(r"(\d+) bytes spill loads", report)}
+
+
+def first_number(pattern: str, text: str):
+    found = re.search(pattern, text)
+    return int(found.group(1)) if found else None
+
+
+def count(pattern: str, text: str) -> int:
+    return len(re.findall(pattern, text))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/results/gram_kernel_ptx")
+    parser.add_argument("--capability", type=int, default=90, help="90: H100/H200; 80: A100")
+    parser.add_argument("--patch", type=int, default=16)
+    parser.add_argument("--image", type=int, default=224)
+    parser.add_argument("--tiles", default="64,128")
+    parser.add_argument("--stages", type=int, default=3, help="Triton's num_stages (its default on a GPU: 3)")
+    args = parser.parse_args(argv)
+    header = {"target": f"sm_{args.capability}", "triton": triton.__version__, "patch": args.patch,
+              "image": args.image, "num_stages": args.stages, "date": time.strftime("%Y-%m-%d")}
+    rows = []
+    for tile in (int(t) for t in args.tiles.split(",")):
+        for diagonal in (True, False):
+            kernel = compile_kernel(tile, diagonal, args.patch, args.image // args.patch, args.capability,
+                                    args.stages)
+            ptx = kernel.asm["ptx"]
+            rows.append({"tile": tile, "diagonal": diagonal, "num_warps": gram_kernel.num_warps(tile),
+                         "shared_bytes": kernel.metadata.shared, "wgmma": count(r"\bwgmma\.mma_async", ptx),
+                         "mma_sync": count(r"\bmma\.sync", ptx), "cp_async": count(r"cp\.async\.", ptx),
+                         **ptxas_report(ptx, args.capability)})
+    lines = [f"# gram_kernel compiled for {header['target']} without a GPU (triton {triton.__version__}, "
+             f"{args.image} px images in {args.patch} px patches, num_stages {args.stages}, {header['date']})", "",
+             "| tile | diagonal | warps | shared KB | wgmma | mma.sync | cp.async | registers | spill stores B | "
+             "spill loads B |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['tile']} | {r['diagonal']} | {r['num_warps']} | {r['shared_bytes'] / 1024:.0f} | {r['wgmma']} | "
+              f"{r['mma_sync']} | {r['cp_async']} | {r['registers']} | {r['spill_stores_bytes']} | "
+              f"{r['spill_loads_bytes']} |" for r in rows]
+    write_results(args.out, header, rows, "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from clustermask import gram_kernel, masking
+
+pytest.importorskip("triton")
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])
+ON_CPU = pytest.param("cpu", marks=pytest.mark.skipif(not gram_kernel.interpreted(), reason=(
+    "Triton's kernels run on the CPU under TRITON_INTERPRET=1, which tests/conftest.py sets where there is no GPU")))
+
+
+def smooth_pixels(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Images with regions, as CLIP-normalised pixels roughly are (so that k-means finds clusters)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, height, width, generator=g).cumsum(-1).cumsum(-2) / 50
+
+
+@pytest.mark.parametrize("device", [ON_CPU, ON_GPU])
+@pytest.mark.parametrize("height, width, patch, tile, pad_to", [
+    (64, 64, 16, 64, 1),  # 16 patches: one tile, mostly past the last patch
+    (28, 28, 4, 16, 1),  # 49 patches: 4 x 4 tiles, those below the diagonal stored from the ones above
+    (42, 42, 14, 64, 1),  # 196 pixels a patch channel: the last step of the K loop partly past the patch
+    (32, 48, 8, 16, 8),  # not square; 24 patches padded to 24, no padding to zero
+    (36, 36, 4, 32, 8),  # 81 patches padded to 88
+    (224, 224, 16, 64, 8),  # ViT-B-16: 196 patches padded to 200, as masking.gram pads them
+    (227, 230, 16, 128, 1),  # pixels past the last whole patch (open_clip crops them), 2 x 2 tiles of 128
+])
+def test_the_kernel_computes_the_gram_of_kmeans_features(device, height, width, patch, tile, pad_to):
+    pixels = smooth_pixels(2, height, width).to(device)
+    expected = masking.pad_rows(masking.kmeans_features(pixels, patch), pad_to).double()
+    expected = expected @ expected.transpose(1, 2)
+    _, mean, scale = masking.channel_statistics(pixels)
+    got = gram_kernel.standardised_patch_gram(pixels, mean, scale, patch, tile=tile, pad_to=pad_to)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    # fp32 sums in another order; a feature's bf16 may differ where its fp32 value lies within an ulp of the
+    # boundary between two (1 / scale multiplied rather than divided): ~1e-5 of the largest norm for such a flip
+    # each image, ~1e-7 for the sums; an index wrong by one patch or pixel is off by more than 1e-2
+    tolerance = 1e-4 * expected.diagonal(dim1=1, dim2=2).max().item()
+    torch.testing.assert_close(got.double().cpu(), expected.cpu(), rtol=0, atol=tolerance)
+
+
+def test_a_padding_the_tiles_cannot_cover_is_refused():
+    pixels = smooth_pixels(1, 12, 12)
+    _, mean, scale = masking.channel_statistics(pixels)
+    with pytest.raises(ValueError, match="pad_to=24"):  # 9 patches, in tiles up to 16
+        gram_kernel.standardised_patch_gram(pixels, mean, scale, 4, tile=8, pad_to=24)
+
+
+def test_kmeans_takes_the_kernel_only_on_a_gpu_where_it_is_enabled(monkeypatch):
+    """The CPU, CI and the demo keep `masking.gram`; the kernel serves CUDA pixels once USE_ON_GPU says so."""
+    monkeypatch.setattr(gram_kernel, "USE_ON_GPU", True)
+    pixels = smooth_pixels(2, 32, 32)
+    assert not gram_kernel.enabled(pixels) and not gram_kernel.enabled(pixels.to("meta"))
+    expected = masking.gram(masking.kmeans_features(pixels, 8))
+    assert torch.equal(masking.kmeans_gram(pixels, 8), expected)  # no Triton launched on CPU tensors
+    if torch.cuda.is_available():
+        assert gram_kernel.enabled(pixels.cuda())
+        monkeypatch.setattr(gram_kernel, "USE_ON_GPU", False)
+        assert not gram_kernel.enabled(pixels.cuda())
+
+
+@pytest.mark.gpu
+@NEEDS_CUDA
+@pytest.mark.parametrize("compiled", [False, True])
+def test_kmeans_with_the_kernel_assigns_as_on_cpu_without_a_host_sync(compiled, monkeypatch):
+    """k-means with the kernel's Gram, eager and compiled (fullgraph, the kernel inside the graph), gives the
+    clusters the CPU gives (a patch may differ only where two centres are within rounding of each other), and
+    never waits for the GPU."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(gram_kernel, "USE_ON_GPU", True)
+    g = torch.Generator().manual_seed(0)
+    pixels = smooth_pixels(16, 224, 224)
+    initial = torch.rand(16, 196, generator=g).argsort(1)[:, :8]
+    on_cpu = masking.kmeans_clusters(pixels, 16, initial, 3)
+    clusters = torch.compile(masking.kmeans_clusters, fullgraph=True) if compiled else masking.kmeans_clusters
+    pixels, initial = pixels.cuda(), initial.cuda()
+    clusters(pixels, 16, initial, 3)  # warm-up: compilation and Triton's first launch may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu = clusters(pixels, 16, initial, 3)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert (on_gpu.cpu() == on_cpu).float().mean() > 0.995
+    assert all(len(a.unique()) > 2 for a in on_cpu)
