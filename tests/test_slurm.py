@@ -112,19 +112,26 @@ def test_sweep_with_a_failing_point_then_resubmit(slurm, tmp_path, synthetic_roo
     assert len(graph.Manifest.load(sweep_dir).submissions) == 2
 
 
-def signal_when_running(manifest, stage: str, job_id: str, ready) -> str:
+def done_and_total(progress: str):
+    """(done, total) of a stage's progress as the status shows it: "40/200", or "40/200, 22% waiting for data" while
+    the loader holds training up."""
+    done, total = re.match(r"(\d+)/(\d+)", progress).groups()
+    return int(done), int(total)
+
+
+def signal_when_running(manifest, stage: str, job_id: str, ready):
     """Send what SLURM sends ahead of the time limit (submitit asks for --signal=USR2@delay) once `ready(done,
-    total)` holds for the stage's progress; returns that progress. The wait covers the stages before."""
+    total)` holds for the stage's progress; returns that (done, total). The wait covers the stages before."""
     deadline = time.time() + 600
     while True:
         row = sweep_status(manifest)[0]
         progress = row[f"{stage}_progress"]
-        if row[stage] == "running" and progress and ready(*map(int, progress.split("/"))):
+        if row[stage] == "running" and progress and ready(*done_and_total(progress)):
             break
         assert time.time() < deadline, f"{stage} never got far enough: {row}"
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    return progress
+    return done_and_total(progress)
 
 
 def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root):
@@ -139,15 +146,14 @@ def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root)
     point = manifest.points[0]
     train_job, eval_job = (manifest.submissions[0][stage][0]["job_id"] for stage in ("train", "eval"))
     latest = Path(point.run_dir) / "checkpoints" / "latest.pt"
-    progress = signal_when_running(manifest, "train", train_job, lambda done, total: latest.exists() and done > 0)
-    trained, total = map(int, progress.split("/"))  # steps, as last logged
+    trained, total = signal_when_running(manifest, "train", train_job,  # steps, as last logged
+                                         lambda done, total: latest.exists() and done > 0)
     assert total == 200 and 0 < trained < 200
     # the job may log a step or two more before the signal reaches it (a log each step)
     shown = re.search(r"running (\d+)/200", format_status(manifest, [sweep_status(manifest)[0]]))
     assert shown and int(shown.group(1)) >= trained
     tasks = len(graph.load_point_config(Path(point.run_dir)).eval.tasks)
-    progress = signal_when_running(manifest, "eval", eval_job, lambda done, total: done >= 2)
-    evaluated = int(progress.split("/")[0])
+    evaluated, _ = signal_when_running(manifest, "eval", eval_job, lambda done, total: done >= 2)
     wait_for(base_ids(manifest), timeout=900)
     rows = sweep_status(manifest)
     assert rows[0]["train"] == "done" and rows[0]["eval"] == "done"
