@@ -124,6 +124,10 @@ def transposed_kmeans_assignment(dots: torch.Tensor, initial: torch.Tensor, iter
     return similarity.argmax(-1)
 
 
+def num_patches(pixels: torch.Tensor, patch_size: int) -> int:
+    return (pixels.shape[-2] // patch_size) * (pixels.shape[-1] // patch_size)
+
+
 def padded_kmeans_assignment(dots: torch.Tensor, length: int, initial: torch.Tensor, iters: int) -> torch.Tensor:
     """`masking.kmeans_assignment` on a Gram padded with zero-feature patches (B, L', L'), the padded patches no
     cluster's members: each iteration's bmm then has rows in multiples of 8 too."""
@@ -146,8 +150,7 @@ def padded_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch
     (bench/results/gram_h200_run8.md: 0.040 against 0.053 ms a bmm, eager)."""
     feats = masking.pad_rows(masking.kmeans_features(pixels, patch_size))
     dots = masking.bf16_bmm(feats, feats.transpose(1, 2))
-    return padded_kmeans_assignment(dots, (pixels.shape[-2] // patch_size) * (pixels.shape[-1] // patch_size),
-                                    initial, iters)
+    return padded_kmeans_assignment(dots, num_patches(pixels, patch_size), initial, iters)
 
 
 def use_gram_kernel(tile: int):
@@ -161,8 +164,7 @@ def kernel_padded_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial
     """`tgrampad` variant: gram_kernel's Gram padded to a multiple of 8 patches, and `paditer`'s iterations on it."""
     _, mean, scale = masking.channel_statistics(pixels)
     dots = gram_kernel.standardised_patch_gram(pixels, mean, scale, patch_size, pad_to=masking.GEMM_ROW_MULTIPLE)
-    return padded_kmeans_assignment(dots, (pixels.shape[-2] // patch_size) * (pixels.shape[-1] // patch_size),
-                                    initial, iters)
+    return padded_kmeans_assignment(dots, num_patches(pixels, patch_size), initial, iters)
 
 
 def fused_embedding_similarity(tokens: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:

@@ -141,12 +141,12 @@ def standardised_patch_gram(pixels: torch.Tensor, mean: torch.Tensor, scale: tor
     b, c, h, w = pixels.shape
     per_row, per_column = w // patch_size, h // patch_size
     length = per_row * per_column
-    out_length = -(-length // pad_to) * pad_to
-    if out_length > -(-length // tile) * tile:
-        raise ValueError(f"pad_to={pad_to}: the Gram's {tile} x {tile} tiles cover {length} patches only up to "
-                         f"{-(-length // tile) * tile}, not {out_length}")
-    out = torch.empty(b, out_length, out_length, device=pixels.device, dtype=torch.float32)
+    out_length = triton.cdiv(length, pad_to) * pad_to
     tiles = triton.cdiv(length, tile)
+    if out_length > tiles * tile:
+        raise ValueError(f"pad_to={pad_to}: the Gram's {tile} x {tile} tiles cover {length} patches only up to "
+                         f"{tiles * tile}, not {out_length}")
+    out = torch.empty(b, out_length, out_length, device=pixels.device, dtype=torch.float32)
     mean = mean.reshape(b, c).float().contiguous()
     inverse_scale = scale.reshape(b, c).float().reciprocal().contiguous()
     for diagonal in (True, False):
