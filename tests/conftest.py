@@ -14,6 +14,8 @@ if not torch.cuda.is_available():
 from clustermask.synthetic import SyntheticConfig, generate  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])  # a `device` parameter: CUDA tests run with -m gpu
 
 SMALL = dict(seed=0, image_size=64, train_samples=2400, train_shards=4, classification_train=360,
              classification_test=180, retrieval_test=60, sugarcrepe_per_task=30, eval_shards=2)

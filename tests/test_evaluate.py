@@ -10,7 +10,7 @@ from clip_benchmark.metrics import linear_probe
 from clustermask.evaluate import EvalConfig, EvalContext, EvalTask, linear_probe_eval, run_task, validate
 from clustermask.model import ModelConfig, create
 
-from conftest import SMALL
+from conftest import NEEDS_CUDA, SMALL
 
 
 def test_each_cuda_linear_probe_starts_from_an_empty_feature_cache(tmp_path, synthetic_root, monkeypatch):
@@ -237,7 +237,7 @@ def test_a_resumed_evaluation_runs_only_the_tasks_it_had_not_finished(tmp_path, 
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@NEEDS_CUDA
 def test_on_a_gpu_every_evaluator_names_the_metrics_the_cpu_names(tmp_path, synthetic_root):
     """The CUDA path (clip_benchmark's own linear probe, which asserts CUDA, and pinned loaders) gives the report the
     same columns as the CPU path; zero-shot, retrieval and SugarCrepe scores of the same model agree but for ties."""

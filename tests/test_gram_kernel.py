@@ -2,10 +2,9 @@ import pytest
 import torch
 
 from clustermask import gram_kernel, masking
+from conftest import NEEDS_CUDA, ON_GPU
 
 pytest.importorskip("triton")
-NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])
 ON_CPU = pytest.param("cpu", marks=pytest.mark.skipif(not gram_kernel.interpreted(), reason=(
     "Triton's kernels run on the CPU under TRITON_INTERPRET=1, which tests/conftest.py sets where there is no GPU")))
 

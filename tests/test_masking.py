@@ -14,9 +14,9 @@ from clustermask import masking
 from clustermask.data import DataConfig, sample_batches
 from clustermask.masking import MaskingConfig, MaskingInputs, TokenMasker, select_tokens
 from clustermask.model import ModelConfig, create
+from conftest import NEEDS_CUDA, ON_GPU
 
 PATCH = 4
-NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def make_masker(**kw) -> TokenMasker:
@@ -631,9 +631,6 @@ def test_masking_op_compiles_fullgraph(config):
     eager = select_tokens(inputs, cfg).keep
     torch.manual_seed(0)
     assert torch.equal(compiled(inputs), eager)
-
-
-ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])
 
 
 def test_kmeans_features_round_within_an_8_bit_level():

@@ -7,8 +7,7 @@ import torch
 
 from clustermask import train
 from clustermask.config import DataConfig, MaskingConfig, ModelConfig, TrainConfig
-
-NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+from conftest import NEEDS_CUDA, ON_GPU
 
 
 def test_throughput_counts_the_steps_of_each_log_interval(tmp_path, synthetic_root, monkeypatch):
@@ -120,9 +119,6 @@ def test_the_same_seed_trains_the_same_weights_on_the_cpu(tmp_path, synthetic_ro
                              for name, seed in (("a", 0), ("b", 0), ("c", 1)))
     assert all(torch.equal(weights[key], again[key]) for key in weights)
     assert not all(torch.equal(weights[key], other[key]) for key in weights)
-
-
-ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])
 
 
 @pytest.mark.parametrize("device", ["cpu", ON_GPU])
