@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from clustermask import gram_kernel, masking  # noqa: E402
+from clustermask import gram_kernel, kmeans_kernel, masking  # noqa: E402
 from clustermask.masking import MaskingConfig  # noqa: E402
 from clustermask.model import ModelConfig, create  # noqa: E402
 from bench.results_files import write_results  # noqa: E402
@@ -160,6 +160,13 @@ def use_gram_kernel(tile: int):
     gram_kernel.TILE = tile
 
 
+def use_kmeans_kernel(precision: str):
+    """`titer` and `titerieee` variants: k-means' iterations from clustermask.kmeans_kernel (one Triton program
+    per image, its products as three TF32 ones or fp32 FMAs) rather than a cuBLAS bmm and small kernels each."""
+    kmeans_kernel.USE_ON_GPU = True
+    kmeans_kernel.DOT_PRECISION = precision
+
+
 def kernel_padded_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int):
     """`tgrampad` variant: gram_kernel's Gram padded to a multiple of 8 patches, and `paditer`'s iterations on it."""
     _, mean, scale = masking.channel_statistics(pixels)
@@ -217,22 +224,29 @@ VARIANTS = {
     "tgram": ({"kmeans"}, lambda: use_gram_kernel(64)),
     "tgram128": ({"kmeans"}, lambda: use_gram_kernel(128)),
     "tgrampad": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", kernel_padded_kmeans_clusters)),
+    "titer": ({"kmeans"}, lambda: use_kmeans_kernel("tf32x3")),
+    "titerieee": ({"kmeans"}, lambda: use_kmeans_kernel("ieee")),
 }
+
+
+# what the variants change, restored after each
+VARIANT_SETTINGS = [(masking, name) for name in ("rgb_similarity", "kmeans_clusters", "kmeans_features",
+                                                 "UNROLLED_DOTS_MAX", "kmeans_assignment", "embedding_similarity")]
+VARIANT_SETTINGS += [(gram_kernel, "USE_ON_GPU"), (gram_kernel, "TILE"), (kmeans_kernel, "USE_ON_GPU"),
+                     (kmeans_kernel, "DOT_PRECISION")]
 
 
 @contextlib.contextmanager
 def variant(name: str):
-    saved = (masking.rgb_similarity, masking.kmeans_clusters, masking.kmeans_features, masking.UNROLLED_DOTS_MAX,
-             masking.kmeans_assignment, masking.embedding_similarity, dict(PIXEL_DTYPE), gram_kernel.USE_ON_GPU,
-             gram_kernel.TILE)
+    saved = [(module, setting, getattr(module, setting)) for module, setting in VARIANT_SETTINGS]
+    pixel_dtype = dict(PIXEL_DTYPE)
     for part in name.split("+"):
         VARIANTS[part][1]()
     try:
         yield
     finally:
-        (masking.rgb_similarity, masking.kmeans_clusters, masking.kmeans_features, masking.UNROLLED_DOTS_MAX,
-         masking.kmeans_assignment, masking.embedding_similarity, pixel_dtype, gram_kernel.USE_ON_GPU,
-         gram_kernel.TILE) = saved
+        for module, setting, value in saved:
+            setattr(module, setting, value)
         PIXEL_DTYPE.update(pixel_dtype)
 
 
@@ -389,8 +403,9 @@ def main(argv=None) -> int:
                              "`twopass` the rgb similarity with its statistics' own pass (2026-11-27), `bf16pixels` "
                              "bf16 images (under autocast, the tower's input unchanged), `tgram`/`tgram128` "
                              "k-means' Gram from clustermask.gram_kernel's Triton kernel (tiles of 64/128), "
-                             "`tgrampad` that Gram padded and `paditer`'s iterations on it; join with + "
-                             "(`pooled+bf16pixels`); with --interleave, one variant for every strategy")
+                             "`tgrampad` that Gram padded and `paditer`'s iterations on it, `titer`/`titerieee` "
+                             "k-means' iterations from clustermask.kmeans_kernel (TF32 x 3 or fp32 products); join "
+                             "with + (`tgram128+titer`); with --interleave, one variant for every strategy")
     parser.add_argument("--kernels", type=int, default=0, help="on a GPU, list the op's N costliest kernels")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="time the strategies' steps in turn, ROUNDS times, all models built first: step "

@@ -16,9 +16,19 @@ from clustermask.synthetic import SyntheticConfig, generate  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])  # a `device` parameter: CUDA tests run with -m gpu
+# a `device` parameter for Triton kernels on the CPU
+TRITON_ON_CPU = pytest.param("cpu", marks=pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton's kernels run on the CPU under TRITON_INTERPRET=1, which this file sets where there is no GPU"))
 
 SMALL = dict(seed=0, image_size=64, train_samples=2400, train_shards=4, classification_train=360,
              classification_test=180, retrieval_test=60, sugarcrepe_per_task=30, eval_shards=2)
+
+
+def smooth_pixels(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Images with regions, as CLIP-normalised pixels roughly are (so that k-means finds clusters)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, height, width, generator=g).cumsum(-1).cumsum(-2) / 50
 
 
 @pytest.fixture(scope="session")

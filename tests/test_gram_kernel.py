@@ -2,20 +2,12 @@ import pytest
 import torch
 
 from clustermask import gram_kernel, masking
-from conftest import NEEDS_CUDA, ON_GPU
+from conftest import NEEDS_CUDA, ON_GPU, TRITON_ON_CPU, smooth_pixels
 
 pytest.importorskip("triton")
-ON_CPU = pytest.param("cpu", marks=pytest.mark.skipif(not gram_kernel.interpreted(), reason=(
-    "Triton's kernels run on the CPU under TRITON_INTERPRET=1, which tests/conftest.py sets where there is no GPU")))
 
 
-def smooth_pixels(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
-    """Images with regions, as CLIP-normalised pixels roughly are (so that k-means finds clusters)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, height, width, generator=g).cumsum(-1).cumsum(-2) / 50
-
-
-@pytest.mark.parametrize("device", [ON_CPU, ON_GPU])
+@pytest.mark.parametrize("device", [TRITON_ON_CPU, ON_GPU])
 @pytest.mark.parametrize("height, width, patch, tile, pad_to", [
     (64, 64, 16, 64, 1),  # 16 patches: one tile, mostly past the last patch
     (28, 28, 4, 16, 1),  # 49 patches: 4 x 4 tiles, those below the diagonal stored from the ones above

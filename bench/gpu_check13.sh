@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Prepared 2026-12-04 (twenty-fifth session, which had no GPU) for the next session with one; at most about 9.5
+# minutes:
+#   run(command="OUT=$OUT bash bench/gpu_check13.sh", carry=[".whl"], timeout_s=590)
+# .whl also holds numpy 2.3.5 for Python 3.12 (pyproject.toml's numpy<2.4; the machine's 2.5 breaks clip_benchmark).
+# Replaces gpu_check12.sh (never run), adding clustermask/kmeans_kernel.py (k-means' iterations in one Triton program
+# per image) to clustermask/gram_kernel.py (k-means' Gram from the pixels): neither compiled for a GPU yet beyond
+# bench/kernels_ptx.py, both checked on the CPU under Triton's interpreter only. Most needed first; each stage packs
+# its results into $OUT/gpu_check13.tgz:
+# 1. The kernels' own CUDA tests (each against the library's path, eager and compiled in k-means, no host sync).
+# 2. The op alone at 0.5, compiled: every strategy as the library has it, and kmeans as `tgram128`, `tgram` (the
+#    Gram kernel, tiles of 128 or 64), `titer`, `titerieee` (the iterations kernel, TF32 x 3 or fp32 products) and
+#    `tgram128+titer`, each only where its kernels' tests passed in stage 1.
+# 3. The compiled steps at 0.5 of random, cluster-mixed and kmeans, in turn, kmeans as whichever kmeans variant had
+#    the fewest op kernel ms in stage 2.
+# 4. The other CUDA tests (`-m gpu`: test_masking, test_train, test_evaluate).
+# 5. In the time left: the steps at 0.5 of the eager model with the op compiled alone, in turn.
+set -u
+source bench/gpu_setup.sh  # sets OUT to a work folder, packed into $OUT/<script>.tgz: pack, quiet LOG
+timeout 200 python3 -m pytest -q -rA -p no:cacheprovider tests/test_gram_kernel.py tests/test_kmeans_kernel.py \
+  -m gpu 2>&1 | tee "$OUT/gpu_tests_kernels.txt" | tail -3
+passed() {  # whether every CUDA test of tests/$1 passed
+  grep -q "^PASSED tests/$1" "$OUT/gpu_tests_kernels.txt" && ! grep -q -E "^(FAILED|ERROR) tests/$1" \
+    "$OUT/gpu_tests_kernels.txt"
+}
+# the likeliest fastest first, in case the op stage's budget runs out
+KMEANS_VARIANTS=current
+passed test_gram_kernel.py && passed test_kmeans_kernel.py && KMEANS_VARIANTS+=,tgram128+titer
+passed test_kmeans_kernel.py && KMEANS_VARIANTS+=,titer
+passed test_gram_kernel.py && KMEANS_VARIANTS+=,tgram128
+passed test_kmeans_kernel.py && KMEANS_VARIANTS+=,titerieee
+passed test_gram_kernel.py && KMEANS_VARIANTS+=,tgram
+echo "kmeans variants: $KMEANS_VARIANTS" | tee "$OUT/kmeans_variants.txt"
+pack
+python3 bench/masking.py --out "$OUT/masking_op" --op-only --modes compiled --compile-ratios 0.5 \
+  --strategies random,cluster-rgb,cluster-embedding,cluster-mixed,kmeans --variants "$KMEANS_VARIANTS" \
+  --kernels 8 --budget-s 170 2>&1 | quiet "$OUT/masking_op.log"
+BEST=$(python3 - "$OUT/masking_op.json" <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+kmeans = {r["variant"]: r["op_kernel_ms"] for r in rows if r["strategy"] == "kmeans" and r.get("op_kernel_ms")}
+print(min((ms, name) for name, ms in kmeans.items())[1] if kmeans else "current")
+PY
+)
+echo "kmeans' step as: $BEST" | tee "$OUT/best_variant.txt"
+timeout 240 python3 bench/masking.py --out "$OUT/masking_compiled_steps" --modes compiled --compile-ratios 0.5 \
+  --strategies random,cluster-mixed,kmeans --interleave 3 --variants "$BEST" 2>&1 \
+  | quiet "$OUT/masking_compiled_steps.log"
+timeout $((520 - SECONDS)) python3 -m pytest -q -p no:cacheprovider tests/test_masking.py tests/test_train.py \
+  tests/test_evaluate.py -m gpu 2>&1 | tee "$OUT/gpu_tests_full.txt" | tail -4 | tee "$OUT/gpu_tests.txt"
+pack
+if [ "$SECONDS" -lt 480 ]; then
+  timeout $((575 - SECONDS)) python3 bench/masking.py --out "$OUT/masking_eager_steps" --modes op-compiled \
+    --ratios 0.5 --strategies random,cluster-rgb,cluster-mixed,kmeans --interleave 3 --variants "$BEST" 2>&1 \
+    | quiet "$OUT/masking_eager_steps.log"
+fi

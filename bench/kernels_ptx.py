@@ -1,0 +1,152 @@
+"""Compile clustermask's Triton kernels for a GPU architecture without a GPU, and report what ptxas says of them.
+
+    python bench/kernels_ptx.py --out bench/results/gram_kernel_sm90      # gram_kernel, ViT-B-16's shapes, sm_90a
+    python bench/kernels_ptx.py --kernel kmeans --out bench/results/kmeans_kernel_sm90      # kmeans_kernel's
+
+Triton compiles ahead of time for a target (triton.compiler.ASTSource, triton 3.x's signature format) and carries its
+own ptxas: this catches what the interpreter the tests use cannot (Triton's compiler rejecting the kernel), and
+shows the instructions the dot became (wgmma on sm90), the shared memory, the registers and any spills. A check
+and a record, not a timing: only a GPU says how fast the kernel is (bench/masking.py's `tgram` and `titer` variants).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from clustermask import gram_kernel, kmeans_kernel  # noqa: E402
+from bench.results_files import write_results  # noqa: E402
+
+POINTERS = ("pixels", "mean", "inverse_scale", "out")
+INTEGERS = ("num_patches", "out_length", "tiles", "stride_b", "stride_c", "stride_h", "out_stride_b")
+
+
+def compile_gram_kernel(tile: int, diagonal: bool, patch: int, patches_per_row: int, capability: int, stages: int):
+    constants = {"stride_w": 1, "CHANNELS": 3, "PATCH": patch, "PATCHES_PER_ROW": patches_per_row, "TILE": tile,
+                 "PIXELS_PER_STEP": gram_kernel.PIXELS_PER_STEP,
+                 "STEPS_PER_CHANNEL": triton.cdiv(patch * patch, gram_kernel.PIXELS_PER_STEP),
+                 "WHOLE_STEPS": patch * patch % gram_kernel.PIXELS_PER_STEP == 0, "DIAGONAL": diagonal,
+                 "DOT_BF16": True}
+    signature = {name: "*fp32" for name in POINTERS} | {name: "i32" for name in INTEGERS}
+    signature |= {name: "constexpr" for name in constants}
+    source = ASTSource(gram_kernel._gram_kernel, signature, constants)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": gram_kernel.num_warps(tile), "num_stages": stages})
+
+
+def ptxas_report(ptx: str, capability: int) -> dict:
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        report = subprocess.run([str(ptxas), f"-arch={arch}", "-v", "k.ptx", "-o", "k.cubin"], cwd=tmp,
+                                capture_output=True, text=True, check=True).stderr
+    return {"registers": first_number(r"Used (\d+) registers", report),
+            "spill_stores_bytes": first_number(r"(\d+) bytes spill stores", report),
+            "spill_loads_bytes": first_number(r"(\d+) bytes spill loads", report)}
+
+
+def first_number(pattern: str, text: str):
+    found = re.search(pattern, text)
+    return int(found.group(1)) if found else None
+
+
+def count(pattern: str, text: str) -> int:
+    return len(re.findall(pattern, text))
+
+
+def gram_rows(args) -> list:
+    rows = []
+    for tile in (int(t) for t in args.tiles.split(",")):
+        for diagonal in (True, False):
+            kernel = compile_gram_kernel(tile, diagonal, args.patch, args.image // args.patch, args.capability,
+                                    args.stages)
+            rows.append({"tile": tile, "diagonal": diagonal, "num_warps": gram_kernel.num_warps(tile),
+                         **kernel_report(kernel, args.capability)})
+    return rows
+
+
+def kmeans_rows(args) -> list:
+    """The library's settings (kmeans_kernel's NUM_WARPS, COLUMNS_PER_STEP, NUM_STAGES) and their neighbours."""
+    rows = []
+    for precision, warps, columns in itertools.product(("tf32x3", "ieee", "tf32"), (4, 8), (16, 32)):
+        constants = {"ROWS": triton.next_power_of_2((args.image // args.patch) ** 2),
+                     "CENTRES": kmeans_kernel.DOT_MIN_SIZE, "COLUMNS_PER_STEP": columns, "PRECISION": precision}
+        signature = {"dots": "*fp32", "initial": "*i64", "out": "*i64"}
+        signature |= {name: "i32" for name in ("length", "k", "iters", "stride_b", "stride_row", "initial_stride_b",
+                                               "out_stride_b")}
+        signature |= {name: "constexpr" for name in constants}
+        kernel = triton.compile(ASTSource(kmeans_kernel._kmeans_kernel, signature, constants),
+                                target=GPUTarget("cuda", args.capability, 32),
+                                options={"num_warps": warps, "num_stages": kmeans_kernel.NUM_STAGES})
+        library = (precision, warps, columns) == (kmeans_kernel.DOT_PRECISION, kmeans_kernel.NUM_WARPS,
+                                                  kmeans_kernel.COLUMNS_PER_STEP)
+        rows.append({"precision": precision, "num_warps": warps, "columns_per_step": columns, "library": library,
+                     **kernel_report(kernel, args.capability)})
+    return rows
+
+
+def kernel_report(kernel, capability: int) -> dict:
+    ptx = kernel.asm["ptx"]
+    return {"shared_bytes": kernel.metadata.shared, "wgmma": count(r"\bwgmma\.mma_async", ptx),
+            "mma_sync": count(r"\bmma\.sync", ptx), "fma": count(r"\bfma\.rn\.f32", ptx),
+            "cp_async": count(r"cp\.async\.", ptx), **ptxas_report(ptx, capability)}
+
+
+REPORTED = ["shared KB", "wgmma", "mma.sync", "fma.f32", "cp.async", "registers", "spill stores B", "spill loads B"]
+
+
+def reported(row: dict) -> list:
+    return [f"{row['shared_bytes'] / 1024:.0f}", row["wgmma"], row["mma_sync"], row["fma"], row["cp_async"],
+            row["registers"], row["spill_stores_bytes"], row["spill_loads_bytes"]]
+
+
+def table(columns: list, cells: list) -> list:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + [
+        "| " + " | ".join(str(c) for c in row) + " |" for row in cells]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kernel", choices=("gram", "kmeans"), default="gram")
+    parser.add_argument("--out", default=None, help="default: bench/results/<kernel>_kernel_ptx")
+    parser.add_argument("--capability", type=int, default=90, help="90: H100/H200; 80: A100")
+    parser.add_argument("--patch", type=int, default=16)
+    parser.add_argument("--image", type=int, default=224)
+    parser.add_argument("--tiles", default="64,128", help="gram: the tiles compiled")
+    parser.add_argument("--stages", type=int, default=3, help="gram: Triton's num_stages (its default on a GPU: 3; "
+                        "kmeans: the module's NUM_STAGES)")
+    args = parser.parse_args(argv)
+    header = {"kernel": args.kernel, "target": f"sm_{args.capability}", "triton": triton.__version__,
+              "patch": args.patch, "image": args.image, "date": time.strftime("%Y-%m-%d")}
+    if args.kernel == "gram":
+        header["num_stages"] = args.stages
+        rows = gram_rows(args)
+        lines = table(["tile", "diagonal", "warps"] + REPORTED,
+                      [[r["tile"], r["diagonal"], r["num_warps"]] + reported(r) for r in rows])
+    else:
+        header["num_stages"] = kmeans_kernel.NUM_STAGES
+        rows = kmeans_rows(args)
+        lines = table(["precision", "warps", "columns a step", "the library's"] + REPORTED,
+                      [[r["precision"], r["num_warps"], r["columns_per_step"], "yes" if r["library"] else ""]
+                       + reported(r) for r in rows])
+    title = (f"# {args.kernel}_kernel compiled for {header['target']} without a GPU (triton {triton.__version__}, "
+             f"{args.image} px images in {args.patch} px patches, num_stages {header['num_stages']}, "
+             f"{header['date']})")
+    write_results(args.out or f"bench/results/{args.kernel}_kernel_ptx", header, rows,
+                  "\n".join([title, ""] + lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
