@@ -100,7 +100,8 @@ def assignment(dots: torch.Tensor, initial: torch.Tensor, iters: int) -> torch.T
     k = initial.shape[1]
     if dots.stride(2) != 1:
         dots = dots.contiguous()
-    initial = initial.contiguous()
+    if initial.stride(1) != 1:
+        initial = initial.contiguous()
     out = torch.empty(b, length, device=dots.device, dtype=torch.int64)
     rows = max(triton.next_power_of_2(length), DOT_MIN_SIZE)
     _kmeans_kernel[(b,)](
