@@ -9,8 +9,9 @@
 # its results into $OUT/gpu_check13.tgz:
 # 1. The kernels' own CUDA tests (each against the library's path, eager and compiled in k-means, no host sync).
 # 2. The op alone at 0.5, compiled: every strategy as the library has it, and kmeans as `tgram128`, `tgram` (the
-#    Gram kernel, tiles of 128 or 64), `titer`, `titerieee` (the iterations kernel, TF32 x 3 or fp32 products) and
-#    `tgram128+titer`, each only where its kernels' tests passed in stage 1.
+#    Gram kernel, tiles of 128 or 64), `titer`, `titerieee`, `titertf32` (the iterations kernel, its products as
+#    TF32 x 3, fp32 or TF32), `tgram128+titer` and `tgram128+titertf32`, each only where its kernels' tests passed
+#    in stage 1 (for the iterations, that precision's agreement with fp32 on the CPU too).
 # 3. The compiled steps at 0.5 of random, cluster-mixed and kmeans, in turn, kmeans as whichever kmeans variant had
 #    the fewest op kernel ms in stage 2.
 # 4. The other CUDA tests (`-m gpu`: test_masking, test_train, test_evaluate).
@@ -19,22 +20,38 @@ set -u
 source bench/gpu_setup.sh  # sets OUT to a work folder, packed into $OUT/<script>.tgz: pack, quiet LOG
 timeout 200 python3 -m pytest -q -rA -p no:cacheprovider tests/test_gram_kernel.py tests/test_kmeans_kernel.py \
   -m gpu 2>&1 | tee "$OUT/gpu_tests_kernels.txt" | tail -3
-passed() {  # whether every CUDA test of tests/$1 passed
-  grep -q "^PASSED tests/$1" "$OUT/gpu_tests_kernels.txt" && ! grep -q -E "^(FAILED|ERROR) tests/$1" \
-    "$OUT/gpu_tests_kernels.txt"
+LOG1="$OUT/gpu_tests_kernels.txt"
+gram_kernel_ok() {
+  local tests=tests/test_gram_kernel.py
+  grep -q "^PASSED $tests" "$LOG1" && ! grep -q -E "^(FAILED|ERROR) $tests" "$LOG1"
 }
+# the k-means kernel's tests but for each precision's agreement with fp32, which decides that precision's variant
+kmeans_kernel_ok() {
+  grep -q "^PASSED tests/test_kmeans_kernel.py" "$LOG1" \
+    && ! grep -E "^(FAILED|ERROR) tests/test_kmeans_kernel.py" "$LOG1" | grep -q -v "precision_agrees"
+}
+precision_ok() {
+  grep -q "^PASSED tests/test_kmeans_kernel.py::test_each_precision_agrees_with_fp32_on_a_gpu\[$1\]" "$LOG1"
+}
+GRAM=0; gram_kernel_ok && GRAM=1
+declare -A ITER=([titer]=0 [titerieee]=0 [titertf32]=0)
+kmeans_kernel_ok && precision_ok tf32x3 && ITER[titer]=1
+kmeans_kernel_ok && precision_ok ieee && ITER[titerieee]=1
+kmeans_kernel_ok && precision_ok tf32 && ITER[titertf32]=1
 # the likeliest fastest first, in case the op stage's budget runs out
 KMEANS_VARIANTS=current
-passed test_gram_kernel.py && passed test_kmeans_kernel.py && KMEANS_VARIANTS+=,tgram128+titer
-passed test_kmeans_kernel.py && KMEANS_VARIANTS+=,titer
-passed test_gram_kernel.py && KMEANS_VARIANTS+=,tgram128
-passed test_kmeans_kernel.py && KMEANS_VARIANTS+=,titerieee
-passed test_gram_kernel.py && KMEANS_VARIANTS+=,tgram
+[ $GRAM = 1 ] && [ ${ITER[titer]} = 1 ] && KMEANS_VARIANTS+=,tgram128+titer
+[ $GRAM = 1 ] && [ ${ITER[titertf32]} = 1 ] && KMEANS_VARIANTS+=,tgram128+titertf32
+[ ${ITER[titer]} = 1 ] && KMEANS_VARIANTS+=,titer
+[ $GRAM = 1 ] && KMEANS_VARIANTS+=,tgram128
+[ ${ITER[titertf32]} = 1 ] && KMEANS_VARIANTS+=,titertf32
+[ ${ITER[titerieee]} = 1 ] && KMEANS_VARIANTS+=,titerieee
+[ $GRAM = 1 ] && KMEANS_VARIANTS+=,tgram
 echo "kmeans variants: $KMEANS_VARIANTS" | tee "$OUT/kmeans_variants.txt"
 pack
 python3 bench/masking.py --out "$OUT/masking_op" --op-only --modes compiled --compile-ratios 0.5 \
   --strategies random,cluster-rgb,cluster-embedding,cluster-mixed,kmeans --variants "$KMEANS_VARIANTS" \
-  --kernels 8 --budget-s 170 2>&1 | quiet "$OUT/masking_op.log"
+  --kernels 8 --budget-s 190 2>&1 | quiet "$OUT/masking_op.log"
 BEST=$(python3 - "$OUT/masking_op.json" <<'PY'
 import json, sys
 rows = json.load(open(sys.argv[1]))["rows"]

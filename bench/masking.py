@@ -161,8 +161,9 @@ def use_gram_kernel(tile: int):
 
 
 def use_kmeans_kernel(precision: str):
-    """`titer` and `titerieee` variants: k-means' iterations from clustermask.kmeans_kernel (one Triton program
-    per image, its products as three TF32 ones or fp32 FMAs) rather than a cuBLAS bmm and small kernels each."""
+    """`titer`, `titerieee` and `titertf32` variants: k-means' iterations from clustermask.kmeans_kernel (one Triton
+    program per image, its products as three TF32 ones, fp32 FMAs or one TF32 product) rather than a cuBLAS bmm and
+    small kernels each."""
     kmeans_kernel.USE_ON_GPU = True
     kmeans_kernel.DOT_PRECISION = precision
 
@@ -226,6 +227,7 @@ VARIANTS = {
     "tgrampad": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", kernel_padded_kmeans_clusters)),
     "titer": ({"kmeans"}, lambda: use_kmeans_kernel("tf32x3")),
     "titerieee": ({"kmeans"}, lambda: use_kmeans_kernel("ieee")),
+    "titertf32": ({"kmeans"}, lambda: use_kmeans_kernel("tf32")),
 }
 
 
@@ -403,9 +405,10 @@ def main(argv=None) -> int:
                              "`twopass` the rgb similarity with its statistics' own pass (2026-11-27), `bf16pixels` "
                              "bf16 images (under autocast, the tower's input unchanged), `tgram`/`tgram128` "
                              "k-means' Gram from clustermask.gram_kernel's Triton kernel (tiles of 64/128), "
-                             "`tgrampad` that Gram padded and `paditer`'s iterations on it, `titer`/`titerieee` "
-                             "k-means' iterations from clustermask.kmeans_kernel (TF32 x 3 or fp32 products); join "
-                             "with + (`tgram128+titer`); with --interleave, one variant for every strategy")
+                             "`tgrampad` that Gram padded and `paditer`'s iterations on it, `titer`/`titerieee`/"
+                             "`titertf32` k-means' iterations from clustermask.kmeans_kernel (TF32 x 3, fp32 or TF32 "
+                             "products); join with + (`tgram128+titer`); with --interleave, one variant for every "
+                             "strategy")
     parser.add_argument("--kernels", type=int, default=0, help="on a GPU, list the op's N costliest kernels")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="time the strategies' steps in turn, ROUNDS times, all models built first: step "

@@ -21,13 +21,15 @@ if triton is not None:
 # whether masking.kmeans_clusters runs the iterations here on a GPU: off until a GPU run has measured it against
 # the library's path (bench/masking.py's `titer` variant)
 USE_ON_GPU = False
-# the fp32 products' precision: "tf32x3" (three TF32 tensor-core products, the error of about fp32's) or "ieee"
-# (fp32 FMAs: ViT-B-16 at batch 256 is ~1.3 GFLOP for 3 iterations, the patches padded to 256 rows)
+# the fp32 products' precision: "tf32x3" (three TF32 tensor-core products, the error of about fp32's), "ieee" (fp32
+# FMAs: ViT-B-16 at batch 256 is ~1.3 GFLOP for 3 iterations, the patches padded to 256 rows) or "tf32" (one TF32
+# product: inputs to 10 bits, as a bmm with torch's allow_tf32; the fewest registers)
 DOT_PRECISION = "tf32x3"
 COLUMNS_PER_STEP = 16  # patches whose dot products a step of the sums reads (tl.dot needs >= 16)
 DOT_MIN_SIZE = 16  # tl.dot's smallest side: the patches and the centres are padded up to at least it
-# compiled for sm90 (bench/results/kmeans_kernel_sm90.md), 8 warps and 16 columns a step spill the least of a
-# program's 256 x 16 similarities, sums and block of dot products (32 bytes; 4 warps or 32 columns spill hundreds)
+# compiled for sm90 (bench/results/kmeans_kernel_sm90.md), 8 warps and 16 columns a step hold a program's 256 x 16
+# similarities, sums and block of dot products in 184-198 registers a thread with no spill (TF32 x 3; 4 warps or 32
+# columns spill)
 NUM_WARPS = 8
 NUM_STAGES = 2
 
@@ -59,12 +61,14 @@ if triton is not None:
         centres = tl.arange(0, CENTRES)
         row_valid = rows < length
         centre_valid = centres < k
-        inverse_norms = _inverse_norms(tl.load(base + rows * (stride_row + 1), mask=row_valid, other=0.0))
+        # rows past the last patch read the last patch's dot products, so that no 2-D load needs a mask (nor its
+        # registers); their weight in the centres is zero and their clusters are never stored
+        row_offsets = tl.minimum(rows, length - 1) * stride_row
+        inverse_norms = tl.where(row_valid, _inverse_norms(tl.load(base + row_offsets + rows, mask=row_valid)), 0.0)
         first = tl.load(initial + image * initial_stride_b + centres, mask=centre_valid, other=0)
-        to_first = tl.load(base + rows[:, None] * stride_row + first[None, :],
-                           mask=row_valid[:, None] & centre_valid[None, :], other=0.0)
-        first_inverse_norms = _inverse_norms(tl.load(base + first * (stride_row + 1), mask=centre_valid, other=1.0))
-        # the padding centres never win an argmax; the padding rows' clusters are never read
+        to_first = tl.load(base + row_offsets[:, None] + first[None, :])
+        first_inverse_norms = _inverse_norms(tl.load(base + first * (stride_row + 1)))
+        # the padding centres never win an argmax
         similarity = tl.where(centre_valid[None, :], to_first * first_inverse_norms[None, :], float("-inf"))
         for _ in range(iters):
             assignment = tl.argmax(similarity, axis=1)  # the first of equals, as torch.argmax
@@ -74,20 +78,20 @@ if triton is not None:
             for start in range(0, length, COLUMNS_PER_STEP):
                 columns = start + tl.arange(0, COLUMNS_PER_STEP)
                 column_valid = columns < length
-                block = tl.load(base + rows[:, None] * stride_row + columns[None, :],
-                                mask=row_valid[:, None] & column_valid[None, :], other=0.0)
+                # as the rows: columns past the last patch read the last one's, with no cluster
+                safe_columns = tl.minimum(columns, length - 1)
+                block = tl.load(base + row_offsets[:, None] + safe_columns[None, :])
                 column_clusters = tl.load(assigned + columns, mask=column_valid, other=-1)
-                column_inverse_norms = _inverse_norms(
-                    tl.load(base + columns * (stride_row + 1), mask=column_valid, other=0.0))
+                column_inverse_norms = _inverse_norms(tl.load(base + safe_columns * (stride_row + 1)))
                 unit_members = tl.where(column_clusters[:, None] == centres[None, :], column_inverse_norms[:, None],
                                         0.0)
                 to_sums += tl.dot(block, unit_members, input_precision=PRECISION)
             tl.debug_barrier()  # every block read before the next iteration overwrites the clusters
-            members = (assignment[:, None] == centres[None, :]) & row_valid[:, None]
-            unit_members = tl.where(members, inverse_norms[:, None], 0.0)
+            # the padding rows' inverse norms are zero: no weight, no membership
+            unit_members = tl.where(assignment[:, None] == centres[None, :], inverse_norms[:, None], 0.0)
             norms = _norms(tl.sum(unit_members * to_sums, axis=0))
             # an empty cluster keeps its centre
-            non_empty = tl.sum(members.to(tl.int32), axis=0) > 0
+            non_empty = tl.max(unit_members, axis=0) > 0
             similarity = tl.where(non_empty[None, :], to_sums / norms[None, :], similarity)
         tl.store(assigned + rows, tl.argmax(similarity, axis=1), mask=row_valid)
 

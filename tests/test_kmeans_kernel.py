@@ -51,6 +51,29 @@ def test_an_empty_cluster_keeps_its_centre_and_zero_patches_stay_in_the_first(de
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("device", [TRITON_ON_CPU, ON_GPU])
+def test_the_kernel_reads_nothing_outside_each_images_dot_products(device):
+    """Rows and columns are padded up to the kernel's blocks (49 patches: 64 rows, 4 steps of 16 columns); the
+    dot products given are a block of a larger buffer of NaNs, so any read past them would spread a NaN."""
+    dots, initial = gram_and_centres(3, 28, 4, 5)
+    surrounded = torch.full((4, 49 + 20, 49 + 40), float("nan"))
+    surrounded[:3, :49, :49] = dots
+    got = kmeans_kernel.assignment(surrounded.to(device)[:3, :49, :49], initial.to(device), 2).cpu()
+    assert torch.equal(got, masking.kmeans_assignment(dots, initial, 2))
+
+
+@pytest.mark.gpu
+@NEEDS_CUDA
+@pytest.mark.parametrize("precision", ["tf32x3", "ieee", "tf32"])
+def test_each_precision_agrees_with_fp32_on_a_gpu(precision, monkeypatch):
+    """Each of the products' precisions gives ViT-B-16's clusters as fp32 sums on the CPU do, but for patches
+    where two centres lie within its rounding (bench/masking.py's `titer`, `titerieee` and `titertf32`)."""
+    monkeypatch.setattr(kmeans_kernel, "DOT_PRECISION", precision)
+    dots, initial = gram_and_centres(16, 224, 16, 8, seed=2)
+    got = kmeans_kernel.assignment(dots.cuda(), initial.cuda(), 3).cpu()
+    assert (got == masking.kmeans_assignment(dots, initial, 3)).float().mean() > 0.995
+
+
 def test_kmeans_takes_the_kernel_only_on_a_gpu_where_it_is_enabled(monkeypatch):
     monkeypatch.setattr(kmeans_kernel, "USE_ON_GPU", True)
     pixels = smooth_pixels(2, 32, 32)
