@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from clustermask import gram_kernel, kmeans_kernel, masking  # noqa: E402
+from clustermask import gram_kernel, masking  # noqa: E402
 from clustermask.masking import MaskingConfig  # noqa: E402
 from clustermask.model import ModelConfig, create  # noqa: E402
 from bench.results_files import write_results  # noqa: E402
@@ -155,17 +155,10 @@ def padded_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch
 
 def use_gram_kernel(tile: int):
     """`tgram` and `tgram128` variants: k-means' Gram from clustermask.gram_kernel (one Triton kernel from the
-    pixels, in tiles of 64 or 128 patches a side) rather than the features' kernel and cuBLAS."""
+    pixels, in tiles of 64 or 128 patches a side; 128 is the library's since 2026-12-04) rather than the features'
+    kernel and cuBLAS (`features`)."""
     gram_kernel.USE_ON_GPU = True
     gram_kernel.TILE = tile
-
-
-def use_kmeans_kernel(precision: str):
-    """`titer`, `titerieee` and `titertf32` variants: k-means' iterations from clustermask.kmeans_kernel (one Triton
-    program per image, its products as three TF32 ones, fp32 FMAs or one TF32 product) rather than a cuBLAS bmm and
-    small kernels each."""
-    kmeans_kernel.USE_ON_GPU = True
-    kmeans_kernel.DOT_PRECISION = precision
 
 
 def kernel_padded_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int):
@@ -224,18 +217,15 @@ VARIANTS = {
     "bf16gram": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", bf16_gram_kmeans_clusters)),
     "tgram": ({"kmeans"}, lambda: use_gram_kernel(64)),
     "tgram128": ({"kmeans"}, lambda: use_gram_kernel(128)),
+    "features": ({"kmeans"}, lambda: setattr(gram_kernel, "USE_ON_GPU", False)),
     "tgrampad": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", kernel_padded_kmeans_clusters)),
-    "titer": ({"kmeans"}, lambda: use_kmeans_kernel("tf32x3")),
-    "titerieee": ({"kmeans"}, lambda: use_kmeans_kernel("ieee")),
-    "titertf32": ({"kmeans"}, lambda: use_kmeans_kernel("tf32")),
 }
 
 
 # what the variants change, restored after each
 VARIANT_SETTINGS = [(masking, name) for name in ("rgb_similarity", "kmeans_clusters", "kmeans_features",
                                                  "UNROLLED_DOTS_MAX", "kmeans_assignment", "embedding_similarity")]
-VARIANT_SETTINGS += [(gram_kernel, "USE_ON_GPU"), (gram_kernel, "TILE"), (kmeans_kernel, "USE_ON_GPU"),
-                     (kmeans_kernel, "DOT_PRECISION")]
+VARIANT_SETTINGS += [(gram_kernel, "USE_ON_GPU"), (gram_kernel, "TILE")]
 
 
 @contextlib.contextmanager
@@ -405,10 +395,10 @@ def main(argv=None) -> int:
                              "`twopass` the rgb similarity with its statistics' own pass (2026-11-27), `bf16pixels` "
                              "bf16 images (under autocast, the tower's input unchanged), `tgram`/`tgram128` "
                              "k-means' Gram from clustermask.gram_kernel's Triton kernel (tiles of 64/128), "
-                             "`tgrampad` that Gram padded and `paditer`'s iterations on it, `titer`/`titerieee`/"
-                             "`titertf32` k-means' iterations from clustermask.kmeans_kernel (TF32 x 3, fp32 or TF32 "
-                             "products); join with + (`tgram128+titer`); with --interleave, one variant for every "
-                             "strategy")
+                             "`tgrampad` that Gram padded and `paditer`'s iterations on it, `features` k-means' Gram "
+                             "from the features' kernel and cuBLAS (the library's path before 2026-12-04 on a GPU, "
+                             "and on the CPU); join with + (`pooled+bf16pixels`); with --interleave, one variant for "
+                             "every strategy")
     parser.add_argument("--kernels", type=int, default=0, help="on a GPU, list the op's N costliest kernels")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="time the strategies' steps in turn, ROUNDS times, all models built first: step "

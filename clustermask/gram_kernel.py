@@ -8,10 +8,10 @@ them with the image's channel statistics, rounds them to bf16 as `kmeans_feature
 products in fp32 on tensor cores. The Gram is symmetric, so only the tiles on and above the diagonal are computed:
 those above it are stored twice, and those on it load their patches once.
 
-CUDA only, behind `enabled()`; on the CPU (and where Triton is missing) `masking.gram` stays the path. Under
-TRITON_INTERPRET=1 the kernel runs on CPU tensors, which is how the tests check it without a GPU (tests/conftest.py
-sets it before anything imports Triton: `triton.jit` chooses the interpreter when a function is decorated, Triton's
-own tl.zeros included).
+CUDA only, behind `enabled()`; on the CPU (and where Triton is missing, or on a GPU older than sm80) `masking.gram`
+stays the path. Under TRITON_INTERPRET=1 the kernel runs on CPU tensors, which is how the tests check it without a
+GPU (tests/conftest.py sets it before anything imports Triton: `triton.jit` chooses the interpreter when a function
+is decorated, Triton's own tl.zeros included).
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ try:
 except ImportError:  # a CPU-only torch: masking.gram is the path
     triton = None
 
-# whether masking.kmeans_clusters computes the Gram here on a GPU: off until a GPU run has measured it against the
-# library's path (bench/masking.py's `tgram` and `tgram128` variants)
-USE_ON_GPU = False
+# whether masking.kmeans_clusters computes the Gram here on a GPU. On an H200 (run 9, bench/README.md) the kernel took
+# 0.130 ms where the features' kernel and cuBLAS's Gram took 0.158 ms, and kmeans' op 0.344 ms rather than 0.370
+USE_ON_GPU = True
 # patches per side of a program's tile of the Gram: each program reads its two tiles' pixels in fp32, so the bytes
 # read from L2 fall as the tiles grow (ViT-B-16 at batch 256: 805 MB in tiles of 64, 403 MB in tiles of 128)
 TILE = 128
@@ -39,9 +39,16 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result
+def has_bf16_tensor_cores(device_index: int) -> bool:
+    """sm80 or later (A100, H100, ...): a bf16 tl.dot. A V100 keeps masking.gram. (A constant to dynamo, which
+    calls it once when tracing.)"""
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
 def enabled(pixels: torch.Tensor) -> bool:
     """Whether `standardised_patch_gram` serves these pixels in masking.kmeans_clusters."""
-    return triton is not None and USE_ON_GPU and pixels.is_cuda
+    return triton is not None and USE_ON_GPU and pixels.is_cuda and has_bf16_tensor_cores(pixels.device.index)
 
 
 if triton is not None:

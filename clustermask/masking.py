@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import gram_kernel, kmeans_kernel
+from . import gram_kernel
 from .config import MaskingConfig, calibrated, hides_tokens, pooling_beyond_cls, validate_masking
 from .plugins import check_name_free
 
@@ -356,12 +356,8 @@ def kmeans_gram(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int) -> torch.Tensor:
-    """(B, L) k-means cluster index of each patch's `kmeans_features`: the iterations on a GPU where
-    `kmeans_kernel.enabled`, in one Triton kernel, else `kmeans_assignment`."""
-    dots = kmeans_gram(pixels, patch_size)
-    if kmeans_kernel.enabled(dots):
-        return kmeans_kernel.assignment(dots, initial, iters)
-    return kmeans_assignment(dots, initial, iters)
+    """(B, L) k-means cluster index of each patch's `kmeans_features`."""
+    return kmeans_assignment(kmeans_gram(pixels, patch_size), initial, iters)
 
 
 @register_strategy("kmeans", needs_pixels=True, settings=("ratio", "kmeans_k", "kmeans_iters"))

@@ -39,16 +39,25 @@ def test_a_padding_the_tiles_cannot_cover_is_refused():
 
 
 def test_kmeans_takes_the_kernel_only_on_a_gpu_where_it_is_enabled(monkeypatch):
-    """The CPU, CI and the demo keep `masking.gram`; the kernel serves CUDA pixels once USE_ON_GPU says so."""
+    """The CPU, CI and the demo keep `masking.gram`; the kernel serves CUDA pixels (sm80 or later) while USE_ON_GPU,
+    on by default, says so."""
     monkeypatch.setattr(gram_kernel, "USE_ON_GPU", True)
     pixels = smooth_pixels(2, 32, 32)
     assert not gram_kernel.enabled(pixels) and not gram_kernel.enabled(pixels.to("meta"))
     expected = masking.gram(masking.kmeans_features(pixels, 8))
     assert torch.equal(masking.kmeans_gram(pixels, 8), expected)  # no Triton launched on CPU tensors
     if torch.cuda.is_available():
-        assert gram_kernel.enabled(pixels.cuda())
+        assert gram_kernel.enabled(pixels.cuda()) == (torch.cuda.get_device_capability() >= (8, 0))
         monkeypatch.setattr(gram_kernel, "USE_ON_GPU", False)
         assert not gram_kernel.enabled(pixels.cuda())
+
+
+@pytest.mark.parametrize("capability, takes_the_kernel", [((7, 0), False), ((7, 5), False), ((8, 0), True),
+                                                          ((9, 0), True)])
+def test_only_gpus_with_bf16_tensor_cores_take_the_kernel(capability, takes_the_kernel, monkeypatch):
+    """A V100 (sm70) or T4 (sm75) has no bf16 tl.dot: masking.gram stays its path."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert gram_kernel.has_bf16_tensor_cores(0) == takes_the_kernel
 
 
 @pytest.mark.gpu
