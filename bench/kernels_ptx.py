@@ -1,17 +1,18 @@
-"""Compile clustermask's Triton kernels for a GPU architecture without a GPU, and report what ptxas says of them.
+"""Compile clustermask's Triton kernel (gram_kernel) for a GPU architecture without a GPU, and report what ptxas
+says of it.
 
-    python bench/kernels_ptx.py --out bench/results/gram_kernel_sm90      # gram_kernel, ViT-B-16's shapes, sm_90a
-    python bench/kernels_ptx.py --kernel kmeans --out bench/results/kmeans_kernel_sm90      # kmeans_kernel's
+    python bench/kernels_ptx.py --out bench/results/gram_kernel_sm90      # ViT-B-16's shapes, sm_90a (H100/H200)
+
+(`--kernel kmeans` compiled clustermask/kmeans_kernel.py, removed after run 9 measured it: commit 294e73f.)
 
 Triton compiles ahead of time for a target (triton.compiler.ASTSource, triton 3.x's signature format) and carries its
 own ptxas: this catches what the interpreter the tests use cannot (Triton's compiler rejecting the kernel), and
 shows the instructions the dot became (wgmma on sm90), the shared memory, the registers and any spills. A check
-and a record, not a timing: only a GPU says how fast the kernel is (bench/masking.py's `tgram` and `titer` variants).
+and a record, not a timing: only a GPU says how fast the kernel is (bench/masking.py's `tgram` variants).
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import re
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from clustermask import gram_kernel, kmeans_kernel  # noqa: E402
+from clustermask import gram_kernel  # noqa: E402
 from bench.results_files import write_results  # noqa: E402
 
 POINTERS = ("pixels", "mean", "inverse_scale", "out")
@@ -76,26 +77,6 @@ def gram_rows(args) -> list:
     return rows
 
 
-def kmeans_rows(args) -> list:
-    """The library's settings (kmeans_kernel's NUM_WARPS, COLUMNS_PER_STEP, NUM_STAGES) and their neighbours."""
-    rows = []
-    for precision, warps, columns in itertools.product(("tf32x3", "ieee", "tf32"), (4, 8), (16, 32)):
-        constants = {"ROWS": triton.next_power_of_2((args.image // args.patch) ** 2),
-                     "CENTRES": kmeans_kernel.DOT_MIN_SIZE, "COLUMNS_PER_STEP": columns, "PRECISION": precision}
-        signature = {"dots": "*fp32", "initial": "*i64", "out": "*i64"}
-        signature |= {name: "i32" for name in ("length", "k", "iters", "stride_b", "stride_row", "initial_stride_b",
-                                               "out_stride_b")}
-        signature |= {name: "constexpr" for name in constants}
-        kernel = triton.compile(ASTSource(kmeans_kernel._kmeans_kernel, signature, constants),
-                                target=GPUTarget("cuda", args.capability, 32),
-                                options={"num_warps": warps, "num_stages": kmeans_kernel.NUM_STAGES})
-        library = (precision, warps, columns) == (kmeans_kernel.DOT_PRECISION, kmeans_kernel.NUM_WARPS,
-                                                  kmeans_kernel.COLUMNS_PER_STEP)
-        rows.append({"precision": precision, "num_warps": warps, "columns_per_step": columns, "library": library,
-                     **kernel_report(kernel, args.capability)})
-    return rows
-
-
 def kernel_report(kernel, capability: int) -> dict:
     ptx = kernel.asm["ptx"]
     return {"shared_bytes": kernel.metadata.shared, "wgmma": count(r"\bwgmma\.mma_async", ptx),
@@ -118,33 +99,21 @@ def table(columns: list, cells: list) -> list:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kernel", choices=("gram", "kmeans"), default="gram")
-    parser.add_argument("--out", default=None, help="default: bench/results/<kernel>_kernel_ptx")
+    parser.add_argument("--out", default="bench/results/gram_kernel_ptx")
     parser.add_argument("--capability", type=int, default=90, help="90: H100/H200; 80: A100")
     parser.add_argument("--patch", type=int, default=16)
     parser.add_argument("--image", type=int, default=224)
-    parser.add_argument("--tiles", default="64,128", help="gram: the tiles compiled")
-    parser.add_argument("--stages", type=int, default=3, help="gram: Triton's num_stages (its default on a GPU: 3; "
-                        "kmeans: the module's NUM_STAGES)")
+    parser.add_argument("--tiles", default="64,128")
+    parser.add_argument("--stages", type=int, default=3, help="Triton's num_stages (its default on a GPU: 3)")
     args = parser.parse_args(argv)
-    header = {"kernel": args.kernel, "target": f"sm_{args.capability}", "triton": triton.__version__,
-              "patch": args.patch, "image": args.image, "date": time.strftime("%Y-%m-%d")}
-    if args.kernel == "gram":
-        header["num_stages"] = args.stages
-        rows = gram_rows(args)
-        lines = table(["tile", "diagonal", "warps"] + REPORTED,
-                      [[r["tile"], r["diagonal"], r["num_warps"]] + reported(r) for r in rows])
-    else:
-        header["num_stages"] = kmeans_kernel.NUM_STAGES
-        rows = kmeans_rows(args)
-        lines = table(["precision", "warps", "columns a step", "the library's"] + REPORTED,
-                      [[r["precision"], r["num_warps"], r["columns_per_step"], "yes" if r["library"] else ""]
-                       + reported(r) for r in rows])
-    title = (f"# {args.kernel}_kernel compiled for {header['target']} without a GPU (triton {triton.__version__}, "
-             f"{args.image} px images in {args.patch} px patches, num_stages {header['num_stages']}, "
-             f"{header['date']})")
-    write_results(args.out or f"bench/results/{args.kernel}_kernel_ptx", header, rows,
-                  "\n".join([title, ""] + lines) + "\n")
+    header = {"kernel": "gram", "target": f"sm_{args.capability}", "triton": triton.__version__,
+              "patch": args.patch, "image": args.image, "num_stages": args.stages, "date": time.strftime("%Y-%m-%d")}
+    rows = gram_rows(args)
+    lines = table(["tile", "diagonal", "warps"] + REPORTED,
+                  [[r["tile"], r["diagonal"], r["num_warps"]] + reported(r) for r in rows])
+    title = (f"# gram_kernel compiled for {header['target']} without a GPU (triton {triton.__version__}, "
+             f"{args.image} px images in {args.patch} px patches, num_stages {args.stages}, {header['date']})")
+    write_results(args.out, header, rows, "\n".join([title, ""] + lines) + "\n")
     return 0
 
 

@@ -155,8 +155,8 @@ def padded_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch
 
 def use_gram_kernel(tile: int):
     """`tgram` and `tgram128` variants: k-means' Gram from clustermask.gram_kernel (one Triton kernel from the
-    pixels, in tiles of 64 or 128 patches a side; 128 is the library's since 2026-12-04) rather than the features'
-    kernel and cuBLAS (`features`)."""
+    pixels, in tiles of 64 or 128 patches a side) rather than the features' kernel and cuBLAS (`features`, the
+    library's path)."""
     gram_kernel.USE_ON_GPU = True
     gram_kernel.TILE = tile
 
@@ -396,9 +396,9 @@ def main(argv=None) -> int:
                              "bf16 images (under autocast, the tower's input unchanged), `tgram`/`tgram128` "
                              "k-means' Gram from clustermask.gram_kernel's Triton kernel (tiles of 64/128), "
                              "`tgrampad` that Gram padded and `paditer`'s iterations on it, `features` k-means' Gram "
-                             "from the features' kernel and cuBLAS (the library's path before 2026-12-04 on a GPU, "
-                             "and on the CPU); join with + (`pooled+bf16pixels`); with --interleave, one variant for "
-                             "every strategy")
+                             "from the features' kernel and cuBLAS (the library's path, whatever gram_kernel's "
+                             "switch); join with + (`pooled+bf16pixels`); with --interleave, one variant for every "
+                             "strategy")
     parser.add_argument("--kernels", type=int, default=0, help="on a GPU, list the op's N costliest kernels")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="time the strategies' steps in turn, ROUNDS times, all models built first: step "

@@ -26,9 +26,11 @@ try:
 except ImportError:  # a CPU-only torch: masking.gram is the path
     triton = None
 
-# whether masking.kmeans_clusters computes the Gram here on a GPU. On an H200 (run 9, bench/README.md) the kernel took
-# 0.130 ms where the features' kernel and cuBLAS's Gram took 0.158 ms, and kmeans' op 0.344 ms rather than 0.370
-USE_ON_GPU = True
+# whether masking.kmeans_clusters computes the Gram here on a GPU: off. On an H200 (runs 9-11, bench/README.md) the
+# kernel takes 0.130 ms where the features' kernel and cuBLAS's Gram take 0.158 ms, but kmeans' whole op came to
+# 0.344 ms with it in run 9 and to 0.370-0.371 ms (0.368-0.369 without it) in runs 10 and 11, where inductor fused
+# the last iteration with the scores into a 0.033 ms kernel: no gain that holds
+USE_ON_GPU = False
 # patches per side of a program's tile of the Gram: each program reads its two tiles' pixels in fp32, so the bytes
 # read from L2 fall as the tiles grow (ViT-B-16 at batch 256: 805 MB in tiles of 64, 403 MB in tiles of 128)
 TILE = 128

@@ -39,8 +39,8 @@ def test_a_padding_the_tiles_cannot_cover_is_refused():
 
 
 def test_kmeans_takes_the_kernel_only_on_a_gpu_where_it_is_enabled(monkeypatch):
-    """The CPU, CI and the demo keep `masking.gram`; the kernel serves CUDA pixels (sm80 or later) while USE_ON_GPU,
-    on by default, says so."""
+    """The CPU, CI and the demo keep `masking.gram`; the kernel serves CUDA pixels (sm80 or later) once USE_ON_GPU
+    says so."""
     monkeypatch.setattr(gram_kernel, "USE_ON_GPU", True)
     pixels = smooth_pixels(2, 32, 32)
     assert not gram_kernel.enabled(pixels) and not gram_kernel.enabled(pixels.to("meta"))
