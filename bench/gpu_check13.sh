@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Prepared 2026-12-04 (twenty-fifth session, which had no GPU) for the next session with one; at most about 9.5
-# minutes:
+# Run on 2026-12-04 as run 9 (521 s; bench/README.md). clustermask/kmeans_kernel.py, its tests and its `titer`
+# variants were removed after it (commit 294e73f has them), so it no longer runs as it is: a record.
+# Prepared earlier that day (twenty-fifth session, then without a GPU); at most about 9.5 minutes:
 #   run(command="OUT=$OUT bash bench/gpu_check13.sh", carry=[".whl"], timeout_s=590)
 # .whl also holds numpy 2.3.5 for Python 3.12 (pyproject.toml's numpy<2.4; the machine's 2.5 breaks clip_benchmark).
 # Replaces gpu_check12.sh (never run), adding clustermask/kmeans_kernel.py (k-means' iterations in one Triton program
