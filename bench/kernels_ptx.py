@@ -71,7 +71,7 @@ def gram_rows(args) -> list:
     for tile in (int(t) for t in args.tiles.split(",")):
         for diagonal in (True, False):
             kernel = compile_gram_kernel(tile, diagonal, args.patch, args.image // args.patch, args.capability,
-                                    args.stages)
+                                         args.stages)
             rows.append({"tile": tile, "diagonal": diagonal, "num_warps": gram_kernel.num_warps(tile),
                          **kernel_report(kernel, args.capability)})
     return rows
