@@ -54,10 +54,10 @@ def twopass_rgb_similarity(pixels: torch.Tensor, patch_size: int, anchors: torch
     """`twopass` variant: the rgb similarity from 2026-11-27 until 2026-11-28 (0.290 ms of kernels on an H200,
     run 5): the channel statistics from a pass over the pixels of their own (0.049 ms), then the centred pixels'
     dot products and squares, weighted by the channels' 1 / std^2."""
-    x, mean, scale = masking.channel_statistics(pixels)
+    x, mean, inverse_scale = masking.channel_statistics(pixels)
     groups = masking.patch_groups(x - mean, patch_size)  # (B, C, L, P)
     anchor_pixels = groups.gather(2, anchors[:, None, :, None].expand(-1, groups.shape[1], -1, groups.shape[3]))
-    weights = scale.flatten(1).pow(-2)  # (B, C)
+    weights = inverse_scale.flatten(1).square()  # (B, C)
     dots = (masking.batched_dots(groups, anchor_pixels) * weights[:, :, None, None]).sum(1)
     squares = (groups.pow(2).sum(-1) * weights[:, :, None]).sum(1)
     return masking.cosines(dots, squares, anchors)
@@ -97,8 +97,8 @@ def split_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.
 def pooled_kmeans_features(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
     """`pooled` variant: k-means on each patch's standardised pixels averaged 2 x 2, in bf16 (a quarter of the
     features; the image's statistics still from every pixel); the library's Gram and iterations."""
-    x, mean, scale = masking.channel_statistics(pixels)
-    return masking.patchify((F.avg_pool2d(x, 2) - mean) / scale, patch_size // 2).to(torch.bfloat16)
+    x, mean, inverse_scale = masking.channel_statistics(pixels)
+    return masking.patchify((F.avg_pool2d(x, 2) - mean) * inverse_scale, patch_size // 2).to(torch.bfloat16)
 
 
 def unpadded_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int):
@@ -163,8 +163,9 @@ def use_gram_kernel(tile: int):
 
 def kernel_padded_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: torch.Tensor, iters: int):
     """`tgrampad` variant: gram_kernel's Gram padded to a multiple of 8 patches, and `paditer`'s iterations on it."""
-    _, mean, scale = masking.channel_statistics(pixels)
-    dots = gram_kernel.standardised_patch_gram(pixels, mean, scale, patch_size, pad_to=masking.GEMM_ROW_MULTIPLE)
+    _, mean, inverse_scale = masking.channel_statistics(pixels)
+    dots = gram_kernel.standardised_patch_gram(pixels, mean, inverse_scale, patch_size,
+                                               pad_to=masking.GEMM_ROW_MULTIPLE)
     return padded_kmeans_assignment(dots, num_patches(pixels, patch_size), initial, iters)
 
 
@@ -179,6 +180,27 @@ def bf16_gram_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: to
     """`bf16gram` variant: the Gram's GEMM with bf16 results (dot products to 2^-9 of themselves), then fp32."""
     feats = masking.kmeans_features(pixels, patch_size)
     return masking.kmeans_assignment(torch.bmm(feats, feats.transpose(1, 2)).float(), initial, iters)
+
+
+def divided_standardised_patches(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """`divided` variant: the standardisation as until 2026-12-05, a division by std + eps whose square root and
+    division inductor inlined into every pixel of the kernel that writes k-means' features (0.121 ms on an
+    H200, run 9); `masking.channel_statistics` now gives 1 / (std + eps) as a buffer of its own."""
+    x = pixels.float()
+    std, mean = torch.std_mean(x, dim=(2, 3), keepdim=True)
+    return masking.patchify((x - mean) / (std + 1e-6), patch_size)
+
+
+def summed_channel_statistics(pixels: torch.Tensor):
+    """`sumstats` variant: `masking.channel_statistics` from each channel's sum and sum of squares, shifted by its
+    first pixel so that the centring cancels little, rather than from Welford's update (a division per pixel)."""
+    x = pixels.float()
+    shifted = x - x[:, :, :1, :1]
+    count = x.shape[2] * x.shape[3]
+    sums, squares = shifted.sum((2, 3), keepdim=True), shifted.square().sum((2, 3), keepdim=True)
+    variance = (squares - sums.square() / count) / (count - 1)
+    mean = x[:, :, :1, :1] + sums / count
+    return x, masking.materialised(mean), masking.materialised((variance.clamp_min(0).sqrt() + 1e-6).reciprocal())
 
 
 def use_previous():
@@ -219,13 +241,20 @@ VARIANTS = {
     "tgram128": ({"kmeans"}, lambda: use_gram_kernel(128)),
     "features": ({"kmeans"}, lambda: setattr(gram_kernel, "USE_ON_GPU", False)),
     "tgrampad": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", kernel_padded_kmeans_clusters)),
+    "divided": ({"kmeans"}, lambda: setattr(masking, "standardised_patches", divided_standardised_patches)),
+    "sumstats": ({"kmeans"}, lambda: setattr(masking, "channel_statistics", summed_channel_statistics)),
+    # what k-means' fp32 iterations would gain on tensor cores (TF32 rounds the dot products to 2^-11 of
+    # themselves: a change of the method's precision, not taken)
+    "tf32iter": ({"kmeans"}, lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True)),
 }
 
 
 # what the variants change, restored after each
 VARIANT_SETTINGS = [(masking, name) for name in ("rgb_similarity", "kmeans_clusters", "kmeans_features",
-                                                 "UNROLLED_DOTS_MAX", "kmeans_assignment", "embedding_similarity")]
-VARIANT_SETTINGS += [(gram_kernel, "USE_ON_GPU"), (gram_kernel, "TILE")]
+                                                 "UNROLLED_DOTS_MAX", "kmeans_assignment", "embedding_similarity",
+                                                 "standardised_patches", "channel_statistics")]
+VARIANT_SETTINGS += [(gram_kernel, "USE_ON_GPU"), (gram_kernel, "TILE"),
+                     (torch.backends.cuda.matmul, "allow_tf32")]
 
 
 @contextlib.contextmanager
@@ -397,8 +426,10 @@ def main(argv=None) -> int:
                              "k-means' Gram from clustermask.gram_kernel's Triton kernel (tiles of 64/128), "
                              "`tgrampad` that Gram padded and `paditer`'s iterations on it, `features` k-means' Gram "
                              "from the features' kernel and cuBLAS (the library's path, whatever gram_kernel's "
-                             "switch); join with + (`pooled+bf16pixels`); with --interleave, one variant for every "
-                             "strategy")
+                             "switch), `divided` the standardisation's square root and division per pixel "
+                             "(until 2026-12-05), `sumstats` the channel statistics from shifted sums, `tf32iter` "
+                             "k-means' iterations in TF32; join with + (`pooled+bf16pixels`); with --interleave, "
+                             "one variant for every strategy")
     parser.add_argument("--kernels", type=int, default=0, help="on a GPU, list the op's N costliest kernels")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="time the strategies' steps in turn, ROUNDS times, all models built first: step "

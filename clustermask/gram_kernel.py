@@ -139,13 +139,12 @@ def num_warps(tile: int) -> int:
     return 4 if tile <= 64 else 8
 
 
-def standardised_patch_gram(pixels: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, patch_size: int,
-                            tile: Optional[int] = None, pad_to: int = 1) -> torch.Tensor:
-    """(B, C, H, W) pixels, their channels' mean and scale (B, C, 1, 1) -> (B, L, L) fp32: what
-    `masking.gram(masking.kmeans_features(pixels, patch_size))` computes, up to the order of the fp32 sums and
-    the standardisation's multiplication by 1 / scale (rather than a division), which may move a feature to the
-    neighbouring bf16 value where it lies within an fp32 ulp of a rounding boundary. With `pad_to`, the Gram of
-    the patches and zero-feature ones up to a multiple of it, (B, L', L')."""
+def standardised_patch_gram(pixels: torch.Tensor, mean: torch.Tensor, inverse_scale: torch.Tensor,
+                            patch_size: int, tile: Optional[int] = None, pad_to: int = 1) -> torch.Tensor:
+    """(B, C, H, W) pixels, their channels' mean and inverse scale (B, C, 1, 1, `masking.channel_statistics`) ->
+    (B, L, L) fp32: what `masking.gram(masking.kmeans_features(pixels, patch_size))` computes, up to the order of
+    the fp32 sums. With `pad_to`, the Gram of the patches and zero-feature ones up to a multiple of it,
+    (B, L', L')."""
     tile = tile or TILE
     b, c, h, w = pixels.shape
     per_row, per_column = w // patch_size, h // patch_size
@@ -157,7 +156,7 @@ def standardised_patch_gram(pixels: torch.Tensor, mean: torch.Tensor, scale: tor
                          f"{tiles * tile}, not {out_length}")
     out = torch.empty(b, out_length, out_length, device=pixels.device, dtype=torch.float32)
     mean = mean.reshape(b, c).float().contiguous()
-    inverse_scale = scale.reshape(b, c).float().reciprocal().contiguous()
+    inverse_scale = inverse_scale.reshape(b, c).float().contiguous()
     for diagonal in (True, False):
         _gram_kernel[(tiles if diagonal else tiles * tiles, b)](
             pixels, mean, inverse_scale, out, length, out_length, tiles, *pixels.stride(), out.stride(0),

@@ -110,21 +110,29 @@ def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
     return patch_groups(pixels, patch_size).transpose(1, 2).flatten(2)
 
 
+def materialised(small: torch.Tensor) -> torch.Tensor:
+    """`small` itself; compiled, a buffer of its own. Inductor otherwise inlines a small tensor's pointwise
+    ops into every element of the large kernel that reads it: the square root and division of each channel's
+    1 / (std + eps) were computed for every pixel that the standardisation wrote (as_strided's lowering realises
+    its input, and the ops then join the statistics' reduction kernel)."""
+    return small.as_strided(small.shape, small.stride())
+
+
 def channel_statistics(pixels: torch.Tensor):
-    """(pixels in fp32, mean, scale), the mean and std (+ eps) of each image's channels, (B, C, 1, 1): what the
-    rgb features are standardised with (`rgb_similarity` derives the same from its own sums).
+    """(pixels in fp32, mean, inverse scale), the mean and 1 / (std + eps) of each image's channels, (B, C, 1, 1):
+    what the rgb features are standardised with (`rgb_similarity` derives the same from its own sums).
 
     Standardising per patch (as MAE's normalised-pixel target does) would send every flat patch to the zero
     vector, so a red and a blue flat region would be indistinguishable; per-image statistics keep colour."""
     x = pixels.float()
     std, mean = torch.std_mean(x, dim=(2, 3), keepdim=True)
-    return x, mean, std + 1e-6
+    return x, mean, materialised((std + 1e-6).reciprocal())
 
 
 def standardised_patches(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, L, C * p * p) patch pixel vectors, standardised per channel with the image's own mean and std."""
-    x, mean, scale = channel_statistics(pixels)
-    return patchify((x - mean) / scale, patch_size)
+    x, mean, inverse_scale = channel_statistics(pixels)
+    return patchify((x - mean) * inverse_scale, patch_size)
 
 
 def _random_indices(batch: int, length: int, count: int, device) -> torch.Tensor:
@@ -350,8 +358,8 @@ def kmeans_gram(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, L, L) fp32 dot products of each image's `kmeans_features` with each other: on a GPU where
     `gram_kernel.enabled`, from one Triton kernel that reads the pixels, else `gram` of the features."""
     if gram_kernel.enabled(pixels):
-        _, mean, scale = channel_statistics(pixels)
-        return gram_kernel.standardised_patch_gram(pixels, mean, scale, patch_size)
+        _, mean, inverse_scale = channel_statistics(pixels)
+        return gram_kernel.standardised_patch_gram(pixels, mean, inverse_scale, patch_size)
     return gram(kmeans_features(pixels, patch_size))
 
 

@@ -21,21 +21,22 @@ def test_the_kernel_computes_the_gram_of_kmeans_features(device, height, width, 
     pixels = smooth_pixels(2, height, width).to(device)
     expected = masking.pad_rows(masking.kmeans_features(pixels, patch), pad_to).double()
     expected = expected @ expected.transpose(1, 2)
-    _, mean, scale = masking.channel_statistics(pixels)
-    got = gram_kernel.standardised_patch_gram(pixels, mean, scale, patch, tile=tile, pad_to=pad_to)
+    _, mean, inverse_scale = masking.channel_statistics(pixels)
+    got = gram_kernel.standardised_patch_gram(pixels, mean, inverse_scale, patch, tile=tile, pad_to=pad_to)
     assert got.shape == expected.shape and got.dtype == torch.float32
     # fp32 sums in another order; a feature's bf16 may differ where its fp32 value lies within an ulp of the
-    # boundary between two (1 / scale multiplied rather than divided): ~1e-5 of the largest norm for such a flip
-    # each image, ~1e-7 for the sums; an index wrong by one patch or pixel is off by more than 1e-2
+    # boundary between two (the compiler may contract (x - mean) * inverse_scale into an fma): ~1e-5 of the
+    # largest norm for such a flip each image, ~1e-7 for the sums; an index wrong by one patch or pixel is off
+    # by more than 1e-2
     tolerance = 1e-4 * expected.diagonal(dim1=1, dim2=2).max().item()
     torch.testing.assert_close(got.double().cpu(), expected.cpu(), rtol=0, atol=tolerance)
 
 
 def test_a_padding_the_tiles_cannot_cover_is_refused():
     pixels = smooth_pixels(1, 12, 12)
-    _, mean, scale = masking.channel_statistics(pixels)
+    _, mean, inverse_scale = masking.channel_statistics(pixels)
     with pytest.raises(ValueError, match="pad_to=24"):  # 9 patches, in tiles up to 16
-        gram_kernel.standardised_patch_gram(pixels, mean, scale, 4, tile=8, pad_to=24)
+        gram_kernel.standardised_patch_gram(pixels, mean, inverse_scale, 4, tile=8, pad_to=24)
 
 
 def test_kmeans_takes_the_kernel_only_on_a_gpu_where_it_is_enabled(monkeypatch):

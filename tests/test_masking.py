@@ -1,6 +1,8 @@
 import importlib.util
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from clustermask.model import ModelConfig, create
 from conftest import NEEDS_CUDA, ON_GPU
 
 PATCH = 4
+BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 def make_masker(**kw) -> TokenMasker:
@@ -653,6 +656,33 @@ def test_kmeans_features_round_within_an_8_bit_level():
     assert (~near).any() and (error > step / 4).any()  # the bound is near: the test would catch a coarser format
 
 
+def test_standardised_patches_are_each_channels_pixels_less_its_mean_over_its_std():
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(2, 3, 12, 12, generator=g) * torch.tensor([0.1, 1.0, 3.0])[:, None, None] + 0.5
+    x = pixels.double()
+    std, mean = torch.std_mean(x, dim=(2, 3), keepdim=True)
+    definition = masking.patchify((x - mean) / (std + 1e-6), PATCH)
+    got = masking.standardised_patches(pixels, PATCH).double()
+    torch.testing.assert_close(got, definition, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_standardisation_scales_each_pixel_without_a_square_root_or_division(tmp_path):
+    """Compiled for a GPU, inductor inlined each channel's 1 / (std + eps), a square root and a division, into
+    every pixel of the kernel that writes k-means' features: on an H200 that kernel took 2.5x the time of its
+    bytes (bench/README.md). `masking.materialised` gives the channels' scales a buffer of their own. Checked on
+    the Triton code inductor writes for a CUDA device (bench/triton_code.py, which needs no GPU)."""
+    if torch.cuda.is_available():
+        pytest.skip("triton_code.py pretends a GPU where there is none; on a GPU, bench/masking.py --kernels")
+    code = tmp_path / "kmeans.py"
+    subprocess.run([sys.executable, str(BENCH / "triton_code.py"), "--strategy", "kmeans", "--batch", "2",
+                    "--image-size", "32", "--patch", "8", "--width", "64", "--out", str(code)],
+                   check=True, capture_output=True, timeout=600)
+    kernels = load_bench("triton_code").kernel_summary(code.read_text())
+    features = [row for row in kernels if row["x"] == 2 * 16 * 3 * 8 * 8]  # (B, L, C * p * p)
+    assert len(features) == 1 and "permute" in features[0]["kernel"], kernels
+    assert features[0]["sqrt"] == 0 and features[0]["divisions"] == 0, features[0]
+
+
 @pytest.mark.parametrize("device", ["cpu", ON_GPU])
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("num_anchors", [3, 8])
@@ -752,7 +782,7 @@ def test_rgb_similarity_holds_for_low_contrast_and_nearly_flat_images():
 
 
 def load_bench(name: str):
-    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    path = BENCH / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
