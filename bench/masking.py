@@ -183,8 +183,8 @@ def bf16_gram_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: to
 
 
 def divided_standardised_patches(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """`divided` variant: the standardisation as until 2026-12-05, a division by std + eps whose square root and
-    division inductor inlined into every pixel of the kernel that writes k-means' features (0.121 ms on an
+    """`divided` variant: the standardisation as until 2026-12-04 (twenty-sixth session), a division by std + eps
+    whose square root and division inductor inlined into every pixel of the kernel that writes k-means' features (0.121 ms on an
     H200, run 9); `masking.channel_statistics` now gives 1 / (std + eps) as a buffer of its own."""
     x = pixels.float()
     std, mean = torch.std_mean(x, dim=(2, 3), keepdim=True)
@@ -427,9 +427,9 @@ def main(argv=None) -> int:
                              "`tgrampad` that Gram padded and `paditer`'s iterations on it, `features` k-means' Gram "
                              "from the features' kernel and cuBLAS (the library's path, whatever gram_kernel's "
                              "switch), `divided` the standardisation's square root and division per pixel "
-                             "(until 2026-12-05), `sumstats` the channel statistics from shifted sums, `tf32iter` "
-                             "k-means' iterations in TF32; join with + (`pooled+bf16pixels`); with --interleave, "
-                             "one variant for every strategy")
+                             "(as until 2026-12-04), `sumstats` the channel statistics from shifted sums, "
+                             "`tf32iter` k-means' iterations in TF32; join with + (`pooled+bf16pixels`); with "
+                             "--interleave, one variant for every strategy")
     parser.add_argument("--kernels", type=int, default=0, help="on a GPU, list the op's N costliest kernels")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="time the strategies' steps in turn, ROUNDS times, all models built first: step "
