@@ -184,8 +184,8 @@ def bf16_gram_kmeans_clusters(pixels: torch.Tensor, patch_size: int, initial: to
 
 def divided_standardised_patches(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
     """`divided` variant: the standardisation as until 2026-12-04 (twenty-sixth session), a division by std + eps
-    whose square root and division inductor inlined into every pixel of the kernel that writes k-means' features (0.121 ms on an
-    H200, run 9); `masking.channel_statistics` now gives 1 / (std + eps) as a buffer of its own."""
+    whose square root and division inductor inlined into every pixel of the kernel that writes k-means' features
+    (0.121 ms on an H200, run 9); `masking.channel_statistics` now gives 1 / (std + eps) as a buffer of its own."""
     x = pixels.float()
     std, mean = torch.std_mean(x, dim=(2, 3), keepdim=True)
     return masking.patchify((x - mean) / (std + 1e-6), patch_size)
