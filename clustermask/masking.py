@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import gram_kernel
+from . import gram_kernel, kmeans_kernels
 from .config import MaskingConfig, calibrated, hides_tokens, pooling_beyond_cls, validate_masking
 from .plugins import check_name_free
 
@@ -337,29 +337,44 @@ def kmeans_assignment(dots: torch.Tensor, initial: torch.Tensor, iters: int) -> 
     for _ in range(iters):
         members = _one_hot(similarity.argmax(-1), k, dots.dtype)  # (B, L, k)
         unit_members = members * inverse_norms[:, :, None]
-        # a bmm even compiled: over the (B, L, L) matrix batched_dots' fused sums took 3x as long on an H200
-        to_sums = torch.bmm(dots, unit_members)  # (B, L, k)
+        to_sums = member_sums(dots, unit_members)  # (B, L, k)
         norms = norms_from_squares((unit_members * to_sums).sum(1))  # (B, k)
         # an empty cluster keeps its centre
         similarity = torch.where(members.sum(1, keepdim=True) > 0, to_sums / norms[:, None, :], similarity)
     return similarity.argmax(-1)
 
 
+def member_sums(dots: torch.Tensor, unit_members: torch.Tensor) -> torch.Tensor:
+    """dots @ unit_members in fp32: on a GPU where `kmeans_kernels.sums_enabled`, from its Triton kernel."""
+    if kmeans_kernels.sums_enabled(dots):
+        return kmeans_kernels.member_sums(dots, unit_members)
+    # a bmm even compiled: over the (B, L, L) matrix batched_dots' fused sums took 3x as long on an H200
+    return torch.bmm(dots, unit_members)
+
+
 def gram(feats: torch.Tensor) -> torch.Tensor:
     """(B, L, D) bf16 -> (B, L, L) fp32 dot products of each image's patches with each other, from one GEMM over
     the patches padded with zero rows to a multiple of GEMM_ROW_MULTIPLE (compiled, the features' kernel writes
     the padding): the padded Gram's top-left block is the Gram, bit for bit."""
-    length = feats.shape[1]
-    padded = pad_rows(feats)
+    return padded_gram(pad_rows(feats), feats.shape[1])
+
+
+def padded_gram(padded: torch.Tensor, length: int) -> torch.Tensor:
+    """`gram` of the first `length` rows of bf16 features padded with zero rows (B, L', D)."""
     return bf16_bmm(padded, padded.transpose(1, 2))[:, :length, :length]
 
 
 def kmeans_gram(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, L, L) fp32 dot products of each image's `kmeans_features` with each other: on a GPU where
-    `gram_kernel.enabled`, from one Triton kernel that reads the pixels, else `gram` of the features."""
+    `gram_kernel.enabled`, from one Triton kernel that reads the pixels; where `kmeans_kernels.features_enabled`,
+    `gram` of the features from its Triton kernel; else `gram` of the features."""
     if gram_kernel.enabled(pixels):
         _, mean, inverse_scale = channel_statistics(pixels)
         return gram_kernel.standardised_patch_gram(pixels, mean, inverse_scale, patch_size)
+    if kmeans_kernels.features_enabled(pixels):
+        _, mean, inverse_scale = channel_statistics(pixels)
+        padded = kmeans_kernels.padded_features(pixels, mean, inverse_scale, patch_size, GEMM_ROW_MULTIPLE)
+        return padded_gram(padded, (pixels.shape[-2] // patch_size) * (pixels.shape[-1] // patch_size))
     return gram(kmeans_features(pixels, patch_size))
 
 
