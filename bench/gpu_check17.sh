@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Prepared 2026-12-04 (twenty-sixth session), run right after gpu_check16.sh (run 12); at most about 4 minutes:
-#   run(command="OUT=$OUT bash bench/gpu_check17.sh", carry=[".whl"], timeout_s=250)
+# Run on 2026-12-04 (twenty-sixth session) as run 13 (122 s), right after gpu_check16.sh (run 12). The record of
+# that run: it no longer runs as it is. clustermask/kmeans_kernels.py then held both kernels below; after the run
+# the features' kernel became clustermask/features_kernel.py (on by default, its padding rows no longer zeroed:
+# the fill took 0.024 ms) and the sums' kernel was removed (0.100 ms against cuBLAS's 0.080), with the `tfeat`,
+# `tfeatflat` and `tsums` variants (`inductorfeat` is the features from inductor's kernel).
 # clustermask/kmeans_kernels.py: k-means' features (each channel of a row of patches per program) and its
 # iterations' sums over the clusters' members (64 rows of dot products per program) from Triton kernels.
 # 1. The kernels' CUDA tests (bit-for-bit features, the sums against the bmm, k-means eager and compiled with

@@ -1,7 +1,8 @@
-"""Compile clustermask's Triton kernel (gram_kernel) for a GPU architecture without a GPU, and report what ptxas
-says of it.
+"""Compile clustermask's Triton kernels (gram_kernel, features_kernel) for a GPU architecture without a GPU, and
+report what ptxas says of them.
 
     python bench/kernels_ptx.py --out bench/results/gram_kernel_sm90      # ViT-B-16's shapes, sm_90a (H100/H200)
+    python bench/kernels_ptx.py --kernel features --out bench/results/features_kernel_sm90
 
 (`--kernel kmeans` compiled clustermask/kmeans_kernel.py, removed after run 9 measured it: commit 294e73f.)
 
@@ -25,7 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from clustermask import gram_kernel  # noqa: E402
+from clustermask import features_kernel, gram_kernel  # noqa: E402
 from bench.results_files import write_results  # noqa: E402
 
 POINTERS = ("pixels", "mean", "inverse_scale", "out")
@@ -43,6 +44,21 @@ def compile_gram_kernel(tile: int, diagonal: bool, patch: int, patches_per_row: 
     source = ASTSource(gram_kernel._gram_kernel, signature, constants)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": gram_kernel.num_warps(tile), "num_stages": stages})
+
+
+def compile_features_kernel(patch: int, patches_per_row: int, capability: int, stages: int):
+    """As a launch on ViT-B-16's pixels specialises it: pointers and strides divisible by 16, unit width stride."""
+    constants = {"stride_w": 1, "CHANNELS": 3, "PATCH": patch, "PATCH_BLOCK": triton.next_power_of_2(patch),
+                 "PATCHES_PER_ROW": patches_per_row, "ROW_BLOCK": triton.next_power_of_2(patches_per_row),
+                 "ROUND_BY_HAND": False}
+    arguments = {"pixels": "*fp32", "mean": "*fp32", "inverse_scale": "*fp32", "out": "*bf16", "stride_b": "i32",
+                 "stride_c": "i32", "stride_h": "i32", "out_stride_b": "i32"}
+    names = list(features_kernel._features_kernel.arg_names)
+    aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in arguments}
+    source = ASTSource(features_kernel._features_kernel, arguments | {name: "constexpr" for name in constants},
+                       constants, aligned)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": 4, "num_stages": stages})
 
 
 def ptxas_report(ptx: str, capability: int) -> dict:
@@ -81,14 +97,18 @@ def kernel_report(kernel, capability: int) -> dict:
     ptx = kernel.asm["ptx"]
     return {"shared_bytes": kernel.metadata.shared, "wgmma": count(r"\bwgmma\.mma_async", ptx),
             "mma_sync": count(r"\bmma\.sync", ptx), "fma": count(r"\bfma\.rn\.f32", ptx),
-            "cp_async": count(r"cp\.async\.", ptx), **ptxas_report(ptx, capability)}
+            "cp_async": count(r"cp\.async\.", ptx), "vector_loads": count(r"\bld\.global(\.\w+)*\.v[24]\.", ptx),
+            "loads": count(r"\bld\.global\.", ptx), "vector_stores": count(r"\bst\.global(\.\w+)*\.v[24]\.", ptx),
+            "stores": count(r"\bst\.global\.", ptx), **ptxas_report(ptx, capability)}
 
 
-REPORTED = ["shared KB", "wgmma", "mma.sync", "fma.f32", "cp.async", "registers", "spill stores B", "spill loads B"]
+REPORTED = ["shared KB", "wgmma", "mma.sync", "fma.f32", "cp.async", "ld.global (vector)", "st.global (vector)",
+            "registers", "spill stores B", "spill loads B"]
 
 
 def reported(row: dict) -> list:
     return [f"{row['shared_bytes'] / 1024:.0f}", row["wgmma"], row["mma_sync"], row["fma"], row["cp_async"],
+            f"{row['loads']} ({row['vector_loads']})", f"{row['stores']} ({row['vector_stores']})",
             row["registers"], row["spill_stores_bytes"], row["spill_loads_bytes"]]
 
 
@@ -97,23 +117,34 @@ def table(columns: list, cells: list) -> list:
         "| " + " | ".join(str(c) for c in row) + " |" for row in cells]
 
 
+def features_rows(args) -> list:
+    kernel = compile_features_kernel(args.patch, args.image // args.patch, args.capability, args.stages)
+    return [{"num_warps": 4, **kernel_report(kernel, args.capability)}]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench/results/gram_kernel_ptx")
+    parser.add_argument("--kernel", choices=["gram", "features"], default="gram")
+    parser.add_argument("--out", default=None, help="default: bench/results/<kernel>_kernel_ptx")
     parser.add_argument("--capability", type=int, default=90, help="90: H100/H200; 80: A100")
     parser.add_argument("--patch", type=int, default=16)
     parser.add_argument("--image", type=int, default=224)
-    parser.add_argument("--tiles", default="64,128")
+    parser.add_argument("--tiles", default="64,128", help="the Gram kernel's")
     parser.add_argument("--stages", type=int, default=3, help="Triton's num_stages (its default on a GPU: 3)")
     args = parser.parse_args(argv)
-    header = {"kernel": "gram", "target": f"sm_{args.capability}", "triton": triton.__version__,
+    header = {"kernel": args.kernel, "target": f"sm_{args.capability}", "triton": triton.__version__,
               "patch": args.patch, "image": args.image, "num_stages": args.stages, "date": time.strftime("%Y-%m-%d")}
-    rows = gram_rows(args)
-    lines = table(["tile", "diagonal", "warps"] + REPORTED,
-                  [[r["tile"], r["diagonal"], r["num_warps"]] + reported(r) for r in rows])
-    title = (f"# gram_kernel compiled for {header['target']} without a GPU (triton {triton.__version__}, "
+    if args.kernel == "gram":
+        rows = gram_rows(args)
+        lines = table(["tile", "diagonal", "warps"] + REPORTED,
+                      [[r["tile"], r["diagonal"], r["num_warps"]] + reported(r) for r in rows])
+    else:
+        rows = features_rows(args)
+        lines = table(["warps"] + REPORTED, [[r["num_warps"]] + reported(r) for r in rows])
+    title = (f"# {args.kernel}_kernel compiled for {header['target']} without a GPU (triton {triton.__version__}, "
              f"{args.image} px images in {args.patch} px patches, num_stages {args.stages}, {header['date']})")
-    write_results(args.out, header, rows, "\n".join([title, ""] + lines) + "\n")
+    write_results(args.out or f"bench/results/{args.kernel}_kernel_ptx", header, rows,
+                  "\n".join([title, ""] + lines) + "\n")
     return 0
 
 

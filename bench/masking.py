@@ -23,14 +23,13 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import open_clip
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from clustermask import gram_kernel, kmeans_kernels, masking  # noqa: E402
+from clustermask import features_kernel, gram_kernel, masking  # noqa: E402
 from clustermask.masking import MaskingConfig  # noqa: E402
 from clustermask.model import ModelConfig, create  # noqa: E402
 from bench.results_files import write_results  # noqa: E402
@@ -204,16 +203,6 @@ def summed_channel_statistics(pixels: torch.Tensor):
     return x, masking.materialised(mean), masking.materialised((variance.clamp_min(0).sqrt() + 1e-6).reciprocal())
 
 
-def use_kmeans_kernels(features: bool = False, sums: bool = False, store_by_patch: Optional[bool] = None):
-    """`tfeat`, `tfeatflat` and `tsums` variants: k-means' features (each patch's values permuted in registers
-    before the store, or stored as loaded) or its iterations' sums from clustermask.kmeans_kernels' Triton
-    kernels."""
-    kmeans_kernels.FEATURES_ON_GPU = kmeans_kernels.FEATURES_ON_GPU or features
-    kmeans_kernels.SUMS_ON_GPU = kmeans_kernels.SUMS_ON_GPU or sums
-    if store_by_patch is not None:
-        kmeans_kernels.STORE_BY_PATCH = store_by_patch
-
-
 def use_previous():
     masking.rgb_similarity = previous_rgb_similarity
     masking.kmeans_clusters = previous_kmeans_clusters
@@ -257,9 +246,8 @@ VARIANTS = {
     # what k-means' fp32 iterations would gain on tensor cores (TF32 rounds the dot products to 2^-11 of
     # themselves: a change of the method's precision, not taken)
     "tf32iter": ({"kmeans"}, lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True)),
-    "tfeat": ({"kmeans"}, lambda: use_kmeans_kernels(features=True, store_by_patch=True)),
-    "tfeatflat": ({"kmeans"}, lambda: use_kmeans_kernels(features=True, store_by_patch=False)),
-    "tsums": ({"kmeans"}, lambda: use_kmeans_kernels(sums=True)),
+    # k-means' features from inductor's kernel, as until run 13 (clustermask.features_kernel's since)
+    "inductorfeat": ({"kmeans"}, lambda: setattr(features_kernel, "USE_ON_GPU", False)),
 }
 
 
@@ -269,7 +257,7 @@ VARIANT_SETTINGS = [(masking, name) for name in ("rgb_similarity", "kmeans_clust
                                                  "standardised_patches", "channel_statistics")]
 VARIANT_SETTINGS += [(gram_kernel, "USE_ON_GPU"), (gram_kernel, "TILE"),
                      (torch.backends.cuda.matmul, "allow_tf32")]
-VARIANT_SETTINGS += [(kmeans_kernels, name) for name in ("FEATURES_ON_GPU", "SUMS_ON_GPU", "STORE_BY_PATCH")]
+VARIANT_SETTINGS += [(features_kernel, "USE_ON_GPU")]
 
 
 @contextlib.contextmanager
@@ -443,8 +431,8 @@ def main(argv=None) -> int:
                              "from the features' kernel and cuBLAS (the library's path, whatever gram_kernel's "
                              "switch), `divided` the standardisation's square root and division per pixel "
                              "(as until 2026-12-04), `sumstats` the channel statistics from shifted sums, "
-                             "`tf32iter` k-means' iterations in TF32, `tfeat`/`tfeatflat`/`tsums` k-means' features "
-                             "or its iterations' sums from clustermask.kmeans_kernels; join with + "
+                             "`tf32iter` k-means' iterations in TF32, `inductorfeat` k-means' features from inductor's "
+                             "kernel rather than clustermask.features_kernel's; join with + "
                              "(`pooled+bf16pixels`); with --interleave, one variant for every strategy")
     parser.add_argument("--kernels", type=int, default=0, help="on a GPU, list the op's N costliest kernels")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",

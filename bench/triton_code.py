@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from clustermask import masking  # noqa: E402
+from clustermask import features_kernel, masking  # noqa: E402
 from clustermask.config import MaskingConfig  # noqa: E402
 
 H100 = dict(multi_processor_count=132, major=9, minor=0, regs_per_multiprocessor=65536,
@@ -121,6 +121,9 @@ def main(argv=None) -> int:
     if torch.cuda.is_available():
         parser.error("a GPU is present: measure with bench/masking.py --kernels, or read TORCH_LOGS=output_code")
     pretend_cuda_device()
+    # on an sm80+ GPU the library writes k-means' features with a Triton kernel of its own, which needs the driver
+    # to trace: inductor's code for them, as on the CPU and older GPUs, is what this shows
+    features_kernel.USE_ON_GPU = False
     cfg = MaskingConfig(strategy=args.strategy, features=args.features, ratio=args.ratio)
     masking.validate(cfg)
     code = generated_code(cfg, args.batch, args.image_size, args.patch, args.width)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import gram_kernel, kmeans_kernels
+from . import features_kernel, gram_kernel
 from .config import MaskingConfig, calibrated, hides_tokens, pooling_beyond_cls, validate_masking
 from .plugins import check_name_free
 
@@ -337,19 +337,13 @@ def kmeans_assignment(dots: torch.Tensor, initial: torch.Tensor, iters: int) -> 
     for _ in range(iters):
         members = _one_hot(similarity.argmax(-1), k, dots.dtype)  # (B, L, k)
         unit_members = members * inverse_norms[:, :, None]
-        to_sums = member_sums(dots, unit_members)  # (B, L, k)
+        # a bmm even compiled: over the (B, L, L) matrix batched_dots' fused sums took 3x as long on an H200, and a
+        # Triton kernel of 64 rows per program 1.25x (bench/README.md, run 13)
+        to_sums = torch.bmm(dots, unit_members)  # (B, L, k)
         norms = norms_from_squares((unit_members * to_sums).sum(1))  # (B, k)
         # an empty cluster keeps its centre
         similarity = torch.where(members.sum(1, keepdim=True) > 0, to_sums / norms[:, None, :], similarity)
     return similarity.argmax(-1)
-
-
-def member_sums(dots: torch.Tensor, unit_members: torch.Tensor) -> torch.Tensor:
-    """dots @ unit_members in fp32: on a GPU where `kmeans_kernels.sums_enabled`, from its Triton kernel."""
-    if kmeans_kernels.sums_enabled(dots):
-        return kmeans_kernels.member_sums(dots, unit_members)
-    # a bmm even compiled: over the (B, L, L) matrix batched_dots' fused sums took 3x as long on an H200
-    return torch.bmm(dots, unit_members)
 
 
 def gram(feats: torch.Tensor) -> torch.Tensor:
@@ -360,20 +354,21 @@ def gram(feats: torch.Tensor) -> torch.Tensor:
 
 
 def padded_gram(padded: torch.Tensor, length: int) -> torch.Tensor:
-    """`gram` of the first `length` rows of bf16 features padded with zero rows (B, L', D)."""
+    """`gram` of the first `length` rows of bf16 features padded with rows of any value (B, L', D): the top-left
+    block of their Gram reads only the first `length`."""
     return bf16_bmm(padded, padded.transpose(1, 2))[:, :length, :length]
 
 
 def kmeans_gram(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, L, L) fp32 dot products of each image's `kmeans_features` with each other: on a GPU where
-    `gram_kernel.enabled`, from one Triton kernel that reads the pixels; where `kmeans_kernels.features_enabled`,
-    `gram` of the features from its Triton kernel; else `gram` of the features."""
+    `gram_kernel.enabled`, from one Triton kernel that reads the pixels; where `features_kernel.enabled`, from
+    the features of its Triton kernel; else `gram` of the features."""
     if gram_kernel.enabled(pixels):
         _, mean, inverse_scale = channel_statistics(pixels)
         return gram_kernel.standardised_patch_gram(pixels, mean, inverse_scale, patch_size)
-    if kmeans_kernels.features_enabled(pixels):
+    if features_kernel.enabled(pixels):
         _, mean, inverse_scale = channel_statistics(pixels)
-        padded = kmeans_kernels.padded_features(pixels, mean, inverse_scale, patch_size, GEMM_ROW_MULTIPLE)
+        padded = features_kernel.padded_features(pixels, mean, inverse_scale, patch_size, GEMM_ROW_MULTIPLE)
         return padded_gram(padded, (pixels.shape[-2] // patch_size) * (pixels.shape[-1] // patch_size))
     return gram(kmeans_features(pixels, patch_size))
 

@@ -670,7 +670,8 @@ def test_compiled_standardisation_scales_each_pixel_without_a_square_root_or_div
     """Compiled for a GPU, inductor inlined each channel's 1 / (std + eps), a square root and a division, into
     every pixel of the kernel that writes k-means' features: on an H200 that kernel took 2.5x the time of its
     bytes (bench/README.md). `masking.materialised` gives the channels' scales a buffer of their own. Checked on
-    the Triton code inductor writes for a CUDA device (bench/triton_code.py, which needs no GPU)."""
+    the Triton code inductor writes for a CUDA device (bench/triton_code.py, which needs no GPU), as it does where
+    `features_kernel` does not serve (a GPU before sm80)."""
     if torch.cuda.is_available():
         pytest.skip("triton_code.py pretends a GPU where there is none; on a GPU, bench/masking.py --kernels")
     code = tmp_path / "kmeans.py"

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Prepared 2026-12-04 (twenty-sixth session) for the next session with a GPU; at most about 9.5 minutes:
+#   run(command="OUT=$OUT bash bench/gpu_check18.sh", carry=[".whl"], timeout_s=590)
+# The library as it is after runs 12 and 13: k-means' features from clustermask/features_kernel.py (on by
+# default), its padding rows no longer zeroed (run 13 measured the kernel with the fill, 0.061 + 0.024 ms).
+# 1. The op alone, compiled, at 0.5, every strategy; kmeans also as `inductorfeat` (inductor's features, as until
+#    run 13) and `tf32iter`; 12 kernels each, with inductor's generated code (TORCH_LOGS=output_code): whether the
+#    small k-means kernel of 0.008 ms in run 12 and 0.042 ms in run 13 (same code) varies again.
+# 2. The compiled steps at 0.5 of random and kmeans in turn (3 rounds): the op's share of the same run's step.
+# 3. In the time left, every CUDA test, those of the kernels and of k-means first.
+set -u
+source bench/gpu_setup.sh  # sets OUT to a work folder, packed into $OUT/<script>.tgz: pack, quiet LOG
+TORCH_LOGS=output_code timeout 170 python3 bench/masking.py --out "$OUT/masking_op" --op-only --modes compiled \
+  --compile-ratios 0.5 --strategies random,cluster-rgb,cluster-embedding,cluster-mixed,kmeans \
+  --variants current,inductorfeat,tf32iter --kernels 12 --budget-s 150 \
+  2> "$OUT/output_code.log" | quiet "$OUT/masking_op.log"
+left=$((380 - SECONDS)); [ "$left" -lt 200 ] || left=200
+timeout "$left" python3 bench/masking.py --out "$OUT/masking_compiled_steps" --modes compiled \
+  --compile-ratios 0.5 --strategies random,kmeans --interleave 3 2>&1 | quiet "$OUT/masking_compiled_steps.log"
+FIRST="kmeans or gram or standardis or config4 or features"
+timeout $((500 - SECONDS)) python3 -m pytest -q -p no:cacheprovider tests/test_features_kernel.py \
+  tests/test_gram_kernel.py tests/test_masking.py -m gpu -k "$FIRST" 2>&1 | tee "$OUT/gpu_tests_first_full.txt" \
+  | tail -4 | tee "$OUT/gpu_tests_first.txt"
+pack
+timeout $((580 - SECONDS)) python3 -m pytest -q -p no:cacheprovider tests/test_masking.py tests/test_train.py \
+  tests/test_evaluate.py -m gpu -k "not ($FIRST)" 2>&1 | tee "$OUT/gpu_tests_other_full.txt" | tail -4 \
+  | tee "$OUT/gpu_tests_other.txt"

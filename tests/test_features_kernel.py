@@ -1,0 +1,90 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from clustermask import features_kernel, masking
+from conftest import NEEDS_CUDA, ON_GPU, TRITON_ON_CPU, smooth_pixels
+
+DEVICES = [TRITON_ON_CPU, ON_GPU]
+
+
+def nan_filled_empty(real_empty):
+    """torch.empty that hands over NaN, as a reused GPU block may hold anything."""
+    def empty(*args, **kwargs):
+        return real_empty(*args, **kwargs).fill_(float("nan"))
+
+    return empty
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("height, width, patch, multiple", [
+    (32, 32, 8, 8),  # 16 patches, no padding
+    (36, 40, 4, 8),  # not square: 9 x 10 patches padded to 96
+    (42, 28, 14, 1),  # a patch of 14 pixels (ViT-L-14's), not a power of 2
+    (227, 230, 16, 8),  # pixels past the last whole patch (open_clip crops them); 196 patches padded to 200
+])
+def test_the_kernel_writes_the_kmeans_features_bit_for_bit(device, height, width, patch, multiple, monkeypatch):
+    monkeypatch.setattr(torch, "empty", nan_filled_empty(torch.empty))
+    pixels = smooth_pixels(2, height, width).to(device)
+    _, mean, inverse_scale = masking.channel_statistics(pixels)
+    expected = masking.kmeans_features(pixels, patch)
+    got = features_kernel.padded_features(pixels, mean, inverse_scale, patch, multiple)
+    length = expected.shape[1]
+    assert got.dtype == torch.bfloat16 and got.shape == masking.pad_rows(expected, multiple).shape
+    assert torch.equal(got[:, :length], expected)  # the same fp32 arithmetic, rounded to nearest even
+    # whatever the padding rows hold, the Gram kept is the features' Gram, bit for bit
+    assert torch.equal(masking.padded_gram(got, length), masking.gram(expected))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_kernel_reads_strided_pixels(device):
+    """A channels-last batch, and a view with a margin: the kernel follows the strides it is given."""
+    pixels = smooth_pixels(2, 40, 40).to(device)
+    for view in (pixels.contiguous(memory_format=torch.channels_last), pixels[:, :, 3:35, 5:37]):
+        _, mean, inverse_scale = masking.channel_statistics(view)
+        expected = masking.kmeans_features(view, 8)
+        assert torch.equal(features_kernel.padded_features(view, mean, inverse_scale, 8, 1), expected)
+
+
+def test_kmeans_takes_the_kernel_only_on_a_gpu_where_it_is_enabled(monkeypatch):
+    """The CPU, CI and the demo keep masking.kmeans_features; the kernel serves CUDA pixels on sm80 or later while
+    USE_ON_GPU says so (the library's default since run 13)."""
+    assert features_kernel.USE_ON_GPU
+    pixels = smooth_pixels(2, 32, 32)
+    assert not features_kernel.enabled(pixels) and not features_kernel.enabled(pixels.to("meta"))
+    expected = masking.gram(masking.kmeans_features(pixels, 8))
+    assert torch.equal(masking.kmeans_gram(pixels, 8), expected)  # no Triton launched on CPU tensors
+    on_a_gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    for capability, takes_the_kernel in [((7, 5), False), ((8, 0), True), ((9, 0), True)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert features_kernel.enabled(on_a_gpu) == takes_the_kernel
+    monkeypatch.setattr(features_kernel, "USE_ON_GPU", False)
+    assert not features_kernel.enabled(on_a_gpu)
+
+
+@pytest.mark.gpu
+@NEEDS_CUDA
+@pytest.mark.parametrize("compiled", [False, True])
+def test_kmeans_with_the_kernel_assigns_as_on_cpu_without_a_host_sync(compiled):
+    """k-means with the kernel's features, eager and compiled (fullgraph, the kernel inside the graph), gives the
+    clusters the CPU gives (a patch may differ only where two centres are within rounding of each other), and
+    never waits for the GPU."""
+    torch._dynamo.reset()
+    if not features_kernel.enabled(torch.empty(1, device="cuda")):
+        pytest.skip("the kernel serves sm80 or later")
+    g = torch.Generator().manual_seed(0)
+    pixels = smooth_pixels(16, 224, 224)
+    initial = torch.rand(16, 196, generator=g).argsort(1)[:, :8]
+    on_cpu = masking.kmeans_clusters(pixels, 16, initial, 3)
+    clusters = torch.compile(masking.kmeans_clusters, fullgraph=True) if compiled else masking.kmeans_clusters
+    pixels, initial = pixels.cuda(), initial.cuda()
+    clusters(pixels, 16, initial, 3)  # warm-up: compilation and Triton's first launch may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu = clusters(pixels, 16, initial, 3)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert (on_gpu.cpu() == on_cpu).float().mean() > 0.995
+    assert all(len(a.unique()) > 2 for a in on_cpu)
