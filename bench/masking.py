@@ -203,6 +203,12 @@ def summed_channel_statistics(pixels: torch.Tensor):
     return x, masking.materialised(mean), masking.materialised((variance.clamp_min(0).sqrt() + 1e-6).reciprocal())
 
 
+def use_divided_standardisation():
+    """`divided` variant (in inductor's features: the features' own kernel has taken 1 / (std + eps) since)."""
+    masking.standardised_patches = divided_standardised_patches
+    features_kernel.USE_ON_GPU = False
+
+
 def use_previous():
     masking.rgb_similarity = previous_rgb_similarity
     masking.kmeans_clusters = previous_kmeans_clusters
@@ -241,7 +247,7 @@ VARIANTS = {
     "tgram128": ({"kmeans"}, lambda: use_gram_kernel(128)),
     "features": ({"kmeans"}, lambda: setattr(gram_kernel, "USE_ON_GPU", False)),
     "tgrampad": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", kernel_padded_kmeans_clusters)),
-    "divided": ({"kmeans"}, lambda: setattr(masking, "standardised_patches", divided_standardised_patches)),
+    "divided": ({"kmeans"}, lambda: use_divided_standardisation()),
     "sumstats": ({"kmeans"}, lambda: setattr(masking, "channel_statistics", summed_channel_statistics)),
     # what k-means' fp32 iterations would gain on tensor cores (TF32 rounds the dot products to 2^-11 of
     # themselves: a change of the method's precision, not taken)

@@ -24,10 +24,8 @@ def test_the_kernel_computes_the_gram_of_kmeans_features(device, height, width, 
     _, mean, inverse_scale = masking.channel_statistics(pixels)
     got = gram_kernel.standardised_patch_gram(pixels, mean, inverse_scale, patch, tile=tile, pad_to=pad_to)
     assert got.shape == expected.shape and got.dtype == torch.float32
-    # fp32 sums in another order; a feature's bf16 may differ where its fp32 value lies within an ulp of the
-    # boundary between two (the compiler may contract (x - mean) * inverse_scale into an fma): ~1e-5 of the
-    # largest norm for such a flip each image, ~1e-7 for the sums; an index wrong by one patch or pixel is off
-    # by more than 1e-2
+    # the same bf16 features, their products summed in fp32 in another order: ~1e-7 of the largest norm; an index
+    # wrong by one patch or pixel is off by more than 1e-2
     tolerance = 1e-4 * expected.diagonal(dim1=1, dim2=2).max().item()
     torch.testing.assert_close(got.double().cpu(), expected.cpu(), rtol=0, atol=tolerance)
 
