@@ -46,19 +46,28 @@ def compile_gram_kernel(tile: int, diagonal: bool, patch: int, patches_per_row: 
                           options={"num_warps": gram_kernel.num_warps(tile), "num_stages": stages})
 
 
-def compile_features_kernel(patch: int, patches_per_row: int, capability: int, stages: int):
-    """As a launch on ViT-B-16's pixels specialises it: pointers and strides divisible by 16, unit width stride."""
+def compile_features_kernel(patch: int, image: int, capability: int, stages: int, fused: bool):
+    """As a launch on ViT-B-16's pixels specialises it: pointers and strides divisible by 16, unit width stride;
+    `fused`: `_standardising_kernel` (the statistics too), else `_features_kernel`."""
+    per_row = image // patch
     constants = {"stride_w": 1, "CHANNELS": 3, "PATCH": patch, "PATCH_BLOCK": triton.next_power_of_2(patch),
-                 "PATCHES_PER_ROW": patches_per_row, "ROW_BLOCK": triton.next_power_of_2(patches_per_row),
-                 "ROUND_BY_HAND": False}
-    arguments = {"pixels": "*fp32", "mean": "*fp32", "inverse_scale": "*fp32", "out": "*bf16", "stride_b": "i32",
-                 "stride_c": "i32", "stride_h": "i32", "out_stride_b": "i32"}
-    names = list(features_kernel._features_kernel.arg_names)
-    aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in arguments}
-    source = ASTSource(features_kernel._features_kernel, arguments | {name: "constexpr" for name in constants},
-                       constants, aligned)
+                 "PATCHES_PER_ROW": per_row, "ROW_BLOCK": triton.next_power_of_2(per_row), "ROUND_BY_HAND": False}
+    pointers = {"pixels": "*fp32", "out": "*bf16"}
+    strides = {"stride_b": "i32", "stride_c": "i32", "stride_h": "i32", "out_stride_b": "i32"}
+    if fused:
+        kernel, warps = features_kernel._standardising_kernel, 8
+        arguments = pointers | {"images_channels": "i32", "programs": "i32"} | strides
+        constants |= {"HEIGHT": image, "WIDTH": image, "PATCH_ROWS": per_row,
+                      "ROWS_PER_STEP": features_kernel.ROWS_PER_STEP, "WIDTH_BLOCK": triton.next_power_of_2(image)}
+    else:
+        kernel, warps = features_kernel._features_kernel, 4
+        arguments = pointers | {"mean": "*fp32", "inverse_scale": "*fp32"} | strides
+    names = list(kernel.arg_names)
+    aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in {**pointers, **strides, "mean": 0,
+                                                                             "inverse_scale": 0} if name in arguments}
+    source = ASTSource(kernel, arguments | {name: "constexpr" for name in constants}, constants, aligned)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": 4, "num_stages": stages})
+                          options={"num_warps": warps, "num_stages": stages}), warps
 
 
 def ptxas_report(ptx: str, capability: int) -> dict:
@@ -118,8 +127,12 @@ def table(columns: list, cells: list) -> list:
 
 
 def features_rows(args) -> list:
-    kernel = compile_features_kernel(args.patch, args.image // args.patch, args.capability, args.stages)
-    return [{"num_warps": 4, **kernel_report(kernel, args.capability)}]
+    rows = []
+    for fused in (False, True):
+        kernel, warps = compile_features_kernel(args.patch, args.image, args.capability, args.stages, fused)
+        rows.append({"kernel": "_standardising_kernel" if fused else "_features_kernel", "num_warps": warps,
+                     **kernel_report(kernel, args.capability)})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -140,7 +153,7 @@ def main(argv=None) -> int:
                       [[r["tile"], r["diagonal"], r["num_warps"]] + reported(r) for r in rows])
     else:
         rows = features_rows(args)
-        lines = table(["warps"] + REPORTED, [[r["num_warps"]] + reported(r) for r in rows])
+        lines = table(["kernel", "warps"] + REPORTED, [[r["kernel"], r["num_warps"]] + reported(r) for r in rows])
     title = (f"# {args.kernel}_kernel compiled for {header['target']} without a GPU (triton {triton.__version__}, "
              f"{args.image} px images in {args.patch} px patches, num_stages {args.stages}, {header['date']})")
     write_results(args.out or f"bench/results/{args.kernel}_kernel_ptx", header, rows,

@@ -209,6 +209,11 @@ def use_divided_standardisation():
     features_kernel.USE_ON_GPU = False
 
 
+def use_fused_statistics(programs_per_sm: int):
+    features_kernel.FUSED_STATISTICS = True
+    features_kernel.PROGRAMS_PER_SM = programs_per_sm
+
+
 def use_previous():
     masking.rgb_similarity = previous_rgb_similarity
     masking.kmeans_clusters = previous_kmeans_clusters
@@ -254,6 +259,11 @@ VARIANTS = {
     "tf32iter": ({"kmeans"}, lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True)),
     # k-means' features from inductor's kernel, as until run 13 (clustermask.features_kernel's since)
     "inductorfeat": ({"kmeans"}, lambda: setattr(features_kernel, "USE_ON_GPU", False)),
+    # the statistics in the features' kernel (clustermask.features_kernel.standardised_features), with 2 (its
+    # default), 1 or 4 programs per SM
+    "tfused": ({"kmeans"}, lambda: use_fused_statistics(2)),
+    "tfused1": ({"kmeans"}, lambda: use_fused_statistics(1)),
+    "tfused4": ({"kmeans"}, lambda: use_fused_statistics(4)),
 }
 
 
@@ -263,7 +273,7 @@ VARIANT_SETTINGS = [(masking, name) for name in ("rgb_similarity", "kmeans_clust
                                                  "standardised_patches", "channel_statistics")]
 VARIANT_SETTINGS += [(gram_kernel, "USE_ON_GPU"), (gram_kernel, "TILE"),
                      (torch.backends.cuda.matmul, "allow_tf32")]
-VARIANT_SETTINGS += [(features_kernel, "USE_ON_GPU")]
+VARIANT_SETTINGS += [(features_kernel, name) for name in ("USE_ON_GPU", "FUSED_STATISTICS", "PROGRAMS_PER_SM")]
 
 
 @contextlib.contextmanager
@@ -438,7 +448,8 @@ def main(argv=None) -> int:
                              "switch), `divided` the standardisation's square root and division per pixel "
                              "(as until 2026-12-04), `sumstats` the channel statistics from shifted sums, "
                              "`tf32iter` k-means' iterations in TF32, `inductorfeat` k-means' features from inductor's "
-                             "kernel rather than clustermask.features_kernel's; join with + "
+                             "kernel rather than clustermask.features_kernel's, `tfused`/`tfused1`/`tfused4` the "
+                             "statistics in that kernel (2, 1 or 4 programs per SM); join with + "
                              "(`pooled+bf16pixels`); with --interleave, one variant for every strategy")
     parser.add_argument("--kernels", type=int, default=0, help="on a GPU, list the op's N costliest kernels")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",

@@ -8,6 +8,10 @@ one row of patches: it loads the image rows they span in one piece and stores ea
 13). The features are those of `kmeans_features` bit for bit: the same fp32 subtraction and multiplication by the
 channel's 1 / (std + eps), rounded to the nearest bf16.
 
+`standardised_features` computes each channel's statistics in the same kernel, from the pixels it then reads
+again (from L2 while few programs run at once), in place of masking.channel_statistics' pass: off
+(`FUSED_STATISTICS`) until a GPU measures it (`bench/gpu_check18.sh`).
+
 CUDA only (sm80 or later), behind `enabled()`; on the CPU (and where Triton is missing) inductor's kernel, or
 eager torch, is the path. Under TRITON_INTERPRET=1 the kernel runs on CPU tensors, which is how the tests check it
 without a GPU (as `gram_kernel`'s).
@@ -26,6 +30,11 @@ except ImportError:  # a CPU-only torch: masking.kmeans_features is the path
 
 # whether masking.kmeans_gram takes the features from here on a GPU (runs 12 and 13 on an H200, bench/README.md)
 USE_ON_GPU = True
+# whether they come with their channels' statistics from `standardised_features` (one kernel, the pixels read from
+# memory once) rather than from masking.channel_statistics and `padded_features`: off until a GPU measures it
+FUSED_STATISTICS = False
+PROGRAMS_PER_SM = 2  # `standardised_features`' programs: each (image, channel) in turn, its pixels read twice
+ROWS_PER_STEP = 16  # image rows per step of the statistics' pass
 
 
 def enabled(pixels: torch.Tensor) -> bool:
@@ -61,6 +70,80 @@ if triton is not None:
         feature = channel * PATCH * PATCH + y * PATCH + x  # patchify's order: channel, pixel row, pixel
         target = out + image.to(tl.int64) * out_stride_b + patch * (CHANNELS * PATCH * PATCH) + feature
         tl.store(target, standardised.to(tl.bfloat16), mask=valid)
+
+
+    @triton.jit
+    def _standardising_kernel(pixels, out, images_channels, programs, stride_b, stride_c, stride_h, stride_w,
+                              out_stride_b, HEIGHT: tl.constexpr, WIDTH: tl.constexpr, CHANNELS: tl.constexpr, PATCH: tl.constexpr,
+                              PATCH_BLOCK: tl.constexpr, PATCHES_PER_ROW: tl.constexpr, ROW_BLOCK: tl.constexpr,
+                              PATCH_ROWS: tl.constexpr, ROWS_PER_STEP: tl.constexpr, WIDTH_BLOCK: tl.constexpr,
+                              ROUND_BY_HAND: tl.constexpr):
+        """For each (image, channel) this program takes in turn: the channel's mean and 1 / (std + 1e-6) over all
+        its pixels (sums and squares of the pixels less the first, so that the centring cancels little), then its
+        part of every patch's features, standardised and rounded to bf16 as `_features_kernel` does. The second
+        pass reads what the first just read, from L2 while few enough programs run at once."""
+        for image_channel in range(tl.program_id(0), images_channels, programs):
+            image = image_channel // CHANNELS
+            channel = image_channel % CHANNELS
+            base = pixels + image.to(tl.int64) * stride_b + channel * stride_c
+            first = tl.load(base).to(tl.float32)
+            sums = tl.zeros((ROWS_PER_STEP, WIDTH_BLOCK), dtype=tl.float32)
+            squares = tl.zeros((ROWS_PER_STEP, WIDTH_BLOCK), dtype=tl.float32)
+            columns = tl.arange(0, WIDTH_BLOCK)[None, :]
+            for top in range(0, HEIGHT, ROWS_PER_STEP):
+                rows = top + tl.arange(0, ROWS_PER_STEP)[:, None]
+                inside = (rows < HEIGHT) & (columns < WIDTH)
+                shifted = tl.load(base + rows * stride_h + columns * stride_w, mask=inside, other=0.0)
+                shifted = tl.where(inside, shifted.to(tl.float32) - first, 0.0)
+                sums += shifted
+                squares += shifted * shifted
+            count = HEIGHT * WIDTH
+            total = tl.sum(tl.sum(sums, axis=1), axis=0)
+            variance = (tl.sum(tl.sum(squares, axis=1), axis=0) - total * total / count) / (count - 1)
+            mean = first + total / count
+            inverse_scale = 1.0 / (tl.sqrt_rn(tl.maximum(variance, 0.0)) + 1e-6)
+            y = tl.arange(0, PATCH_BLOCK)[:, None, None]
+            along = tl.arange(0, ROW_BLOCK)[None, :, None]
+            x = tl.arange(0, PATCH_BLOCK)[None, None, :]
+            valid = (y < PATCH) & (along < PATCHES_PER_ROW) & (x < PATCH)
+            feature = channel * PATCH * PATCH + y * PATCH + x
+            target = out + image.to(tl.int64) * out_stride_b + feature
+            for patch_row in range(PATCH_ROWS):
+                values = tl.load(base + (patch_row * PATCH + y) * stride_h + (along * PATCH + x) * stride_w,
+                                 mask=valid, other=0.0)
+                standardised = (values.to(tl.float32) - mean) * inverse_scale
+                if ROUND_BY_HAND:
+                    bits = standardised.to(tl.uint32, bitcast=True)
+                    standardised = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+                patch = patch_row * PATCHES_PER_ROW + along
+                tl.store(target + patch * (CHANNELS * PATCH * PATCH), standardised.to(tl.bfloat16), mask=valid)
+
+
+@torch.compiler.assume_constant_result
+def multiprocessors(device_index: int) -> int:
+    """The GPU's SM count (a constant to dynamo, which calls it once when tracing)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def standardised_features(pixels: torch.Tensor, patch_size: int, multiple: int, programs: int = 0) -> torch.Tensor:
+    """(B, C, H, W) pixels -> `padded_features` with the statistics computed in the same kernel: each channel's
+    mean and 1 / (std + eps) as `masking.channel_statistics` gives them, up to the order and form of the fp32 sums
+    (a feature may then round to the neighbouring bf16 value). `programs`: how many run (default
+    PROGRAMS_PER_SM per SM; under the interpreter, one per image channel)."""
+    b, c, h, w = pixels.shape
+    per_row, rows = w // patch_size, h // patch_size
+    padded_length = triton.cdiv(per_row * rows, multiple) * multiple
+    out = torch.empty(b, padded_length, c * patch_size * patch_size, device=pixels.device, dtype=torch.bfloat16)
+    if not programs:
+        programs = b * c if not pixels.is_cuda else multiprocessors(pixels.device.index) * PROGRAMS_PER_SM
+    programs = min(programs, b * c)
+    _standardising_kernel[(programs,)](
+        pixels, out, b * c, programs, *pixels.stride(), out.stride(0), HEIGHT=h, WIDTH=w, CHANNELS=c,
+        PATCH=patch_size,
+        PATCH_BLOCK=triton.next_power_of_2(patch_size), PATCHES_PER_ROW=per_row,
+        ROW_BLOCK=triton.next_power_of_2(per_row), PATCH_ROWS=rows, ROWS_PER_STEP=ROWS_PER_STEP,
+        WIDTH_BLOCK=triton.next_power_of_2(w), ROUND_BY_HAND=gram_kernel.interpreted(), num_warps=8)
+    return out
 
 
 def padded_features(pixels: torch.Tensor, mean: torch.Tensor, inverse_scale: torch.Tensor, patch_size: int,

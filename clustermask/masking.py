@@ -367,8 +367,11 @@ def kmeans_gram(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
         _, mean, inverse_scale = channel_statistics(pixels)
         return gram_kernel.standardised_patch_gram(pixels, mean, inverse_scale, patch_size)
     if features_kernel.enabled(pixels):
-        _, mean, inverse_scale = channel_statistics(pixels)
-        padded = features_kernel.padded_features(pixels, mean, inverse_scale, patch_size, GEMM_ROW_MULTIPLE)
+        if features_kernel.FUSED_STATISTICS:
+            padded = features_kernel.standardised_features(pixels, patch_size, GEMM_ROW_MULTIPLE)
+        else:
+            _, mean, inverse_scale = channel_statistics(pixels)
+            padded = features_kernel.padded_features(pixels, mean, inverse_scale, patch_size, GEMM_ROW_MULTIPLE)
         return padded_gram(padded, (pixels.shape[-2] // patch_size) * (pixels.shape[-1] // patch_size))
     return gram(kmeans_features(pixels, patch_size))
 

@@ -47,6 +47,28 @@ def test_the_kernel_reads_strided_pixels(device):
         assert torch.equal(features_kernel.padded_features(view, mean, inverse_scale, 8, 1), expected)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("height, width, patch, programs", [
+    (32, 32, 8, 0),  # one program per image channel (on a GPU, as many as PROGRAMS_PER_SM allows)
+    (36, 40, 4, 4),  # 6 image channels in 4 programs: some take two in turn
+    (42, 28, 14, 1),  # one program for all; a patch of 14 pixels
+    (227, 230, 16, 2),  # the statistics over every pixel, the features over the whole patches
+])
+def test_the_fused_kernel_standardises_with_the_channels_statistics(device, height, width, patch, programs,
+                                                                    monkeypatch):
+    """`standardised_features` computes the statistics itself, from shifted sums: the features are
+    `kmeans_features`' up to the fp32 rounding of the mean and scale (a feature may round to the neighbouring
+    bf16 value, or, near zero, differ by the mean's rounding)."""
+    monkeypatch.setattr(torch, "empty", nan_filled_empty(torch.empty))
+    pixels = (smooth_pixels(2, height, width) + torch.tensor([3.0, -1.0, 0.5])[:, None, None]).to(device)
+    expected = masking.kmeans_features(pixels, patch)
+    got = features_kernel.standardised_features(pixels, patch, 8, programs=programs)
+    assert got.dtype == torch.bfloat16 and got.shape == masking.pad_rows(expected, 8).shape
+    got = got[:, :expected.shape[1]]
+    assert (got == expected).float().mean() > 0.999
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2 ** -7, atol=1e-5)
+
+
 def test_kmeans_takes_the_kernel_only_on_a_gpu_where_it_is_enabled(monkeypatch):
     """The CPU, CI and the demo keep masking.kmeans_features; the kernel serves CUDA pixels on sm80 or later while
     USE_ON_GPU says so (the library's default since run 13)."""
@@ -55,6 +77,8 @@ def test_kmeans_takes_the_kernel_only_on_a_gpu_where_it_is_enabled(monkeypatch):
     assert not features_kernel.enabled(pixels) and not features_kernel.enabled(pixels.to("meta"))
     expected = masking.gram(masking.kmeans_features(pixels, 8))
     assert torch.equal(masking.kmeans_gram(pixels, 8), expected)  # no Triton launched on CPU tensors
+    monkeypatch.setattr(features_kernel, "FUSED_STATISTICS", True)
+    assert torch.equal(masking.kmeans_gram(pixels, 8), expected)
     on_a_gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
     for capability, takes_the_kernel in [((7, 5), False), ((8, 0), True), ((9, 0), True)]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
@@ -66,13 +90,15 @@ def test_kmeans_takes_the_kernel_only_on_a_gpu_where_it_is_enabled(monkeypatch):
 @pytest.mark.gpu
 @NEEDS_CUDA
 @pytest.mark.parametrize("compiled", [False, True])
-def test_kmeans_with_the_kernel_assigns_as_on_cpu_without_a_host_sync(compiled):
-    """k-means with the kernel's features, eager and compiled (fullgraph, the kernel inside the graph), gives the
-    clusters the CPU gives (a patch may differ only where two centres are within rounding of each other), and
-    never waits for the GPU."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_kmeans_with_the_kernel_assigns_as_on_cpu_without_a_host_sync(compiled, fused, monkeypatch):
+    """k-means with the kernel's features (and statistics, fused), eager and compiled (fullgraph, the kernel inside
+    the graph), gives the clusters the CPU gives (a patch may differ only where two centres are within rounding of
+    each other), and never waits for the GPU."""
     torch._dynamo.reset()
     if not features_kernel.enabled(torch.empty(1, device="cuda")):
         pytest.skip("the kernel serves sm80 or later")
+    monkeypatch.setattr(features_kernel, "FUSED_STATISTICS", fused)
     g = torch.Generator().manual_seed(0)
     pixels = smooth_pixels(16, 224, 224)
     initial = torch.rand(16, 196, generator=g).argsort(1)[:, :8]
