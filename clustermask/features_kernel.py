@@ -46,6 +46,15 @@ def enabled(pixels: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _bf16(x, ROUND_BY_HAND: tl.constexpr):
+        """x rounded to the nearest bf16, ties to even (the interpreter, triton 3.8, truncates: rounded by hand
+        first, to a value bf16 holds exactly)."""
+        if ROUND_BY_HAND:
+            bits = x.to(tl.uint32, bitcast=True)
+            x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return x.to(tl.bfloat16)
+
+    @triton.jit
     def _features_kernel(pixels, mean, inverse_scale, out, stride_b, stride_c, stride_h, stride_w, out_stride_b,
                          CHANNELS: tl.constexpr, PATCH: tl.constexpr, PATCH_BLOCK: tl.constexpr,
                          PATCHES_PER_ROW: tl.constexpr, ROW_BLOCK: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
@@ -63,21 +72,17 @@ if triton is not None:
         mean_c = tl.load(mean + image * CHANNELS + channel)
         inverse_scale_c = tl.load(inverse_scale + image * CHANNELS + channel)
         standardised = (values - mean_c) * inverse_scale_c
-        if ROUND_BY_HAND:  # the interpreter (triton 3.8) truncates to bf16: to nearest even by hand, exact in bf16
-            bits = standardised.to(tl.uint32, bitcast=True)
-            standardised = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
         patch = patch_row * PATCHES_PER_ROW + along
         feature = channel * PATCH * PATCH + y * PATCH + x  # patchify's order: channel, pixel row, pixel
         target = out + image.to(tl.int64) * out_stride_b + patch * (CHANNELS * PATCH * PATCH) + feature
-        tl.store(target, standardised.to(tl.bfloat16), mask=valid)
-
+        tl.store(target, _bf16(standardised, ROUND_BY_HAND), mask=valid)
 
     @triton.jit
     def _standardising_kernel(pixels, out, images_channels, programs, stride_b, stride_c, stride_h, stride_w,
-                              out_stride_b, HEIGHT: tl.constexpr, WIDTH: tl.constexpr, CHANNELS: tl.constexpr, PATCH: tl.constexpr,
-                              PATCH_BLOCK: tl.constexpr, PATCHES_PER_ROW: tl.constexpr, ROW_BLOCK: tl.constexpr,
-                              PATCH_ROWS: tl.constexpr, ROWS_PER_STEP: tl.constexpr, WIDTH_BLOCK: tl.constexpr,
-                              ROUND_BY_HAND: tl.constexpr):
+                              out_stride_b, HEIGHT: tl.constexpr, WIDTH: tl.constexpr, CHANNELS: tl.constexpr,
+                              PATCH: tl.constexpr, PATCH_BLOCK: tl.constexpr, PATCHES_PER_ROW: tl.constexpr,
+                              ROW_BLOCK: tl.constexpr, PATCH_ROWS: tl.constexpr, ROWS_PER_STEP: tl.constexpr,
+                              WIDTH_BLOCK: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
         """For each (image, channel) this program takes in turn: the channel's mean and 1 / (std + 1e-6) over all
         its pixels (sums and squares of the pixels less the first, so that the centring cancels little), then its
         part of every patch's features, standardised and rounded to bf16 as `_features_kernel` does. The second
@@ -112,11 +117,8 @@ if triton is not None:
                 values = tl.load(base + (patch_row * PATCH + y) * stride_h + (along * PATCH + x) * stride_w,
                                  mask=valid, other=0.0)
                 standardised = (values.to(tl.float32) - mean) * inverse_scale
-                if ROUND_BY_HAND:
-                    bits = standardised.to(tl.uint32, bitcast=True)
-                    standardised = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
                 patch = patch_row * PATCHES_PER_ROW + along
-                tl.store(target + patch * (CHANNELS * PATCH * PATCH), standardised.to(tl.bfloat16), mask=valid)
+                tl.store(target + patch * (CHANNELS * PATCH * PATCH), _bf16(standardised, ROUND_BY_HAND), mask=valid)
 
 
 @torch.compiler.assume_constant_result
@@ -139,8 +141,7 @@ def standardised_features(pixels: torch.Tensor, patch_size: int, multiple: int, 
     programs = min(programs, b * c)
     _standardising_kernel[(programs,)](
         pixels, out, b * c, programs, *pixels.stride(), out.stride(0), HEIGHT=h, WIDTH=w, CHANNELS=c,
-        PATCH=patch_size,
-        PATCH_BLOCK=triton.next_power_of_2(patch_size), PATCHES_PER_ROW=per_row,
+        PATCH=patch_size, PATCH_BLOCK=triton.next_power_of_2(patch_size), PATCHES_PER_ROW=per_row,
         ROW_BLOCK=triton.next_power_of_2(per_row), PATCH_ROWS=rows, ROWS_PER_STEP=ROWS_PER_STEP,
         WIDTH_BLOCK=triton.next_power_of_2(w), ROUND_BY_HAND=gram_kernel.interpreted(), num_warps=8)
     return out
