@@ -46,13 +46,22 @@ def enabled(pixels: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _bf16(x, ROUND_BY_HAND: tl.constexpr):
-        """x rounded to the nearest bf16, ties to even (the interpreter, triton 3.8, truncates: rounded by hand
-        first, to a value bf16 holds exactly)."""
+    def _standardise_patch_row(channel_pixels, image_out, channel, patch_row, mean, inverse_scale, stride_h,
+                               stride_w, CHANNELS: tl.constexpr, PATCH: tl.constexpr, PATCH_BLOCK: tl.constexpr,
+                               PATCHES_PER_ROW: tl.constexpr, ROW_BLOCK: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
+        """One channel of the patches in one row: their pixels (x - mean) * inverse_scale, rounded to the nearest
+        bf16, stored at each patch's features in patchify's order (channel, pixel row, pixel)."""
+        y = tl.arange(0, PATCH_BLOCK)[:, None, None]  # the pixel row within the patch
+        along = tl.arange(0, ROW_BLOCK)[None, :, None]  # the patch within the row
+        x = tl.arange(0, PATCH_BLOCK)[None, None, :]  # the pixel within the patch's row
+        valid = (y < PATCH) & (along < PATCHES_PER_ROW) & (x < PATCH)
+        source = channel_pixels + (patch_row * PATCH + y) * stride_h + (along * PATCH + x) * stride_w
+        standardised = (tl.load(source, mask=valid, other=0.0).to(tl.float32) - mean) * inverse_scale
         if ROUND_BY_HAND:
-            bits = x.to(tl.uint32, bitcast=True)
-            x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        return x.to(tl.bfloat16)
+            standardised = gram_kernel.nearest_bf16_by_hand(standardised)
+        patch = patch_row * PATCHES_PER_ROW + along
+        feature = channel * PATCH * PATCH + y * PATCH + x
+        tl.store(image_out + patch * (CHANNELS * PATCH * PATCH) + feature, standardised.to(tl.bfloat16), mask=valid)
 
     @triton.jit
     def _features_kernel(pixels, mean, inverse_scale, out, stride_b, stride_c, stride_h, stride_w, out_stride_b,
@@ -62,20 +71,11 @@ if triton is not None:
         patch_row = tl.program_id(0)
         channel = tl.program_id(1)
         image = tl.program_id(2)
-        y = tl.arange(0, PATCH_BLOCK)[:, None, None]  # the pixel row within the patch
-        along = tl.arange(0, ROW_BLOCK)[None, :, None]  # the patch within the row
-        x = tl.arange(0, PATCH_BLOCK)[None, None, :]  # the pixel within the patch's row
-        valid = (y < PATCH) & (along < PATCHES_PER_ROW) & (x < PATCH)
-        source = (pixels + image.to(tl.int64) * stride_b + channel * stride_c
-                  + (patch_row * PATCH + y) * stride_h + (along * PATCH + x) * stride_w)
-        values = tl.load(source, mask=valid, other=0.0).to(tl.float32)
-        mean_c = tl.load(mean + image * CHANNELS + channel)
-        inverse_scale_c = tl.load(inverse_scale + image * CHANNELS + channel)
-        standardised = (values - mean_c) * inverse_scale_c
-        patch = patch_row * PATCHES_PER_ROW + along
-        feature = channel * PATCH * PATCH + y * PATCH + x  # patchify's order: channel, pixel row, pixel
-        target = out + image.to(tl.int64) * out_stride_b + patch * (CHANNELS * PATCH * PATCH) + feature
-        tl.store(target, _bf16(standardised, ROUND_BY_HAND), mask=valid)
+        _standardise_patch_row(pixels + image.to(tl.int64) * stride_b + channel * stride_c,
+                               out + image.to(tl.int64) * out_stride_b, channel, patch_row,
+                               tl.load(mean + image * CHANNELS + channel),
+                               tl.load(inverse_scale + image * CHANNELS + channel), stride_h, stride_w, CHANNELS,
+                               PATCH, PATCH_BLOCK, PATCHES_PER_ROW, ROW_BLOCK, ROUND_BY_HAND)
 
     @triton.jit
     def _standardising_kernel(pixels, out, images_channels, programs, stride_b, stride_c, stride_h, stride_w,
@@ -85,8 +85,8 @@ if triton is not None:
                               WIDTH_BLOCK: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
         """For each (image, channel) this program takes in turn: the channel's mean and 1 / (std + 1e-6) over all
         its pixels (sums and squares of the pixels less the first, so that the centring cancels little), then its
-        part of every patch's features, standardised and rounded to bf16 as `_features_kernel` does. The second
-        pass reads what the first just read, from L2 while few enough programs run at once."""
+        part of every patch's features, as `_features_kernel` writes them. The second pass reads what the first
+        just read, from L2 while few enough programs run at once."""
         for image_channel in range(tl.program_id(0), images_channels, programs):
             image = image_channel // CHANNELS
             channel = image_channel % CHANNELS
@@ -107,18 +107,17 @@ if triton is not None:
             variance = (tl.sum(tl.sum(squares, axis=1), axis=0) - total * total / count) / (count - 1)
             mean = first + total / count
             inverse_scale = 1.0 / (tl.sqrt_rn(tl.maximum(variance, 0.0)) + 1e-6)
-            y = tl.arange(0, PATCH_BLOCK)[:, None, None]
-            along = tl.arange(0, ROW_BLOCK)[None, :, None]
-            x = tl.arange(0, PATCH_BLOCK)[None, None, :]
-            valid = (y < PATCH) & (along < PATCHES_PER_ROW) & (x < PATCH)
-            feature = channel * PATCH * PATCH + y * PATCH + x
-            target = out + image.to(tl.int64) * out_stride_b + feature
             for patch_row in range(PATCH_ROWS):
-                values = tl.load(base + (patch_row * PATCH + y) * stride_h + (along * PATCH + x) * stride_w,
-                                 mask=valid, other=0.0)
-                standardised = (values.to(tl.float32) - mean) * inverse_scale
-                patch = patch_row * PATCHES_PER_ROW + along
-                tl.store(target + patch * (CHANNELS * PATCH * PATCH), _bf16(standardised, ROUND_BY_HAND), mask=valid)
+                _standardise_patch_row(base, out + image.to(tl.int64) * out_stride_b, channel, patch_row, mean,
+                                       inverse_scale, stride_h, stride_w, CHANNELS, PATCH, PATCH_BLOCK,
+                                       PATCHES_PER_ROW, ROW_BLOCK, ROUND_BY_HAND)
+
+
+def padded_output(pixels: torch.Tensor, patch_size: int, multiple: int) -> torch.Tensor:
+    """The features' buffer, (B, L', C * p * p) bf16, L' the patches rounded up to a multiple of `multiple`."""
+    b, c, h, w = pixels.shape
+    padded_length = triton.cdiv((h // patch_size) * (w // patch_size), multiple) * multiple
+    return torch.empty(b, padded_length, c * patch_size * patch_size, device=pixels.device, dtype=torch.bfloat16)
 
 
 @torch.compiler.assume_constant_result
@@ -134,8 +133,7 @@ def standardised_features(pixels: torch.Tensor, patch_size: int, multiple: int, 
     PROGRAMS_PER_SM per SM; under the interpreter, one per image channel)."""
     b, c, h, w = pixels.shape
     per_row, rows = w // patch_size, h // patch_size
-    padded_length = triton.cdiv(per_row * rows, multiple) * multiple
-    out = torch.empty(b, padded_length, c * patch_size * patch_size, device=pixels.device, dtype=torch.bfloat16)
+    out = padded_output(pixels, patch_size, multiple)
     if not programs:
         programs = b * c if not pixels.is_cuda else multiprocessors(pixels.device.index) * PROGRAMS_PER_SM
     programs = min(programs, b * c)
@@ -156,8 +154,7 @@ def padded_features(pixels: torch.Tensor, mean: torch.Tensor, inverse_scale: tor
     buffer once compiled, 0.024 ms on an H200)."""
     b, c, h, w = pixels.shape
     per_row, rows = w // patch_size, h // patch_size
-    padded_length = triton.cdiv(per_row * rows, multiple) * multiple
-    out = torch.empty(b, padded_length, c * patch_size * patch_size, device=pixels.device, dtype=torch.bfloat16)
+    out = padded_output(pixels, patch_size, multiple)
     _features_kernel[(rows, c, b)](
         pixels, mean.reshape(b, c).float().contiguous(), inverse_scale.reshape(b, c).float().contiguous(), out,
         *pixels.stride(), out.stride(0), CHANNELS=c, PATCH=patch_size,

@@ -56,6 +56,13 @@ def enabled(pixels: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def nearest_bf16_by_hand(x):
+        """fp32 x rounded to the nearest bf16 value (ties to even), as fp32: the interpreter (triton 3.8) truncates
+        when it converts to bf16."""
+        bits = x.to(tl.uint32, bitcast=True)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _standardised_tile(pixels, patch_offsets, pixel_offsets, pixel_valid, mean, inverse_scale,
                            WHOLE_STEPS: tl.constexpr, DOT_BF16: tl.constexpr):
         """(tile, PIXELS_PER_STEP) standardised pixels of the patches at `patch_offsets`, rounded to bf16; zeros
@@ -69,10 +76,9 @@ if triton is not None:
         if DOT_BF16:
             rounded = x.to(tl.bfloat16)  # to nearest even
         else:
-            # the interpreter (triton 3.8) truncates to bf16 and its bf16 tl.dot is wrong: the same bf16 values,
-            # rounded to nearest even by hand, as fp32 (exact, and so are their products)
-            bits = x.to(tl.uint32, bitcast=True)
-            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            # the interpreter's bf16 tl.dot is wrong too: the same bf16 values as fp32 (exact, and so are their
+            # products)
+            rounded = nearest_bf16_by_hand(x)
         return rounded
 
     @triton.jit
