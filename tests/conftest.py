@@ -31,6 +31,30 @@ def smooth_pixels(batch: int, height: int, width: int, seed: int = 0) -> torch.T
     return torch.randn(batch, 3, height, width, generator=g).cumsum(-1).cumsum(-2) / 50
 
 
+def check_kmeans_on_gpu_assigns_as_on_cpu_without_a_host_sync(compiled: bool) -> None:
+    """k-means eager or compiled (fullgraph, any Triton kernel of the library inside the graph) gives the clusters
+    the CPU gives (a patch may differ only where two centres are within rounding of each other), and never waits
+    for the GPU. For the kernels' tests, with their switches set."""
+    from clustermask import masking
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    pixels = smooth_pixels(16, 224, 224)
+    initial = torch.rand(16, 196, generator=g).argsort(1)[:, :8]
+    on_cpu = masking.kmeans_clusters(pixels, 16, initial, 3)
+    clusters = torch.compile(masking.kmeans_clusters, fullgraph=True) if compiled else masking.kmeans_clusters
+    pixels, initial = pixels.cuda(), initial.cuda()
+    clusters(pixels, 16, initial, 3)  # warm-up: compilation and Triton's first launch may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu = clusters(pixels, 16, initial, 3)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert (on_gpu.cpu() == on_cpu).float().mean() > 0.995
+    assert all(len(a.unique()) > 2 for a in on_cpu)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """Small synthetic data, generated once per test session (paths.data of the configs)."""
