@@ -63,8 +63,8 @@ def compile_features_kernel(patch: int, image: int, capability: int, stages: int
         kernel, warps = features_kernel._features_kernel, 4
         arguments = pointers | {"mean": "*fp32", "inverse_scale": "*fp32"} | strides
     names = list(kernel.arg_names)
-    aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in {**pointers, **strides, "mean": 0,
-                                                                             "inverse_scale": 0} if name in arguments}
+    counts = ("images_channels", "programs")  # the only arguments that are not pointers or strides
+    aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in arguments if name not in counts}
     source = ASTSource(kernel, arguments | {name: "constexpr" for name in constants}, constants, aligned)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": warps, "num_stages": stages}), warps
