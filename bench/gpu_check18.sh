@@ -8,20 +8,28 @@
 #    features_kernel.standardised_features, off by default, 2, 1 or 4 programs per SM); 12 kernels each, with
 #    inductor's generated code (TORCH_LOGS=output_code): whether the small k-means kernel of 0.008 ms in run 12
 #    and 0.042 ms in run 13 (same code) varies again; then kmeans' op alone three more times, each in a process
-#    of its own with inductor's caches off (its choices made afresh).
+#    of its own with inductor's caches off (its choices made afresh), the third without autotuning the reductions
+#    (TORCHINDUCTOR_FORCE_FILTER_REDUCTION_CONFIGS=1: one config each, by inductor's heuristic). Every stage
+#    logs inductor's autotuning (+torch._inductor.runtime.triton_heuristics, DEBUG: each config's time). The
+#    suspicion to check: a kernel of 8 us is timed launch-bound when autotuned (its mutated buffer is cloned
+#    inside the timed call), so its configs measure alike and the pick is by chance, then cached for the process
+#    (run 13's every kmeans variant had the slow one); XBLOCK=1 (50176 programs) would explain 0.042 ms.
 #    If `tfused` (or tfused1/4) beats `current`, set features_kernel.FUSED_STATISTICS (and PROGRAMS_PER_SM).
 # 2. The compiled steps at 0.5 of random and kmeans in turn (3 rounds): the op's share of the same run's step.
 # 3. In the time left, every CUDA test, those of the kernels and of k-means first.
 set -u
 source bench/gpu_setup.sh  # sets OUT to a work folder, packed into $OUT/<script>.tgz: pack, quiet LOG
-TORCH_LOGS=output_code timeout 210 python3 bench/masking.py --out "$OUT/masking_op" --op-only --modes compiled \
+AUTOTUNE_LOG=+torch._inductor.runtime.triton_heuristics
+TORCH_LOGS="output_code,$AUTOTUNE_LOG" timeout 210 python3 bench/masking.py --out "$OUT/masking_op" --op-only --modes compiled \
   --compile-ratios 0.5 --strategies random,cluster-rgb,cluster-embedding,cluster-mixed,kmeans \
   --variants current,inductorfeat,tf32iter,tfused,tfused1,tfused4 --kernels 12 --budget-s 190 \
   2> "$OUT/output_code.log" | quiet "$OUT/masking_op.log"
 for round in 1 2 3; do  # kmeans' op again, each time compiled afresh (no inductor cache): does it vary?
   [ "$SECONDS" -lt 285 ] || break
-  TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 timeout 40 python3 bench/masking.py --out "$OUT/masking_op_kmeans_$round" \
-    --op-only --modes compiled --compile-ratios 0.5 --strategies kmeans --kernels 12 2>&1 \
+  filter=0; [ "$round" -lt 3 ] || filter=1  # the third: no autotuning of reductions
+  TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 TORCHINDUCTOR_FORCE_FILTER_REDUCTION_CONFIGS=$filter TORCH_LOGS="$AUTOTUNE_LOG" \
+    timeout 40 python3 bench/masking.py --out "$OUT/masking_op_kmeans_$round" --op-only --modes compiled \
+    --compile-ratios 0.5 --strategies kmeans --kernels 12 2> "$OUT/autotune_kmeans_$round.log" \
     | quiet "$OUT/masking_op_kmeans_$round.log"
 done
 left=$((440 - SECONDS)); [ "$left" -lt 200 ] || left=200
