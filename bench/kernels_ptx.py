@@ -1,8 +1,9 @@
-"""Compile clustermask's Triton kernels (gram_kernel, features_kernel) for a GPU architecture without a GPU, and
-report what ptxas says of them.
+"""Compile clustermask's Triton kernels (gram_kernel, features_kernel, assignment_kernel) for a GPU architecture
+without a GPU, and report what ptxas says of them.
 
     python bench/kernels_ptx.py --out bench/results/gram_kernel_sm90      # ViT-B-16's shapes, sm_90a (H100/H200)
     python bench/kernels_ptx.py --kernel features --out bench/results/features_kernel_sm90
+    python bench/kernels_ptx.py --kernel assignment --out bench/results/assignment_kernel_sm90
 
 (`--kernel kmeans` compiled clustermask/kmeans_kernel.py, removed after run 9 measured it: commit 294e73f.)
 
@@ -26,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from clustermask import features_kernel, gram_kernel  # noqa: E402
+from clustermask import assignment_kernel, features_kernel, gram_kernel  # noqa: E402
 from bench.results_files import write_results  # noqa: E402
 
 POINTERS = ("pixels", "mean", "inverse_scale", "out")
@@ -68,6 +69,28 @@ def compile_features_kernel(patch: int, image: int, capability: int, stages: int
     source = ASTSource(kernel, arguments | {name: "constexpr" for name in constants}, constants, aligned)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": warps, "num_stages": stages}), warps
+
+
+def compile_assignment_kernel(patches: int, k: int, capability: int, stages: int, start: bool, last: bool):
+    """`_start_kernel` or `_iteration_kernel` as a launch on ViT-B-16's Gram (padded to 200, a view of 196)
+    specialises it: pointers divisible by 16, the column stride 1."""
+    constants = {"ROWS": triton.next_power_of_2(patches), "K": k, "CENTRES": triton.next_power_of_2(k), "LAST": last}
+    if start:
+        kernel = assignment_kernel._start_kernel
+        arguments = {"dots": "*fp32", "initial": "*i64", "inverse_norms_out": "*fp32", "similarity_out": "*fp32",
+                     "unit_members_out": "*fp32", "assignment_out": "*i64", "length": "i32", "stride_b": "i32",
+                     "stride_row": "i32"}
+        constants["stride_col"] = 1
+    else:
+        kernel = assignment_kernel._iteration_kernel
+        arguments = {name: "*fp32" for name in ("to_sums", "inverse_norms", "similarity", "unit_members")}
+        arguments |= {"assignment": "*i64", "similarity_out": "*fp32", "unit_members_out": "*fp32",
+                      "assignment_out": "*i64", "length": "i32"}
+    names = list(kernel.arg_names)
+    aligned = {(names.index(name),): [["tt.divisibility", 16]] for name, kind in arguments.items() if "*" in kind}
+    source = ASTSource(kernel, arguments | {name: "constexpr" for name in constants}, constants, aligned)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": assignment_kernel.NUM_WARPS, "num_stages": stages})
 
 
 def ptxas_report(ptx: str, capability: int) -> dict:
@@ -135,14 +158,26 @@ def features_rows(args) -> list:
     return rows
 
 
+def assignment_rows(args) -> list:
+    patches = (args.image // args.patch) ** 2
+    rows = []
+    for start in (True, False):
+        for last in (False, True):
+            kernel = compile_assignment_kernel(patches, args.centres, args.capability, args.stages, start, last)
+            rows.append({"kernel": "_start_kernel" if start else "_iteration_kernel", "last": last,
+                         "num_warps": assignment_kernel.NUM_WARPS, **kernel_report(kernel, args.capability)})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kernel", choices=["gram", "features"], default="gram")
+    parser.add_argument("--kernel", choices=["gram", "features", "assignment"], default="gram")
     parser.add_argument("--out", default=None, help="default: bench/results/<kernel>_kernel_ptx")
     parser.add_argument("--capability", type=int, default=90, help="90: H100/H200; 80: A100")
     parser.add_argument("--patch", type=int, default=16)
     parser.add_argument("--image", type=int, default=224)
     parser.add_argument("--tiles", default="64,128", help="the Gram kernel's")
+    parser.add_argument("--centres", type=int, default=8, help="the assignment kernels' k")
     parser.add_argument("--stages", type=int, default=3, help="Triton's num_stages (its default on a GPU: 3)")
     args = parser.parse_args(argv)
     header = {"kernel": args.kernel, "target": f"sm_{args.capability}", "triton": triton.__version__,
@@ -151,6 +186,10 @@ def main(argv=None) -> int:
         rows = gram_rows(args)
         lines = table(["tile", "diagonal", "warps"] + REPORTED,
                       [[r["tile"], r["diagonal"], r["num_warps"]] + reported(r) for r in rows])
+    elif args.kernel == "assignment":
+        rows = assignment_rows(args)
+        lines = table(["kernel", "last", "warps"] + REPORTED,
+                      [[r["kernel"], r["last"], r["num_warps"]] + reported(r) for r in rows])
     else:
         rows = features_rows(args)
         lines = table(["kernel", "warps"] + REPORTED, [[r["kernel"], r["num_warps"]] + reported(r) for r in rows])

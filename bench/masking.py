@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from clustermask import features_kernel, gram_kernel, masking  # noqa: E402
+from clustermask import assignment_kernel, features_kernel, gram_kernel, masking  # noqa: E402
 from clustermask.masking import MaskingConfig  # noqa: E402
 from clustermask.model import ModelConfig, create  # noqa: E402
 from bench.results_files import write_results  # noqa: E402
@@ -264,6 +264,9 @@ VARIANTS = {
     "tfused": ({"kmeans"}, lambda: use_fused_statistics(2)),
     "tfused1": ({"kmeans"}, lambda: use_fused_statistics(1)),
     "tfused4": ({"kmeans"}, lambda: use_fused_statistics(4)),
+    # k-means' steps between its GEMMs in clustermask.assignment_kernel's kernels, one launch per iteration (off by
+    # default until measured)
+    "tassign": ({"kmeans"}, lambda: setattr(assignment_kernel, "USE_ON_GPU", True)),
 }
 
 
@@ -274,6 +277,7 @@ VARIANT_SETTINGS = [(masking, name) for name in ("rgb_similarity", "kmeans_clust
 VARIANT_SETTINGS += [(gram_kernel, "USE_ON_GPU"), (gram_kernel, "TILE"),
                      (torch.backends.cuda.matmul, "allow_tf32")]
 VARIANT_SETTINGS += [(features_kernel, name) for name in ("USE_ON_GPU", "FUSED_STATISTICS", "PROGRAMS_PER_SM")]
+VARIANT_SETTINGS += [(assignment_kernel, "USE_ON_GPU")]
 
 
 @contextlib.contextmanager
@@ -449,7 +453,8 @@ def main(argv=None) -> int:
                              "(as until 2026-12-04), `sumstats` the channel statistics from shifted sums, "
                              "`tf32iter` k-means' iterations in TF32, `inductorfeat` k-means' features from inductor's "
                              "kernel rather than clustermask.features_kernel's, `tfused`/`tfused1`/`tfused4` the "
-                             "statistics in that kernel (2, 1 or 4 programs per SM); join with + "
+                             "statistics in that kernel (2, 1 or 4 programs per SM), `tassign` k-means' steps "
+                             "between its GEMMs in clustermask.assignment_kernel's kernels; join with + "
                              "(`pooled+bf16pixels`); with --interleave, one variant for every strategy")
     parser.add_argument("--kernels", type=int, default=0, help="on a GPU, list the op's N costliest kernels")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import features_kernel, gram_kernel
+from . import assignment_kernel, features_kernel, gram_kernel
 from .config import MaskingConfig, calibrated, hides_tokens, pooling_beyond_cls, validate_masking
 from .plugins import check_name_free
 
@@ -329,7 +329,10 @@ def kmeans_assignment(dots: torch.Tensor, initial: torch.Tensor, iters: int) -> 
     sum_q <u_q, sum> over the members. The nearest centre by that dot product is the nearest by cosine (they
     differ by |f_p|). The iterations read the (B, L, L) dot products (39 MB for ViT-B-16 at batch 256), never the
     (B, L, D) features (154 MB in fp32), which Lloyd's form reads twice per iteration, and the dot products
-    are never normalised in a pass of their own."""
+    are never normalised in a pass of their own. On a GPU where `assignment_kernel.enabled`, the steps between the
+    iterations' GEMMs run in its Triton kernels."""
+    if assignment_kernel.enabled(dots):
+        return assignment_kernel.kmeans_assignment(dots, initial, iters)
     length, k = dots.shape[1], initial.shape[1]
     inverse_norms = norms_from_squares(dots.diagonal(dim1=1, dim2=2)).reciprocal()  # (B, L)
     to_initial = dots.gather(2, initial[:, None, :].expand(-1, length, -1))  # (B, L, k)
