@@ -76,8 +76,9 @@ if triton is not None:
                                                             mask=centre_inside, other=1.0)))
         to_initial = tl.load(image_dots + rows * stride_row + centre_patch * stride_col, mask=inside, other=0.0)
         similarity = to_initial * centre_inverse_norms
-        tl.store(inverse_norms_out + image * length + rows, inverse_norms, mask=row_inside)
-        tl.store(similarity_out + image * length * K + rows * K + centres, similarity, mask=inside)
+        if not LAST:
+            tl.store(inverse_norms_out + image * length + rows, inverse_norms, mask=row_inside)
+            tl.store(similarity_out + image * length * K + rows * K + centres, similarity, mask=inside)
         _store_nearest(similarity, inverse_norms, image, length, unit_members_out, assignment_out, ROWS, K, CENTRES,
                        LAST)
 
