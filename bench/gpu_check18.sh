@@ -9,7 +9,8 @@
 #     (features_kernel.standardised_features; FUSED_STATISTICS, with 2, 1 or 4 programs per SM);
 #   `tassign`: k-means' steps between its GEMMs in clustermask/assignment_kernel.py, a program per image, one launch
 #     per iteration in place of inductor's four small kernels and their autotuning (assignment_kernel.USE_ON_GPU).
-# 1. The kernels' CUDA tests (features, assignment, Gram, k-means): a candidate is measured only if its tests pass.
+# 1. The kernels' CUDA tests (features, assignment, Gram; ViT-Tiny's tower compiled with kmeans, each kernel in its
+#    training graph, never run on a GPU yet): a candidate is measured only if its tests pass.
 # 2. The op alone, compiled, at 0.5, every strategy; kmeans also as each candidate and their union, `inductorfeat`
 #    (inductor's features, as until run 13) and `tf32iter` (not adoptable: a change of precision); 12 kernels each,
 #    with inductor's generated code and its autotuning (TORCH_LOGS output_code and
@@ -26,16 +27,17 @@
 set -u
 source bench/gpu_setup.sh  # sets OUT to a work folder, packed into $OUT/<script>.tgz: pack, quiet LOG
 AUTOTUNE_LOG=+torch._inductor.runtime.triton_heuristics
-KERNEL_TESTS="tests/test_features_kernel.py tests/test_assignment_kernel.py tests/test_gram_kernel.py"
-timeout 150 python3 -m pytest -q -rA -p no:cacheprovider $KERNEL_TESTS -m gpu 2>&1 \
+TOWER=tests/test_masking.py::test_compiled_tower_trains_kmeans_on_a_gpu_with_its_kernels_in_the_graph
+KERNEL_TESTS="tests/test_features_kernel.py tests/test_assignment_kernel.py tests/test_gram_kernel.py $TOWER"
+timeout 170 python3 -m pytest -q -rA -p no:cacheprovider $KERNEL_TESTS -m gpu 2>&1 \
   | tee "$OUT/gpu_tests_kernels.txt" | tail -3
 passed() {  # the tests of $1 (a file) matching $2 all passed, and at least one ran
   local log="$OUT/gpu_tests_kernels.txt"
   grep -q -E "^PASSED $1::[^ ]*$2" "$log" && ! grep -q -E "^(FAILED|ERROR) $1::[^ ]*$2" "$log"
 }
 VARIANTS=current
-FUSED=0; passed tests/test_features_kernel.py "" && FUSED=1
-ASSIGN=0; passed tests/test_assignment_kernel.py "" && ASSIGN=1
+FUSED=0; passed tests/test_features_kernel.py "" && passed tests/test_masking.py "\[fused\]" && FUSED=1
+ASSIGN=0; passed tests/test_assignment_kernel.py "" && passed tests/test_masking.py "\[assign\]" && ASSIGN=1
 [ $FUSED = 1 ] && [ $ASSIGN = 1 ] && VARIANTS+=,tfused+tassign
 [ $FUSED = 1 ] && VARIANTS+=,tfused
 [ $ASSIGN = 1 ] && VARIANTS+=,tassign
@@ -43,9 +45,9 @@ ASSIGN=0; passed tests/test_assignment_kernel.py "" && ASSIGN=1
 VARIANTS+=,inductorfeat,tf32iter
 echo "kmeans variants: $VARIANTS" | tee "$OUT/kmeans_variants.txt"
 pack
-TORCH_LOGS="output_code,$AUTOTUNE_LOG" timeout 220 python3 bench/masking.py --out "$OUT/masking_op" --op-only \
+TORCH_LOGS="output_code,$AUTOTUNE_LOG" timeout 210 python3 bench/masking.py --out "$OUT/masking_op" --op-only \
   --modes compiled --compile-ratios 0.5 --strategies random,cluster-rgb,cluster-embedding,cluster-mixed,kmeans \
-  --variants "$VARIANTS" --kernels 12 --budget-s 200 2> "$OUT/output_code.log" | quiet "$OUT/masking_op.log"
+  --variants "$VARIANTS" --kernels 12 --budget-s 190 2> "$OUT/output_code.log" | quiet "$OUT/masking_op.log"
 BEST=$(python3 - "$OUT/masking_op.json" <<'PY'
 import json, sys
 try:
@@ -58,7 +60,7 @@ print(min((ms, name) for name, ms in kmeans.items())[1] if kmeans else "current"
 PY
 )
 echo "kmeans' step as: $BEST" | tee "$OUT/best_variant.txt"
-timeout 200 python3 bench/masking.py --out "$OUT/masking_compiled_steps" --modes compiled --compile-ratios 0.5 \
+timeout 190 python3 bench/masking.py --out "$OUT/masking_compiled_steps" --modes compiled --compile-ratios 0.5 \
   --strategies random,kmeans --interleave 3 --variants "$BEST" 2>&1 | quiet "$OUT/masking_compiled_steps.log"
 for round in 1 2; do  # kmeans' op again, each time compiled afresh (no inductor cache): does it vary?
   [ "$SECONDS" -lt 470 ] || break

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clustermask import masking
+from clustermask import assignment_kernel, features_kernel, masking
 from clustermask.data import DataConfig, sample_batches
 from clustermask.masking import MaskingConfig, MaskingInputs, TokenMasker, select_tokens
 from clustermask.model import ModelConfig, create
@@ -833,6 +833,28 @@ def test_compiled_tower_trains_masked_and_evaluates_unmasked():
     visual.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(images), visual(images))
+
+
+@pytest.mark.gpu
+@NEEDS_CUDA
+@pytest.mark.parametrize("kernels", ["default", "fused", "assign"])
+def test_compiled_tower_trains_kmeans_on_a_gpu_with_its_kernels_in_the_graph(kernels, monkeypatch):
+    """`model.compile: true` with kmeans on a GPU, under bf16 autocast: the Triton kernels of features_kernel (the
+    default) and, switched on, of its fused statistics or of assignment_kernel, inside the graph that trains; the
+    quota holds, the clusters are k-means' (several per image), gradients reach conv1."""
+    monkeypatch.setattr(features_kernel, "FUSED_STATISTICS", kernels == "fused")
+    monkeypatch.setattr(assignment_kernel, "USE_ON_GPU", kernels == "assign")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, *_, masker = create(ModelConfig(), MaskingConfig(strategy="kmeans", ratio=0.5), total_steps=10)
+    visual = model.visual.cuda().train()
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)).cumsum(-1).cumsum(-2) / 30
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.compile(visual)(images.cuda()).float().square().sum().backward()
+    clusters = masker.last.scores.cluster_id
+    assert masker.last.keep.shape == (4, 32) and clusters.shape == (4, 64)
+    assert all(2 < len(image.unique()) <= masker.cfg.kmeans_k for image in clusters)
+    assert visual.conv1.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("device", ["cpu", ON_GPU])
