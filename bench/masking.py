@@ -252,7 +252,7 @@ VARIANTS = {
     "tgram128": ({"kmeans"}, lambda: use_gram_kernel(128)),
     "features": ({"kmeans"}, lambda: setattr(gram_kernel, "USE_ON_GPU", False)),
     "tgrampad": ({"kmeans"}, lambda: setattr(masking, "kmeans_clusters", kernel_padded_kmeans_clusters)),
-    "divided": ({"kmeans"}, lambda: use_divided_standardisation()),
+    "divided": ({"kmeans"}, use_divided_standardisation),
     "sumstats": ({"kmeans"}, lambda: setattr(masking, "channel_statistics", summed_channel_statistics)),
     # what k-means' fp32 iterations would gain on tensor cores (TF32 rounds the dot products to 2^-11 of
     # themselves: a change of the method's precision, not taken)
