@@ -19,7 +19,7 @@ SlurmctldPort=6817
 SlurmdPort=6818
 AuthType=auth/munge
 # a requeued job waits this long before it may start again (default 120 s; two requeues in the tests)
-AuthInfo=cred_expire=30
+AuthInfo=cred_expire=10
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 ProctrackType=proctrack/linuxproc

@@ -6,8 +6,10 @@ pickles `StageTask`). A failure is marked in the run directory and re-raised so 
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -217,6 +219,27 @@ def _close_sweep_run(manifest: graph.Manifest, out_dir: Path) -> None:
 STAGE_FUNCTIONS = {"train": train_point, "eval": eval_point, "report": report}
 
 
+# the signals submitit handles in a job (SUBMITIT_PREEMPT_SIGNAL may move its requeue signal to SIGUSR1)
+SUBMITIT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGCONT)
+
+
+def handle_signals_in_this_process_only() -> None:
+    """The job's signal handlers run in the job's own process, not in the processes it forks. SLURM signals every
+    process of a step, and a DataLoader worker inherits submitit's handlers: ahead of a time limit it would pickle
+    the job and call `scontrol requeue` beside the main process, and its exit would raise an error in the main
+    process's own requeue, marking the stage failed."""
+    owner = os.getpid()
+    for signum in SUBMITIT_SIGNALS:
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            signal.signal(signum, functools.partial(_handle_in, owner, handler))
+
+
+def _handle_in(owner: int, handler, signum, frame) -> None:
+    if os.getpid() == owner:
+        handler(signum, frame)
+
+
 class StageTask(submitit.helpers.Checkpointable):
     """Picklable entry point for submitit; on a time limit or preemption it is requeued and resumes."""
 
@@ -224,6 +247,7 @@ class StageTask(submitit.helpers.Checkpointable):
         self.stage = stage
 
     def __call__(self, path: str) -> str:
+        handle_signals_in_this_process_only()  # submitit installed its handlers before calling us
         if self.stage == "train" and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         return STAGE_FUNCTIONS[self.stage](path)

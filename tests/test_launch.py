@@ -4,6 +4,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -716,6 +717,45 @@ def test_a_training_that_waits_for_its_loader_says_so_beside_its_progress(tmp_pa
         jobs._progress(tmp_path, "train", 120, 400, waited)
         shown.append(graph.read_state(tmp_path, "train")["progress"])
     assert shown == ["120/400, 35% waiting for data", "120/400", "120/400"]
+
+
+class SignalsItself:
+    """A dataset whose loader worker signals itself, as SLURM signals every process of a step."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        return os.getpid()
+
+
+def test_a_jobs_signal_handlers_run_in_its_own_process_and_not_in_its_loader_workers(tmp_path):
+    """Ahead of a time limit SLURM sends SIGUSR2 to every process of the step; submitit's handler, inherited by a
+    forked DataLoader worker, must run in the job's process only (a worker's would pickle the job and requeue it
+    a second time)."""
+    import torch.utils.data
+    from launch import jobs
+
+    record = tmp_path / "handled_in"
+
+    def handler(signum, frame):
+        with open(record, "a") as out:
+            out.write(f"{os.getpid()}\n")
+
+    saved = {signum: signal.getsignal(signum) for signum in jobs.SUBMITIT_SIGNALS}
+    try:
+        signal.signal(signal.SIGUSR2, handler)
+        jobs.handle_signals_in_this_process_only()
+        loader = torch.utils.data.DataLoader(SignalsItself(), num_workers=1, multiprocessing_context="fork")
+        workers = {int(pid) for pid in loader}
+        assert workers and os.getpid() not in workers
+        assert not record.exists(), f"handled in the worker: {record.read_text()}"
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert record.read_text() == f"{os.getpid()}\n"
+    finally:
+        for signum, previous in saved.items():
+            signal.signal(signum, previous)
 
 
 class TrackingHere:
