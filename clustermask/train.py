@@ -135,6 +135,15 @@ def init_distributed(device: str):
     return rank, world, device
 
 
+def largest_over_ranks(value: float, device: str, world: int) -> float:
+    """The largest of the ranks' `value`s, on every rank (a collective: all ranks call it at the same step)."""
+    if world == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float32, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor.item()
+
+
 class Trainer:
     """One training run in one run directory. `run()` resumes from the latest checkpoint there."""
 
@@ -295,8 +304,10 @@ class Trainer:
                            # all ranks', as open_clip logs it: they step together (DDP's all-reduce)
                            "train/samples_per_s": samples * self.world / max(now - timer, 1e-9),
                            "train/samples_per_s_per_rank": samples / max(now - timer, 1e-9),
-                           # near 1: the loader bounds the run (more data.workers and cores); near 0: the step does
-                           "train/data_wait_share": min(1.0, self.waited_for_data / max(now - timer, 1e-9)),
+                           # near 1: the loader bounds the run (more data.workers and cores); near 0: the step does.
+                           # The slowest rank's: the others wait for it in DDP's all-reduce, which is step time to them
+                           "train/data_wait_share": largest_over_ranks(
+                               min(1.0, self.waited_for_data / max(now - timer, 1e-9)), self.device, self.world),
                            "train/minutes": self.train_seconds(now) / 60}
                 timer, logged_step, self.waited_for_data = now, step, 0.0
                 if self.rank == 0:  # an attempt killed outright then loses only the time since this log

@@ -1,4 +1,5 @@
 import itertools
+import json
 import time
 from types import SimpleNamespace
 
@@ -108,6 +109,58 @@ def test_the_share_of_time_spent_waiting_for_the_loader_is_logged(tmp_path, synt
         shares[name] = [logged[step]["train/data_wait_share"] for step in (2, 4)]
     assert all(0.75 < share <= 1.0 for share in shares["slow"]), shares
     assert all(share < 0.05 for share in shares["made in advance"]), shares
+
+
+
+def train_as_one_of_two_ranks(rank: int, port: int, run_dir, synthetic_root, logged_path) -> None:
+    """In a forked process: rank `rank` of a 2-process gloo group, whose loader, on rank 1 only, makes the clock jump
+    30 s before each batch (as in the test above); each rank writes its logged metrics to `logged_path`."""
+    import os
+
+    try:
+        os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        stream, real_clock, jumped = train.training_stream, time.perf_counter, [0.0]
+        clock = lambda: real_clock() + jumped[0]  # noqa: E731
+        train.time, train.wait_clock = SimpleNamespace(perf_counter=clock), clock
+
+        def loader(*args, **kwargs):
+            for batch in [batch for batch, _ in zip(stream(*args, **kwargs), range(4))]:
+                jumped[0] += 30.0 if rank == 1 else 0.0
+                yield batch
+
+        train.training_stream = loader
+        logged = {}
+        train.Trainer(ModelConfig(), MaskingConfig(strategy="random", ratio=0.5),
+                      DataConfig(train_shards=str(synthetic_root / "train"), workers=0),
+                      TrainConfig(steps=4, batch_size=8, log_every=2, warmup_steps=1, device="cpu", threads=1),
+                      run_dir, log=lambda metrics, step: logged.update({step: metrics})).run()
+        logged_path.write_text(json.dumps(logged))
+    finally:
+        os._exit(0 if logged_path.exists() else 1)
+
+
+def test_the_wait_share_logged_is_the_slowest_ranks(tmp_path, synthetic_root):
+    """Two ranks, rank 1's loader slower than the step: rank 0 waits for rank 1 in DDP's all-reduce, not for its
+    own loader, but the run is bound by a loader all the same, and rank 0 (the one whose metrics reach MLflow)
+    says so."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    fork = multiprocessing.get_context("fork")
+    ranks = [fork.Process(target=train_as_one_of_two_ranks,
+                          args=(rank, port, tmp_path / "run", synthetic_root, tmp_path / f"rank{rank}.json"))
+             for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=240)
+    assert [process.exitcode for process in ranks] == [0, 0]
+    for rank in (0, 1):
+        logged = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert all(0.75 < logged[step]["train/data_wait_share"] <= 1.0 for step in ("2", "4")), (rank, logged)
 
 
 def train_weights(run_dir, synthetic_root, seed: int) -> dict:
