@@ -177,7 +177,7 @@ def test_clip_benchmarks_own_cli_loads_our_checkpoint_scores_it_as_we_do_and_bui
     run = subprocess.run([str(cli), "build", *results, "--output", str(built)], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = list(csv.DictReader(built.open()))
+    rows = list(csv.DictReader(built.read_text().splitlines()))
     assert len(rows) == 1 and rows[0]["dataset"] == "wds/shapes" and rows[0]["task"] == "zeroshot_classification"
     assert float(rows[0]["acc1"]) == pytest.approx(ours["zeroshot_classification/wds/shapes/acc1"])
 

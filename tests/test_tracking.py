@@ -45,10 +45,11 @@ def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (sqlite backend, artifacts served over HTTP), as a team would run one."""
     root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
+    server_log = open(root / "server.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                 "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
                                 "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                               stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"))
+                               stdout=subprocess.DEVNULL, stderr=server_log)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     # the client's default retries a failing server for minutes per call; here a failure should show at once
@@ -69,6 +70,7 @@ def mlflow_server(tmp_path_factory):
         env.undo()
         process.terminate()
         process.wait(timeout=30)
+        server_log.close()
 
 
 def test_a_tracking_server_holds_the_same_records(mlflow_server, tmp_path):
