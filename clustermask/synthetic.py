@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -252,15 +254,27 @@ def write_sugarcrepe(cfg: SyntheticConfig, out: Path) -> None:
 
 
 def generate(cfg: SyntheticConfig) -> Path:
-    """Write every set under cfg.root; returns the root. Refuses to write over a non-empty root."""
+    """Write every set under cfg.root; returns the root. Refuses to write over a non-empty root.
+
+    The sets are written into a folder beside the root, renamed to it once complete: an interrupted run (Ctrl-C
+    in the demo) leaves no half-written root, which the next run would refuse as not empty."""
     root = Path(cfg.root)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; pick another --out or remove it first")
-    write_training_shards(cfg, root / "train")
-    write_classification(cfg, root / "eval" / "shapes")
-    write_retrieval(cfg, root / "eval" / "scenes")
-    write_sugarcrepe(cfg, root / "eval" / "sugar_crepe")
-    (root / "synthetic.json").write_text(json.dumps(cfg.__dict__, indent=1))
+    partial = root.resolve().with_name(f".{root.resolve().name}.partial-{os.getpid()}")
+    try:
+        write_training_shards(cfg, partial / "train")
+        write_classification(cfg, partial / "eval" / "shapes")
+        write_retrieval(cfg, partial / "eval" / "scenes")
+        write_sugarcrepe(cfg, partial / "eval" / "sugar_crepe")
+        (partial / "synthetic.json").write_text(json.dumps(cfg.__dict__, indent=1))
+        if root.exists():  # empty, as checked above; it may be the working folder, so filled rather than replaced
+            for name in ("train", "eval", "synthetic.json"):
+                (partial / name).rename(root / name)
+        else:
+            partial.rename(root)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return root
 
 

@@ -4,6 +4,7 @@ import itertools
 import json
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from clip_benchmark.datasets.builder import build_dataset
 from clustermask import synthetic
 from clustermask.data import DataConfig, check_workers, interval_batches, shard_urls, split_transform, training_stream
 from clustermask.model import ModelConfig, create
-from clustermask.synthetic import SUGARCREPE_TASKS, SyntheticConfig, generate
+from clustermask.synthetic import SUGARCREPE_TASKS, SyntheticConfig, ensure, generate
 
 from conftest import SMALL
 
@@ -42,6 +43,35 @@ def test_generate_refuses_to_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match=str(tmp_path)):
         generate(SyntheticConfig(root=str(tmp_path)))
     assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+
+@pytest.mark.parametrize("made_empty", [False, True])
+def test_an_interrupted_generation_leaves_nothing_the_next_refuses(tmp_path, monkeypatch, made_empty):
+    """Ctrl-C while the demo writes its data: no half-written root (which `ensure` would refuse as not empty) and
+    nothing beside it; the next run writes it all. A root that is there, empty, is filled."""
+    small = {**SMALL, "train_samples": 40, "classification_train": 36, "classification_test": 18,
+             "retrieval_test": 6, "sugarcrepe_per_task": 3}
+    cfg = SyntheticConfig(root=str(tmp_path / "data" / "synthetic"), **small)
+    (tmp_path / "data").mkdir()
+    if made_empty:
+        (tmp_path / "data" / "synthetic").mkdir()
+    write_retrieval = synthetic.write_retrieval
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "write_retrieval", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ensure(cfg)
+    assert list((tmp_path / "data").iterdir()) == ([Path(cfg.root)] if made_empty else [])
+    assert not made_empty or list(Path(cfg.root).iterdir()) == []
+    monkeypatch.setattr(synthetic, "write_retrieval", write_retrieval)
+    root = ensure(cfg)
+    assert sorted(p.name for p in root.iterdir()) == ["eval", "synthetic.json", "train"]
+    assert sorted(p.name for p in (root / "eval").iterdir()) == ["scenes", "shapes", "sugar_crepe"]
+    assert list((tmp_path / "data").iterdir()) == [root]
+    assert ensure(cfg) == root  # the same config: kept
 
 
 def test_training_shards_in_img2dataset_format(synthetic_root):
