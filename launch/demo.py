@@ -14,6 +14,20 @@ from pathlib import Path
 from clustermask.synthetic import SyntheticConfig, ensure
 
 
+INTERRUPTED = 130  # the sweep command's exit after a Ctrl-C
+
+
+def run_sweep(command) -> int:
+    """The sweep command's exit code. A Ctrl-C reaches it too (one process group): it ends its running task, marks
+    what never ran and says how to resume, within its own grace period. Waiting for it, instead of killing it a
+    quarter second later as `subprocess.call` does, lets it finish that."""
+    sweep = subprocess.Popen(command)
+    try:
+        return sweep.wait()
+    except KeyboardInterrupt:
+        return sweep.wait()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default="outputs", help="where data, sweeps and MLflow go")
@@ -21,12 +35,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     started = time.time()
     root = Path(args.root).resolve()
-    data = ensure(SyntheticConfig(root=str(root / "data" / "synthetic")))
+    try:
+        data = ensure(SyntheticConfig(root=str(root / "data" / "synthetic")))
+    except KeyboardInterrupt:
+        print("[demo] interrupted while writing the synthetic data (none of it kept)", file=sys.stderr)
+        return INTERRUPTED
     print(f"[demo] synthetic data in {data} ({time.time() - started:.0f}s)", flush=True)
     sweep_name = f"demo_{dt.datetime.now():%Y%m%d_%H%M%S}"
     command = [sys.executable, "-m", "launch.app", "-m", "experiment=demo", f"paths.root={root}",
                f"sweep_name={sweep_name}", *args.overrides]
-    code = subprocess.call(command)
+    code = run_sweep(command)
+    if code == INTERRUPTED:
+        print("[demo] interrupted", file=sys.stderr)
+        return code
     if code != 0:
         print(f"[demo] the sweep failed (exit {code})", file=sys.stderr)
         return code

@@ -370,6 +370,20 @@ def test_a_killed_local_sweep_is_shown_failed_and_resubmission_resumes_it(tmp_pa
     assert "resumed from" in (graph.Path(manifest.points[0].run_dir) / "logs" / "train.log").read_text()
 
 
+def interrupt_when(command, started, what: str, group: bool = True):
+    """Run `command` as in a terminal, and once `started()` Ctrl-C it: SIGINT to its process group, as a terminal
+    sends it, or (`group=False`) to the command alone; its exit code and stderr."""
+    with process_group(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as run:
+        deadline = time.time() + 300
+        while not started():
+            assert time.time() < deadline and run.poll() is None, f"{what} never started"
+            time.sleep(0.05)
+        (os.killpg if group else os.kill)(run.pid, signal.SIGINT)
+        _, stderr = run.communicate(timeout=90)
+    return run.returncode, stderr
+
+
 @pytest.mark.parametrize("reaches", ["process group", "sweep command only"])
 def test_ctrl_c_stops_a_local_sweep_at_once_and_says_how_to_resume(tmp_path, synthetic_root, reaches):
     """Ctrl-C reaches the sweep command and its running task (one process group): the sweep must stop there,
@@ -379,16 +393,30 @@ def test_ctrl_c_stops_a_local_sweep_at_once_and_says_how_to_resume(tmp_path, syn
     command = [sys.executable, "-m", "launch.app", "-m", f"paths.root={tmp_path}", f"paths.data={synthetic_root}",
                "sweep_name=interrupted", "masking=random", "train.seed=0,1", "train.steps=400", "train.batch_size=32"]
     sweep_dir = tmp_path / "sweeps" / "interrupted"
-    with process_group(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as sweep:  # as in a terminal
-        deadline = time.time() + 300
-        while not list(sweep_dir.glob("points/*/status/train.json")):
-            assert time.time() < deadline and sweep.poll() is None, "the first point never started training"
-            time.sleep(0.2)
-        (os.killpg if reaches == "process group" else os.kill)(sweep.pid, signal.SIGINT)
-        _, stderr = sweep.communicate(timeout=90)
-    assert sweep.returncode == 130 and f"clustermask-resubmit {sweep_dir}` resumes the rest" in stderr, stderr[-2000:]
+    code, stderr = interrupt_when(command, lambda: list(sweep_dir.glob("points/*/status/train.json")),
+                                  "the first point's training", group=reaches == "process group")
+    assert code == 130 and f"clustermask-resubmit {sweep_dir}` resumes the rest" in stderr, stderr[-2000:]
     assert "Traceback" not in stderr
     rows = sweep_status(graph.Manifest.load(sweep_dir))
     assert [(r["train"], r["eval"]) for r in rows] == [("failed", "cancelled"), ("cancelled", "cancelled")]
     assert not (graph.Path(graph.Manifest.load(sweep_dir).points[1].run_dir) / "status").exists()  # never started
+
+
+def test_ctrl_c_stops_the_demo_as_it_stops_its_sweep(tmp_path):
+    """`clustermask-demo` runs the sweep command as a child, which gets the Ctrl-C too: the demo waits while the
+    sweep ends its task, marks what never ran and says how to resume (`subprocess.call` killed it a quarter second
+    after the Ctrl-C), then exits 130 without a traceback. Interrupted while it writes its data, it keeps none."""
+    demo = graph.Path(sys.executable).parent / "clustermask-demo"
+    command = [str(demo), "--root", str(tmp_path), "train.steps=400"]
+    code, stderr = interrupt_when(command, lambda: list(tmp_path.glob("data/.synthetic.partial-*/train/*.tar")),
+                                  "writing the data")
+    assert code == 130 and stderr.rstrip().endswith("[demo] interrupted while writing the synthetic data "
+                                                    "(none of it kept)"), stderr[-2000:]
+    assert "Traceback" not in stderr and list((tmp_path / "data").iterdir()) == []
+    code, stderr = interrupt_when(command, lambda: list(tmp_path.glob("sweeps/*/points/*/status/train.json")),
+                                  "the demo's first point")
+    sweep_dir = next(tmp_path.glob("sweeps/*"))
+    assert code == 130 and stderr.rstrip().endswith("[demo] interrupted"), stderr[-2000:]
+    assert f"clustermask-resubmit {sweep_dir}` resumes the rest" in stderr and "Traceback" not in stderr
+    rows = sweep_status(graph.Manifest.load(sweep_dir))
+    assert [(r["train"], r["eval"]) for r in rows] == [("failed", "cancelled")] + [("cancelled", "cancelled")] * 3
