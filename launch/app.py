@@ -305,9 +305,13 @@ def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Regis
     try:
         record = executor.submit(manifest, plan)
     except SubmissionError as exc:
-        raise SystemExit(f"error: {exc}\nThe sweep is written in {sweep_dir} and none of it runs: fix the cause "
-                         f"and submit it with `clustermask-resubmit {sweep_dir} [key=value fixes, e.g. "
-                         "launcher.train.partition=NAME]`") from None
+        if exc.interrupted:
+            hint = f"submit it with `clustermask-resubmit {sweep_dir}`"
+        else:
+            hint = (f"fix the cause and submit it with `clustermask-resubmit {sweep_dir} [key=value fixes, e.g. "
+                    "launcher.train.partition=NAME]`")
+        print(f"error: {exc}\nThe sweep is written in {sweep_dir} and none of it runs: {hint}", file=sys.stderr)
+        raise SystemExit(130 if exc.interrupted else 1) from None
     manifest.submissions.append(record)
     manifest.save()
     print_submission(manifest, record)

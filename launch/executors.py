@@ -188,7 +188,12 @@ def check_resources(stage: str, resources) -> None:
 
 
 class SubmissionError(RuntimeError):
-    """sbatch refused a job of the sweep; nothing of this submission is left queued."""
+    """sbatch refused a job of the sweep, or a Ctrl-C stopped the submission (`interrupted`); nothing of this
+    submission is left queued."""
+
+    def __init__(self, message: str, interrupted: bool = False):
+        super().__init__(message)
+        self.interrupted = interrupted
 
 
 class SlurmExecutor:
@@ -265,10 +270,17 @@ class SlurmExecutor:
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             if self.dry_run:
                 raise
-            if queued:
-                subprocess.run(["scancel", *queued], capture_output=True, timeout=60)
-            cancelled = f"; cancelled what it had queued ({', '.join(queued)})" if queued else ""
-            raise SubmissionError(f"submission failed{cancelled}: {' '.join(str(exc).split())}") from exc
+            raise SubmissionError(f"submission failed{self._cancel(queued)}: {' '.join(str(exc).split())}") from exc
+        except KeyboardInterrupt:  # a Ctrl-C between two sbatch calls
+            raise SubmissionError(f"submission interrupted{self._cancel(queued)}", interrupted=True) from None
+
+    @staticmethod
+    def _cancel(queued: List[str]) -> str:
+        """scancel the jobs `queued`; what to add to the error."""
+        if not queued:
+            return ""
+        subprocess.run(["scancel", *queued], capture_output=True, timeout=60)
+        return f"; cancelled what it had queued ({', '.join(queued)})"
 
     def _submit(self, manifest: graph.Manifest, plan: Plan, queued: List[str]) -> Dict:
         record: Dict = {"time": _now(), "executor": "slurm", "train": [], "eval": []}

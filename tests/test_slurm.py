@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -40,6 +41,17 @@ def one_eval_task(synthetic_root) -> str:
 def queued() -> set:
     out = subprocess.run(["squeue", "-h", "-o", "%F"], capture_output=True, text=True, check=True).stdout
     return {line.strip() for line in out.splitlines() if line.strip()}
+
+
+def leaves_the_queue(job_id: str, within_s: float = 30) -> bool:
+    """Whether `job_id` leaves squeue within `within_s`: a cancelled job that had started shows as completing a
+    moment longer."""
+    deadline = time.time() + within_s
+    while job_id in queued():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def base_ids(manifest, submission=-1):
@@ -271,26 +283,59 @@ fi
 exec {sbatch} "$@"
 """
 
+# sbatch, except that at the second job it is asked to submit the user presses Ctrl-C (a SIGINT to the sweep
+# command, which waits for it), and it submits nothing
+SBATCH_INTERRUPTED_AT_THE_SECOND_JOB = """#!/bin/bash
+for arg in "$@"; do [ "$arg" = --test-only ] && exec {sbatch} "$@"; done
+count=$(( $(cat {counter} 2>/dev/null || echo 0) + 1 )); echo $count > {counter}
+if [ $count -ge 2 ]; then
+  kill -INT $PPID
+  sleep 30
+  exit 1
+fi
+exec {sbatch} "$@"
+"""
+
+
+def sbatch_in_front(tmp_path, script: str) -> dict:
+    """An environment whose `sbatch` is `script` ({sbatch}: the real one, {counter}: a file it may count in)."""
+    wrapper = tmp_path / "bin"
+    wrapper.mkdir()
+    (wrapper / "sbatch").write_text(script.format(sbatch=shutil.which("sbatch"), counter=tmp_path / "submitted"))
+    (wrapper / "sbatch").chmod(0o755)
+    return {**os.environ, "PATH": f"{wrapper}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_a_ctrl_c_between_two_sbatch_calls_cancels_what_the_sweep_had_queued(slurm, tmp_path, synthetic_root):
+    """Nothing may stay queued that the manifest does not record: a resubmission would submit it again, and two
+    jobs would train the same point into the same folder."""
+    result = subprocess.run([sys.executable, "-m", "launch.app", "-m", f"paths.root={tmp_path}",
+                             f"paths.data={synthetic_root}", *SMALL_RESOURCES, "train.steps=4",
+                             one_eval_task(synthetic_root)], capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env=sbatch_in_front(tmp_path, SBATCH_INTERRUPTED_AT_THE_SECOND_JOB),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    assert result.returncode == 130, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-2:]
+    assert error[0].startswith("error: submission interrupted; cancelled what it had queued ("), error
+    assert error[1].endswith("none of it runs: submit it with `clustermask-resubmit "
+                             f"{next(tmp_path.glob('sweeps/*'))}`") and "Traceback" not in result.stderr
+    assert leaves_the_queue(error[0].split("(")[1].split(")")[0])
+    assert graph.Manifest.load(next(tmp_path.glob("sweeps/*"))).submissions == []
+
 
 def test_a_refused_sbatch_cancels_what_the_sweep_had_queued_and_resubmission_recovers(slurm, tmp_path,
                                                                                        synthetic_root):
     """The training array is queued, then sbatch refuses the evaluation array (a QOS submit limit): the launch
     fails naming sbatch's reason, cancels the training array, and the sweep is resubmitted whole."""
-    limited = tmp_path / "bin"
-    limited.mkdir()
-    (limited / "sbatch").write_text(SBATCH_WITH_A_SUBMIT_LIMIT.format(sbatch=shutil.which("sbatch"),
-                                                                      counter=tmp_path / "submitted"))
-    (limited / "sbatch").chmod(0o755)
     result = subprocess.run([sys.executable, "-m", "launch.app", "-m", f"paths.root={tmp_path}",
                              f"paths.data={synthetic_root}", *SMALL_RESOURCES, "train.steps=4",
                              one_eval_task(synthetic_root)], capture_output=True, text=True, cwd=REPO, timeout=300,
-                            env={**os.environ, "PATH": f"{limited}{os.pathsep}{os.environ['PATH']}"})
+                            env=sbatch_in_front(tmp_path, SBATCH_WITH_A_SUBMIT_LIMIT))
     assert result.returncode == 1
     error = result.stderr.strip().splitlines()[-2:]
     assert error[0].startswith("error: submission failed; cancelled what it had queued (")
     assert "QOSMaxSubmitJobPerUserLimit" in error[0] and "clustermask-resubmit" in error[1]
-    train_id = error[0].split("(")[1].split(")")[0]
-    assert train_id not in queued()
+    assert leaves_the_queue(error[0].split("(")[1].split(")")[0])
     sweep_dir = next(tmp_path.glob("sweeps/*"))
     manifest = graph.Manifest.load(sweep_dir)
     assert manifest.submissions == []
