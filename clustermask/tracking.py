@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -20,6 +22,7 @@ from .files import SQLITE, sqlite_path
 # compute nodes are often offline: no MLflow usage reports from our processes unless the user asks for them
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 MAX_PARAM_LENGTH = 6000
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
 
 
 def resolve_uri(cfg: TrackingConfig, sweep_dir: Path) -> str:
@@ -128,6 +131,14 @@ def create_sweep_runs(cfg: TrackingConfig, uri: str, sweep_id: str, params: Mapp
 TRAINING_METRICS = ("train/", "mask/")
 
 
+def as_metrics(metrics: Mapping[str, float], step: Optional[int] = None) -> list:
+    """mlflow Metric entities for `metrics` at `step`, timestamped now."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+
+
 class RunLogger:
     """Logs metrics and tags to one existing run."""
 
@@ -135,12 +146,13 @@ class RunLogger:
         self.client, self.run_id = client(uri), run_id
 
     def metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
-        from mlflow.entities import Metric
-        import time
+        self.send(as_metrics(metrics, step))
 
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+    def send(self, batch: list) -> None:
+        """Log `batch` (mlflow Metric entities), removing from it what has gone: what is left failed."""
+        while batch:
+            self.client.log_batch(self.run_id, metrics=batch[:MAX_METRICS_PER_BATCH])
+            del batch[:MAX_METRICS_PER_BATCH]
 
     def supersede(self, evaluated: Mapping[str, float]) -> List[str]:
         """Log NaN for each evaluation metric on the run that `evaluated`, a whole evaluation's metrics, lacks (a
@@ -166,3 +178,21 @@ class RunLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+class MetricsThatWait:
+    """A training's metrics for a run: what the store cannot take at one log is kept, with a warning, and sent with
+    the next. An MLflow server restarting, or a sqlite store locked past its timeout, then costs a warning instead of
+    a training of days (the training's tags at its end, and evaluations, still fail on a store that stays down: a
+    resubmission redoes them in minutes)."""
+
+    def __init__(self, logger: RunLogger):
+        self.logger, self.unsent = logger, []
+
+    def __call__(self, metrics: Mapping[str, float], step: int) -> None:
+        self.unsent += as_metrics(metrics, step)
+        try:
+            self.logger.send(self.unsent)
+        except Exception as exc:  # MlflowException, or the HTTP client's own on a server that is down
+            warnings.warn(f"MLflow did not take the metrics of step {step}; they wait for the next log with the "
+                          f"others not sent ({len(self.unsent)} values): {exc!r}"[:2000])

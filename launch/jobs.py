@@ -135,15 +135,17 @@ def _load_plugins(cfg, stage: str, logger) -> None:
 
 
 def train_point(run_dir: str) -> str:
+    from clustermask.tracking import MetricsThatWait
     from clustermask.train import Trainer
 
     cfg = graph.load_point_config(Path(run_dir))
 
     def body(logger):
         _load_plugins(cfg, "train", logger)
+        tracked = MetricsThatWait(logger) if logger else None
 
         def log(metrics, step):
-            logger.metrics(metrics, step)
+            tracked(metrics, step)
             _progress(run_dir, "train", step, cfg.train.steps, metrics.get("train/data_wait_share"))
 
         trainer = Trainer(_typed(cfg.model), _typed(cfg.masking), _typed(cfg.data), _typed(cfg.train),

@@ -1,5 +1,6 @@
 """MLflow records of a sweep: one parent run, a child per point, in a sqlite store started from a template,
 or on a real `mlflow server`."""
+import contextlib
 import subprocess
 import sys
 import time
@@ -40,22 +41,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` (sqlite backend, artifacts served over HTTP), as a team would run one."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    server_log = open(root / "server.log", "wb")
+@contextlib.contextmanager
+def mlflow_server_at(root, port: int):
+    """A real `mlflow server` (sqlite backend, artifacts served over HTTP), as a team would run one: its URI once
+    it answers; stopped at the end."""
+    server_log = open(root / "server.log", "ab")
     process = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                 "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
                                 "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
                                stdout=subprocess.DEVNULL, stderr=server_log)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
-    # the client's default retries a failing server for minutes per call; here a failure should show at once
-    env = pytest.MonkeyPatch()
-    env.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    env.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     try:
         while True:
             try:
@@ -65,13 +61,28 @@ def mlflow_server(tmp_path_factory):
                 pass
             assert process.poll() is None and time.time() < deadline, (root / "server.log").read_text()[-3000:]
             time.sleep(0.5)
-        yield uri, root
+        yield uri
     finally:
-        env.undo()
         process.terminate()
         process.wait(timeout=30)
         server_log.close()
 
+
+@pytest.fixture(scope="module")
+def failing_fast():
+    """The client's default retries a failing server for minutes per call; here a failure should show at once."""
+    env = pytest.MonkeyPatch()
+    env.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    env.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    yield
+    env.undo()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory, failing_fast):
+    root = tmp_path_factory.mktemp("mlflow_server")
+    with mlflow_server_at(root, free_port()) as uri:
+        yield uri, root
 
 def test_a_tracking_server_holds_the_same_records(mlflow_server, tmp_path):
     """tracking.uri=http://...: runs, params, metrics, tags and the mask picture go to the server, and the
@@ -102,3 +113,24 @@ def test_a_tracking_server_holds_the_same_records(mlflow_server, tmp_path):
     (report / "results.md").write_text("| label |")
     RunLogger(uri, parent).artifact(report, "report")
     assert [a.path for a in client(uri).list_artifacts(parent, "report")] == ["report/results.md"]
+
+
+def test_training_metrics_the_server_cannot_take_wait_for_the_next_log(tmp_path, failing_fast):
+    """The server stops (a restart) between two logs: the training's metrics of the log in between warn and wait,
+    and go with the next log once it is back; none is lost, and nothing is sent twice."""
+    from clustermask.tracking import MetricsThatWait, RunLogger
+
+    port = free_port()
+    with mlflow_server_at(tmp_path, port) as uri:
+        _, (run_id,) = create_sweep_runs(TrackingConfig(uri=uri, experiment="team"), uri, "s", {},
+                                         [PointRun("p0", "", {})])
+        log = MetricsThatWait(RunLogger(uri, run_id))
+        log({"train/loss": 3.0, "train/lr": 0.1}, 10)
+    with pytest.warns(UserWarning, match=r"MLflow did not take the metrics of step 20; .* \(2 values\)"):
+        log({"train/loss": 2.0, "train/lr": 0.2}, 20)
+    with mlflow_server_at(tmp_path, port):
+        log({"train/loss": 1.0, "train/lr": 0.3}, 30)
+        history = {key: sorted((m.step, m.value) for m in client(uri).get_metric_history(run_id, key))
+                   for key in ("train/loss", "train/lr")}
+    assert history == {"train/loss": [(10, 3.0), (20, 2.0), (30, 1.0)], "train/lr": [(10, 0.1), (20, 0.2), (30, 0.3)]}
+    assert log.unsent == []
