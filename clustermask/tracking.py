@@ -194,5 +194,7 @@ class MetricsThatWait:
         try:
             self.logger.send(self.unsent)
         except Exception as exc:  # MlflowException, or the HTTP client's own on a server that is down
+            if getattr(exc, "error_code", None) == "INVALID_PARAMETER_VALUE":
+                raise  # a metric no store takes (a strategy's stat named with '@'), not an outage: fail now
             warnings.warn(f"MLflow did not take the metrics of step {step}; they wait for the next log with the "
                           f"others not sent ({len(self.unsent)} values): {exc!r}"[:2000])

@@ -118,6 +118,8 @@ def test_a_tracking_server_holds_the_same_records(mlflow_server, tmp_path):
 def test_training_metrics_the_server_cannot_take_wait_for_the_next_log(tmp_path, failing_fast):
     """The server stops (a restart) between two logs: the training's metrics of the log in between warn and wait,
     and go with the next log once it is back; none is lost, and nothing is sent twice."""
+    from mlflow.exceptions import MlflowException
+
     from clustermask.tracking import MetricsThatWait, RunLogger
 
     port = free_port()
@@ -134,3 +136,5 @@ def test_training_metrics_the_server_cannot_take_wait_for_the_next_log(tmp_path,
                    for key in ("train/loss", "train/lr")}
     assert history == {"train/loss": [(10, 3.0), (20, 2.0), (30, 1.0)], "train/lr": [(10, 0.1), (20, 0.2), (30, 0.3)]}
     assert log.unsent == []
+    with pytest.raises(MlflowException, match="recall@1"):  # what no store takes fails at once: no outage to wait out
+        MetricsThatWait(RunLogger(f"sqlite:///{tmp_path / 'runs.db'}", "no-run"))({"recall@1": 0.5}, 40)
