@@ -231,6 +231,25 @@ def merge_same_runs(points: List[ComposedPoint], strategies: Mapping[str, List[s
     return list(runs.values()), list(unused_notes) + merge_notes
 
 
+def tracking_server_problem(uri: str, timeout_s: float = 10.0) -> str:
+    """For an http(s) `tracking.uri`: a preflight line if nothing answers there (connection refused, no such host,
+    no answer in `timeout_s`), else "". Any HTTP answer, even one that asks for a login, counts as a server."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return ""
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return ""
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return (f"tracking.uri={uri!r}: no MLflow server answers there ({reason}); start it, or leave tracking.uri "
+                "empty for the sweep's own sqlite store")
+    return ""
+
+
 def _check_writable(sweep_dir: Path) -> None:
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -291,12 +310,13 @@ def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Regis
     if (sweep_dir / "manifest.json").exists():
         raise SystemExit(f"error: {sweep_dir} already holds a sweep (manifest.json); use `clustermask-resubmit "
                          f"{sweep_dir}` to finish it, or choose another sweep_name=")
+    refused = [problem for problem in [tracking_server_problem(points[0].config["tracking"]["uri"] or "")] if problem]
     if launcher.executor == "slurm":
-        refused = SlurmExecutor(launcher, sweep_dir, "preflight").refusals(Plan(train=list(range(len(points)))))
-        if refused:
-            print("error: preflight failed, nothing was submitted:\n" + "\n".join(f"  {r}" for r in refused),
-                  file=sys.stderr)
-            raise SystemExit(2)
+        refused += SlurmExecutor(launcher, sweep_dir, "preflight").refusals(Plan(train=list(range(len(points)))))
+    if refused:
+        print("error: preflight failed, nothing was submitted:\n" + "\n".join(f"  {r}" for r in refused),
+              file=sys.stderr)
+        raise SystemExit(2)
     _check_writable(sweep_dir)
     manifest = create_sweep(sweep_dir, points, tracker, config_folders)
     executor = make_executor(launcher, sweep_dir, manifest.sweep_id)

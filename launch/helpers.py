@@ -98,6 +98,9 @@ class TrackingInChild(_Child):
         request = {"tracking": tracking, "uri": uri, "sweep_id": sweep_id, "params": params,
                    "points": [dataclasses.asdict(p) for p in points], "artifacts": artifacts}
         answer = self._answer(json.dumps(request))
+        if "tracking_error" in answer:
+            raise SystemExit(f"error: MLflow at {uri} did not record the sweep's runs, nothing was submitted: "
+                             f"{answer['tracking_error']}")
         return answer["parent"], answer["runs"]
 
 
@@ -110,8 +113,11 @@ def _serve_tracking() -> dict:
     if not request.strip():
         return {}
     req = json.loads(request)
-    parent, runs = create_sweep_runs(TrackingConfig(**req["tracking"]), req["uri"], req["sweep_id"], req["params"],
-                                     [PointRun(**p) for p in req["points"]], req["artifacts"])
+    try:
+        parent, runs = create_sweep_runs(TrackingConfig(**req["tracking"]), req["uri"], req["sweep_id"],
+                                         req["params"], [PointRun(**p) for p in req["points"]], req["artifacts"])
+    except Exception as exc:  # MlflowException: a server that went away, a store that refuses
+        return {"tracking_error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:3000]}
     return {"parent": parent, "runs": runs}
 
 

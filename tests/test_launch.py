@@ -1,4 +1,5 @@
 """Configs compose, preflight names bad values, dry runs print the graph, hostile values stay inert."""
+import http.server
 import json
 import os
 import re
@@ -8,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -424,6 +426,45 @@ def test_preflight_failure_submits_nothing_and_names_the_point(tmp_path, synthet
     assert "nothing was submitted" in result.stderr
     assert "  points 1, 3: masking.ratio=1.5 must be in [0, 1)" in result.stderr  # the same error, named once
     assert not list(tmp_path.rglob("manifest.json")) and not list(tmp_path.rglob("mlflow.db"))
+
+
+class LoginWallThenErrors(http.server.BaseHTTPRequestHandler):
+    """A tracking URI with a server that asks for a login at /health and fails every MLflow call."""
+
+    def do_GET(self):
+        self.send_response(401 if self.path.startswith("/health") else 500)
+        self.end_headers()
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_tracking_server_that_is_not_there_or_fails_stops_the_sweep_with_a_line(tmp_path, synthetic_root,
+                                                                                   monkeypatch):
+    """Nothing at tracking.uri: preflight names it, nothing is written. A server that answers (even asking for a
+    login) passes preflight; one that then refuses the sweep's runs stops it with MLflow's error in one line."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the client would retry a failing server for minutes
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    result = sweep_cli(f"paths.root={tmp_path}", f"paths.data={synthetic_root}", f"tracking.uri=http://127.0.0.1:{port}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (f"error: preflight failed, nothing was submitted:\n  tracking.uri='http://127.0.0.1:{port}': no MLflow "
+            "server answers there (") in result.stderr
+    assert not list(tmp_path.iterdir())
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoginWallThenErrors)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        result = sweep_cli(f"paths.root={tmp_path}", f"paths.data={synthetic_root}", f"tracking.uri={uri}")
+    finally:
+        server.shutdown()
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().startswith(f"error: MLflow at {uri} did not record the sweep's runs, nothing was "
+                                            "submitted: MlflowException: "), result.stderr[-3000:]
+    assert not list(tmp_path.rglob("manifest.json"))
 
 
 def test_a_sweep_whose_points_differ_in_the_sweeps_own_settings_is_refused_naming_them(tmp_path, synthetic_root):
