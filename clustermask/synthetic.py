@@ -298,7 +298,12 @@ def main(argv=None) -> None:
     for key in ("train_shards", "eval_shards", "train_samples"):
         if args[key] < 1:
             parser.error(f"--{key.replace('_', '-')}={args[key]} must be at least 1")
-    root = generate(SyntheticConfig(**args))
+    try:
+        root = generate(SyntheticConfig(**args))
+    except FileExistsError as exc:  # names the folder and what to do
+        parser.error(str(exc))
+    except OSError as exc:
+        parser.error(f"--out {args['root']}: cannot write there ({exc.strerror or exc})")
     print(f"synthetic data written to {root}")
 
 

@@ -373,6 +373,14 @@ def _hydra_cli(cfg: DictConfig) -> None:
     """Only reached for Hydra's own flags (--cfg, --help, --info, ...), which print and never run the task."""
 
 
+def hydra_error(exc: HydraException) -> str:
+    """Hydra's error on one line, with the first line of its cause: `Error merging override masking.ratio=abc` says
+    which override, its OmegaConf cause why (`Value 'abc' of type 'str' could not be converted to Float`)."""
+    message = " ".join(str(exc).split())
+    cause = str(exc.__cause__ or "").strip().split("\n")[0]
+    return f"{message}: {cause}" if cause and cause not in message else message
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = get_args_parser().parse_args(argv)
@@ -387,7 +395,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         try:
             sweep = compose_sweep(args.overrides, multirun=args.multirun)
         except HydraException as exc:
-            raise SystemExit(f"error: {' '.join(str(exc).split())}") from None
+            raise SystemExit(f"error: {hydra_error(exc)}") from None
         check_sweep_settings(sweep.points)
         for point in sweep.points:
             if point.config is not None:

@@ -35,11 +35,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     started = time.time()
     root = Path(args.root).resolve()
+    data_root = root / "data" / "synthetic"
     try:
-        data = ensure(SyntheticConfig(root=str(root / "data" / "synthetic")))
+        data = ensure(SyntheticConfig(root=str(data_root)))
     except KeyboardInterrupt:
         print("[demo] interrupted while writing the synthetic data (none of it kept)", file=sys.stderr)
         return INTERRUPTED
+    except FileExistsError:
+        print(f"[demo] error: {data_root} holds something other than the demo's data; pick another --root or remove "
+              "it", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a --root that cannot be written
+        print(f"[demo] error: --root {args.root}: cannot write there ({exc.strerror or exc})", file=sys.stderr)
+        return 2
     print(f"[demo] synthetic data in {data} ({time.time() - started:.0f}s)", flush=True)
     sweep_name = f"demo_{dt.datetime.now():%Y%m%d_%H%M%S}"
     command = [sys.executable, "-m", "launch.app", "-m", "experiment=demo", f"paths.root={root}",

@@ -419,6 +419,20 @@ def test_hydra_flags_print_and_submit_nothing(tmp_path, synthetic_root):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("override, error", [
+    ("masking.ratio=abc", "Error merging override masking.ratio=abc: Value 'abc' of type 'str' could not be "
+                          "converted to Float"),
+    ("train.steps=1.5", "Error merging override train.steps=1.5: Value '1.5' of type 'float' could not be converted "
+                        "to Integer"),
+    ("masking.ratoi=0.3", "Could not override 'masking.ratoi'. To append to your config use +masking.ratoi=0.3: Key "
+                          "'ratoi' not in 'MaskingConfig'")])
+def test_a_bad_override_is_one_line_that_says_which_and_why(override, error):
+    """Hydra's own message names the override; its OmegaConf cause says what is wrong with it."""
+    with pytest.raises(HydraException) as caught:
+        compose_sweep([override], multirun=False)
+    assert app.hydra_error(caught.value) == error
+
+
 def test_preflight_failure_submits_nothing_and_names_the_point(tmp_path, synthetic_root):
     result = sweep_cli(f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "masking=random,cluster",
                        "masking.ratio=0.3,1.5")

@@ -74,6 +74,29 @@ def test_an_interrupted_generation_leaves_nothing_the_next_refuses(tmp_path, mon
     assert ensure(cfg) == root  # the same config: kept
 
 
+
+def test_the_data_command_and_the_demo_name_a_folder_they_cannot_use(tmp_path, capsys):
+    """A folder that holds something else, or one that cannot be made: a line naming it, exit 2, no traceback."""
+    from launch import demo
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("precious")
+    (tmp_path / "a_file").write_text("")
+    for out, error in ((tmp_path / "full", f"{tmp_path / 'full'} is not empty; pick another --out"),
+                       (tmp_path / "a_file" / "data", f"--out {tmp_path / 'a_file' / 'data'}: cannot write there")):
+        with pytest.raises(SystemExit) as exit_:
+            synthetic.main(["--out", str(out)])
+        assert exit_.value.code == 2 and error in capsys.readouterr().err
+    (tmp_path / "root" / "data" / "synthetic").mkdir(parents=True)
+    (tmp_path / "root" / "data" / "synthetic" / "mine.txt").write_text("")
+    for root, error in ((tmp_path / "root", f"{tmp_path / 'root' / 'data' / 'synthetic'} holds something other than "
+                                            "the demo's data; pick another --root"),
+                        (tmp_path / "a_file", f"--root {tmp_path / 'a_file'}: cannot write there")):
+        assert demo.main(["--root", str(root)]) == 2
+        assert capsys.readouterr().err.startswith(f"[demo] error: {error}")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "precious"
+
+
 def test_training_shards_in_img2dataset_format(synthetic_root):
     urls = shard_urls(str(synthetic_root / "train"))
     assert len(urls) == SMALL["train_shards"] >= 2
