@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import graph
-from .executors import Plan, SlurmExecutor, describe, make_executor
+from .executors import Plan, SlurmExecutor, SubmissionError, describe, make_executor
 
 QUEUE_STATES = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
                 "REQUEUED": "pending", "REQUEUE_HOLD": "pending", "REQUEUE_FED": "pending", "RESIZING": "running",
@@ -416,7 +416,7 @@ def resubmit_main(argv=None) -> int:
         resubmit(Path(args.sweep_dir), args.overrides, args.dry_run, args.evaluate_again)
     except (ValueError, FileNotFoundError, RuntimeError, OmegaConfBaseException) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 130 if isinstance(exc, SubmissionError) and exc.interrupted else 2
     return 0
 
 

@@ -303,7 +303,12 @@ def sbatch_in_front(tmp_path, script: str) -> dict:
     wrapper.mkdir()
     (wrapper / "sbatch").write_text(script.format(sbatch=shutil.which("sbatch"), counter=tmp_path / "submitted"))
     (wrapper / "sbatch").chmod(0o755)
-    return {**os.environ, "PATH": f"{wrapper}{os.pathsep}{os.environ['PATH']}"}
+    return sbatch_in_front_again(tmp_path)
+
+
+def sbatch_in_front_again(tmp_path) -> dict:
+    """The environment of `sbatch_in_front(tmp_path, ...)` again, its counter where it was."""
+    return {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
 
 
 def test_a_ctrl_c_between_two_sbatch_calls_cancels_what_the_sweep_had_queued(slurm, tmp_path, synthetic_root):
@@ -320,7 +325,16 @@ def test_a_ctrl_c_between_two_sbatch_calls_cancels_what_the_sweep_had_queued(slu
     assert error[1].endswith("none of it runs: submit it with `clustermask-resubmit "
                              f"{next(tmp_path.glob('sweeps/*'))}`") and "Traceback" not in result.stderr
     assert leaves_the_queue(error[0].split("(")[1].split(")")[0])
-    assert graph.Manifest.load(next(tmp_path.glob("sweeps/*"))).submissions == []
+    sweep_dir = next(tmp_path.glob("sweeps/*"))
+    assert graph.Manifest.load(sweep_dir).submissions == []
+    # the resubmission, interrupted at its first sbatch call (the wrapper's third): nothing queued, nothing recorded
+    resubmit_cli = Path(sys.executable).parent / "clustermask-resubmit"
+    result = subprocess.run([str(resubmit_cli), str(sweep_dir)], capture_output=True, text=True, cwd=REPO,
+                            timeout=300, env=sbatch_in_front_again(tmp_path),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == "error: submission interrupted" and "Traceback" not in result.stderr
+    assert graph.Manifest.load(sweep_dir).submissions == []
 
 
 def test_a_refused_sbatch_cancels_what_the_sweep_had_queued_and_resubmission_recovers(slurm, tmp_path,
