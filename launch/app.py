@@ -231,23 +231,23 @@ def merge_same_runs(points: List[ComposedPoint], strategies: Mapping[str, List[s
     return list(runs.values()), list(unused_notes) + merge_notes
 
 
-def tracking_server_problem(uri: str, timeout_s: float = 10.0) -> str:
+def tracking_server_problems(uri: str, timeout_s: float = 10.0) -> List[str]:
     """For an http(s) `tracking.uri`: a preflight line if nothing answers there (connection refused, no such host,
-    no answer in `timeout_s`), else "". Any HTTP answer, even one that asks for a login, counts as a server."""
+    no answer in `timeout_s`). Any HTTP answer, even one that asks for a login, counts as a server."""
     import urllib.error
     import urllib.request
 
     if not uri.startswith(("http://", "https://")):
-        return ""
+        return []
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        return ""
-    except (urllib.error.URLError, OSError) as exc:
+    except urllib.error.HTTPError:  # an answer
+        return []
+    except OSError as exc:  # URLError (refused, no such host) or a timeout
         reason = getattr(exc, "reason", exc)
-        return (f"tracking.uri={uri!r}: no MLflow server answers there ({reason}); start it, or leave tracking.uri "
-                "empty for the sweep's own sqlite store")
-    return ""
+        return [f"tracking.uri={uri!r}: no MLflow server answers there ({reason}); start it, or leave tracking.uri "
+                "empty for the sweep's own sqlite store"]
+    return []
 
 
 def _check_writable(sweep_dir: Path) -> None:
@@ -310,7 +310,7 @@ def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Regis
     if (sweep_dir / "manifest.json").exists():
         raise SystemExit(f"error: {sweep_dir} already holds a sweep (manifest.json); use `clustermask-resubmit "
                          f"{sweep_dir}` to finish it, or choose another sweep_name=")
-    refused = [problem for problem in [tracking_server_problem(points[0].config["tracking"]["uri"] or "")] if problem]
+    refused = tracking_server_problems(points[0].config["tracking"]["uri"] or "")
     if launcher.executor == "slurm":
         refused += SlurmExecutor(launcher, sweep_dir, "preflight").refusals(Plan(train=list(range(len(points)))))
     if refused:

@@ -25,6 +25,15 @@ SMALL = dict(seed=0, image_size=64, train_samples=2400, train_shards=4, classifi
              classification_test=180, retrieval_test=60, sugarcrepe_per_task=30, eval_shards=2)
 
 
+def free_port() -> int:
+    """A local TCP port that nothing listens on (bound for a moment, then closed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def smooth_pixels(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     """Images with regions, as CLIP-normalised pixels roughly are (so that k-means finds clusters)."""
     g = torch.Generator().manual_seed(seed)

@@ -24,7 +24,7 @@ from launch.expand import ComposedPoint, compose_sweep
 from launch.executors import Plan, SlurmExecutor, executor_parameters
 from launch.status import plan_resubmission
 
-from conftest import REPO
+from conftest import REPO, free_port
 
 CONFIGS = REPO / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
@@ -460,9 +460,7 @@ def test_a_tracking_server_that_is_not_there_or_fails_stops_the_sweep_with_a_lin
     """Nothing at tracking.uri: preflight names it, nothing is written. A server that answers (even asking for a
     login) passes preflight; one that then refuses the sweep's runs stops it with MLflow's error in one line."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the client would retry a failing server for minutes
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
+    port = free_port()
     result = sweep_cli(f"paths.root={tmp_path}", f"paths.data={synthetic_root}", f"tracking.uri=http://127.0.0.1:{port}")
     assert result.returncode == 2, result.stderr[-3000:]
     assert (f"error: preflight failed, nothing was submitted:\n  tracking.uri='http://127.0.0.1:{port}': no MLflow "

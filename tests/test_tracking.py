@@ -11,6 +11,8 @@ import pytest
 from clustermask.config import TrackingConfig
 from clustermask.tracking import PointRun, artifact_location, client, create_sweep_runs, resolve_uri
 
+from conftest import free_port
+
 
 def test_new_sqlite_stores_start_from_one_migrated_template(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -31,14 +33,6 @@ def test_new_sqlite_stores_start_from_one_migrated_template(tmp_path, monkeypatc
     templates = list((tmp_path / "cache" / "clustermask").glob("mlflow-*-empty.db"))
     assert len(templates) == 1
     assert client(f"sqlite:///{templates[0]}").get_experiment_by_name("ablation") is None  # it stays empty
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ import torch
 
 from clustermask import train
 from clustermask.config import DataConfig, MaskingConfig, ModelConfig, TrainConfig
-from conftest import NEEDS_CUDA, ON_GPU
+from conftest import NEEDS_CUDA, ON_GPU, free_port
 
 
 def test_throughput_counts_the_steps_of_each_log_interval(tmp_path, synthetic_root, monkeypatch):
@@ -79,28 +79,32 @@ def test_an_attempt_killed_outright_counts_up_to_its_last_checkpoint(tmp_path, s
     assert torch.load(final, weights_only=True)["train_seconds"] == 6.0
 
 
+def loader_that_jumps_the_clock(jump_s: float) -> dict:
+    """`train`'s attributes to set: a training stream of 4 batches made in advance, which moves the run's clock
+    `jump_s` on before handing over each (a loader that slow, without the wait), and that clock."""
+    stream, real_clock, jumped = train.training_stream, time.perf_counter, [0.0]
+    clock = lambda: real_clock() + jumped[0]  # noqa: E731
+
+    def handed_over(batches):
+        for batch in batches:
+            jumped[0] += jump_s
+            yield batch
+
+    def loader(*args, **kwargs):  # the batches are made when the trainer opens the stream, before its loop times it
+        return handed_over([batch for batch, _ in zip(stream(*args, **kwargs), range(4))])
+
+    return {"time": SimpleNamespace(perf_counter=clock), "wait_clock": clock, "training_stream": loader}
+
+
 def test_the_share_of_time_spent_waiting_for_the_loader_is_logged(tmp_path, synthetic_root, monkeypatch):
     """A loader slower than the step is nearly all the run's time; batches made in advance are none of it.
     The slow loader's wait is a 30 s jump of the run's clock rather than a real sleep, while the steps keep
     their real time (about 0.2 s each here, logging included): a real 0.5 s sleep gave shares of 0.71 in CI,
     where a step would now have to take 10 s for the share to fall under 0.75."""
-    stream, real_clock, jumped = train.training_stream, time.perf_counter, [0.0]
-    clock = lambda: real_clock() + jumped[0]  # noqa: E731
-    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=clock))
-    monkeypatch.setattr(train, "wait_clock", clock)
-
-    def made_in_advance(*args, **kwargs):
-        batches = [batch for batch, _ in zip(stream(*args, **kwargs), range(4))]
-        return iter(batches)
-
-    def slow(*args, **kwargs):
-        for batch in made_in_advance(*args, **kwargs):
-            jumped[0] += 30.0
-            yield batch
-
     shares = {}
-    for name, loader in (("slow", slow), ("made in advance", made_in_advance)):
-        monkeypatch.setattr(train, "training_stream", loader)
+    for name, jump_s in (("slow", 30.0), ("made in advance", 0.0)):
+        for attribute, value in loader_that_jumps_the_clock(jump_s).items():
+            monkeypatch.setattr(train, attribute, value)
         logged = {}
         train.Trainer(ModelConfig(), MaskingConfig(strategy="random", ratio=0.5),
                       DataConfig(train_shards=str(synthetic_root / "train"), workers=0),
@@ -114,21 +118,13 @@ def test_the_share_of_time_spent_waiting_for_the_loader_is_logged(tmp_path, synt
 
 def train_as_one_of_two_ranks(rank: int, port: int, run_dir, synthetic_root, logged_path) -> None:
     """In a forked process: rank `rank` of a 2-process gloo group, whose loader, on rank 1 only, makes the clock jump
-    30 s before each batch (as in the test above); each rank writes its logged metrics to `logged_path`."""
+    30 s before each batch; each rank writes its logged metrics to `logged_path`."""
     import os
 
     try:
         os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        stream, real_clock, jumped = train.training_stream, time.perf_counter, [0.0]
-        clock = lambda: real_clock() + jumped[0]  # noqa: E731
-        train.time, train.wait_clock = SimpleNamespace(perf_counter=clock), clock
-
-        def loader(*args, **kwargs):
-            for batch in [batch for batch, _ in zip(stream(*args, **kwargs), range(4))]:
-                jumped[0] += 30.0 if rank == 1 else 0.0
-                yield batch
-
-        train.training_stream = loader
+        for attribute, value in loader_that_jumps_the_clock(30.0 if rank == 1 else 0.0).items():
+            setattr(train, attribute, value)  # this process is the test's fork: nothing to undo
         logged = {}
         train.Trainer(ModelConfig(), MaskingConfig(strategy="random", ratio=0.5),
                       DataConfig(train_shards=str(synthetic_root / "train"), workers=0),
@@ -144,11 +140,8 @@ def test_the_wait_share_logged_is_the_slowest_ranks(tmp_path, synthetic_root):
     own loader, but the run is bound by a loader all the same, and rank 0 (the one whose metrics reach MLflow)
     says so."""
     import multiprocessing
-    import socket
 
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
     fork = multiprocessing.get_context("fork")
     ranks = [fork.Process(target=train_as_one_of_two_ranks,
                           args=(rank, port, tmp_path / "run", synthetic_root, tmp_path / f"rank{rank}.json"))
