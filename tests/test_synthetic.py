@@ -18,6 +18,10 @@ from clustermask.synthetic import SUGARCREPE_TASKS, SyntheticConfig, ensure, gen
 
 from conftest import SMALL
 
+# smaller than SMALL still, for the tests that generate their own sets
+TINY = {**SMALL, "train_samples": 40, "classification_train": 36, "classification_test": 18, "retrieval_test": 6,
+        "sugarcrepe_per_task": 3}
+
 
 def digest(root):
     h = hashlib.sha256()
@@ -28,11 +32,9 @@ def digest(root):
 
 
 def test_generation_is_deterministic_from_the_seed(tmp_path):
-    small = {**SMALL, "train_samples": 40, "classification_train": 36, "classification_test": 18,
-             "retrieval_test": 6, "sugarcrepe_per_task": 3}
-    a = generate(SyntheticConfig(root=str(tmp_path / "a"), **small))
-    b = generate(SyntheticConfig(root=str(tmp_path / "b"), **small))
-    c = generate(SyntheticConfig(root=str(tmp_path / "c"), **{**small, "seed": 1}))
+    a = generate(SyntheticConfig(root=str(tmp_path / "a"), **TINY))
+    b = generate(SyntheticConfig(root=str(tmp_path / "b"), **TINY))
+    c = generate(SyntheticConfig(root=str(tmp_path / "c"), **{**TINY, "seed": 1}))
     assert digest(a / "train") == digest(b / "train")
     assert digest(a / "eval") == digest(b / "eval")
     assert digest(a / "train") != digest(c / "train")
@@ -45,14 +47,11 @@ def test_generate_refuses_to_overwrite(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "precious"
 
 
-
 @pytest.mark.parametrize("made_empty", [False, True])
 def test_an_interrupted_generation_leaves_nothing_the_next_refuses(tmp_path, monkeypatch, made_empty):
     """Ctrl-C while the demo writes its data: no half-written root (which `ensure` would refuse as not empty) and
     nothing beside it; the next run writes it all. A root that is there, empty, is filled."""
-    small = {**SMALL, "train_samples": 40, "classification_train": 36, "classification_test": 18,
-             "retrieval_test": 6, "sugarcrepe_per_task": 3}
-    cfg = SyntheticConfig(root=str(tmp_path / "data" / "synthetic"), **small)
+    cfg = SyntheticConfig(root=str(tmp_path / "data" / "synthetic"), **TINY)
     (tmp_path / "data").mkdir()
     if made_empty:
         (tmp_path / "data" / "synthetic").mkdir()
@@ -72,7 +71,6 @@ def test_an_interrupted_generation_leaves_nothing_the_next_refuses(tmp_path, mon
     assert sorted(p.name for p in (root / "eval").iterdir()) == ["scenes", "shapes", "sugar_crepe"]
     assert list((tmp_path / "data").iterdir()) == [root]
     assert ensure(cfg) == root  # the same config: kept
-
 
 
 def test_the_data_command_and_the_demo_name_a_folder_they_cannot_use(tmp_path, capsys):
