@@ -299,15 +299,16 @@ class Trainer:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 # the interval since the last log: shorter than log_every at the end or after a resume
                 now, samples = time.perf_counter(), (step - logged_step) * cfg.batch_size
+                interval = max(now - timer, 1e-9)
                 metrics = {"train/loss": finite_loss(loss, step, cfg.lr), "train/lr": optimizer.param_groups[0]["lr"],
                            "train/logit_scale": logit_scale.item(),
                            # all ranks', as open_clip logs it: they step together (DDP's all-reduce)
-                           "train/samples_per_s": samples * self.world / max(now - timer, 1e-9),
-                           "train/samples_per_s_per_rank": samples / max(now - timer, 1e-9),
+                           "train/samples_per_s": samples * self.world / interval,
+                           "train/samples_per_s_per_rank": samples / interval,
                            # near 1: the loader bounds the run (more data.workers and cores); near 0: the step does.
                            # The slowest rank's: the others wait for it in DDP's all-reduce, which is step time to them
                            "train/data_wait_share": largest_over_ranks(
-                               min(1.0, self.waited_for_data / max(now - timer, 1e-9)), self.device, self.world),
+                               min(1.0, self.waited_for_data / interval), self.device, self.world),
                            "train/minutes": self.train_seconds(now) / 60}
                 timer, logged_step, self.waited_for_data = now, step, 0.0
                 if self.rank == 0:  # an attempt killed outright then loses only the time since this log

@@ -12,8 +12,10 @@ directories, MLflow runs and manifest.json are written and the graph goes to the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -231,23 +233,21 @@ def merge_same_runs(points: List[ComposedPoint], strategies: Mapping[str, List[s
     return list(runs.values()), list(unused_notes) + merge_notes
 
 
-def tracking_server_problems(uri: str, timeout_s: float = 10.0) -> List[str]:
-    """For an http(s) `tracking.uri`: a preflight line if nothing answers there (connection refused, no such host,
-    no answer in `timeout_s`). Any HTTP answer, even one that asks for a login, counts as a server."""
+def tracking_server_missing(uri: str, timeout_s: float = 10.0) -> Optional[str]:
+    """For an http(s) `tracking.uri` where nothing answers (connection refused, no such host, no answer in
+    `timeout_s`): why. Any HTTP answer, even one that asks for a login, counts as a server."""
     import urllib.error
     import urllib.request
 
     if not uri.startswith(("http://", "https://")):
-        return []
+        return None
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
     except urllib.error.HTTPError:  # an answer
-        return []
+        return None
     except OSError as exc:  # URLError (refused, no such host) or a timeout
-        reason = getattr(exc, "reason", exc)
-        return [f"tracking.uri={uri!r}: no MLflow server answers there ({reason}); start it, or leave tracking.uri "
-                "empty for the sweep's own sqlite store"]
-    return []
+        return str(getattr(exc, "reason", exc))
+    return None
 
 
 def _check_writable(sweep_dir: Path) -> None:
@@ -258,6 +258,19 @@ def _check_writable(sweep_dir: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise SystemExit(f"error: output directory {sweep_dir} is not writable: {exc}") from exc
+
+
+@contextlib.contextmanager
+def removed_if_unfinished(folder: Path):
+    """The first of `folder` and its parents that does not exist yet, removed if the block fails: a sweep that
+    could not be created (MLflow refused its runs, a Ctrl-C) leaves nothing behind that looks like one."""
+    created = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
+    try:
+        yield
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 def create_sweep(sweep_dir: Path, points: List[ComposedPoint], tracker: TrackingInChild,
@@ -310,15 +323,19 @@ def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Regis
     if (sweep_dir / "manifest.json").exists():
         raise SystemExit(f"error: {sweep_dir} already holds a sweep (manifest.json); use `clustermask-resubmit "
                          f"{sweep_dir}` to finish it, or choose another sweep_name=")
-    refused = tracking_server_problems(points[0].config["tracking"]["uri"] or "")
+    uri = points[0].config["tracking"]["uri"] or ""
+    missing = tracking_server_missing(uri)
+    refused = [f"tracking.uri={uri!r}: no MLflow server answers there ({missing}); start it, or leave tracking.uri "
+               "empty for the sweep's own sqlite store"] if missing else []
     if launcher.executor == "slurm":
         refused += SlurmExecutor(launcher, sweep_dir, "preflight").refusals(Plan(train=list(range(len(points)))))
     if refused:
         print("error: preflight failed, nothing was submitted:\n" + "\n".join(f"  {r}" for r in refused),
               file=sys.stderr)
         raise SystemExit(2)
-    _check_writable(sweep_dir)
-    manifest = create_sweep(sweep_dir, points, tracker, config_folders)
+    with removed_if_unfinished(sweep_dir):
+        _check_writable(sweep_dir)
+        manifest = create_sweep(sweep_dir, points, tracker, config_folders)
     executor = make_executor(launcher, sweep_dir, manifest.sweep_id)
     plan = Plan(train=list(range(len(manifest.points))))
     print(f"sweep {manifest.sweep_id}: {len(manifest.points)} point(s) in {sweep_dir}", flush=True)
@@ -332,8 +349,6 @@ def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Regis
                     "launcher.train.partition=NAME]`")
         print(f"error: {exc}\nThe sweep is written in {sweep_dir} and none of it runs: {hint}", file=sys.stderr)
         raise SystemExit(130 if exc.interrupted else 1) from None
-    manifest.submissions.append(record)
-    manifest.save()
     print_submission(manifest, record)
     if launcher.executor == "local":
         exit_on_failure(manifest)
@@ -391,6 +406,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         if getattr(args, flag):
             raise SystemExit(f"error: --{flag.replace('_', '-')} is not supported here: add your config folder "
                              "with hydra.searchpath=[file:///path/to/configs] and pick experiment=NAME")
+    try:
+        compose_check_and_submit(args)
+    except KeyboardInterrupt:  # the executors handle their own: this is one before the sweep was submitted
+        print("interrupted: nothing was submitted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def compose_check_and_submit(args) -> None:
     with RegistriesInChild() as registries, TrackingInChild() as tracker:
         try:
             sweep = compose_sweep(args.overrides, multirun=args.multirun)

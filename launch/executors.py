@@ -1,7 +1,7 @@
 """Backends that run a sweep's graph: train tasks -> their evaluations -> one report.
 
-Both take the same plan (which points to train, which to evaluate) and return a submission record that is
-appended to the manifest. `SlurmExecutor` submits one train array, one eval array whose task i depends on
+Both take the same plan (which points to train, which to evaluate), record what they submitted in the
+manifest, and return that record. `SlurmExecutor` submits one train array, one eval array whose task i depends on
 train task i (aftercorr), and one report job (afterany), through submitit, and returns at once.
 `LocalExecutor` runs the same graph on this machine as subprocesses, with a parallelism cap.
 """
@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -115,7 +116,9 @@ class LocalExecutor:
     def submit(self, manifest: graph.Manifest, plan: Plan) -> Dict:
         try:
             with graph.local_executor_running(Path(manifest.sweep_dir)):
-                return self._run(manifest, plan)
+                record = self._run(manifest, plan)
+                manifest.record(record)
+                return record
         except KeyboardInterrupt:
             print(f"interrupted: `clustermask-status {manifest.sweep_dir}` shows what was done, "
                   f"`clustermask-resubmit {manifest.sweep_dir}` resumes the rest", file=sys.stderr, flush=True)
@@ -246,6 +249,7 @@ class SlurmExecutor:
     def _array(self, stage: str, paths: List[str], dependency: Optional[str] = None):
         from .jobs import StageTask
 
+        raise_if_interrupted()
         executor = self._executor(stage, dependency)
         if self.dry_run:
             print(f"# ---- {stage}: array of {len(paths)} task(s) ----")
@@ -260,19 +264,31 @@ class SlurmExecutor:
         return f"{kind}:{job_id}" if array else f"afterok:{job_id}"
 
     def submit(self, manifest: graph.Manifest, plan: Plan) -> Dict:
-        """The plan's three sbatch calls at most. If one is refused (a partition, account or QOS that is not
-        there, a time over the partition's limit), the jobs already queued by this call are cancelled: no job
-        runs that the manifest does not record, and a resubmission with the fix submits every stage again."""
+        """The plan's three sbatch calls at most, then their record in the manifest. If one is refused (a
+        partition, account or QOS that is not there, a time over the partition's limit) or the user presses
+        Ctrl-C, the jobs already queued by this call are cancelled: no job runs that the manifest does not
+        record, and a resubmission (with the fix) submits every stage again.
+
+        A Ctrl-C is held back until the sbatch call in flight returns, so that the id of a job it queued is
+        known and can be cancelled; one that comes once the record is saved is too late to undo it."""
         queued: List[str] = []
+        recorded = False
         try:
-            return self._submit(manifest, plan, queued)
+            with sigint_held():
+                record = self._submit(manifest, plan, queued)
+                if not self.dry_run:
+                    raise_if_interrupted()
+                    manifest.record(record)
+                    recorded = True
         # submitit's FailedJobError (a RuntimeError) carries sbatch's stderr
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             if self.dry_run:
                 raise
             raise SubmissionError(f"submission failed{self._cancel(queued)}: {' '.join(str(exc).split())}") from exc
-        except KeyboardInterrupt:  # a Ctrl-C between two sbatch calls
-            raise SubmissionError(f"submission interrupted{self._cancel(queued)}", interrupted=True) from None
+        except KeyboardInterrupt:
+            if not recorded:
+                raise SubmissionError(f"submission interrupted{self._cancel(queued)}", interrupted=True) from None
+        return record
 
     @staticmethod
     def _cancel(queued: List[str]) -> str:
@@ -301,6 +317,7 @@ class SlurmExecutor:
             record["eval"].append({"job_id": eval_id, "points": plan.eval_only, "task_ids": eval_ids})
             waits.append(eval_id)
         if plan.report:
+            raise_if_interrupted()
             executor = self._executor("report", "afterany:" + ":".join(waits) if waits else None)
             from .jobs import StageTask
 
@@ -310,7 +327,29 @@ class SlurmExecutor:
                 record["report"] = {"job_id": "DRYRUN-report"}
             else:
                 record["report"] = {"job_id": executor.submit(StageTask("report"), manifest.sweep_dir).job_id}
+                queued.append(record["report"]["job_id"])
         return record
+
+
+@contextlib.contextmanager
+def sigint_held():
+    """SIGINT blocked for the block, and raised as KeyboardInterrupt at its end if one came. Blocked rather than
+    caught: the sbatch children inherit the block, so a Ctrl-C at the terminal does not kill one between the
+    controller queueing its job and its printing the job's id."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def raise_if_interrupted() -> None:
+    """Inside `sigint_held`: a Ctrl-C that came meanwhile, raised now (before the next sbatch call)."""
+    if signal.SIGINT in signal.sigpending():
+        raise KeyboardInterrupt
 
 
 def make_executor(launcher_cfg, sweep_dir: Path, sweep_id: str):

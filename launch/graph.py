@@ -55,6 +55,11 @@ class Manifest:
     def save(self) -> None:
         write_atomic(self.path, json.dumps(asdict(self), indent=1))
 
+    def record(self, submission: Dict) -> None:
+        """An executor's submission record, appended and saved."""
+        self.submissions.append(submission)
+        self.save()
+
     @classmethod
     def load(cls, sweep_dir) -> "Manifest":
         path = Path(sweep_dir) / "manifest.json"

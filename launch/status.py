@@ -350,6 +350,13 @@ def resubmit(sweep_dir: Path, overrides: List[str], dry_run: bool = False,
         print("nothing to evaluate again: no point has finished training, or its evaluation is queued"
               if evaluate_again else "nothing to resubmit: every point is done or still queued")
         return None
+    if not dry_run:
+        from .app import tracking_server_missing
+
+        missing = tracking_server_missing(manifest.tracking_uri)
+        if missing:
+            raise ValueError(f"no MLflow server answers at the sweep's tracking URI {manifest.tracking_uri} "
+                             f"({missing}): start it, nothing changed or submitted")
     indices = sorted(plan.train + plan.eval_only)
     fixed = apply_overrides(manifest, indices, overrides, save=False) if overrides else {}
     # the resubmitted points' launcher, fixes included (point 0 may be done, its config not fixed)
@@ -375,9 +382,6 @@ def resubmit(sweep_dir: Path, overrides: List[str], dry_run: bool = False,
     if dry_run and manifest.executor == "local":
         return None  # the local executor runs what it is given: there are no job scripts to print
     record = executor.submit(manifest, plan)
-    if not dry_run:
-        manifest.submissions.append(record)
-        manifest.save()
     from .app import print_submission
 
     print_submission(manifest, record)

@@ -1,6 +1,9 @@
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +37,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def process_group(args, **options):
+    """A command in a process group of its own, killed with all its children at the end whatever happened."""
+    process = subprocess.Popen(args, cwd=REPO, start_new_session=True, **options)
+    try:
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def interrupt_when(command, started, what: str, group: bool = True):
+    """Run `command` as in a terminal, and once `started()` Ctrl-C it: SIGINT to its process group, as a terminal
+    sends it, or (`group=False`) to the command alone; its exit code and stderr."""
+    with process_group(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as run:
+        deadline = time.time() + 300
+        while not started():
+            assert time.time() < deadline and run.poll() is None, f"{what} never started"
+            time.sleep(0.05)
+        (os.killpg if group else os.kill)(run.pid, signal.SIGINT)
+        _, stderr = run.communicate(timeout=90)
+    return run.returncode, stderr
+
+
+def distinct_patches(images: int, patches: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` distinct patch indices per image, drawn uniformly: k-means' initial centres, or anchors."""
+    return torch.rand(images, patches, generator=generator).argsort(1)[:, :count]
+
+
 def smooth_pixels(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     """Images with regions, as CLIP-normalised pixels roughly are (so that k-means finds clusters)."""
     g = torch.Generator().manual_seed(seed)
@@ -49,7 +83,7 @@ def check_kmeans_on_gpu_assigns_as_on_cpu_without_a_host_sync(compiled: bool) ->
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
     pixels = smooth_pixels(16, 224, 224)
-    initial = torch.rand(16, 196, generator=g).argsort(1)[:, :8]
+    initial = distinct_patches(16, 196, 8, g)
     on_cpu = masking.kmeans_clusters(pixels, 16, initial, 3)
     clusters = torch.compile(masking.kmeans_clusters, fullgraph=True) if compiled else masking.kmeans_clusters
     pixels, initial = pixels.cuda(), initial.cuda()

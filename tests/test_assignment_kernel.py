@@ -5,7 +5,7 @@ import torch
 
 from clustermask import assignment_kernel, masking
 from conftest import (NEEDS_CUDA, ON_GPU, TRITON_ON_CPU,
-                      check_kmeans_on_gpu_assigns_as_on_cpu_without_a_host_sync, smooth_pixels)
+                      check_kmeans_on_gpu_assigns_as_on_cpu_without_a_host_sync, distinct_patches, smooth_pixels)
 
 DEVICES = [TRITON_ON_CPU, ON_GPU]
 
@@ -15,7 +15,7 @@ def gram_and_centres(pixels, patch, k, seed=0):
     initial patches per image."""
     dots = masking.kmeans_gram(pixels, patch)
     g = torch.Generator().manual_seed(seed)
-    initial = torch.rand(dots.shape[0], dots.shape[1], generator=g).argsort(1)[:, :k]
+    initial = distinct_patches(dots.shape[0], dots.shape[1], k, g)
     return dots, initial.to(pixels.device)
 
 

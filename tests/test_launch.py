@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from launch.expand import ComposedPoint, compose_sweep
 from launch.executors import Plan, SlurmExecutor, executor_parameters
 from launch.status import plan_resubmission
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, interrupt_when
 
 CONFIGS = REPO / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
@@ -476,7 +477,40 @@ def test_a_tracking_server_that_is_not_there_or_fails_stops_the_sweep_with_a_lin
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().startswith(f"error: MLflow at {uri} did not record the sweep's runs, nothing was "
                                             "submitted: MlflowException: "), result.stderr[-3000:]
-    assert not list(tmp_path.rglob("manifest.json"))
+    assert not list(tmp_path.iterdir())  # not even the empty sweep folder, where a rerun would find its leftovers
+
+
+class HealthyThenSlow(http.server.BaseHTTPRequestHandler):
+    """A tracking server that answers at /health and then takes its time over the sweep's runs (`asked` is set)."""
+    asked = threading.Event()
+
+    def do_GET(self):
+        if not self.path.startswith("/health"):
+            self.asked.set()
+            time.sleep(30)  # the sweep is interrupted meanwhile
+        self.send_response(200)
+        self.end_headers()
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_ctrl_c_while_the_sweep_is_created_leaves_nothing_behind(tmp_path, synthetic_root):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HealthyThenSlow)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        code, stderr = interrupt_when([sys.executable, "-m", "launch.app", "-m", f"paths.root={tmp_path}",
+                                       f"paths.data={synthetic_root}",
+                                       f"tracking.uri=http://127.0.0.1:{server.server_address[1]}"],
+                                      HealthyThenSlow.asked.is_set, "the sweep's creation")
+    finally:
+        server.shutdown()
+    assert code == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "interrupted: nothing was submitted"
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_sweep_whose_points_differ_in_the_sweeps_own_settings_is_refused_naming_them(tmp_path, synthetic_root):
@@ -1004,18 +1038,29 @@ def test_relative_paths_stay_where_the_sweep_was_made_for_jobs_and_commands_run_
     assert not list(elsewhere.iterdir())
 
 
-def test_resubmit_with_the_tracking_server_down_changes_no_config(tmp_path, synthetic_root, monkeypatch):
-    from launch.status import apply_overrides
+def test_resubmit_with_the_tracking_server_down_changes_and_submits_nothing(tmp_path, synthetic_root, monkeypatch,
+                                                                             capsys):
+    """Resubmitted regardless, the jobs failed at their first MLflow call; with fixes, the command waited out the
+    MLflow client's retries first. Both now stop at once, naming the server."""
+    from launch import status
 
     sweep = compose_sweep([f"paths.root={tmp_path}", f"paths.data={synthetic_root}"])
     manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    run_dir = Path(manifest.points[0].run_dir)
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         manifest.tracking_uri = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, not listening: refused
+        manifest.save()
+        assert status.resubmit_main([manifest.sweep_dir]) == 2
+        assert status.resubmit_main([manifest.sweep_dir, "train.lr=0.01"]) == 2
+        errors = capsys.readouterr().err.splitlines()
+        assert errors == [f"error: no MLflow server answers at the sweep's tracking URI {manifest.tracking_uri} "
+                          "([Errno 111] Connection refused): start it, nothing changed or submitted"] * 2, errors
         with pytest.raises(RuntimeError, match=r"MLflow runs at http://127.0.0.1:\d+ cannot be read, nothing changed"):
-            apply_overrides(manifest, [0], ["train.lr=0.01"])
-    assert graph.load_point_config(Path(manifest.points[0].run_dir)).train.lr != 0.01
+            status.apply_overrides(manifest, [0], ["train.lr=0.01"])  # the server gone between the check and now
+    assert graph.load_point_config(run_dir).train.lr != 0.01
+    assert graph.Manifest.load(manifest.sweep_dir).submissions == [] and graph.read_state(run_dir, "train") is None
 
 
 def test_the_sweep_commands_name_a_folder_that_is_not_a_sweep(tmp_path, capsys):

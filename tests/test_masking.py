@@ -16,7 +16,7 @@ from clustermask import assignment_kernel, features_kernel, masking
 from clustermask.data import DataConfig, sample_batches
 from clustermask.masking import MaskingConfig, MaskingInputs, TokenMasker, select_tokens
 from clustermask.model import ModelConfig, create
-from conftest import NEEDS_CUDA, ON_GPU
+from conftest import NEEDS_CUDA, ON_GPU, check_kmeans_on_gpu_assigns_as_on_cpu_without_a_host_sync, distinct_patches
 
 PATCH = 4
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -693,7 +693,7 @@ def test_the_embedding_similarity_of_bf16_tokens_is_their_cosine(num_anchors, co
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(4, 42, 64, generator=g).to(torch.bfloat16)
-    anchors = torch.rand(4, 42, generator=g).argsort(1)[:, :num_anchors]
+    anchors = distinct_patches(4, 42, num_anchors, g)
     anchor_tokens = tokens.double().gather(1, anchors[..., None].expand(-1, -1, 64))
     definition = torch.nn.functional.cosine_similarity(tokens.double()[:, :, None], anchor_tokens[:, None], dim=-1)
     similarity = torch.compile(masking.embedding_similarity, fullgraph=True) if compiled else \
@@ -721,16 +721,8 @@ def test_the_gram_of_patches_padded_for_the_gemm_is_the_gram(length, device):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_kmeans_on_gpu_assigns_as_on_cpu(compiled):
     """The same pixels and initial centres give the same clusters on the GPU, eager and compiled (a patch may
-    differ only where two centres are within rounding of each other)."""
-    torch._dynamo.reset()
-    g = torch.Generator().manual_seed(0)
-    pixels = torch.randn(16, 3, 224, 224, generator=g).cumsum(-1).cumsum(-2) / 100  # smooth, so clusters form
-    initial = torch.rand(16, 196, generator=g).argsort(1)[:, :8]
-    on_cpu = masking.kmeans_clusters(pixels, 16, initial, 3)
-    clusters = torch.compile(masking.kmeans_clusters, fullgraph=True) if compiled else masking.kmeans_clusters
-    on_gpu = clusters(pixels.cuda(), 16, initial.cuda(), 3).cpu()
-    assert (on_gpu == on_cpu).float().mean() > 0.995
-    assert all(len(a.unique()) > 2 for a in on_cpu)
+    differ only where two centres are within rounding of each other), with the library's default kernels."""
+    check_kmeans_on_gpu_assigns_as_on_cpu_without_a_host_sync(compiled)
 
 
 @pytest.mark.parametrize("device", ["cpu", ON_GPU])

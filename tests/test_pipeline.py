@@ -1,11 +1,8 @@
 """The whole vertical slice on the embedded default (local executor): train -> eval -> MLflow -> report."""
-import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +14,7 @@ import pytest
 from launch import graph
 from launch.status import format_status, plan_resubmission, report_status, sweep_status
 
-from conftest import REPO
+from conftest import REPO, interrupt_when, process_group
 
 STEPS = 60
 
@@ -326,18 +323,6 @@ def test_status_shows_how_far_a_running_evaluation_has_got(local_sweep, monkeypa
     assert "running 3/10" in shown[3][2] and "done" in shown[-1][2]
 
 
-@contextlib.contextmanager
-def process_group(args, **options):
-    """A command in a process group of its own, killed with all its children at the end whatever happened."""
-    process = subprocess.Popen(args, cwd=REPO, start_new_session=True, **options)
-    try:
-        yield process
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 def test_a_killed_local_sweep_is_shown_failed_and_resubmission_resumes_it(tmp_path, synthetic_root):
     """Ctrl-C, the OOM killer, a closed laptop: a local task killed mid-run leaves its running marker behind. There
     is no queue to ask, so status reads the marker's pid: gone, the point is failed, not running for ever (when
@@ -368,20 +353,6 @@ def test_a_killed_local_sweep_is_shown_failed_and_resubmission_resumes_it(tmp_pa
     row = sweep_status(graph.Manifest.load(sweep_dir))[0]
     assert (row["train"], row["eval"]) == ("done", "done")
     assert "resumed from" in (graph.Path(manifest.points[0].run_dir) / "logs" / "train.log").read_text()
-
-
-def interrupt_when(command, started, what: str, group: bool = True):
-    """Run `command` as in a terminal, and once `started()` Ctrl-C it: SIGINT to its process group, as a terminal
-    sends it, or (`group=False`) to the command alone; its exit code and stderr."""
-    with process_group(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as run:
-        deadline = time.time() + 300
-        while not started():
-            assert time.time() < deadline and run.poll() is None, f"{what} never started"
-            time.sleep(0.05)
-        (os.killpg if group else os.kill)(run.pid, signal.SIGINT)
-        _, stderr = run.communicate(timeout=90)
-    return run.returncode, stderr
 
 
 @pytest.mark.parametrize("reaches", ["process group", "sweep command only"])

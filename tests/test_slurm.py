@@ -283,17 +283,16 @@ fi
 exec {sbatch} "$@"
 """
 
-# sbatch, except that at the second job it is asked to submit the user presses Ctrl-C (a SIGINT to the sweep
-# command, which waits for it), and it submits nothing
-SBATCH_INTERRUPTED_AT_THE_SECOND_JOB = """#!/bin/bash
+# sbatch, except that from the third job it is asked to submit on, the user presses Ctrl-C (a SIGINT to the sweep
+# command, which waits for it) once the controller has queued the job and before sbatch prints its id; every id it
+# printed goes to {counter}.ids
+SBATCH_INTERRUPTED_FROM_THE_THIRD_JOB = """#!/bin/bash
 for arg in "$@"; do [ "$arg" = --test-only ] && exec {sbatch} "$@"; done
 count=$(( $(cat {counter} 2>/dev/null || echo 0) + 1 )); echo $count > {counter}
-if [ $count -ge 2 ]; then
-  kill -INT $PPID
-  sleep 30
-  exit 1
-fi
-exec {sbatch} "$@"
+out=$({sbatch} "$@") || exit 1
+echo "$out" | grep -o '[0-9]*' >> {counter}.ids
+[ $count -ge 3 ] && kill -INT $PPID
+echo "$out"
 """
 
 
@@ -311,29 +310,36 @@ def sbatch_in_front_again(tmp_path) -> dict:
     return {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
 
 
-def test_a_ctrl_c_between_two_sbatch_calls_cancels_what_the_sweep_had_queued(slurm, tmp_path, synthetic_root):
+def test_a_ctrl_c_during_the_submission_cancels_every_job_the_sweep_had_queued(slurm, tmp_path, synthetic_root):
     """Nothing may stay queued that the manifest does not record: a resubmission would submit it again, and two
-    jobs would train the same point into the same folder."""
+    jobs would train the same point into the same folder. The Ctrl-C comes during the last sbatch call, after the
+    controller queued its job: the report job, which would run once the others are cancelled (afterany)."""
+    interrupted = sbatch_in_front(tmp_path, SBATCH_INTERRUPTED_FROM_THE_THIRD_JOB)
     result = subprocess.run([sys.executable, "-m", "launch.app", "-m", f"paths.root={tmp_path}",
                              f"paths.data={synthetic_root}", *SMALL_RESOURCES, "train.steps=4",
                              one_eval_task(synthetic_root)], capture_output=True, text=True, cwd=REPO, timeout=300,
-                            env=sbatch_in_front(tmp_path, SBATCH_INTERRUPTED_AT_THE_SECOND_JOB),
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+                            env=interrupted, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert result.returncode == 130, result.stderr[-3000:]
-    error = result.stderr.strip().splitlines()[-2:]
-    assert error[0].startswith("error: submission interrupted; cancelled what it had queued ("), error
-    assert error[1].endswith("none of it runs: submit it with `clustermask-resubmit "
-                             f"{next(tmp_path.glob('sweeps/*'))}`") and "Traceback" not in result.stderr
-    assert leaves_the_queue(error[0].split("(")[1].split(")")[0])
+    queued_by_sbatch = (tmp_path / "submitted.ids").read_text().split()
+    assert len(queued_by_sbatch) == 3
     sweep_dir = next(tmp_path.glob("sweeps/*"))
+    error = result.stderr.strip().splitlines()[-2:]
+    assert error[0] == f"error: submission interrupted; cancelled what it had queued ({', '.join(queued_by_sbatch)})"
+    assert error[1].endswith(f"none of it runs: submit it with `clustermask-resubmit {sweep_dir}`")
+    assert "Traceback" not in result.stderr
+    assert all(leaves_the_queue(job_id) for job_id in queued_by_sbatch)
     assert graph.Manifest.load(sweep_dir).submissions == []
-    # the resubmission, interrupted at its first sbatch call (the wrapper's third): nothing queued, nothing recorded
+    assert graph.read_state(sweep_dir, "report") is None  # the report job never started
+    # the resubmission, interrupted during its first sbatch call: its training array is cancelled, nothing recorded
     resubmit_cli = Path(sys.executable).parent / "clustermask-resubmit"
     result = subprocess.run([str(resubmit_cli), str(sweep_dir)], capture_output=True, text=True, cwd=REPO,
-                            timeout=300, env=sbatch_in_front_again(tmp_path),
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            timeout=300, env=interrupted, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                                             signal.SIG_DFL))
     assert result.returncode == 130, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1] == "error: submission interrupted" and "Traceback" not in result.stderr
+    train_array = (tmp_path / "submitted.ids").read_text().split()[-1]
+    assert result.stderr.strip().splitlines()[-1] == ("error: submission interrupted; cancelled what it had queued "
+                                                      f"({train_array})") and "Traceback" not in result.stderr
+    assert leaves_the_queue(train_array)
     assert graph.Manifest.load(sweep_dir).submissions == []
 
 
