@@ -4,8 +4,11 @@ YAML files in configs/ extend these; struct mode rejects unknown keys, and Omega
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
@@ -80,3 +83,58 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     for group, node in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"base_{group}", node=node)
+
+
+def _node_type(hint: Any) -> Any:
+    """A field's type, less Optional[...]."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+
+
+def schema_at(path: str) -> Optional[type]:
+    """The dataclass of the config node at `path` (`launcher.train`), from `Config` down; None where the node
+    takes any key (`report`, `masking.options`) or is not a mapping. (Typed lists such as `eval.tasks` OmegaConf
+    checks itself, even under `+`.)"""
+    node: Any = Config
+    for part in filter(None, path.split(".")):
+        if not dataclasses.is_dataclass(node):
+            return None
+        hint = typing.get_type_hints(node).get(part)
+        if hint is None:
+            return None
+        node = _node_type(hint)
+    return node if dataclasses.is_dataclass(node) else None
+
+
+def close_keys(full_key: str) -> List[str]:
+    """The keys of `full_key`'s node that look like it: `masking.ratoi` -> masking.ratio, `masking.k` ->
+    masking.kmeans_k (a word of the key)."""
+    parent, _, name = full_key.rpartition(".")
+    schema = schema_at(parent)
+    if schema is None:
+        return []
+    keys = [f.name for f in dataclasses.fields(schema)]
+    close = difflib.get_close_matches(name, keys, n=3, cutoff=0.75)
+    close += [k for k in keys if name in k.split("_") and k not in close]
+    return [f"{parent}.{k}" if parent else k for k in close]
+
+
+def unknown_settings(cfg: Mapping, path: str = "") -> List[str]:
+    """A line for each key of a composed config that its schema does not have: added with `+key=value`, which
+    struct mode lets through, it would be recorded and then ignored, or fail inside a job."""
+    schema = schema_at(path)
+    if schema is None:
+        return []
+    hints = typing.get_type_hints(schema)
+    lines = []
+    for key, value in cfg.items():
+        full_key = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            close = close_keys(full_key)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            if not close and schema is StageResources:  # submitit passes any other sbatch option through
+                hint = f" (another sbatch option goes in +{path}.additional_parameters.{key}=...)"
+            lines.append(f"{full_key} is not a setting of {schema.__name__}{hint}")
+        elif isinstance(value, Mapping):
+            lines += unknown_settings(value, full_key)
+    return lines

@@ -310,7 +310,13 @@ def test_preflight_names_the_bad_key(synthetic_root):
              "data.workers=-1": "data.workers=-1",
              "eval.batch_size=0": "eval.batch_size=0",
              "eval.device=cuda0": "eval.device='cuda0'",
-             "launcher.max_parallel=0": "launcher.max_parallel=0"}
+             "launcher.max_parallel=0": "launcher.max_parallel=0",
+             # `+` adds a key past struct mode (Hydra's own error suggests it): recorded, then ignored or a TypeError
+             "+masking.k=4": r"masking.k is not a setting of MaskingConfig \(did you mean masking.kmeans_k\?\)",
+             "+trian.steps=4": r"trian is not a setting of Config \(did you mean train\?\)",
+             "+launcher.report.priority=9": r"launcher.report.priority is not a setting of StageResources \(another "
+                                            r"sbatch option goes in \+launcher.report.additional_parameters.priority="
+                                            r"...\)"}
     for override, message in cases.items():
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             app.preflight(compose_cfg(*good, override))
@@ -426,9 +432,15 @@ def test_hydra_flags_print_and_submit_nothing(tmp_path, synthetic_root):
     ("train.steps=1.5", "Error merging override train.steps=1.5: Value '1.5' of type 'float' could not be converted "
                         "to Integer"),
     ("masking.ratoi=0.3", "Could not override 'masking.ratoi'. To append to your config use +masking.ratoi=0.3: Key "
-                          "'ratoi' not in 'MaskingConfig'")])
+                          "'ratoi' not in 'MaskingConfig' (did you mean masking.ratio?)"),
+    ("masking.k=3", "Could not override 'masking.k'. To append to your config use +masking.k=3: Key 'k' not in "
+                    "'MaskingConfig' (did you mean masking.kmeans_k?)"),
+    ("launcher.train.parition=gpu", "Could not override 'launcher.train.parition'. To append to your config use "
+                                    "+launcher.train.parition=gpu: Key 'parition' not in 'StageResources' (did you "
+                                    "mean launcher.train.partition?)")])
 def test_a_bad_override_is_one_line_that_says_which_and_why(override, error):
-    """Hydra's own message names the override; its OmegaConf cause says what is wrong with it."""
+    """Hydra's own message names the override; its OmegaConf cause says what is wrong with it; a key that is not
+    there comes with the keys like it."""
     with pytest.raises(HydraException) as caught:
         compose_sweep([override], multirun=False)
     assert app.hydra_error(caught.value) == error
