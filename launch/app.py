@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ from . import graph
 from .executors import Plan, SlurmExecutor, SubmissionError, check_launcher, describe, make_executor
 from .expand import CONFIG_DIR, CONFIG_NAME, ComposedPoint, compose_sweep, resolved
 from .helpers import Registries, RegistriesInChild, TrackingInChild
-from .schema import close_keys, unknown_settings
+from .schema import config_error, unknown_settings
 
 HYDRA_ONLY_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "experimental_rerun")
 
@@ -397,13 +396,8 @@ def hydra_error(exc: HydraException) -> str:
     """Hydra's error on one line, with the first line of its cause: `Error merging override masking.ratio=abc` says
     which override, its OmegaConf cause why (`Value 'abc' of type 'str' could not be converted to Float`)."""
     message = " ".join(str(exc).split())
-    cause = str(exc.__cause__ or "").strip()
-    first_line = cause.split("\n")[0]
-    full_key = re.search(r"^\s*full_key: (\S+)$", cause, re.MULTILINE)
-    close = close_keys(full_key.group(1)) if full_key and " not in " in first_line else []
-    if close:
-        first_line += f" (did you mean {' or '.join(close)}?)"
-    return f"{message}: {first_line}" if first_line and first_line not in message else message
+    cause = config_error(exc.__cause__) if exc.__cause__ else ""
+    return f"{message}: {cause}" if cause and cause not in message else message
 
 
 def main(argv: Optional[List[str]] = None) -> None:

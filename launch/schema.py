@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
@@ -117,6 +118,19 @@ def close_keys(full_key: str) -> List[str]:
     close = difflib.get_close_matches(name, keys, n=3, cutoff=0.75)
     close += [k for k in keys if name in k.split("_") and k not in close]
     return [f"{parent}.{k}" if parent else k for k in close]
+
+
+def config_error(exc: BaseException) -> str:
+    """OmegaConf's error on one line: its first, with the keys like the one it did not find."""
+    text = str(exc).strip()
+    first = text.split("\n")[0]
+    full_key = re.search(r"^\s*full_key: (\S+)$", text, re.MULTILINE)
+    if full_key is None or " not in " not in first:
+        return first
+    if first.endswith("is not in struct"):  # an open mapping (masking.options) without the key yet
+        return f"{first} (a new key there: +{full_key.group(1)}=...)"
+    close = close_keys(full_key.group(1))
+    return f"{first} (did you mean {' or '.join(close)}?)" if close else first
 
 
 def unknown_settings(cfg: Mapping, path: str = "") -> List[str]:

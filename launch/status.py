@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import graph
 from .executors import Plan, SlurmExecutor, SubmissionError, describe, make_executor
+from .schema import config_error
 
 QUEUE_STATES = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
                 "REQUEUED": "pending", "REQUEUE_HOLD": "pending", "REQUEUE_FED": "pending", "RESIZING": "running",
@@ -198,7 +199,7 @@ def check_eval_overrides(overrides: List[str]) -> None:
     """An evaluation again may change the evaluation only (its settings, its jobs' and the report's resources):
     the saved config must still say how the checkpoint was trained."""
     for override in overrides:
-        key = override.partition("=")[0]
+        key = graph.override_key(override)
         if key != "eval" and not key.startswith(EVALUATION_KEYS):
             raise ValueError(f"{override!r}: --evaluate-again takes eval=NAME, eval.*, launcher.eval.* and "
                              "launcher.report.* overrides only, as the points are not trained again")
@@ -236,16 +237,19 @@ def group_option(group: str, name: str, config_folders: Sequence[str] = ()):
 
 
 def apply_override(cfg, override: str, config_folders: Sequence[str] = ()) -> None:
-    """key=value (YAML-typed), or group=name for a config-group option, which replaces the whole group."""
+    """key=value (YAML-typed); +key=value (or ++) for a key the config does not have yet, as Hydra takes it (a
+    plugin strategy's `masking.options.*`, an sbatch option in `launcher.*.additional_parameters`); or group=name
+    for a config-group option, which replaces the whole group."""
     from .schema import GROUP_SCHEMAS
 
     key, sep, value = override.partition("=")
-    if not sep:
-        raise ValueError(f"override {override!r} is not key=value")
+    if not sep or key.startswith("~"):
+        raise ValueError(f"override {override!r} is not key=value or +key=value (a fix cannot delete a key)")
+    adds, key = key.startswith("+"), key.lstrip("+")
     if key in GROUP_SCHEMAS:
         OmegaConf.update(cfg, key, group_option(key, value, config_folders), merge=False)
-    else:
-        OmegaConf.update(cfg, key, _parse(value), merge=True)
+    else:  # a key added to a typed section is refused by preflight, naming the keys like it
+        OmegaConf.update(cfg, key, _parse(value), merge=True, force_add=adds)
 
 
 def follow_eval_root(cfg: DictConfig, earlier: str) -> None:
@@ -275,7 +279,10 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
         OmegaConf.set_struct(cfg, True)
         eval_root = cfg.data.eval_root
         for override in overrides:
-            apply_override(cfg, override, manifest.config_folders)
+            try:
+                apply_override(cfg, override, manifest.config_folders)
+            except OmegaConfBaseException as exc:
+                raise ValueError(f"{override!r}: {config_error(exc)}; nothing changed") from None
         follow_eval_root(cfg, eval_root)
         graph.pin_relative_paths(cfg, Path.cwd())  # a fix's relative path, or a sweep made before they were pinned
         try:

@@ -617,6 +617,9 @@ def test_a_plugin_modules_strategy_is_checked_as_the_built_in_ones(tmp_path, syn
     manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
     status.apply_overrides(manifest, [0], ["masking.ratio=0.3"])
     assert graph.load_point_config(Path(manifest.points[0].run_dir)).masking.ratio == 0.3
+    # a fix adds a strategy's own setting as the sweep command does, with `+`
+    status.apply_overrides(manifest, [0], ["masking.strategy=lab_stripes", "+masking.options.width=3"])
+    assert graph.load_point_config(Path(manifest.points[0].run_dir)).masking.options == {"width": 3}
 
 
 def test_dry_run_prints_scripts_and_graph(tmp_path, synthetic_root):
@@ -1003,6 +1006,17 @@ def test_a_dry_run_resubmission_checks_the_fix_and_changes_or_runs_nothing(tmp_p
                          ("sweep_name=other", "sweep_name")):
         with pytest.raises(ValueError, match=f"'{re.escape(fix)}': a resubmission cannot change {setting}: "):
             status.resubmit(sweep.sweep_dir, [fix], dry_run=True)
+    # a bad fix is one line that names it and says why, with the keys like one that is not there
+    for fix, error in (("eval.batchsize=8", "'eval.batchsize=8': Key 'batchsize' not in 'EvalConfig' (did you mean "
+                                            "eval.batch_size?); nothing changed"),
+                       ("+eval.batchsize=8", f"point 0 ({run_dir.name}), nothing changed: eval.batchsize is not a "
+                                             "setting of EvalConfig (did you mean eval.batch_size?)"),
+                       ("eval.batch_size=abc", "'eval.batch_size=abc': Value 'abc' of type 'str' could not be "
+                                               "converted to Integer; nothing changed"),
+                       ("~eval.amp", "override '~eval.amp' is not key=value or +key=value (a fix cannot delete a "
+                                     "key)")):
+        assert status.resubmit_main([str(sweep.sweep_dir), fix, "--dry-run", "--evaluate-again"]) == 2
+        assert capsys.readouterr().err == f"error: {error}\n"
     assert status.resubmit(sweep.sweep_dir, ["eval.batch_size=8"], dry_run=True, evaluate_again=True) is None
     assert "dry run, nothing is changed or submitted; would resubmit:\n  eval[0]" in capsys.readouterr().out
     assert (run_dir / "config.yaml").read_text() == before
