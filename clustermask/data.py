@@ -84,7 +84,7 @@ def batch_pipeline(cfg: DataConfig, urls: list, transform, tokenizer, batch_size
         wds.tarfile_to_samples(handler=skip),
         *shuffle,
         wds.decode("pilrgb", handler=skip),
-        wds.to_tuple("jpg;png;webp", "txt", handler=skip),
+        wds.to_tuple("jpg;jpeg;png;webp", "txt", handler=skip),  # img2dataset writes jpg, png or webp
         wds.map(skip.read),
         wds.map_tuple(transform, lambda text: tokenizer([text])[0]),
         wds.batched(batch_size, partial=False),

@@ -235,6 +235,27 @@ def test_training_stream_with_as_many_workers_as_shards(synthetic_root):
     assert check_workers(shard_urls(shards), 8) == SMALL["train_shards"]
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("image_key, pil_format", [("jpg", "JPEG"), ("jpeg", "JPEG"), ("png", "PNG"),
+                                                   ("webp", "WEBP")])
+def test_shards_of_each_image_format_img2dataset_and_webdataset_write_are_read(synthetic_root, tmp_path, image_key,
+                                                                              pil_format):
+    """img2dataset writes jpg, png or webp (--encode_format); other tools write `.jpeg` (a shard of those failed
+    every sample, and the job after 1000 of them)."""
+    import io
+
+    from PIL import Image
+
+    source = next(iter(wds.WebDataset(str(sorted((synthetic_root / "train").glob("*.tar"))[0]), shardshuffle=False)))
+    encoded = io.BytesIO()
+    Image.open(io.BytesIO(source["jpg"])).save(encoded, format=pil_format)
+    with wds.TarWriter(str(tmp_path / "0.tar")) as sink:
+        for i in range(20):
+            sink.write({"__key__": f"{i:05d}", image_key: encoded.getvalue(), "txt": source["txt"]})
+    images, texts = next(stream(str(tmp_path / "0.tar"), workers=0, batch_size=8))
+    assert images.shape == (8, 3, 64, 64) and texts.shape == (8, 32)
+
+
 def test_missing_shards_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data.train_shards=.*: 4 shard\(s\) missing, e.g. .*nothing-000.tar"):
         shard_urls(str(tmp_path / "nothing-{000..003}.tar"))
