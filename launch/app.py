@@ -268,7 +268,10 @@ def _check_writable(sweep_dir: Path) -> None:
 def removed_if_unfinished(folder: Path):
     """The first of `folder` and its parents that does not exist yet, removed if the block fails: a sweep that
     could not be created (MLflow refused its runs, a Ctrl-C) leaves nothing behind that looks like one."""
-    created = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
+    try:
+        created = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
+    except OSError:  # a parent we may not look into: _check_writable names it
+        created = None
     try:
         yield
     except BaseException:
@@ -396,7 +399,7 @@ def hydra_error(exc: HydraException) -> str:
     """Hydra's error on one line, with the first line of its cause: `Error merging override masking.ratio=abc` says
     which override, its OmegaConf cause why (`Value 'abc' of type 'str' could not be converted to Float`)."""
     message = " ".join(str(exc).split())
-    cause = config_error(exc.__cause__) if exc.__cause__ else ""
+    cause = config_error(exc.__cause__, say_plus=False) if exc.__cause__ else ""
     return f"{message}: {cause}" if cause and cause not in message else message
 
 

@@ -120,15 +120,16 @@ def close_keys(full_key: str) -> List[str]:
     return [f"{parent}.{k}" if parent else k for k in close]
 
 
-def config_error(exc: BaseException) -> str:
-    """OmegaConf's error on one line: its first, with the keys like the one it did not find."""
+def config_error(exc: BaseException, say_plus: bool = True) -> str:
+    """OmegaConf's error on one line: its first, with the keys like the one it did not find (`say_plus`: and, in
+    an open mapping, how to add one; Hydra's own message says it)."""
     text = str(exc).strip()
     first = text.split("\n")[0]
     full_key = re.search(r"^\s*full_key: (\S+)$", text, re.MULTILINE)
     if full_key is None or " not in " not in first:
         return first
     if first.endswith("is not in struct"):  # an open mapping (masking.options) without the key yet
-        return f"{first} (a new key there: +{full_key.group(1)}=...)"
+        return f"{first} (a new key there: +{full_key.group(1)}=...)" if say_plus else first
     close = close_keys(full_key.group(1))
     return f"{first} (did you mean {' or '.join(close)}?)" if close else first
 

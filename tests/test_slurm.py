@@ -302,12 +302,7 @@ def sbatch_in_front(tmp_path, script: str) -> dict:
     wrapper.mkdir()
     (wrapper / "sbatch").write_text(script.format(sbatch=shutil.which("sbatch"), counter=tmp_path / "submitted"))
     (wrapper / "sbatch").chmod(0o755)
-    return sbatch_in_front_again(tmp_path)
-
-
-def sbatch_in_front_again(tmp_path) -> dict:
-    """The environment of `sbatch_in_front(tmp_path, ...)` again, its counter where it was."""
-    return {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    return {**os.environ, "PATH": f"{wrapper}{os.pathsep}{os.environ['PATH']}"}
 
 
 def test_a_ctrl_c_during_the_submission_cancels_every_job_the_sweep_had_queued(slurm, tmp_path, synthetic_root):
