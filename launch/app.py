@@ -12,7 +12,6 @@ directories, MLflow runs and manifest.json are written and the graph goes to the
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import shutil
@@ -264,20 +263,12 @@ def _check_writable(sweep_dir: Path) -> None:
         raise SystemExit(f"error: output directory {sweep_dir} is not writable: {exc}") from exc
 
 
-@contextlib.contextmanager
-def removed_if_unfinished(folder: Path):
-    """The first of `folder` and its parents that does not exist yet, removed if the block fails: a sweep that
-    could not be created (MLflow refused its runs, a Ctrl-C) leaves nothing behind that looks like one."""
+def first_missing(folder: Path) -> Optional[Path]:
+    """The first of `folder` and its parents, from the root down, that does not exist yet."""
     try:
-        created = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
+        return next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
     except OSError:  # a parent we may not look into: _check_writable names it
-        created = None
-    try:
-        yield
-    except BaseException:
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
+        return None
 
 
 def create_sweep(sweep_dir: Path, points: List[ComposedPoint], tracker: TrackingInChild,
@@ -340,14 +331,41 @@ def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Regis
         print("error: preflight failed, nothing was submitted:\n" + "\n".join(f"  {r}" for r in refused),
               file=sys.stderr)
         raise SystemExit(2)
-    with removed_if_unfinished(sweep_dir):
-        _check_writable(sweep_dir)
-        manifest = create_sweep(sweep_dir, points, tracker, config_folders)
+    made = first_missing(sweep_dir)
+    _check_writable(sweep_dir)
+    try:
+        # held before the manifest is written: a resubmission must not find the points unsubmitted meanwhile, nor a
+        # second sweep command with the same sweep_name write its own sweep over this one
+        with graph.submitting(sweep_dir):
+            manifest = create_sweep_once(sweep_dir, points, tracker, config_folders, made)
+            record = submit_new_sweep(manifest, launcher)
+    except graph.SweepBusy as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print_submission(manifest, record)
+    if launcher.executor == "local":
+        exit_on_failure(manifest)
+
+
+def create_sweep_once(sweep_dir: Path, points: List[ComposedPoint], tracker: TrackingInChild,
+                      config_folders: Sequence[str], made: Optional[Path]) -> graph.Manifest:
+    """`create_sweep`, unless another sweep command got there first; if it fails (MLflow refused the runs, a
+    Ctrl-C), `made` (the folders made for it) is removed: nothing is left that looks like a sweep."""
+    if (sweep_dir / "manifest.json").exists():
+        raise SystemExit(f"error: {sweep_dir} already holds a sweep (manifest.json); choose another sweep_name=")
+    try:
+        return create_sweep(sweep_dir, points, tracker, config_folders)
+    except BaseException:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+
+
+def submit_new_sweep(manifest: graph.Manifest, launcher: DictConfig) -> dict:
+    sweep_dir = Path(manifest.sweep_dir)
     executor = make_executor(launcher, sweep_dir, manifest.sweep_id)
-    plan = Plan(train=list(range(len(manifest.points))))
     print(f"sweep {manifest.sweep_id}: {len(manifest.points)} point(s) in {sweep_dir}", flush=True)
     try:
-        record = executor.submit(manifest, plan)
+        return executor.submit(manifest, Plan(train=list(range(len(manifest.points)))))
     except SubmissionError as exc:
         if exc.interrupted:
             hint = f"submit it with `clustermask-resubmit {sweep_dir}`"
@@ -356,9 +374,6 @@ def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Regis
                     "launcher.train.partition=NAME]`")
         print(f"error: {exc}\nThe sweep is written in {sweep_dir} and none of it runs: {hint}", file=sys.stderr)
         raise SystemExit(130 if exc.interrupted else 1) from None
-    print_submission(manifest, record)
-    if launcher.executor == "local":
-        exit_on_failure(manifest)
 
 
 def exit_on_failure(manifest: graph.Manifest) -> None:

@@ -239,6 +239,40 @@ def process_alive(record: dict) -> bool:
         return True
 
 
+class SweepBusy(RuntimeError):
+    """Another process is submitting the sweep's work."""
+
+
+@contextmanager
+def submitting(sweep_dir: Path) -> Iterator[None]:
+    """This process alone plans and submits the sweep's work until the block ends: two resubmissions at once
+    would each find the same points unfinished, and two jobs would train each into the same folder. A lock file
+    left by a process that is gone (killed on this machine) is taken over."""
+    path = Path(sweep_dir) / "status" / "submitting.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                text = path.read_text()
+            except FileNotFoundError:  # released meanwhile
+                continue
+            holder = json.loads(text) if text.strip() else {}  # empty: being written, so alive
+            if process_alive(holder):
+                raise SweepBusy(f"another submission to {sweep_dir} is in progress (pid {holder.get('pid', '?')} on "
+                                f"{holder.get('host', '?')}, since {holder.get('time', '?')}); wait for it (if that "
+                                f"process is gone, remove {path}), nothing changed or submitted")
+            path.unlink(missing_ok=True)
+    with os.fdopen(fd, "w") as out:
+        json.dump({**this_process(), "time": dt.datetime.now().isoformat(timespec="seconds")}, out)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def local_executor_path(sweep_dir: Path) -> Path:
     return Path(sweep_dir) / "status" / "local_executor.json"
 

@@ -11,6 +11,7 @@ executor that would run it is alive.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import re
 import shlex
@@ -351,7 +352,14 @@ def resubmit(sweep_dir: Path, overrides: List[str], dry_run: bool = False,
     check_fixable(overrides)
     if evaluate_again:
         check_eval_overrides(overrides)
-    manifest = graph.Manifest.load(sweep_dir)
+    graph.Manifest.load(sweep_dir)  # a sweep? (else an error naming the folder, before a lock is written there)
+    with contextlib.nullcontext() if dry_run else graph.submitting(sweep_dir):
+        # read in the lock: a resubmission that held it has recorded its jobs by now
+        return _plan_and_submit(graph.Manifest.load(sweep_dir), overrides, dry_run, evaluate_again)
+
+
+def _plan_and_submit(manifest: graph.Manifest, overrides: List[str], dry_run: bool,
+                     evaluate_again: bool) -> Optional[dict]:
     plan = (plan_reevaluation if evaluate_again else plan_resubmission)(sweep_status(manifest))
     if plan.empty:
         print("nothing to evaluate again: no point has finished training, or its evaluation is queued"

@@ -1089,6 +1089,40 @@ def test_resubmit_with_the_tracking_server_down_changes_and_submits_nothing(tmp_
     assert graph.Manifest.load(manifest.sweep_dir).submissions == [] and graph.read_state(run_dir, "train") is None
 
 
+def test_one_submission_at_a_time_to_a_sweep(tmp_path, synthetic_root, capsys):
+    """Two resubmissions at once found the same points unfinished and submitted each twice (two jobs training into
+    one folder); a second sweep command with the same sweep_name could write its sweep over the first's."""
+    from launch import status
+
+    sweep_dir = tmp_path / "sweeps" / "default"
+    with graph.submitting(sweep_dir):  # a sweep command still creating this sweep (no manifest yet)
+        held = json.loads((sweep_dir / "status" / "submitting.json").read_text())
+        assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
+        result = sweep_cli(f"paths.root={tmp_path}", f"paths.data={synthetic_root}")
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert result.stderr.strip() == (
+            f"error: another submission to {sweep_dir} is in progress (pid {os.getpid()} on {socket.gethostname()}, "
+            f"since {held['time']}); wait for it (if that process is gone, remove {sweep_dir}/status/submitting.json), "
+            "nothing changed or submitted")
+        assert not (sweep_dir / "manifest.json").exists()
+    assert not (sweep_dir / "status" / "submitting.json").exists()
+    sweep = compose_sweep([f"paths.root={tmp_path}", f"paths.data={synthetic_root}"])
+    manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
+    graph.mark(Path(manifest.points[0].run_dir), "train", "failed")
+    with graph.submitting(sweep_dir):  # a resubmission of it, in progress
+        assert status.resubmit_main([str(sweep_dir)]) == 2
+        assert "error: another submission to" in capsys.readouterr().err
+        assert status.resubmit_main([str(sweep_dir), "--dry-run"]) == 0  # changes nothing: no need to wait
+    assert graph.Manifest.load(sweep_dir).submissions == []
+    assert graph.read_state(Path(manifest.points[0].run_dir), "train")["state"] == "failed"
+    # a lock left by a process that is gone (killed) is taken over
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (sweep_dir / "status" / "submitting.json").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
+    with graph.submitting(sweep_dir):
+        assert json.loads((sweep_dir / "status" / "submitting.json").read_text())["pid"] == os.getpid()
+
+
 def test_the_sweep_commands_name_a_folder_that_is_not_a_sweep(tmp_path, capsys):
     from analysis.report import main as report_main
     from launch import status
