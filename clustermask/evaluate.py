@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -197,8 +198,10 @@ def probe_accuracies(logits: torch.Tensor, targets: torch.Tensor):
 
 
 def metric_key(task: EvalTask, metric: str) -> str:
-    """MLflow key `<task>/<dataset>/<metric>`; MLflow rejects '@'."""
-    return f"{task.name}/{task.dataset}/{metric}".replace("@", "_at_")
+    """MLflow key `<task>/<dataset>/<metric>`. MLflow takes letters, digits, `_ - . / :` and spaces only, and
+    refuses the whole batch otherwise, after the evaluation: `@` becomes `_at_` (`recall@5`), any other character
+    `_` (a plugin evaluator's `acc(top-1)`; `:` too, which MLflow refuses on Windows)."""
+    return re.sub(r"[^\w./ -]", "_", f"{task.name}/{task.dataset}/{metric}".replace("@", "_at_"))
 
 
 def result_path(out_dir: Path, task: EvalTask, model_name: str, checkpoint: str) -> Path:

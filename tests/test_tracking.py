@@ -132,3 +132,22 @@ def test_training_metrics_the_server_cannot_take_wait_for_the_next_log(tmp_path,
     assert log.unsent == []
     with pytest.raises(MlflowException, match="recall@1"):  # what no store takes fails at once: no outage to wait out
         MetricsThatWait(RunLogger(f"sqlite:///{tmp_path / 'runs.db'}", "no-run"))({"recall@1": 0.5}, 40)
+
+
+def test_every_metric_name_an_evaluator_may_yield_is_a_key_mlflow_takes(tmp_path):
+    """An evaluator's metric names are its own (a plugin's `acc(top-1)`): MLflow refused a batch with one it does not
+    take, after the whole evaluation, and the evaluation job failed on every resubmission."""
+    from clustermask.evaluate import EvalTask, metric_key
+    from clustermask.tracking import RunLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, (run_id,) = create_sweep_runs(TrackingConfig(uri=uri), uri, "s", {}, [PointRun("p0", "", {})])
+    task = EvalTask("own_eval", "wds/own-set.v2", "")
+    names = ["acc1", "recall@5", "acc(top-1)", "f1%", "mean ± std", "a:b", "per class/cat", "précision"]
+    keys = [metric_key(task, name) for name in names]
+    RunLogger(uri, run_id).metrics(dict.fromkeys(keys, 0.5))
+    assert sorted(client(uri).get_run(run_id).data.metrics) == sorted(keys)
+    assert keys[:5] == ["own_eval/wds/own-set.v2/acc1", "own_eval/wds/own-set.v2/recall_at_5",
+                        "own_eval/wds/own-set.v2/acc_top-1_", "own_eval/wds/own-set.v2/f1_",
+                        "own_eval/wds/own-set.v2/mean _ std"]
+    assert len(set(keys)) == len(keys)
