@@ -259,7 +259,10 @@ def submitting(sweep_dir: Path) -> Iterator[None]:
                 text = path.read_text()
             except FileNotFoundError:  # released meanwhile
                 continue
-            holder = json.loads(text) if text.strip() else {}  # empty: being written, so alive
+            try:
+                holder = json.loads(text)
+            except ValueError:  # empty, being written: alive; or cut short, which the message says to remove
+                holder = {}
             if process_alive(holder):
                 raise SweepBusy(f"another submission to {sweep_dir} is in progress (pid {holder.get('pid', '?')} on "
                                 f"{holder.get('host', '?')}, since {holder.get('time', '?')}); wait for it (if that "
