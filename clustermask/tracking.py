@@ -34,6 +34,24 @@ def resolve_uri(cfg: TrackingConfig, sweep_dir: Path) -> str:
     return f"{SQLITE}{store.resolve()}" if store is not None and not store.is_absolute() else cfg.uri
 
 
+def server_missing(uri: str, timeout_s: float = 10.0) -> Optional[str]:
+    """For an http(s) tracking URI where nothing answers (connection refused, no such host, no answer in
+    `timeout_s`): why, at once, where MLflow's client would retry for minutes. Any HTTP answer, even one that asks
+    for a login, counts as a server."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:  # an answer
+        return None
+    except OSError as exc:  # URLError (refused, no such host) or a timeout
+        return str(getattr(exc, "reason", exc))
+    return None
+
+
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 

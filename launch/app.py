@@ -236,23 +236,6 @@ def merge_same_runs(points: List[ComposedPoint], strategies: Mapping[str, List[s
     return list(runs.values()), list(unused_notes) + merge_notes
 
 
-def tracking_server_missing(uri: str, timeout_s: float = 10.0) -> Optional[str]:
-    """For an http(s) `tracking.uri` where nothing answers (connection refused, no such host, no answer in
-    `timeout_s`): why. Any HTTP answer, even one that asks for a login, counts as a server."""
-    import urllib.error
-    import urllib.request
-
-    if not uri.startswith(("http://", "https://")):
-        return None
-    try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
-    except urllib.error.HTTPError:  # an answer
-        return None
-    except OSError as exc:  # URLError (refused, no such host) or a timeout
-        return str(getattr(exc, "reason", exc))
-    return None
-
-
 def _check_writable(sweep_dir: Path) -> None:
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -321,8 +304,10 @@ def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Regis
     if (sweep_dir / "manifest.json").exists():
         raise SystemExit(f"error: {sweep_dir} already holds a sweep (manifest.json); use `clustermask-resubmit "
                          f"{sweep_dir}` to finish it, or choose another sweep_name=")
+    from clustermask.tracking import server_missing
+
     uri = points[0].config["tracking"]["uri"] or ""
-    missing = tracking_server_missing(uri)
+    missing = server_missing(uri)
     refused = [f"tracking.uri={uri!r}: no MLflow server answers there ({missing}); start it, or leave tracking.uri "
                "empty for the sweep's own sqlite store"] if missing else []
     if launcher.executor == "slurm":

@@ -366,9 +366,9 @@ def _plan_and_submit(manifest: graph.Manifest, overrides: List[str], dry_run: bo
               if evaluate_again else "nothing to resubmit: every point is done or still queued")
         return None
     if not dry_run:
-        from .app import tracking_server_missing
+        from clustermask.tracking import server_missing
 
-        missing = tracking_server_missing(manifest.tracking_uri)
+        missing = server_missing(manifest.tracking_uri)
         if missing:
             raise ValueError(f"no MLflow server answers at the sweep's tracking URI {manifest.tracking_uri} "
                              f"({missing}): start it, nothing changed or submitted")

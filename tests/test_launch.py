@@ -1068,6 +1068,7 @@ def test_resubmit_with_the_tracking_server_down_changes_and_submits_nothing(tmp_
                                                                              capsys):
     """Resubmitted regardless, the jobs failed at their first MLflow call; with fixes, the command waited out the
     MLflow client's retries first. Both now stop at once, naming the server."""
+    from analysis.report import main as report_main
     from launch import status
 
     sweep = compose_sweep([f"paths.root={tmp_path}", f"paths.data={synthetic_root}"])
@@ -1080,9 +1081,13 @@ def test_resubmit_with_the_tracking_server_down_changes_and_submits_nothing(tmp_
         manifest.save()
         assert status.resubmit_main([manifest.sweep_dir]) == 2
         assert status.resubmit_main([manifest.sweep_dir, "train.lr=0.01"]) == 2
+        with pytest.raises(SystemExit) as exit_info:  # the report command too, at once and in a line
+            report_main([manifest.sweep_dir])
+        assert exit_info.value.code == 2
         errors = capsys.readouterr().err.splitlines()
-        assert errors == [f"error: no MLflow server answers at the sweep's tracking URI {manifest.tracking_uri} "
-                          "([Errno 111] Connection refused): start it, nothing changed or submitted"] * 2, errors
+        refused = f"error: no MLflow server answers at the sweep's tracking URI {manifest.tracking_uri} ([Errno 111] " \
+                  "Connection refused): start it"
+        assert errors == [f"{refused}, nothing changed or submitted"] * 2 + [refused], errors
         with pytest.raises(RuntimeError, match=r"MLflow runs at http://127.0.0.1:\d+ cannot be read, nothing changed"):
             status.apply_overrides(manifest, [0], ["train.lr=0.01"])  # the server gone between the check and now
     assert graph.load_point_config(run_dir).train.lr != 0.01
