@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 
 from clustermask.config import LOADER_BOUND  # noqa: E402
 from clustermask.files import sqlite_path, where_the_sweep_is  # noqa: E402
-from clustermask.tracking import server_missing  # noqa: E402
+from clustermask.tracking import require_server  # noqa: E402
 
 POINT_COLUMNS = ["sweep", "point", "strategy", "features", "ratio", "attention", "seed", "status"]
 HEADLINE = [  # (task, metric, column) in table order: a column per evaluated dataset, named after it if several
@@ -69,10 +69,7 @@ def point_runs(tracking_uri: str, experiment: str, sweep_id: str) -> pd.DataFram
     store = sqlite_path(tracking_uri)
     if store is not None and not store.is_file():  # MLflow would create an empty store there, and find no run
         raise FileNotFoundError(f"no MLflow store at {store} (a sweep copied without its mlflow.db?)")
-    missing = server_missing(tracking_uri)
-    if missing:
-        raise ConnectionError(f"no MLflow server answers at the sweep's tracking URI {tracking_uri} ({missing}): "
-                              "start it")
+    require_server(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     return mlflow.search_runs(experiment_names=[experiment],
                               filter_string=f"tags.sweep_id = '{sweep_id}' and tags.kind = 'point'",

@@ -52,6 +52,14 @@ def server_missing(uri: str, timeout_s: float = 10.0) -> Optional[str]:
     return None
 
 
+def require_server(uri: str) -> None:
+    """ConnectionError, in a line that says what to do, where nothing answers at an http(s) `uri`
+    (`server_missing`)."""
+    missing = server_missing(uri)
+    if missing:
+        raise ConnectionError(f"no MLflow server answers at the sweep's tracking URI {uri} ({missing}): start it")
+
+
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 

@@ -142,7 +142,7 @@ def train_point(run_dir: str) -> str:
 
     def body(logger):
         _load_plugins(cfg, "train", logger)
-        tracked = MetricsThatWait(logger) if logger else None
+        tracked = MetricsThatWait(logger)  # called only where there is a logger (rank 0)
 
         def log(metrics, step):
             tracked(metrics, step)

@@ -120,6 +120,12 @@ def close_keys(full_key: str) -> List[str]:
     return [f"{parent}.{k}" if parent else k for k in close]
 
 
+def did_you_mean(full_key: str) -> str:
+    """` (did you mean masking.kmeans_k?)` for `masking.k`: the keys like it (`close_keys`), or nothing."""
+    close = close_keys(full_key)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
 def config_error(exc: BaseException, say_plus: bool = True) -> str:
     """OmegaConf's error on one line: its first, with the keys like the one it did not find (`say_plus`: and, in
     an open mapping, how to add one; Hydra's own message says it)."""
@@ -130,26 +136,24 @@ def config_error(exc: BaseException, say_plus: bool = True) -> str:
         return first
     if first.endswith("is not in struct"):  # an open mapping (masking.options) without the key yet
         return f"{first} (a new key there: +{full_key.group(1)}=...)" if say_plus else first
-    close = close_keys(full_key.group(1))
-    return f"{first} (did you mean {' or '.join(close)}?)" if close else first
+    return first + did_you_mean(full_key.group(1))
 
 
-def unknown_settings(cfg: Mapping, path: str = "") -> List[str]:
-    """A line for each key of a composed config that its schema does not have: added with `+key=value`, which
-    struct mode lets through, it would be recorded and then ignored, or fail inside a job."""
-    schema = schema_at(path)
-    if schema is None:
-        return []
+def unknown_settings(cfg: Mapping, path: str = "", schema: type = Config) -> List[str]:
+    """A line for each key of a composed config (the node at `path`, of type `schema`) that its schema does not
+    have: added with `+key=value`, which struct mode lets through, it would be recorded and then ignored, or fail
+    inside a job. Open mappings (`report`, `masking.options`) take any key."""
     hints = typing.get_type_hints(schema)
     lines = []
     for key, value in cfg.items():
         full_key = f"{path}.{key}" if path else str(key)
         if key not in hints:
-            close = close_keys(full_key)
-            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            if not close and schema is StageResources:  # submitit passes any other sbatch option through
+            hint = did_you_mean(full_key)
+            if not hint and schema is StageResources:  # submitit passes any other sbatch option through
                 hint = f" (another sbatch option goes in +{path}.additional_parameters.{key}=...)"
             lines.append(f"{full_key} is not a setting of {schema.__name__}{hint}")
-        elif isinstance(value, Mapping):
-            lines += unknown_settings(value, full_key)
+            continue
+        node = _node_type(hints[key])
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(node):
+            lines += unknown_settings(value, full_key, node)
     return lines

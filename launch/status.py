@@ -366,12 +366,12 @@ def _plan_and_submit(manifest: graph.Manifest, overrides: List[str], dry_run: bo
               if evaluate_again else "nothing to resubmit: every point is done or still queued")
         return None
     if not dry_run:
-        from clustermask.tracking import server_missing
+        from clustermask.tracking import require_server
 
-        missing = server_missing(manifest.tracking_uri)
-        if missing:
-            raise ValueError(f"no MLflow server answers at the sweep's tracking URI {manifest.tracking_uri} "
-                             f"({missing}): start it, nothing changed or submitted")
+        try:
+            require_server(manifest.tracking_uri)
+        except ConnectionError as exc:
+            raise ValueError(f"{exc}, nothing changed or submitted") from None
     indices = sorted(plan.train + plan.eval_only)
     fixed = apply_overrides(manifest, indices, overrides, save=False) if overrides else {}
     # the resubmitted points' launcher, fixes included (point 0 may be done, its config not fixed)
