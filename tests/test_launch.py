@@ -1,4 +1,5 @@
 """Configs compose, preflight names bad values, dry runs print the graph, hostile values stay inert."""
+import contextlib
 import http.server
 import json
 import os
@@ -455,6 +456,18 @@ def test_preflight_failure_submits_nothing_and_names_the_point(tmp_path, synthet
     assert not list(tmp_path.rglob("manifest.json")) and not list(tmp_path.rglob("mlflow.db"))
 
 
+@contextlib.contextmanager
+def tracking_server(handler):
+    """An HTTP server with `handler` on a free local port, in threads of its own; its URI."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True  # a handler still waiting at the end does not hold the test up
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
 class LoginWallThenErrors(http.server.BaseHTTPRequestHandler):
     """A tracking URI with a server that asks for a login at /health and fails every MLflow call."""
 
@@ -479,13 +492,8 @@ def test_a_tracking_server_that_is_not_there_or_fails_stops_the_sweep_with_a_lin
     assert (f"error: preflight failed, nothing was submitted:\n  tracking.uri='http://127.0.0.1:{port}': no MLflow "
             "server answers there (") in result.stderr
     assert not list(tmp_path.iterdir())
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoginWallThenErrors)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        uri = f"http://127.0.0.1:{server.server_address[1]}"
+    with tracking_server(LoginWallThenErrors) as uri:
         result = sweep_cli(f"paths.root={tmp_path}", f"paths.data={synthetic_root}", f"tracking.uri={uri}")
-    finally:
-        server.shutdown()
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().startswith(f"error: MLflow at {uri} did not record the sweep's runs, nothing was "
                                             "submitted: MlflowException: "), result.stderr[-3000:]
@@ -510,16 +518,10 @@ class HealthyThenSlow(http.server.BaseHTTPRequestHandler):
 
 
 def test_a_ctrl_c_while_the_sweep_is_created_leaves_nothing_behind(tmp_path, synthetic_root):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HealthyThenSlow)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with tracking_server(HealthyThenSlow) as uri:
         code, stderr = interrupt_when([sys.executable, "-m", "launch.app", "-m", f"paths.root={tmp_path}",
-                                       f"paths.data={synthetic_root}",
-                                       f"tracking.uri=http://127.0.0.1:{server.server_address[1]}"],
+                                       f"paths.data={synthetic_root}", f"tracking.uri={uri}"],
                                       HealthyThenSlow.asked.is_set, "the sweep's creation")
-    finally:
-        server.shutdown()
     assert code == 130 and "Traceback" not in stderr, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == "interrupted: nothing was submitted"
     assert not list(tmp_path.iterdir())
