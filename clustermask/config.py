@@ -89,6 +89,13 @@ class EvalTask:
     options: Dict[str, Any] = field(default_factory=dict)
 
 
+def metric_key(task: EvalTask, metric: str) -> str:
+    """MLflow key `<task>/<dataset>/<metric>`. MLflow takes letters, digits, `_ - . / :` and spaces only, and
+    refuses the whole batch otherwise, after the evaluation: `@` becomes `_at_` (`recall@5`), any other character
+    `_` (a plugin evaluator's `acc(top-1)`; `:` too, which MLflow refuses on Windows)."""
+    return re.sub(r"[^\w./ -]", "_", f"{task.name}/{task.dataset}/{metric}".replace("@", "_at_"))
+
+
 @dataclass
 class EvalConfig:
     tasks: List[EvalTask] = field(default_factory=list)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader
 
-from .config import EvalConfig, EvalTask, validate_eval
+from .config import EvalConfig, EvalTask, metric_key, validate_eval
 from .files import write_atomic
 from .plugins import check_name_free
 
@@ -195,13 +194,6 @@ def probe_accuracies(logits: torch.Tensor, targets: torch.Tensor):
 
 
 # ---------------------------------------------------------------- running and writing
-
-
-def metric_key(task: EvalTask, metric: str) -> str:
-    """MLflow key `<task>/<dataset>/<metric>`. MLflow takes letters, digits, `_ - . / :` and spaces only, and
-    refuses the whole batch otherwise, after the evaluation: `@` becomes `_at_` (`recall@5`), any other character
-    `_` (a plugin evaluator's `acc(top-1)`; `:` too, which MLflow refuses on Windows)."""
-    return re.sub(r"[^\w./ -]", "_", f"{task.name}/{task.dataset}/{metric}".replace("@", "_at_"))
 
 
 def result_path(out_dir: Path, task: EvalTask, model_name: str, checkpoint: str) -> Path:

@@ -13,6 +13,7 @@ directories, MLflow runs and manifest.json are written and the graph goes to the
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import shutil
 import sys
@@ -107,11 +108,29 @@ def synthetic_data_hint(cfg: Mapping) -> str:
     return f" (the synthetic demo data? make it with: clustermask-data --out {data_root})"
 
 
+def check_plot_metric(cfg: Mapping) -> None:
+    """`report.plot_metric` names a task and dataset that the sweep evaluates: misspelt, only the report job would
+    have found out, after the whole sweep. (Checked when a sweep is made, not for a resubmission: evaluated
+    again on other benchmarks, a sweep keeps the metrics it had.)"""
+    from clustermask.config import EvalTask, metric_key
+
+    metric = cfg["report"]["plot_metric"]
+    prefixes = list(dict.fromkeys(metric_key(EvalTask(**task), "") for task in cfg["eval"]["tasks"]))
+    if not metric or any(metric.startswith(prefix) and len(metric) > len(prefix) for prefix in prefixes):
+        return
+    name = metric.rpartition("/")[2]
+    close = difflib.get_close_matches(metric, [prefix + name for prefix in prefixes], n=3, cutoff=0.75) if name else []
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise ValueError(f"report.plot_metric={metric!r} is not <task>/<dataset>/<metric> of a task of eval.tasks "
+                     f"({hint}the sweep's metrics start with {', '.join(prefixes) or 'nothing: no eval.tasks'})")
+
+
 def point_error(point: ComposedPoint, registries: Registries, shards_found: set) -> str:
     if point.error:
         return point.error
     try:
         preflight(point.config, registries, shards_found)
+        check_plot_metric(point.config)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         return str(exc)
     return ""
@@ -159,7 +178,7 @@ def unused_setting_note(masking, key: str, value) -> str:
 
 
 # the sweep's: one value for all its points
-SWEEP_SETTINGS = ("launcher", "tracking", "sweep_name", "paths", "plugins")
+SWEEP_SETTINGS = ("launcher", "tracking", "sweep_name", "paths", "plugins", "report")
 
 
 def sweep_settings_that_differ(points: List[ComposedPoint]) -> List[str]:
@@ -180,8 +199,8 @@ def sweep_settings_that_differ(points: List[ComposedPoint]) -> List[str]:
 def check_sweep_settings(points: List[ComposedPoint]) -> None:
     differing = sweep_settings_that_differ(points)
     if differing:
-        print("error: a sweep has one launcher, MLflow tracking, name, paths and plugins for all of its points; "
-              "these differ between its points (make a sweep for each value), nothing was submitted:\n"
+        print("error: a sweep has one launcher, MLflow tracking, name, paths, plugins and report for all of its "
+              "points; these differ between its points (make a sweep for each value), nothing was submitted:\n"
               + "\n".join(f"  {line}" for line in differing), file=sys.stderr)
         raise SystemExit(2)
 

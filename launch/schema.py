@@ -9,7 +9,7 @@ import difflib
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
@@ -57,6 +57,13 @@ class PathsConfig:
 
 
 @dataclass
+class ReportConfig:
+    # one more metric key (`<task>/<dataset>/<metric>`, as in MLflow) to plot against the mask ratio, besides
+    # zero-shot and linear-probe accuracy on every dataset and SugarCrepe's swap-attribute accuracy
+    plot_metric: str = ""
+
+
+@dataclass
 class Config:
     sweep_name: str = "default"
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -70,9 +77,7 @@ class Config:
     eval: EvalConfig = MISSING
     tracking: TrackingConfig = MISSING
     launcher: LauncherConfig = MISSING
-    # plot_metric: one more metric key (`<task>/<dataset>/<metric>`) to plot against the mask ratio, besides
-    # zero-shot and linear-probe accuracy on every dataset and SugarCrepe's swap-attribute accuracy
-    report: Dict[str, Any] = field(default_factory=lambda: {"plot_metric": ""})
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 GROUP_SCHEMAS = {"model": ModelConfig, "masking": MaskingConfig, "data": DataSchema, "train": TrainConfig,
@@ -94,7 +99,7 @@ def _node_type(hint: Any) -> Any:
 
 def schema_at(path: str) -> Optional[type]:
     """The dataclass of the config node at `path` (`launcher.train`), from `Config` down; None where the node
-    takes any key (`report`, `masking.options`) or is not a mapping. (Typed lists such as `eval.tasks` OmegaConf
+    takes any key (`masking.options`) or is not a mapping. (Typed lists such as `eval.tasks` OmegaConf
     checks itself, even under `+`.)"""
     node: Any = Config
     for part in filter(None, path.split(".")):
@@ -142,7 +147,7 @@ def config_error(exc: BaseException, say_plus: bool = True) -> str:
 def unknown_settings(cfg: Mapping, path: str = "", schema: type = Config) -> List[str]:
     """A line for each key of a composed config (the node at `path`, of type `schema`) that its schema does not
     have: added with `+key=value`, which struct mode lets through, it would be recorded and then ignored, or fail
-    inside a job. Open mappings (`report`, `masking.options`) take any key."""
+    inside a job. Open mappings (`masking.options`, `launcher.<stage>.additional_parameters`) take any key."""
     hints = typing.get_type_hints(schema)
     lines = []
     for key, value in cfg.items():

@@ -69,15 +69,17 @@ def _as_hydra_composes(points, common):
 
 
 def test_sweep_points_compose_exactly_as_hydra_composes_them(tmp_path):
-    common = [f"paths.root={tmp_path}", "launcher=slurm", "+report.note=extra"]
-    sweep = compose_sweep([*common, "masking=random,cluster,kmeans", "masking.ratio=0.3,0.5", "~report.plot_metric",
+    common = [f"paths.root={tmp_path}", "launcher=slurm", "+launcher.train.additional_parameters.note=extra"]
+    deleted = "~eval.tasks.1.options.lr"  # the linear probe's learning rate: clustermask's default then
+    sweep = compose_sweep([*common, "masking=random,cluster,kmeans", "masking.ratio=0.3,0.5", deleted,
                            "model=tiny,vit_b16", "train.seed=range(0,2)"])
     assert len(sweep.points) == 3 * 2 * 2 * 2 and not any(p.error for p in sweep.points)
     assert sweep.sweep_dir == tmp_path / "sweeps" / "default"
     assert len({tuple(p.overrides) for p in sweep.points}) == 24
-    _as_hydra_composes(sweep.points, [*common, "~report.plot_metric"])
+    _as_hydra_composes(sweep.points, [*common, deleted])
     assert {p.config["masking"]["strategy"] for p in sweep.points} == {"random", "cluster", "kmeans"}
-    assert all(p.config["report"] == {"note": "extra"} for p in sweep.points)
+    assert all(p.config["launcher"]["train"]["additional_parameters"] == {"note": "extra"} for p in sweep.points)
+    assert all(p.config["eval"]["tasks"][1]["options"] == {"epochs": 10} for p in sweep.points)
 
 
 def test_points_that_differ_only_in_settings_their_strategy_does_not_use_are_one_run(tmp_path):
@@ -317,7 +319,8 @@ def test_preflight_names_the_bad_key(synthetic_root):
              "+trian.steps=4": r"trian is not a setting of Config \(did you mean train\?\)",
              "+launcher.report.priority=9": r"launcher.report.priority is not a setting of StageResources \(another "
                                             r"sbatch option goes in \+launcher.report.additional_parameters.priority="
-                                            r"...\)"}
+                                            r"...\)",
+             "+report.note=x": r"^report.note is not a setting of ReportConfig$"}
     for override, message in cases.items():
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             app.preflight(compose_cfg(*good, override))
@@ -438,7 +441,10 @@ def test_hydra_flags_print_and_submit_nothing(tmp_path, synthetic_root):
                     "'MaskingConfig' (did you mean masking.kmeans_k?)"),
     ("launcher.train.parition=gpu", "Could not override 'launcher.train.parition'. To append to your config use "
                                     "+launcher.train.parition=gpu: Key 'parition' not in 'StageResources' (did you "
-                                    "mean launcher.train.partition?)")])
+                                    "mean launcher.train.partition?)"),
+    ("report.plot_metrc=x", "Could not override 'report.plot_metrc'. To append to your config use "
+                            "+report.plot_metrc=x: Key 'plot_metrc' not in 'ReportConfig' (did you mean "
+                            "report.plot_metric?)")])
 def test_a_bad_override_is_one_line_that_says_which_and_why(override, error):
     """Hydra's own message names the override; its OmegaConf cause says what is wrong with it; a key that is not
     there comes with the keys like it."""
@@ -530,14 +536,39 @@ def test_a_ctrl_c_while_the_sweep_is_created_leaves_nothing_behind(tmp_path, syn
 def test_a_sweep_whose_points_differ_in_the_sweeps_own_settings_is_refused_naming_them(tmp_path, synthetic_root):
     """One launcher, MLflow store and experiment per sweep: `launcher.train.mem_gb=4,8` submitted every point with
     4 GB (point 0's), though point 1's saved config said 8; `tracking.experiment=a,b` logged both points in `a`."""
+    plots = "linear_probe/wds/shapes/lp_acc1,linear_probe/wds/shapes/lp_acc5"  # the report job plotted point 0's
     result = sweep_cli(f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "masking=random,cluster",
-                       "launcher.train.mem_gb=4,8", "tracking.experiment=a,b")
+                       "launcher.train.mem_gb=4,8", "tracking.experiment=a,b", f"report.plot_metric={plots}")
     assert result.returncode == 2, result.stderr
     assert "these differ between its points (make a sweep for each value), nothing was submitted" in result.stderr
-    assert "  launcher.train.mem_gb: 4, 8\n  tracking.experiment: a, b" in result.stderr
+    assert ("  launcher.train.mem_gb: 4, 8\n  report.plot_metric: linear_probe/wds/shapes/lp_acc1, "
+            "linear_probe/wds/shapes/lp_acc5\n  tracking.experiment: a, b") in result.stderr
     assert not list(tmp_path.rglob("manifest.json")) and not list(tmp_path.rglob("mlflow.db"))
     points = [ComposedPoint(overrides, {}) for overrides in (["a=1"], ["a=2"], ["a=1"])]
     assert app.same_overrides(points) == (0, 2) and app.same_overrides(points[:2]) is None
+
+
+def test_a_plot_metric_of_no_task_the_sweep_evaluates_is_refused_with_the_keys_like_it(synthetic_root):
+    """A misspelt `report.plot_metric` was found out by the report job, after every point had trained."""
+    from launch.helpers import Registries
+
+    def problems(plot_metric):
+        sweep = compose_sweep([f"paths.data={synthetic_root}", f"report.plot_metric={plot_metric}"])
+        return app.check_points(sweep.points, Registries.here())
+
+    assert problems("linear_probe/wds/shapes/lp_acc5") == []
+    assert problems("zeroshot_retrieval/wds/scenes/image_retrieval_recall_at_5") == []
+    misspelt = problems("linear_probe/wds/shape/lp_acc1")
+    assert len(misspelt) == 1
+    assert misspelt[0].startswith("  point 0 (report.plot_metric=linear_probe/wds/shape/lp_acc1): "
+                                  "report.plot_metric='linear_probe/wds/shape/lp_acc1' is not "
+                                  "<task>/<dataset>/<metric> of a task of eval.tasks (did you mean linear_probe/wds/shapes/lp_acc1? the sweep's "
+                                  "metrics start with zeroshot_classification/wds/shapes/, linear_probe/wds/shapes/, "
+                                  "zeroshot_retrieval/wds/scenes/, image_caption_selection/sugar_crepe/add_att/, ")
+    for bare in ("lp_acc1", "linear_probe/wds/shapes/"):  # no task, or no metric
+        (problem,) = problems(bare)
+        assert f"report.plot_metric={bare!r} is not <task>/<dataset>/<metric> of a task of eval.tasks (the " \
+               "sweep's metrics start with zeroshot_classification/wds/shapes/, " in problem
 
 
 @pytest.mark.parametrize("plugin, problem", [
