@@ -178,7 +178,7 @@ def unused_setting_note(masking, key: str, value) -> str:
 
 
 # the sweep's: one value for all its points
-SWEEP_SETTINGS = ("launcher", "tracking", "sweep_name", "paths", "plugins", "report")
+SWEEP_SETTINGS = ("launcher", "tracking", "sweep_name", "paths", "plugins", "report", "eval")
 
 
 def sweep_settings_that_differ(points: List[ComposedPoint]) -> List[str]:
@@ -192,16 +192,20 @@ def sweep_settings_that_differ(points: List[ComposedPoint]) -> List[str]:
     for key in keys:
         values = list(dict.fromkeys(f.get(key, "(not set)") for f in flat))
         if len(values) > 1:
-            lines.append(f"{key}: {', '.join(values)}")
+            lines.append(f"{key}: {', '.join(v if len(v) <= 60 else v[:57] + '...' for v in values)}")
     return lines
 
 
 def check_sweep_settings(points: List[ComposedPoint]) -> None:
     differing = sweep_settings_that_differ(points)
     if differing:
-        print("error: a sweep has one launcher, MLflow tracking, name, paths, plugins and report for all of its "
-              "points; these differ between its points (make a sweep for each value), nothing was submitted:\n"
-              + "\n".join(f"  {line}" for line in differing), file=sys.stderr)
+        evaluation = any(line.startswith("eval.") for line in differing)
+        print("error: a sweep has one launcher, MLflow tracking, name, paths, plugins, report and evaluation for all "
+              "of its points; these differ between its points (make a sweep for each value"
+              + ("; points that differ only in eval.* would train the same model once each: to evaluate a sweep's "
+                 "models on more benchmarks, clustermask-resubmit SWEEP_DIR --evaluate-again eval=..."
+                 if evaluation else "")
+              + "), nothing was submitted:\n" + "\n".join(f"  {line}" for line in differing), file=sys.stderr)
         raise SystemExit(2)
 
 

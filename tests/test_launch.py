@@ -534,8 +534,9 @@ def test_a_ctrl_c_while_the_sweep_is_created_leaves_nothing_behind(tmp_path, syn
 
 
 def test_a_sweep_whose_points_differ_in_the_sweeps_own_settings_is_refused_naming_them(tmp_path, synthetic_root):
-    """One launcher, MLflow store and experiment per sweep: `launcher.train.mem_gb=4,8` submitted every point with
-    4 GB (point 0's), though point 1's saved config said 8; `tracking.experiment=a,b` logged both points in `a`."""
+    """One launcher, MLflow store and experiment, report and evaluation per sweep: `launcher.train.mem_gb=4,8`
+    submitted every point with 4 GB (point 0's), though point 1's saved config said 8; `tracking.experiment=a,b`
+    logged both points in `a`."""
     plots = "linear_probe/wds/shapes/lp_acc1,linear_probe/wds/shapes/lp_acc5"  # the report job plotted point 0's
     result = sweep_cli(f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "masking=random,cluster",
                        "launcher.train.mem_gb=4,8", "tracking.experiment=a,b", f"report.plot_metric={plots}")
@@ -543,6 +544,14 @@ def test_a_sweep_whose_points_differ_in_the_sweeps_own_settings_is_refused_namin
     assert "these differ between its points (make a sweep for each value), nothing was submitted" in result.stderr
     assert ("  launcher.train.mem_gb: 4, 8\n  report.plot_metric: linear_probe/wds/shapes/lp_acc1, "
             "linear_probe/wds/shapes/lp_acc5\n  tracking.experiment: a, b") in result.stderr
+    assert "evaluate-again" not in result.stderr
+    assert not list(tmp_path.rglob("manifest.json")) and not list(tmp_path.rglob("mlflow.db"))
+    # points that differ only in how they are evaluated trained the same model once per value
+    result = sweep_cli(f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "eval.batch_size=64,128")
+    assert result.returncode == 2, result.stderr
+    assert ("would train the same model once each: to evaluate a sweep's models on more benchmarks, "
+            "clustermask-resubmit SWEEP_DIR --evaluate-again eval=...), nothing was submitted:\n"
+            "  eval.batch_size: 64, 128\n") in result.stderr
     assert not list(tmp_path.rglob("manifest.json")) and not list(tmp_path.rglob("mlflow.db"))
     points = [ComposedPoint(overrides, {}) for overrides in (["a=1"], ["a=2"], ["a=1"])]
     assert app.same_overrides(points) == (0, 2) and app.same_overrides(points[:2]) is None
