@@ -189,15 +189,16 @@ def eval_point(run_dir: str) -> str:
 
 
 def report(sweep_dir: str) -> str:
-    """The sweep's tables and plots; also plots the sweep config's `report.plot_metric` (the same in every point)."""
+    """The sweep's tables and plots; also plots the points' `report.plot_metric` (the sweep's, and a resubmission's
+    fix of it, which only the points it resubmitted hold)."""
     from analysis.report import build_report
 
     sweep_dir = Path(sweep_dir).resolve()
     _running(sweep_dir, "report")  # `clustermask-status` shows the report's state from this marker
     try:
         manifest = graph.Manifest.load(sweep_dir)
-        metric = graph.load_point_config(Path(manifest.points[0].run_dir)).report.get("plot_metric")
-        out_dir = build_report(sweep_dir, [metric] if metric else None)
+        metrics = [graph.load_point_config(Path(p.run_dir)).report.plot_metric for p in manifest.points]
+        out_dir = build_report(sweep_dir, [m for m in dict.fromkeys(metrics) if m])
         _close_sweep_run(manifest, out_dir)
     except Exception as error:
         _finished(sweep_dir, "report", error)

@@ -261,6 +261,21 @@ def test_a_sweep_copied_elsewhere_reads_its_own_runs_and_mlflow_store(local_swee
     assert not (copy / "mlflow.db").exists()
 
 
+def test_the_report_job_plots_a_plot_metric_that_a_resubmission_fixed(local_sweep, tmp_path):
+    """A fix reaches only the points it resubmits; the report job read point 0's config, and plotted the fixed
+    metric only if point 0 was among them."""
+    from launch import jobs
+    from launch.status import apply_overrides
+
+    copy = tmp_path / "e2e"
+    shutil.copytree(local_sweep[0], copy)
+    manifest = graph.Manifest.load(copy)
+    apply_overrides(manifest, [2], ["report.plot_metric=zeroshot_classification/wds/shapes/acc5"])
+    report = Path(jobs.report(str(copy)))
+    for plot in ("linear_probe_wds_shapes_lp_acc5", "zeroshot_classification_wds_shapes_acc5"):
+        assert (report / f"{plot}.png").stat().st_size > 5000, plot
+
+
 def test_relaunching_into_an_existing_sweep_is_refused(local_sweep, synthetic_root):
     sweep_dir, _ = local_sweep
     before = (sweep_dir / "manifest.json").read_text()
