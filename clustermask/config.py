@@ -130,8 +130,22 @@ def validate_model(cfg: ModelConfig) -> None:
     if cfg.name not in names:
         close = [n for n in names if n.lower().startswith(cfg.name.lower()[:5])][:5] or names[:5]
         raise ValueError(f"model.name={cfg.name!r} is not an open_clip model; e.g. {close}")
+    objective = other_objective(model_config(cfg.name))
+    if objective:
+        raise ValueError(f"model.name={cfg.name!r} is {objective}; clustermask trains CLIP's contrastive objective "
+                         "(open_clip's ClipLoss on image and text features), e.g. ViT-B-16")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"model.precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
+def other_objective(config: Dict[str, Any]) -> Optional[str]:
+    """What, in an open_clip model config, makes the model train with another loss than CLIP's, or None: the job
+    would fail at its first step (a CoCa model returns a dict) or silently train it with the wrong loss."""
+    if "multimodal_cfg" in config:
+        return "a CoCa model (a captioning decoder besides the towers, trained with open_clip's CoCaLoss)"
+    if config.get("init_logit_bias") is not None:
+        return "a SigLIP-style model (a learnt logit bias, trained with open_clip's SigLipLoss)"
+    return None
 
 
 @functools.lru_cache(maxsize=None)

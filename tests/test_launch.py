@@ -293,6 +293,9 @@ def test_preflight_names_the_bad_key(synthetic_root):
     app.preflight(compose_cfg(*good))
     cases = {"masking.strategy=blocks": "masking.strategy='blocks'",
              "model.name=ViT-Nope": "model.name='ViT-Nope'",
+             # a ViT image tower, but the training loop's ClipLoss is not its objective (the job failed at step 0)
+             "model.name=coca_ViT-B-32": r"model.name='coca_ViT-B-32' is a CoCa model \(a captioning decoder",
+             "model.name=ViT-B-16-SigLIP": r"model.name='ViT-B-16-SigLIP' is a SigLIP-style model \(a learnt logit",
              f"data.train_shards={synthetic_root}/missing": "data.train_shards",
              "eval.tasks.0.root=/nonexistent/shapes": r"eval.tasks\[0\].root='/nonexistent/shapes'",
              # the root exists, but the evaluation job would fail on it after the training
