@@ -3,13 +3,15 @@
 Both take the same plan (which points to train, which to evaluate), record what they submitted in the
 manifest, and return that record. `SlurmExecutor` submits one train array, one eval array whose task i depends on
 train task i (aftercorr), and one report job (afterany), through submitit, and returns at once.
-`LocalExecutor` runs the same graph on this machine as subprocesses, with a parallelism cap.
+`LocalExecutor` runs the same graph on this machine as subprocesses, with a parallelism cap. The jobs of both run
+in the submission's copy of the code (launch/snapshot.py).
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -24,7 +26,7 @@ from unittest import mock
 
 from omegaconf import OmegaConf
 
-from . import graph
+from . import graph, snapshot
 
 
 @dataclass
@@ -64,11 +66,14 @@ class LocalExecutor:
 
     def __init__(self, max_parallel: int = 1):
         self.max_parallel = max_parallel
+        self.code: Optional[Path] = None  # the copy of the code the tasks run, made by `submit`
         self._children: set = set()  # the task processes running now
         self._lock = threading.Lock()
         self._stopping = False
 
     def _task(self, stage: str, path: str, log: Path) -> bool:
+        """`python -m launch.jobs STAGE PATH` in the submission's copy of the code (launch/snapshot.py), which it
+        then imports."""
         log.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "CLUSTERMASK_LOG": str(log)}
         if self.max_parallel > 1:
@@ -78,7 +83,7 @@ class LocalExecutor:
                 if self._stopping:
                     return False
                 child = subprocess.Popen([sys.executable, "-m", "launch.jobs", stage, path], stdout=out,
-                                         stderr=subprocess.STDOUT, env=env)
+                                         stderr=subprocess.STDOUT, env=env, cwd=self.code)
                 self._children.add(child)
             try:
                 code = child.wait()
@@ -116,6 +121,7 @@ class LocalExecutor:
     def submit(self, manifest: graph.Manifest, plan: Plan) -> Dict:
         try:
             with graph.local_executor_running(Path(manifest.sweep_dir)):
+                self.code = snapshot.code_folder(Path(manifest.sweep_dir))
                 record = self._run(manifest, plan)
                 manifest.record(record)
                 return record
@@ -137,7 +143,7 @@ class LocalExecutor:
             self._stop(pool)
             raise
         pool.shutdown()
-        record = {"time": _now(), "executor": "local",
+        record = {"time": _now(), "executor": "local", "code": str(self.code),
                   "train": [{"job_id": "local", "points": plan.train, "task_ids": ["local"] * len(plan.train)}],
                   "eval": [{"job_id": "local", "points": plan.train + plan.eval_only,
                             "task_ids": ["local"] * (len(plan.train) + len(plan.eval_only))}]}
@@ -205,6 +211,7 @@ class SlurmExecutor:
         self.sweep_dir = Path(sweep_dir)
         self.sweep_id = sweep_id
         self.dry_run = dry_run
+        self.code: Optional[Path] = None  # the copy of the code the jobs run, made by `submit`
 
     def _executor(self, stage: str, dependency: Optional[str] = None):
         import submitit
@@ -222,6 +229,9 @@ class SlurmExecutor:
         extra = dict(params.pop("slurm_additional_parameters", {}) or {})
         if dependency:
             extra.update({"dependency": dependency, "kill-on-invalid-dep": "yes"})
+        # the job runs in the submission's copy of the code, which `python -m` then imports (launch/snapshot.py)
+        code = self.code or snapshot.code_folder(self.sweep_dir, write=False)
+        params["slurm_setup"] = [f"cd {shlex.quote(str(code))}", *(params.get("slurm_setup") or [])]
         executor.update_parameters(**params, slurm_additional_parameters=extra)
         return executor
 
@@ -274,6 +284,7 @@ class SlurmExecutor:
         queued: List[str] = []
         recorded = False
         try:
+            self.code = snapshot.code_folder(self.sweep_dir, write=not self.dry_run)
             with sigint_held():
                 record = self._submit(manifest, plan, queued)
                 if not self.dry_run:
@@ -299,7 +310,7 @@ class SlurmExecutor:
         return f"; cancelled what it had queued ({', '.join(queued)})"
 
     def _submit(self, manifest: graph.Manifest, plan: Plan, queued: List[str]) -> Dict:
-        record: Dict = {"time": _now(), "executor": "slurm", "train": [], "eval": []}
+        record: Dict = {"time": _now(), "executor": "slurm", "code": str(self.code), "train": [], "eval": []}
         waits = []
         if plan.train:
             paths = [manifest.points[i].run_dir for i in plan.train]

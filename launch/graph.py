@@ -185,8 +185,8 @@ def pinned_path(value, base: Path):
 def pin_relative_paths(cfg, base: Path) -> None:
     """Make a point's relative paths (`paths.*`, `data.train_shards`, `data.eval_root`, the evaluation tasks'
     roots, plugin files) absolute against `base`, the folder the command runs in, in place (a dict or a
-    DictConfig). A job reads them from its own working folder, which is the one its submission ran in:
-    resubmitted from elsewhere it would read other data, or none."""
+    DictConfig). A job runs in its submission's copy of the code (launch/snapshot.py), and a resubmission may run
+    from elsewhere: relative, they would name other data, or none."""
     for section, key in _path_settings(cfg):
         if not (isinstance(section, DictConfig) and OmegaConf.is_missing(section, key)):
             section[key] = pinned_path(section[key], base)

@@ -59,18 +59,23 @@ def _typed(node):
     return OmegaConf.to_object(node)
 
 
+# the code this job runs: its submission's copy (launch/snapshot.py), or a checkout (`python -m launch.jobs` by hand)
+CODE = str(Path(__file__).resolve().parents[1])
+
+
 def _running(run_dir: Path, stage: str, **info) -> None:
     """The running marker, with this process's pid and host: a local task has no queue to ask whether it is
     still alive, and one that was killed (Ctrl-C, out of memory) would otherwise look running for ever."""
-    graph.mark(run_dir, stage, "running", job_id=_job_id(), log=_log_path(), **graph.this_process(), **info)
+    graph.mark(run_dir, stage, "running", job_id=_job_id(), log=_log_path(), code=CODE, **graph.this_process(),
+               **info)
 
 
 def _finished(run_dir: Path, stage: str, error: Optional[BaseException] = None) -> None:
     """The stage's last marker: done, or failed with the error."""
     if error is None:
-        graph.mark(run_dir, stage, "done", job_id=_job_id(), log=_log_path())
+        graph.mark(run_dir, stage, "done", job_id=_job_id(), log=_log_path(), code=CODE)
     else:
-        graph.mark(run_dir, stage, "failed", job_id=_job_id(), log=_log_path(), error=repr(error)[:2000])
+        graph.mark(run_dir, stage, "failed", job_id=_job_id(), log=_log_path(), code=CODE, error=repr(error)[:2000])
 
 
 def _progress(run_dir: Path, stage: str, done: int, total: int, waited: Optional[float] = None) -> None:
@@ -107,7 +112,7 @@ def _stage(stage: str, run_dir: Path, body) -> str:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     if rank == 0:
         _running(run_dir, stage)
-        logger.tags({f"{stage}_job_id": _job_id()})
+        logger.tags({f"{stage}_job_id": _job_id(), f"{stage}_code": CODE})
     try:
         result = body(logger if rank == 0 else None)
     except Exception as error:  # not SystemExit: submitit exits that way after requeueing a preempted task

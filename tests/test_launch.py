@@ -710,6 +710,7 @@ def test_a_dry_run_names_the_points_submitted_once(tmp_path, synthetic_root):
 
 def normalise(script: str, folder: str) -> str:
     script = script.replace(folder, "<FOLDER>").replace(sys.executable, "<PYTHON>")
+    script = re.sub(r"/code/[0-9a-f]{12}\b", "/code/<DIGEST>", script)  # the digest of the code the jobs run
     return re.sub(r"--job-name=\S+", "--job-name=<NAME>", script)
 
 
@@ -721,6 +722,35 @@ def test_train_array_sbatch_script_matches_the_stored_one(tmp_path):
     inner.parameters["map_count"] = 64
     script = normalise(inner._make_submission_file_text(inner._submitit_command_str, "x"), str(tmp_path))
     assert script == (EXPECTED / "train_array.sbatch").read_text()
+
+
+def test_each_submission_copies_the_code_its_jobs_run_once_per_version(tmp_path):
+    """Named after a digest of the files: the same code shares a copy, which is never written again (a job may be
+    reading it); an edit gets a copy of its own; a dry run writes none."""
+    from launch import snapshot
+
+    package = tmp_path / "checkout" / "clustermask"
+    (package / "__pycache__").mkdir(parents=True)
+    (package / "__init__.py").write_text("VERSION = 1\n")
+    (package / "__pycache__" / "x.pyc").write_bytes(b"\0")
+    (package / "model_configs").mkdir()
+    (package / "model_configs" / "tiny.json").write_text("{}")
+    folders = {"clustermask": package}
+    sweep = tmp_path / "sweep"
+    assert not snapshot.code_folder(sweep, folders, write=False).exists() and not sweep.exists()
+    first = snapshot.code_folder(sweep, folders)
+    assert first.parent == sweep / "code"
+    assert sorted(p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file()) == [
+        "clustermask/__init__.py", "clustermask/model_configs/tiny.json"]
+    written = (first / "clustermask" / "__init__.py").stat().st_mtime_ns
+    assert snapshot.code_folder(sweep, folders) == first
+    assert (first / "clustermask" / "__init__.py").stat().st_mtime_ns == written
+    (package / "__init__.py").write_text("VERSION = 2\n")
+    second = snapshot.code_folder(sweep, folders)
+    assert second != first and (second / "clustermask" / "__init__.py").read_text() == "VERSION = 2\n"
+    assert (first / "clustermask" / "__init__.py").read_text() == "VERSION = 1\n"
+    assert sorted(p.name for p in (sweep / "code").iterdir()) == sorted([first.name, second.name])  # no staging
+    assert snapshot.code_folder(tmp_path / "other", None, write=False).name != first.name  # this process's code
 
 
 def test_executor_parameters_follow_hydra_submitit_launcher():
@@ -823,7 +853,12 @@ def test_the_report_task_marks_its_state_and_status_shows_a_failed_report_with_i
                   "report": {"job_id": "local"}}
     graph.Manifest("s", str(sweep_dir), "", "local", "", "", "", [], [submission]).save()
     monkeypatch.setenv("CLUSTERMASK_LOG", str(sweep_dir / "logs" / "report.log"))
-    with pytest.raises(IndexError):  # a sweep without points: the report task fails
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("no table today")
+
+    monkeypatch.setattr("analysis.report.build_report", fails)
+    with pytest.raises(RuntimeError, match="no table today"):
         jobs.report(str(sweep_dir))
     manifest = graph.Manifest.load(sweep_dir)
     report = report_status(manifest)

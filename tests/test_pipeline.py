@@ -121,6 +121,12 @@ def test_manifest_and_run_directories(local_sweep):
         dump = json.loads(results[0].read_text())
         assert set(dump) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
     assert "manifest:" in stdout
+    # the tasks ran the copy of the code the sweep made, not the checkout the command ran in (launch/snapshot.py)
+    code = Path(manifest.submissions[-1]["code"])
+    assert code.parent == sweep_dir / "code" and (code / "launch" / "jobs.py").read_bytes() == \
+        (REPO / "launch" / "jobs.py").read_bytes()
+    states = [graph.read_state(Path(p.run_dir), stage) for p in manifest.points for stage in ("train", "eval")]
+    assert {state["code"] for state in states + [graph.read_state(sweep_dir, "report")]} == {str(code)}
 
 
 def test_models_beat_chance_by_a_clear_margin(local_sweep):

@@ -25,10 +25,10 @@ SMALL_RESOURCES = ["launcher=slurm", "launcher.train.mem_gb=3", "launcher.train.
                    "train.batch_size=32", "data.workers=1"]
 
 
-def launch(root, data, *overrides):
+def launch(root, data, *overrides, cwd=REPO):
     started = time.time()
     result = subprocess.run([sys.executable, "-m", "launch.app", "-m", f"paths.root={root}", f"paths.data={data}",
-                             *SMALL_RESOURCES, *overrides], capture_output=True, text=True, cwd=REPO, timeout=300)
+                             *SMALL_RESOURCES, *overrides], capture_output=True, text=True, cwd=cwd, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout, time.time() - started
 
@@ -122,6 +122,34 @@ def test_sweep_with_a_failing_point_then_resubmit(slurm, tmp_path, synthetic_roo
     assert sweep_run.info.status == "FINISHED" and sweep_run.data.tags["points_evaluated"] == "4/4"
     assert resubmit(sweep_dir, []) is None  # running it twice changes nothing
     assert len(graph.Manifest.load(sweep_dir).submissions) == 2
+
+
+def test_jobs_run_the_code_of_their_submission_whatever_the_checkout_holds_when_they_start(slurm, tmp_path,
+                                                                                          synthetic_root):
+    """A job may wait in the queue for days while the checkout takes the next experiment's edits; it runs the copy
+    of the code its submission made (launch/snapshot.py), not what the checkout holds when it starts."""
+    from launch.snapshot import PACKAGES
+
+    checkout = tmp_path / "checkout"
+    for folder in (*PACKAGES, "configs"):
+        shutil.copytree(REPO / folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    # submitted from that checkout (the sweep command imports it), the training held until the checkout is edited
+    launch(tmp_path, synthetic_root, "sweep_name=held", "train.steps=4", "train.log_every=2",
+           "train.checkpoint_every=2", one_eval_task(synthetic_root), "+launcher.train.additional_parameters.hold=true",
+           cwd=checkout)
+    sweep_dir = tmp_path / "sweeps" / "held"
+    manifest = graph.Manifest.load(sweep_dir)
+    code = Path(manifest.submissions[0]["code"])
+    assert code.parent == sweep_dir / "code" and (code / "launch" / "jobs.py").is_file()
+    edited = checkout / "launch" / "jobs.py"
+    edited.write_text(edited.read_text() + "\nraise RuntimeError('the checkout was edited after the submission')\n")
+    subprocess.run(["scontrol", "release", manifest.submissions[0]["train"][0]["job_id"]], check=True)
+    wait_for(base_ids(manifest))
+    run_dir = Path(manifest.points[0].run_dir)
+    for stage in ("train", "eval"):
+        state = graph.read_state(run_dir, stage)
+        assert state["state"] == "done" and state["code"] == str(code), state
+    assert "edited" not in (code / "launch" / "jobs.py").read_text()
 
 
 def done_and_total(progress: str):

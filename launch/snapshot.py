@@ -1,0 +1,60 @@
+"""The code a submission's jobs run: a copy of the packages (clustermask/, launch/, analysis/) made when it is
+submitted.
+
+A SLURM job may wait in the queue for days, and a training is requeued after a time limit. Importing the checkout
+when it starts, it would run whatever the checkout holds by then (an edit made for the next experiment), and a
+requeued training would go on with other code than it began with. So each submission copies the packages into
+`<sweep_dir>/code/<digest>/`, named after a digest of their files: a resubmission of the same code shares the copy,
+other code gets one of its own, and a copy is never changed once written. The jobs run in that folder, from which
+`python -m` imports them before anything else on the path.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+PACKAGES = ("clustermask", "launch", "analysis")
+
+
+def package_folders() -> Dict[str, Path]:
+    """Where this process imports each of PACKAGES from (a checkout, or a submission's copy)."""
+    folders = {}
+    for name in PACKAGES:
+        spec = importlib.util.find_spec(name)
+        folders[name] = Path(next(iter(spec.submodule_search_locations))).resolve()
+    return folders
+
+
+def _files(folders: Dict[str, Path]) -> List[Tuple[str, Path]]:
+    """(path in the copy, file) for every file of the packages but Python's byte-code caches."""
+    return sorted((f"{name}/{path.relative_to(folder).as_posix()}", path)
+                  for name, folder in folders.items() for path in folder.rglob("*")
+                  if path.is_file() and "__pycache__" not in path.parts)
+
+
+def code_folder(sweep_dir: Path, folders: Optional[Dict[str, Path]] = None, write: bool = True) -> Path:
+    """The copy of the packages (`folders`, default: this process's) that the jobs of a submission to `sweep_dir`
+    run; written unless it is there already or `write` is false (a dry run prints where it would be)."""
+    files = _files(folders or package_folders())
+    digest = hashlib.sha256()
+    for name, path in files:
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    target = Path(sweep_dir) / "code" / digest.hexdigest()[:12]
+    if write and not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=target.parent))  # a job never sees half a copy
+        try:
+            for name, path in files:
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, staging / name)
+            os.rename(staging, target)
+        except BaseException as exc:  # a Ctrl-C too: no half copy is left behind
+            shutil.rmtree(staging, ignore_errors=True)
+            if not (isinstance(exc, OSError) and target.is_dir()):  # else another submission wrote it first
+                raise
+    return target
