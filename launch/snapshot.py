@@ -14,7 +14,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -47,7 +47,9 @@ def code_folder(sweep_dir: Path, folders: Optional[Dict[str, Path]] = None, writ
     target = Path(sweep_dir) / "code" / digest.hexdigest()[:12]
     if write and not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=target.parent))  # a job never sees half a copy
+        # written aside and renamed: a job never sees half a copy (mkdir, not mkdtemp's 0700: the umask decides)
+        staging = target.parent / f".writing-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
         try:
             for name, path in files:
                 (staging / name).parent.mkdir(parents=True, exist_ok=True)

@@ -740,6 +740,9 @@ def test_each_submission_copies_the_code_its_jobs_run_once_per_version(tmp_path)
     assert not snapshot.code_folder(sweep, folders, write=False).exists() and not sweep.exists()
     first = snapshot.code_folder(sweep, folders)
     assert first.parent == sweep / "code"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert first.stat().st_mode & 0o777 == 0o777 & ~umask  # readable as the sweep's other folders (not mkdtemp's)
     assert sorted(p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file()) == [
         "clustermask/__init__.py", "clustermask/model_configs/tiny.json"]
     written = (first / "clustermask" / "__init__.py").stat().st_mtime_ns
