@@ -21,7 +21,8 @@ from clustermask.config import LOADER_BOUND  # noqa: E402
 from clustermask.files import sqlite_path, where_the_sweep_is  # noqa: E402
 from clustermask.tracking import require_server  # noqa: E402
 
-POINT_COLUMNS = ["sweep", "point", "strategy", "features", "ratio", "attention", "seed", "status"]
+# code: the digest of the copy of the code each point trained with (launch/snapshot.py; "" before it was tagged)
+POINT_COLUMNS = ["sweep", "point", "strategy", "features", "ratio", "attention", "seed", "status", "code"]
 HEADLINE = [  # (task, metric, column) in table order: a column per evaluated dataset, named after it if several
     ("zeroshot_classification", "acc1", "zs_acc1"),
     ("linear_probe", "lp_acc1", "lp_acc1"),
@@ -96,6 +97,8 @@ def points_frame(runs: pd.DataFrame) -> pd.DataFrame:
         "attention": runs["params.masking.attention"],
         "seed": runs["params.train.seed"].astype(int),
         "status": runs["status"],
+        "code": runs.get("tags.train_code", pd.Series("", index=runs.index)).map(
+            lambda folder: Path(folder).name if isinstance(folder, str) else ""),
         "run_id": runs["run_id"],
     })
     # a metric that no run has a value of: an evaluation's that was superseded (logged NaN when evaluated again)
@@ -226,6 +229,18 @@ def loader_bound_note(frame: pd.DataFrame) -> Optional[str]:
             "cores per task would train them faster)")
 
 
+def code_versions_note(frame: pd.DataFrame) -> Optional[str]:
+    """A line naming which points trained with which version of the code, when they did not all train with one
+    (points resubmitted after an edit, or sweeps reported together): their metrics may differ by the edit."""
+    tagged = frame[frame["code"].astype(bool)] if "code" in frame else None
+    if tagged is None or tagged["code"].nunique() < 2:
+        return None
+    versions = "; ".join(f"{code}: " + ", ".join(f"{r.label} {r.ratio:g} seed {r.seed}" for r in rows.itertuples())
+                         for code, rows in tagged.groupby("code", sort=False))
+    return (f"report: the points trained with {tagged['code'].nunique()} versions of the code (<sweep_dir>/code/"
+            f"<digest>, one per submission of edited code), so their metrics may differ by the edits: {versions}")
+
+
 def write_table_and_mean(rows: pd.DataFrame, out_dir: Path, name: str) -> List[Path]:
     """`name`.md/.tex, a row per point, and `name`_mean.md/.tex, `mean ± std` over seeds."""
     written = []
@@ -287,9 +302,9 @@ def build_report(sweep_dirs, plot_metrics: Optional[List[str]] = None, out_dir: 
     if TRAIN_MINUTES in frame:
         for metric in (k for k in headline_columns(frame) if k.startswith("zeroshot_classification/")):
             plot_against_training_time(frame, metric, out_dir / f"{metric.replace('/', '_')}_vs_train_minutes.png")
-    note = loader_bound_note(frame)
-    if note:
-        print(note)
+    for note in (loader_bound_note(frame), code_versions_note(frame)):
+        if note:
+            print(note)
     for manifest in manifests:
         _copy_mask_pictures(manifest, out_dir, f"{manifest['sweep_id']}_" if len(manifests) > 1 else "")
     repeated = table[table.duplicated(["label", "ratio", "seed"], keep=False)]

@@ -187,6 +187,10 @@ def test_report_has_every_point(local_sweep):
                  "zeroshot_classification_wds_shapes_acc1_vs_train_minutes"):
         assert (report / f"{plot}.png").stat().st_size > 5000, plot  # the last one: report.plot_metric
     assert len(list(report.glob("masks_*.png"))) == 4
+    code = Path(graph.Manifest.load(sweep_dir).submissions[-1]["code"]).name  # what each point trained with
+    import pandas as pd
+
+    assert set(pd.read_csv(report / "results_all_metrics.csv", dtype={"code": str})["code"]) == {code}
     header = (report / "results_all_metrics.csv").read_text().splitlines()[0].split(",")
     metrics = header[header.index("label") + 1:]  # every metric of every point, findable by name
     assert metrics == sorted(metrics) and "train/loss" in metrics and len(metrics) >= 40, header

@@ -3,7 +3,8 @@ import pytest
 import torch
 from clip_benchmark.metrics import zeroshot_retrieval
 
-from analysis.report import default_plot_metrics, headline_table, loader_bound_note, missing_metric
+from analysis.report import (code_versions_note, default_plot_metrics, headline_table, loader_bound_note,
+                             missing_metric)
 from clustermask.evaluate import EvalTask, metric_key
 
 # two images and one caption each; caption b is closest to image A, so the directions disagree:
@@ -56,6 +57,20 @@ def test_points_whose_training_waited_for_the_loader_are_named():
     assert "random" not in note and "kmeans" not in note
     assert loader_bound_note(frame.iloc[[0, 2]]) is None
     assert loader_bound_note(frame.drop(columns="train/data_wait_share")) is None  # sweeps before the metric
+
+
+def test_points_that_trained_with_other_versions_of_the_code_are_named():
+    """A failed point resubmitted after an edit trained with other code than the rest of the sweep."""
+    frame = pd.DataFrame([{"label": "random", "ratio": 0.5, "seed": 0, "code": "aaaaaaaaaaaa"},
+                          {"label": "cluster-rgb", "ratio": 0.5, "seed": 0, "code": "aaaaaaaaaaaa"},
+                          {"label": "cluster-rgb", "ratio": 0.3, "seed": 1, "code": "bbbbbbbbbbbb"},
+                          {"label": "kmeans", "ratio": 0.3, "seed": 0, "code": ""}])  # a run made before the tag
+    note = code_versions_note(frame)
+    assert note.startswith("report: the points trained with 2 versions of the code")
+    assert note.endswith(": aaaaaaaaaaaa: random 0.5 seed 0, cluster-rgb 0.5 seed 0; bbbbbbbbbbbb: cluster-rgb 0.3 "
+                         "seed 1")
+    assert code_versions_note(frame.iloc[[0, 1, 3]]) is None
+    assert code_versions_note(frame.drop(columns="code")) is None
 
 
 def test_a_metric_not_in_the_sweep_is_named_with_the_closest_that_are():
@@ -164,7 +179,7 @@ def test_a_report_of_several_sweeps_averages_seeds_across_them_and_labels_what_d
     main([str(first), str(seeds), str(slower), "--out", str(tmp_path / "paper")])
     summary = pd.read_csv(tmp_path / "paper" / "results_all_metrics.csv")
     assert list(summary.columns) == ["sweep", "point", "strategy", "features", "ratio", "attention", "seed", "status",
-                                     "run_id", "label", "zeroshot_classification/wds/shapes/acc1"]
+                                     "code", "run_id", "label", "zeroshot_classification/wds/shapes/acc1"]
     assert sorted(summary["sweep"]) == ["a-id", "a-id", "b-id", "b-id", "c-id"]
     mean = (tmp_path / "paper" / "results_mean.md").read_text()
     rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
