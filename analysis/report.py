@@ -21,7 +21,7 @@ from clustermask.config import LOADER_BOUND  # noqa: E402
 from clustermask.files import sqlite_path, where_the_sweep_is  # noqa: E402
 from clustermask.tracking import require_server  # noqa: E402
 
-# code: the digest of the copy of the code each point trained with (launch/snapshot.py; "" before it was tagged)
+# code: which code each point trained with (`code_version`)
 POINT_COLUMNS = ["sweep", "point", "strategy", "features", "ratio", "attention", "seed", "status", "code"]
 HEADLINE = [  # (task, metric, column) in table order: a column per evaluated dataset, named after it if several
     ("zeroshot_classification", "acc1", "zs_acc1"),
@@ -82,6 +82,18 @@ def sweep_frame(tracking_uri: str, experiment: str, sweep_id: str) -> pd.DataFra
     return points_frame(point_runs(tracking_uri, experiment, sweep_id))
 
 
+def code_version(code_folder: Optional[str], plugins: Optional[str]) -> str:
+    """What a point trained with, from its run's tags: the digest of its submission's copy of the code
+    (`train_code`, launch/snapshot.py), then `+<file>@<digest>` for each plugin (`train_plugins`, read when the job
+    started); "" where a run has neither tag (made before they were)."""
+    parts = [Path(code_folder).name] if isinstance(code_folder, str) and code_folder else []
+    # `entry@digest entry@digest`, an entry's path possibly with spaces (clustermask.plugins.fingerprint)
+    fingerprint = plugins if isinstance(plugins, str) else ""
+    for entry, digest in re.findall(r"(.+?)@([0-9a-f]{12}|unknown)(?: |$)", fingerprint):
+        parts.append(f"{Path(entry).name}@{digest}")
+    return "+".join(parts)
+
+
 def points_frame(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per run of `runs` (one sweep's, or several sweeps' together, so that labels tell apart the
     settings that differ between them)."""
@@ -97,8 +109,8 @@ def points_frame(runs: pd.DataFrame) -> pd.DataFrame:
         "attention": runs["params.masking.attention"],
         "seed": runs["params.train.seed"].astype(int),
         "status": runs["status"],
-        "code": runs.get("tags.train_code", pd.Series("", index=runs.index)).map(
-            lambda folder: Path(folder).name if isinstance(folder, str) else ""),
+        "code": [code_version(*tags) for tags in  # NaN where a run lacks a tag
+                 runs.reindex(columns=["tags.train_code", "tags.train_plugins"]).itertuples(index=False)],
         "run_id": runs["run_id"],
     })
     # a metric that no run has a value of: an evaluation's that was superseded (logged NaN when evaluated again)
@@ -237,8 +249,9 @@ def code_versions_note(frame: pd.DataFrame) -> Optional[str]:
         return None
     versions = "; ".join(f"{code}: " + ", ".join(f"{r.label} {r.ratio:g} seed {r.seed}" for r in rows.itertuples())
                          for code, rows in tagged.groupby("code", sort=False))
-    return (f"report: the points trained with {tagged['code'].nunique()} versions of the code (<sweep_dir>/code/"
-            f"<digest>, one per submission of edited code), so their metrics may differ by the edits: {versions}")
+    return (f"report: the points trained with {tagged['code'].nunique()} versions of the code (the digest of "
+            "<sweep_dir>/code/<digest>, one per submission of edited code, and of each plugin file as the job read "
+            f"it), so their metrics may differ by the edits: {versions}")
 
 
 def write_table_and_mean(rows: pd.DataFrame, out_dir: Path, name: str) -> List[Path]:

@@ -73,6 +73,21 @@ def test_points_that_trained_with_other_versions_of_the_code_are_named():
     assert code_versions_note(frame.drop(columns="code")) is None
 
 
+def test_a_points_code_version_is_its_code_copys_digest_and_its_plugin_files():
+    from analysis.report import code_version, points_frame
+
+    assert code_version("/s/code/84bc3b49a4ce", "/home/me/my masks.py@9f1c2d3e4b5a mylab.masks@unknown") == \
+        "84bc3b49a4ce+my masks.py@9f1c2d3e4b5a+mylab.masks@unknown"
+    assert code_version(float("nan"), "/home/me/mine.py@9f1c2d3e4b5a") == "mine.py@9f1c2d3e4b5a"
+    assert code_version(float("nan"), float("nan")) == ""
+    runs = pd.DataFrame([{"tags.sweep_id": "s", "tags.mlflow.runName": "p", "params.masking.strategy": "random",
+                          "params.masking.features": "rgb", "params.masking.ratio": "0.5",
+                          "params.masking.attention": "False", "params.train.seed": "0", "status": "FINISHED",
+                          "run_id": "r", "tags.train_code": "/s/code/84bc3b49a4ce"}])
+    assert points_frame(runs)["code"].tolist() == ["84bc3b49a4ce"]
+    assert points_frame(runs.drop(columns="tags.train_code"))["code"].tolist() == [""]
+
+
 def test_a_metric_not_in_the_sweep_is_named_with_the_closest_that_are():
     frame = pd.DataFrame([{"label": "random", "ratio": 0.5, "seed": 0, "zeroshot_classification/wds/shapes/acc1": 0.3,
                            "zeroshot_classification/wds/shapes/acc5": 0.8, "train/loss": 2.0}])
