@@ -247,8 +247,11 @@ def code_versions_note(frame: pd.DataFrame) -> Optional[str]:
     tagged = frame[frame["code"].astype(bool)] if "code" in frame else None
     if tagged is None or tagged["code"].nunique() < 2:
         return None
-    versions = "; ".join(f"{code}: " + ", ".join(f"{r.label} {r.ratio:g} seed {r.seed}" for r in rows.itertuples())
-                         for code, rows in tagged.groupby("code", sort=False))
+    def named(rows: pd.DataFrame, most: int = 6) -> str:  # a sweep of 64 points: a few, and how many more
+        points = [f"{r.label} {r.ratio:g} seed {r.seed}" for r in rows.itertuples()]
+        return ", ".join(points[:most]) + (f" and {len(points) - most} more" if len(points) > most else "")
+
+    versions = "; ".join(f"{code}: {named(rows)}" for code, rows in tagged.groupby("code", sort=False))
     return (f"report: the points trained with {tagged['code'].nunique()} versions of the code (the digest of "
             "<sweep_dir>/code/<digest>, one per submission of edited code, and of each plugin file as the job read "
             f"it), so their metrics may differ by the edits: {versions}")

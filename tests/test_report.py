@@ -69,6 +69,10 @@ def test_points_that_trained_with_other_versions_of_the_code_are_named():
     assert note.startswith("report: the points trained with 2 versions of the code")
     assert note.endswith(": aaaaaaaaaaaa: random 0.5 seed 0, cluster-rgb 0.5 seed 0; bbbbbbbbbbbb: cluster-rgb 0.3 "
                          "seed 1")
+    many = pd.DataFrame([{"label": "random", "ratio": 0.5, "seed": seed, "code": "c" * 12} for seed in range(8)])
+    assert code_versions_note(pd.concat([frame, many])).endswith(
+        "cccccccccccc: random 0.5 seed 0, random 0.5 seed 1, random 0.5 seed 2, random 0.5 seed 3, random 0.5 seed 4, "
+        "random 0.5 seed 5 and 2 more")
     assert code_versions_note(frame.iloc[[0, 1, 3]]) is None
     assert code_versions_note(frame.drop(columns="code")) is None
 
