@@ -574,8 +574,8 @@ def test_a_plot_metric_of_no_task_the_sweep_evaluates_is_refused_with_the_keys_l
     assert len(misspelt) == 1
     assert misspelt[0].startswith("  point 0 (report.plot_metric=linear_probe/wds/shape/lp_acc1): "
                                   "report.plot_metric='linear_probe/wds/shape/lp_acc1' is not "
-                                  "<task>/<dataset>/<metric> of a task of eval.tasks (did you mean linear_probe/wds/shapes/lp_acc1? the sweep's "
-                                  "metrics start with zeroshot_classification/wds/shapes/, linear_probe/wds/shapes/, "
+                                  "<task>/<dataset>/<metric> of a task of eval.tasks (did you mean "
+                                  "linear_probe/wds/shapes/lp_acc1? the sweep's metrics start with zeroshot_classification/wds/shapes/, linear_probe/wds/shapes/, "
                                   "zeroshot_retrieval/wds/scenes/, image_caption_selection/sugar_crepe/add_att/, ")
     for bare in ("lp_acc1", "linear_probe/wds/shapes/"):  # no task, or no metric
         (problem,) = problems(bare)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 
 from launch import graph
@@ -188,8 +189,6 @@ def test_report_has_every_point(local_sweep):
         assert (report / f"{plot}.png").stat().st_size > 5000, plot  # the last one: report.plot_metric
     assert len(list(report.glob("masks_*.png"))) == 4
     code = Path(graph.Manifest.load(sweep_dir).submissions[-1]["code"]).name  # what each point trained with
-    import pandas as pd
-
     assert set(pd.read_csv(report / "results_all_metrics.csv", dtype={"code": str})["code"]) == {code}
     header = (report / "results_all_metrics.csv").read_text().splitlines()[0].split(",")
     metrics = header[header.index("label") + 1:]  # every metric of every point, findable by name
@@ -236,7 +235,6 @@ def test_a_sweep_copied_elsewhere_reads_its_own_runs_and_mlflow_store(local_swee
     """rsync'd from the cluster to a laptop: status and the report read the copy's run directories and MLflow
     store, not those at the place the manifest says the sweep was made (the original here; often nothing, where
     MLflow would create an empty store and the report find no run)."""
-    import pandas as pd
     from analysis.report import build_report
     from clustermask.tracking import RunLogger
 
