@@ -396,11 +396,33 @@ def _plan_and_submit(manifest: graph.Manifest, overrides: List[str], dry_run: bo
           + describe(plan, manifest))
     if dry_run and manifest.executor == "local":
         return None  # the local executor runs what it is given: there are no job scripts to print
+    earlier = earlier_code(manifest, plan.train)  # read before a job of this submission rewrites its markers
     record = executor.submit(manifest, plan)
     from .app import print_submission
 
     print_submission(manifest, record)
+    note = code_change_note(earlier, Path(record["code"]).name)
+    if note:
+        print(note)
     return record
+
+
+def earlier_code(manifest: graph.Manifest, indices: List[int]) -> Dict[int, str]:
+    """Per point about to be resubmitted, the digest of the code copy its last training ran (its marker's), where
+    one ran."""
+    codes = {i: (graph.read_state(Path(manifest.points[i].run_dir), "train") or {}).get("code") for i in indices}
+    return {i: Path(code).name for i, code in codes.items() if code}
+
+
+def code_change_note(earlier: Dict[int, str], code: str) -> str:
+    """A line naming the resubmitted points whose earlier training ran other code than this submission's copy: a
+    training resumed from its checkpoint goes on with other code than it began with."""
+    changed = {i: old for i, old in earlier.items() if old != code}
+    if not changed:
+        return ""
+    return (f"note: {len(changed)} point(s) trained earlier with other code than this submission's (code/{code}): "
+            + ", ".join(f"point {i} (code/{old})" for i, old in sorted(changed.items()))
+            + "; one resumed from a checkpoint goes on with the new code, and the report names the points of each")
 
 
 def main(argv=None) -> int:

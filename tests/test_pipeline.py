@@ -370,9 +370,16 @@ def test_a_killed_local_sweep_is_shown_failed_and_resubmission_resumes_it(tmp_pa
         time.sleep(0.5)
     assert (row["train"], row["eval"]) == ("failed", "cancelled")  # nothing will run it now
     assert plan_resubmission([row]).train == [0]
+    # as if the code had been edited since: the training resumes from its checkpoint with other code, said
+    marker = graph.state_path(Path(manifest.points[0].run_dir), "train")
+    began_with = json.loads(marker.read_text())["code"]
+    assert Path(began_with).parent == sweep_dir / "code"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "code": str(sweep_dir / "code" / ("0" * 12))}))
     resubmit = graph.Path(sys.executable).parent / "clustermask-resubmit"
     result = subprocess.run([str(resubmit), str(sweep_dir)], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (f"note: 1 point(s) trained earlier with other code than this submission's (code/{Path(began_with).name}):"
+            " point 0 (code/000000000000); one resumed from a checkpoint goes on with the new code") in result.stdout
     row = sweep_status(graph.Manifest.load(sweep_dir))[0]
     assert (row["train"], row["eval"]) == ("done", "done")
     assert "resumed from" in (graph.Path(manifest.points[0].run_dir) / "logs" / "train.log").read_text()
