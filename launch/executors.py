@@ -229,9 +229,10 @@ class SlurmExecutor:
         extra = dict(params.pop("slurm_additional_parameters", {}) or {})
         if dependency:
             extra.update({"dependency": dependency, "kill-on-invalid-dep": "yes"})
-        # the job runs in the submission's copy of the code, which `python -m` then imports (launch/snapshot.py)
+        # the job runs in the submission's copy of the code, which `python -m` then imports (launch/snapshot.py);
+        # without it (deleted) the job fails rather than import whatever the folder it was submitted from holds
         code = self.code or snapshot.code_folder(self.sweep_dir, write=False)
-        params["slurm_setup"] = [f"cd {shlex.quote(str(code))}", *(params.get("slurm_setup") or [])]
+        params["slurm_setup"] = [f"cd {shlex.quote(str(code))} || exit 1", *(params.get("slurm_setup") or [])]
         executor.update_parameters(**params, slurm_additional_parameters=extra)
         return executor
 

@@ -756,6 +756,22 @@ def test_each_submission_copies_the_code_its_jobs_run_once_per_version(tmp_path)
     assert snapshot.code_folder(tmp_path / "other", None, write=False).name != first.name  # this process's code
 
 
+def test_a_job_script_runs_in_its_code_copy_and_fails_without_it(tmp_path):
+    """The job script's command runs in the submission's copy of the code; if the copy is gone, the job fails
+    rather than import whatever the folder it was submitted from holds."""
+    from launch import snapshot
+
+    executor = SlurmExecutor(compose_cfg("launcher=slurm").launcher, tmp_path / "sweep", "s")
+    script = executor._script(executor._executor("train"), 1)
+    command = next(line for line in script.splitlines() if line.startswith("srun "))
+    script = script.replace(command, 'echo "ran in $PWD"')  # the script as bash runs it, less srun and python
+    ran = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert ran.returncode == 1 and "ran in" not in ran.stdout  # the copy was never written
+    code = snapshot.code_folder(tmp_path / "sweep")
+    ran = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert ran.returncode == 0 and ran.stdout == f"ran in {code}\n"
+
+
 def test_executor_parameters_follow_hydra_submitit_launcher():
     cfg = compose_cfg("launcher=slurm", "launcher.train.partition=gpu")
     params = executor_parameters(cfg.launcher.train, "cm; rm -rf / `x` $(y)")
