@@ -247,6 +247,7 @@ def code_versions_note(frame: pd.DataFrame) -> Optional[str]:
     tagged = frame[frame["code"].astype(bool)] if "code" in frame else None
     if tagged is None or tagged["code"].nunique() < 2:
         return None
+
     def named(rows: pd.DataFrame, most: int = 6) -> str:  # a sweep of 64 points: a few, and how many more
         points = [f"{r.label} {r.ratio:g} seed {r.seed}" for r in rows.itertuples()]
         return ", ".join(points[:most]) + (f" and {len(points) - most} more" if len(points) > most else "")
