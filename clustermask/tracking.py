@@ -5,9 +5,11 @@ training tasks and the evaluation tasks, in different processes, write to the sa
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -22,6 +24,7 @@ from .files import SQLITE, sqlite_path
 # compute nodes are often offline: no MLflow usage reports from our processes unless the user asks for them
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 MAX_PARAM_LENGTH = 6000
+DEFAULT_EXPERIMENT_ID = 0  # the `Default` experiment every MLflow store has
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
 
 
@@ -65,9 +68,24 @@ def client(uri: str):
 
     db = sqlite_path(uri)
     if db is not None and not db.exists():
-        db.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(empty_sqlite_store(), db)
+        new_sqlite_store(db)
     return MlflowClient(tracking_uri=uri)
+
+
+def new_sqlite_store(db: Path) -> None:
+    """A copy of the migrated template whose `Default` experiment keeps its artifacts beside the store, as the
+    sweep's experiments do: MLflow set it to ./mlruns of the folder the template was made in, another machine's
+    perhaps, where a run logged without an experiment (a notebook's) would have written them."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    staged = db.with_name(f".{db.name}.{os.getpid()}.writing")
+    try:
+        shutil.copyfile(empty_sqlite_store(), staged)
+        with contextlib.closing(sqlite3.connect(staged)) as store, store:
+            store.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                          ((db.parent / "mlartifacts").as_uri(), DEFAULT_EXPERIMENT_ID))
+        os.replace(staged, db)  # a store interrupted while written is never taken for a new one
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def empty_sqlite_store() -> Path:

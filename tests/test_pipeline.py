@@ -248,6 +248,7 @@ def test_a_sweep_copied_elsewhere_reads_its_own_runs_and_mlflow_store(local_swee
     for run_id, artifact in ((manifest.points[0].mlflow_run_id, "masks.png"), (manifest.parent_run_id, "report")):
         assert copied_store.get_run(run_id).info.artifact_uri.startswith(copy.as_uri() + "/mlartifacts/")
         assert Path(copied_store.download_artifacts(run_id, artifact, str(tmp_path / "got"))).exists()
+    assert copied_store.get_experiment("0").artifact_location == (copy / "mlartifacts").as_uri()  # `Default` too
     assert mlflow.MlflowClient(f"sqlite:///{sweep_dir / 'mlflow.db'}").get_run(
         manifest.points[0].mlflow_run_id).info.artifact_uri.startswith(sweep_dir.as_uri())
     assert all(Path(point.run_dir).parent.parent == copy for point in manifest.points)

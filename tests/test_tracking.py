@@ -26,6 +26,8 @@ def test_new_sqlite_stores_start_from_one_migrated_template(tmp_path, monkeypatc
         mlflow = client(uri)
         experiment = mlflow.get_experiment_by_name("ablation")
         assert experiment.artifact_location == (tmp_path / sweep / "mlartifacts").as_uri()
+        # not ./mlruns of the folder the template was made in (this test's, the first time)
+        assert mlflow.get_experiment("0").artifact_location == experiment.artifact_location
         runs = {run.info.run_id: run for run in mlflow.search_runs([experiment.experiment_id])}
         assert set(runs) == {parent, *children}  # a copy per sweep: the other sweep's runs are not here
         assert runs[children[1]].data.params == {"masking.ratio": "0.5"}
