@@ -27,11 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from clustermask.plugins import PluginError
 
-from . import graph
+from . import graph, snapshot
 from .executors import Plan, SlurmExecutor, SubmissionError, check_launcher, describe, make_executor
 from .expand import CONFIG_DIR, CONFIG_NAME, ComposedPoint, compose_sweep, resolved
 from .helpers import Registries, RegistriesInChild, TrackingInChild
-from .schema import config_error, unknown_settings
+from .schema import config_error, unknown_settings, without_append_advice
 
 HYDRA_ONLY_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "experimental_rerun")
 
@@ -399,7 +399,9 @@ def dry_run(sweep_dir: Path, points: List[ComposedPoint], launcher: DictConfig) 
                        for i, (o, run_dir) in enumerate(zip(overrides, graph.run_dirs(sweep_dir, overrides)))]
     manifest = graph.Manifest("DRY-RUN", str(sweep_dir), "", launcher.executor, "", "", "", manifest_points)
     plan = Plan(train=list(range(len(manifest_points))))
-    print(f"dry run: {len(manifest_points)} point(s), nothing submitted\n")
+    code = snapshot.code_folder(sweep_dir, write=False)
+    print(f"dry run: {len(manifest_points)} point(s), nothing submitted or written (a submission copies the code its "
+          f"jobs run to {code})\n")
     if launcher.executor == "slurm":
         make_executor(launcher, sweep_dir, "DRY-RUN").submit(manifest, plan)
     print("dependency graph:\n" + describe(plan, manifest))
@@ -423,7 +425,7 @@ def hydra_error(exc: HydraException) -> str:
     which override, its OmegaConf cause why (`Value 'abc' of type 'str' could not be converted to Float`)."""
     message = " ".join(str(exc).split())
     cause = config_error(exc.__cause__, say_plus=False) if exc.__cause__ else ""
-    return f"{message}: {cause}" if cause and cause not in message else message
+    return without_append_advice(f"{message}: {cause}" if cause and cause not in message else message)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -178,6 +178,10 @@ def check_launcher(launcher) -> None:
         raise ValueError(f"launcher.executor={launcher['executor']!r} is not one of local, slurm")
     if launcher["max_parallel"] < 1:
         raise ValueError(f"launcher.max_parallel={launcher['max_parallel']} must be at least 1")
+    if launcher["executor"] == "slurm" and launcher["max_parallel"] != 1:
+        raise ValueError(f"launcher.max_parallel={launcher['max_parallel']} is the local executor's: on SLURM, "
+                         "launcher.<stage>.array_parallelism limits a stage's tasks that run at once "
+                         f"(launcher.train.array_parallelism={launcher['max_parallel']})")
     missing = [command for command in SLURM_COMMANDS if not shutil.which(command)] \
         if launcher["executor"] == "slurm" and not launcher["dry_run"] else []
     if missing:

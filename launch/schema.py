@@ -112,9 +112,35 @@ def schema_at(path: str) -> Optional[type]:
     return node if dataclasses.is_dataclass(node) else None
 
 
+def in_open_mapping(full_key: str) -> bool:
+    """Whether `full_key` lies in a mapping that takes any key (`masking.options.width`), rather than in a typed
+    node, or under a key no typed node has (`trian.steps`)."""
+    node: Any = Config
+    for part in full_key.split(".")[:-1]:
+        hint = typing.get_type_hints(node).get(part)
+        if hint is None:
+            return False
+        node = _node_type(hint)
+        if not dataclasses.is_dataclass(node):
+            return True
+    return False
+
+
+def typed_keys(node: type = Config, prefix: str = "") -> List[str]:
+    """Every key of the typed config under `node`, in full (`launcher.train.partition`)."""
+    keys = []
+    for name, hint in typing.get_type_hints(node).items():
+        full_key = f"{prefix}{name}"
+        keys.append(full_key)
+        if dataclasses.is_dataclass(_node_type(hint)):
+            keys += typed_keys(_node_type(hint), f"{full_key}.")
+    return keys
+
+
 def close_keys(full_key: str) -> List[str]:
     """The keys of `full_key`'s node that look like it: `masking.ratoi` -> masking.ratio, `masking.k` ->
-    masking.kmeans_k (a word of the key)."""
+    masking.kmeans_k (a word of the key); then the keys of that name elsewhere: `masking.lr` -> train.lr,
+    `launcher.train.max_parallel` -> launcher.max_parallel."""
     parent, _, name = full_key.rpartition(".")
     schema = schema_at(parent)
     if schema is None:
@@ -122,13 +148,24 @@ def close_keys(full_key: str) -> List[str]:
     keys = [f.name for f in dataclasses.fields(schema)]
     close = difflib.get_close_matches(name, keys, n=3, cutoff=0.75)
     close += [k for k in keys if name in k.split("_") and k not in close]
-    return [f"{parent}.{k}" if parent else k for k in close]
+    close = [f"{parent}.{k}" if parent else k for k in close]
+    return close + [k for k in typed_keys() if k.rpartition(".")[2] == name and k not in close]
 
 
 def did_you_mean(full_key: str) -> str:
-    """` (did you mean masking.kmeans_k?)` for `masking.k`: the keys like it (`close_keys`), or nothing."""
+    """` (did you mean masking.kmeans_k?)` for `masking.k`: the keys like it (`close_keys`); for a SLURM stage's
+    resources, where any other sbatch option goes; or nothing."""
     close = close_keys(full_key)
-    return f" (did you mean {' or '.join(close)}?)" if close else ""
+    if close:
+        return f" (did you mean {' or '.join(close)}?)"
+    parent, _, name = full_key.rpartition(".")
+    if schema_at(parent) is StageResources:  # submitit passes any other sbatch option through
+        return f" (another sbatch option goes in +{parent}.additional_parameters.{name}=...)"
+    return ""
+
+
+# Hydra's advice for a key the config lacks, which a typed node refuses all the same (`unknown_settings`)
+APPEND_ADVICE = re.compile(r"\. To append to your config use \+(\S+)=.*?: ")
 
 
 def config_error(exc: BaseException, say_plus: bool = True) -> str:
@@ -144,6 +181,15 @@ def config_error(exc: BaseException, say_plus: bool = True) -> str:
     return first + did_you_mean(full_key.group(1))
 
 
+def without_append_advice(message: str) -> str:
+    """Hydra's `Could not override 'masking.k'. To append to your config use +masking.k=3: ...` less the advice,
+    where the key's node is typed: added with `+`, the key would be refused too. An open mapping keeps it."""
+    advice = APPEND_ADVICE.search(message)
+    if advice is None or in_open_mapping(advice.group(1)):
+        return message
+    return message[:advice.start()] + ": " + message[advice.end():]
+
+
 def unknown_settings(cfg: Mapping, path: str = "", schema: type = Config) -> List[str]:
     """A line for each key of a composed config (the node at `path`, of type `schema`) that its schema does not
     have: added with `+key=value`, which struct mode lets through, it would be recorded and then ignored, or fail
@@ -153,10 +199,7 @@ def unknown_settings(cfg: Mapping, path: str = "", schema: type = Config) -> Lis
     for key, value in cfg.items():
         full_key = f"{path}.{key}" if path else str(key)
         if key not in hints:
-            hint = did_you_mean(full_key)
-            if not hint and schema is StageResources:  # submitit passes any other sbatch option through
-                hint = f" (another sbatch option goes in +{path}.additional_parameters.{key}=...)"
-            lines.append(f"{full_key} is not a setting of {schema.__name__}{hint}")
+            lines.append(f"{full_key} is not a setting of {schema.__name__}{did_you_mean(full_key)}")
             continue
         node = _node_type(hints[key])
         if isinstance(value, Mapping) and dataclasses.is_dataclass(node):

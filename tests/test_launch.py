@@ -327,6 +327,11 @@ def test_preflight_names_the_bad_key(synthetic_root):
     for override, message in cases.items():
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             app.preflight(compose_cfg(*good, override))
+    # the local executor's: SLURM would have run its array_parallelism (8) at once, whatever it said
+    with pytest.raises(ValueError, match=r"^launcher.max_parallel=4 is the local executor's: on SLURM, launcher.<stage>"
+                                         r".array_parallelism .* \(launcher.train.array_parallelism=4\)$"):
+        app.preflight(compose_cfg(*good, "launcher=slurm", "launcher.dry_run=true", "launcher.max_parallel=4"))
+    app.preflight(compose_cfg(*good, "launcher=slurm", "launcher.dry_run=true", "launcher.train.array_parallelism=4"))
 
 
 def test_preflight_refuses_an_image_tower_that_cannot_take_the_masking(synthetic_root):
@@ -438,16 +443,25 @@ def test_hydra_flags_print_and_submit_nothing(tmp_path, synthetic_root):
                           "converted to Float"),
     ("train.steps=1.5", "Error merging override train.steps=1.5: Value '1.5' of type 'float' could not be converted "
                         "to Integer"),
-    ("masking.ratoi=0.3", "Could not override 'masking.ratoi'. To append to your config use +masking.ratoi=0.3: Key "
-                          "'ratoi' not in 'MaskingConfig' (did you mean masking.ratio?)"),
-    ("masking.k=3", "Could not override 'masking.k'. To append to your config use +masking.k=3: Key 'k' not in "
-                    "'MaskingConfig' (did you mean masking.kmeans_k?)"),
-    ("launcher.train.parition=gpu", "Could not override 'launcher.train.parition'. To append to your config use "
-                                    "+launcher.train.parition=gpu: Key 'parition' not in 'StageResources' (did you "
-                                    "mean launcher.train.partition?)"),
-    ("report.plot_metrc=x", "Could not override 'report.plot_metrc'. To append to your config use "
-                            "+report.plot_metrc=x: Key 'plot_metrc' not in 'ReportConfig' (did you mean "
-                            "report.plot_metric?)")])
+    # Hydra's advice to add the key with `+` is left out where a typed node would refuse it all the same
+    ("masking.ratoi=0.3", "Could not override 'masking.ratoi': Key 'ratoi' not in 'MaskingConfig' (did you mean "
+                          "masking.ratio?)"),
+    ("masking.k=3", "Could not override 'masking.k': Key 'k' not in 'MaskingConfig' (did you mean masking.kmeans_k?)"),
+    ("launcher.train.parition=gpu", "Could not override 'launcher.train.parition': Key 'parition' not in "
+                                    "'StageResources' (did you mean launcher.train.partition?)"),
+    ("report.plot_metrc=x", "Could not override 'report.plot_metrc': Key 'plot_metrc' not in 'ReportConfig' (did you "
+                            "mean report.plot_metric?)"),
+    ("trian.steps=3", "Could not override 'trian.steps': Key 'trian' not in 'Config' (did you mean train?)"),
+    # a key of that name elsewhere
+    ("masking.lr=0.1", "Could not override 'masking.lr': Key 'lr' not in 'MaskingConfig' (did you mean train.lr?)"),
+    ("launcher.train.max_parallel=2", "Could not override 'launcher.train.max_parallel': Key 'max_parallel' not in "
+                                      "'StageResources' (did you mean launcher.max_parallel?)"),
+    ("launcher.eval.reservation=r1", "Could not override 'launcher.eval.reservation': Key 'reservation' not in "
+                                     "'StageResources' (another sbatch option goes in "
+                                     "+launcher.eval.additional_parameters.reservation=...)"),
+    # an open mapping takes the key with `+`
+    ("masking.options.width=3", "Could not override 'masking.options.width'. To append to your config use "
+                                "+masking.options.width=3: Key 'width' is not in struct")])
 def test_a_bad_override_is_one_line_that_says_which_and_why(override, error):
     """Hydra's own message names the override; its OmegaConf cause says what is wrong with it; a key that is not
     there comes with the keys like it."""
@@ -706,6 +720,9 @@ def test_a_dry_run_names_the_points_submitted_once(tmp_path, synthetic_root):
     assert result.returncode == 0, result.stderr
     assert "dry run: 3 point(s)" in result.stdout and "#SBATCH --array=0-2%3" in result.stdout
     assert "masking.ratio=0.5 masking=none is the same run as masking=none: submitted once" in result.stdout
+    # the job scripts `cd` into the code copy, which the dry run names but does not write
+    code = re.search(r"^dry run: .* copies the code its jobs run to (\S+)\)$", result.stdout, re.MULTILINE).group(1)
+    assert f"cd {code} || exit 1" in result.stdout and not Path(code).parent.exists()
 
 
 def normalise(script: str, folder: str) -> str:
