@@ -145,8 +145,8 @@ def headline_table(frame: pd.DataFrame) -> pd.DataFrame:
         table[name] = frame[key]
     for key in sugar:
         table["sc_" + key.split("/")[-2]] = frame[key]
-    if sugar:
-        table["sc_mean"] = frame[sugar].mean(axis=1)
+    if sugar:  # over every edit, or none: a mean over the edits one point happens to have compares with nothing
+        table["sc_mean"] = frame[sugar].mean(axis=1, skipna=False)
     if TRAIN_MINUTES in frame:
         table["train_min"] = frame[TRAIN_MINUTES]
     return table
@@ -176,10 +176,19 @@ def seed_summary(table: pd.DataFrame, plus_minus: str = " ± ") -> pd.DataFrame:
     grouped = table.groupby(["label", "ratio"], sort=True)
     summary = grouped.size().rename("seeds").reset_index()
     for column in metrics:
-        means, stds = grouped[column].mean(), grouped[column].std()
-        summary[column] = [("" if pd.isna(m) else f"{m:.3f}" if pd.isna(sd) else f"{m:.3f}{plus_minus}{sd:.3f}")
-                           for m, sd in zip(means.values, stds.values)]
+        means, stds, counts = grouped[column].mean(), grouped[column].std(), grouped[column].count()
+        summary[column] = [mean_cell(m, sd, n, seeds, plus_minus)
+                           for m, sd, n, seeds in zip(means.values, stds.values, counts.values, summary["seeds"])]
     return summary
+
+
+def mean_cell(mean: float, std: float, count: int, seeds: int, plus_minus: str) -> str:
+    """`mean ± std`, the mean alone for one value, "" for none; ` (n=2)` where fewer of the row's seeds have the
+    metric (an evaluation not finished or failed): the row's `seeds` would otherwise claim them all."""
+    if pd.isna(mean):
+        return ""
+    cell = f"{mean:.3f}" if pd.isna(std) else f"{mean:.3f}{plus_minus}{std:.3f}"
+    return cell + (f" (n={count})" if count < seeds else "")
 
 
 def save_plot(fig, ax, xlabel: str, metric: str, path: Path, title: Optional[str] = None) -> Path:
@@ -241,18 +250,34 @@ def loader_bound_note(frame: pd.DataFrame) -> Optional[str]:
             "cores per task would train them faster)")
 
 
+def named_points(rows: pd.DataFrame, most: int = 6) -> str:
+    """`random 0.5 seed 0, ...`: a few of the points (a sweep may have 64), and how many more."""
+    points = [f"{r.label} {r.ratio:g} seed {r.seed}" for r in rows.itertuples()]
+    return ", ".join(points[:most]) + (f" and {len(points) - most} more" if len(points) > most else "")
+
+
+def missing_metrics_note(table: pd.DataFrame) -> Optional[str]:
+    """A line naming the points that lack a headline metric other points have: their evaluation has not finished
+    or failed (a report built while a sweep runs, or the report job's after a failed evaluation); the means over
+    seeds leave them out (cells marked `(n=k)`)."""
+    metrics = [c for c in table.columns if c not in ("label", "ratio", "seed", "train_min")]
+    if not metrics and not table.empty:
+        return f"report: none of the {len(table)} point(s) has evaluation metrics yet (clustermask-status says why)"
+    lacking = table[table[metrics].isna().any(axis=1)]
+    if lacking.empty:
+        return None
+    return (f"report: {len(lacking)} of {len(table)} point(s) lack metrics that others have (an evaluation not "
+            f"finished, or failed: clustermask-status says which), and the means over seeds leave them out, marked "
+            f"(n=k): {named_points(lacking)}")
+
+
 def code_versions_note(frame: pd.DataFrame) -> Optional[str]:
     """A line naming which points trained with which version of the code, when they did not all train with one
     (points resubmitted after an edit, or sweeps reported together): their metrics may differ by the edit."""
     tagged = frame[frame["code"].astype(bool)] if "code" in frame else None
     if tagged is None or tagged["code"].nunique() < 2:
         return None
-
-    def named(rows: pd.DataFrame, most: int = 6) -> str:  # a sweep of 64 points: a few, and how many more
-        points = [f"{r.label} {r.ratio:g} seed {r.seed}" for r in rows.itertuples()]
-        return ", ".join(points[:most]) + (f" and {len(points) - most} more" if len(points) > most else "")
-
-    versions = "; ".join(f"{code}: {named(rows)}" for code, rows in tagged.groupby("code", sort=False))
+    versions = "; ".join(f"{code}: {named_points(rows)}" for code, rows in tagged.groupby("code", sort=False))
     return (f"report: the points trained with {tagged['code'].nunique()} versions of the code (the digest of "
             "<sweep_dir>/code/<digest>, one per submission of edited code, and of each plugin file as the job read "
             f"it), so their metrics may differ by the edits: {versions}")
@@ -319,7 +344,7 @@ def build_report(sweep_dirs, plot_metrics: Optional[List[str]] = None, out_dir: 
     if TRAIN_MINUTES in frame:
         for metric in (k for k in headline_columns(frame) if k.startswith("zeroshot_classification/")):
             plot_against_training_time(frame, metric, out_dir / f"{metric.replace('/', '_')}_vs_train_minutes.png")
-    for note in (loader_bound_note(frame), code_versions_note(frame)):
+    for note in (missing_metrics_note(table), loader_bound_note(frame), code_versions_note(frame)):
         if note:
             print(note)
     for manifest in manifests:

@@ -3,8 +3,8 @@ import pytest
 import torch
 from clip_benchmark.metrics import zeroshot_retrieval
 
-from analysis.report import (code_versions_note, default_plot_metrics, headline_table, loader_bound_note,
-                             missing_metric)
+from analysis.report import (SUGARCREPE, code_versions_note, default_plot_metrics, headline_table,
+                             loader_bound_note, missing_metric)
 from clustermask.evaluate import EvalTask, metric_key
 
 # two images and one caption each; caption b is closest to image A, so the directions disagree:
@@ -125,6 +125,36 @@ def test_a_swept_setting_gets_its_own_label_and_seeds_are_averaged_within_it(tmp
     assert summary.loc["cluster-rgb threshold=0.3", "zs_acc1"] == "0.450 ± 0.071"
     assert summary.loc["cluster-rgb threshold=0.7", "zs_acc1"] == "0.250 ± 0.071"
     assert summary.loc["random", "zs_acc1"] == "0.450" and summary.loc["random", "seeds"] == 1
+
+
+def test_means_over_fewer_seeds_than_a_row_has_are_marked_and_the_points_named():
+    """A report built while a sweep still evaluates, or the report job's after an evaluation failed: a row of
+    three seeds must not show the mean of two as if it were the three's, nor a point's SugarCrepe mean over the
+    edits it happens to have."""
+    from analysis.report import missing_metrics_note, seed_summary
+
+    zs, swap, add = ("zeroshot_classification/wds/shapes/acc1", SUGARCREPE + "swap_att/acc",
+                     SUGARCREPE + "add_att/acc")
+    nan = float("nan")
+    frame = pd.DataFrame([{"label": "random", "ratio": 0.5, "seed": 0, zs: 0.40, swap: 0.6, add: 0.8},
+                          {"label": "random", "ratio": 0.5, "seed": 1, zs: 0.50, swap: 0.7, add: nan},
+                          {"label": "random", "ratio": 0.5, "seed": 2, zs: nan, swap: nan, add: nan},
+                          {"label": "kmeans", "ratio": 0.5, "seed": 0, zs: 0.30, swap: 0.5, add: 0.7}])
+    table = headline_table(frame)
+    assert table["sc_mean"].tolist()[0] == pytest.approx(0.7) and table["sc_mean"].isna().tolist()[1:3] == [True] * 2
+    summary = seed_summary(table).set_index("label")
+    assert summary.loc["random", "seeds"] == 3
+    assert summary.loc["random", "zs_acc1"] == "0.450 ± 0.071 (n=2)"
+    assert summary.loc["random", "sc_add_att"] == "0.800 (n=1)" and summary.loc["random", "sc_mean"] == "0.700 (n=1)"
+    assert summary.loc["kmeans", "zs_acc1"] == "0.300"  # every seed it has
+    assert seed_summary(table, r" $\pm$ ").set_index("label").loc["random", "zs_acc1"] == r"0.450 $\pm$ 0.071 (n=2)"
+    assert missing_metrics_note(table) == (
+        "report: 2 of 4 point(s) lack metrics that others have (an evaluation not finished, or failed: "
+        "clustermask-status says which), and the means over seeds leave them out, marked (n=k): random 0.5 seed 1, "
+        "random 0.5 seed 2")
+    assert missing_metrics_note(table.iloc[[0, 3]]) is None
+    assert missing_metrics_note(table[["label", "ratio", "seed"]]) == (
+        "report: none of the 4 point(s) has evaluation metrics yet (clustermask-status says why)")
 
 
 def test_plot_bars_one_std_over_seeds(tmp_path, monkeypatch):
