@@ -75,7 +75,7 @@ class LocalExecutor:
         """`python -m launch.jobs STAGE PATH` in the submission's copy of the code (launch/snapshot.py), which it
         then imports."""
         log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "CLUSTERMASK_LOG": str(log)}
+        env = snapshot.environment_elsewhere(CLUSTERMASK_LOG=str(log))  # the task runs in the code copy
         if self.max_parallel > 1:
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.max_parallel)))
         with open(log, "ab") as out:
@@ -236,7 +236,11 @@ class SlurmExecutor:
         # the job runs in the submission's copy of the code, which `python -m` then imports (launch/snapshot.py);
         # without it (deleted) the job fails rather than import whatever the folder it was submitted from holds
         code = self.code or snapshot.code_folder(self.sweep_dir, write=False)
-        params["slurm_setup"] = [f"cd {shlex.quote(str(code))} || exit 1", *(params.get("slurm_setup") or [])]
+        setup = [f"cd {shlex.quote(str(code))} || exit 1"]
+        pythonpath = snapshot.jobs_pythonpath()
+        if pythonpath is not None:  # sbatch passes the submission's environment on, relative entries too
+            setup.append(f"export PYTHONPATH={shlex.quote(pythonpath)}")
+        params["slurm_setup"] = [*setup, *(params.get("slurm_setup") or [])]
         executor.update_parameters(**params, slurm_additional_parameters=extra)
         return executor
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
+from . import snapshot
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -58,8 +60,10 @@ class _Child:
     role = ""
 
     def __init__(self):
+        # in the repository, which `-m` imports; a plugin module on a relative PYTHONPATH is found as it is here
         self.process = subprocess.Popen([sys.executable, "-m", "launch.helpers", self.role], cwd=REPO, text=True,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                        env=snapshot.environment_elsewhere(), stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def __enter__(self):
         return self

@@ -21,6 +21,29 @@ from typing import Dict, List, Optional, Tuple
 PACKAGES = ("clustermask", "launch", "analysis")
 
 
+def absolute_pythonpath(pythonpath: str, base: Path) -> str:
+    """PYTHONPATH with each entry absolute against `base` (where the submission runs): the jobs run in their copy
+    of the code, where a relative entry (`lab`, `.`, or an empty one, which is the working folder) would name
+    another folder, and a researcher's plugin module there (`plugins=[mylab.masks]`) would not be found."""
+    return os.pathsep.join(entry if os.path.isabs(entry) else str(Path(base) / entry)
+                           for entry in pythonpath.split(os.pathsep))
+
+
+def jobs_pythonpath() -> Optional[str]:
+    """This process's PYTHONPATH made absolute for a process that runs in another folder (a job, in its code copy;
+    the sweep command's helper); None when it has none or it is absolute already."""
+    pythonpath = os.environ.get("PYTHONPATH")
+    if not pythonpath or absolute_pythonpath(pythonpath, Path.cwd()) == pythonpath:  # Python ignores an empty one
+        return None
+    return absolute_pythonpath(pythonpath, Path.cwd())
+
+
+def environment_elsewhere(**more: str) -> Dict[str, str]:
+    """This process's environment for a child that runs in another folder: PYTHONPATH made absolute."""
+    pythonpath = jobs_pythonpath()
+    return {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath is not None else {}), **more}
+
+
 def package_folders() -> Dict[str, Path]:
     """Where this process imports each of PACKAGES from (a checkout, or a submission's copy)."""
     folders = {}

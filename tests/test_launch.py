@@ -731,7 +731,8 @@ def normalise(script: str, folder: str) -> str:
     return re.sub(r"--job-name=\S+", "--job-name=<NAME>", script)
 
 
-def test_train_array_sbatch_script_matches_the_stored_one(tmp_path):
+def test_train_array_sbatch_script_matches_the_stored_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # a relative one adds a line (test_a_job_finds_a_plugin_...)
     cfg = compose_cfg("launcher=slurm", "launcher.train.partition=gpu", "launcher.train.gpus_per_node=8",
                       "launcher.train.tasks_per_node=8", "launcher.train.account=vlp", "launcher.train.qos=high")
     executor = SlurmExecutor(cfg.launcher, tmp_path, "sweep-x")
@@ -787,6 +788,28 @@ def test_a_job_script_runs_in_its_code_copy_and_fails_without_it(tmp_path):
     code = snapshot.code_folder(tmp_path / "sweep")
     ran = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert ran.returncode == 0 and ran.stdout == f"ran in {code}\n"
+
+
+def test_a_job_finds_a_plugin_module_on_a_relative_pythonpath_of_its_submission(tmp_path, monkeypatch):
+    """`PYTHONPATH=lab clustermask-sweep plugins=[labmasks]`: sbatch hands the job the submission's environment,
+    but the job runs in its code copy, where `lab` is another folder; the job script gives it the absolute path."""
+    from launch import snapshot
+
+    (tmp_path / "lab").mkdir()
+    (tmp_path / "lab" / "labmasks.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", f"lab{os.pathsep}")  # the empty entry: the working folder
+    executor = SlurmExecutor(compose_cfg("launcher=slurm").launcher, tmp_path / "sweep", "s")
+    executor.code = snapshot.code_folder(tmp_path / "sweep")
+    script = executor._script(executor._executor("train"), 1)
+    command = next(line for line in script.splitlines() if line.startswith("srun "))
+    shows_where = "import labmasks, sys; print(labmasks.__file__, sys.path[1:3])"
+    script = script.replace(command, f"{sys.executable} -c '{shows_where}'")  # the job, less srun and submitit
+    ran = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == f"{tmp_path / 'lab' / 'labmasks.py'} {[str(tmp_path / 'lab'), str(tmp_path)]}\n"
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "lab"))  # absolute already: the script leaves it as it is
+    assert "PYTHONPATH" not in executor._script(executor._executor("train"), 1)
 
 
 def test_executor_parameters_follow_hydra_submitit_launcher():

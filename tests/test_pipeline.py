@@ -2,6 +2,7 @@
 import hashlib
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -32,11 +33,10 @@ def local_sweep(tmp_path_factory, synthetic_root):
     return root / "sweeps" / "e2e", result.stdout
 
 
-OWN_STRATEGY_AND_EVALUATOR = """
+OWN_STRATEGY = """
 from pathlib import Path
 
 import torch
-from clustermask.evaluate import register_evaluator
 from clustermask.masking import MaskScores, register_strategy
 
 
@@ -45,6 +45,10 @@ def score_first_rows_first(inputs, cfg):
     Path(__file__).with_name("strategy_ran").touch()
     b, length, _ = inputs.tokens.shape
     return MaskScores(torch.arange(length, 0, -1, device=inputs.tokens.device).float().expand(b, length), None, None)
+"""
+
+OWN_EVALUATOR = """
+from clustermask.evaluate import register_evaluator
 
 
 @register_evaluator("logit_scale")
@@ -53,32 +57,37 @@ def logit_scale(model, transform, tokenizer, task, ctx):
 """
 
 
-def test_a_researchers_own_strategy_and_evaluator_run_from_a_plugin_file_and_their_yaml(tmp_path, synthetic_root):
-    """Extending the method without editing the library: a .py file that registers a strategy and an evaluator
-    (`plugins=[file]`, relative to where the command runs) and a YAML for each in the researcher's config folder
+def test_a_researchers_own_strategy_and_evaluator_run_from_plugins_and_their_yaml(tmp_path, synthetic_root):
+    """Extending the method without editing the library: a .py file that registers a strategy (`plugins=[file]`,
+    relative to where the command runs), a module on PYTHONPATH that registers an evaluator (`lab`, relative too:
+    the jobs run in their copy of the code, elsewhere) and a YAML for each in the researcher's config folder
     (`hydra.searchpath`). The sweep command checks the point against them, the jobs import them, and the
     evaluator's metrics land in MLflow as the built-in ones'. A resubmission finds a group option in that folder
     too: `--evaluate-again eval=NAME` of the researcher's own YAML. What that evaluation no longer evaluates is
     superseded: its metric's latest value in MLflow is NaN (its history keeps the value), its JSON is set aside and
     the report has no column of it."""
-    (tmp_path / "mine.py").write_text(OWN_STRATEGY_AND_EVALUATOR)
+    (tmp_path / "mine.py").write_text(OWN_STRATEGY)
+    (tmp_path / "lab").mkdir()
+    (tmp_path / "lab" / "labeval.py").write_text(OWN_EVALUATOR)
     task = "{name: logit_scale, dataset: own/logit_scale, root: '${data.eval_root}'}"
     for group, text in (("masking", "strategy: first_rows_first\nratio: 0.5\n"), ("eval", f"tasks:\n  - {task}\n")):
         (tmp_path / "conf" / group).mkdir(parents=True)
         (tmp_path / "conf" / group / "mine.yaml").write_text(text)
     result = subprocess.run(
-        [sys.executable, "-m", "launch.app", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "plugins=[mine.py]",
-         "masking=mine", "eval=mine", "paths.root=out", f"paths.data={synthetic_root}", "train.steps=4",
-         "train.batch_size=8", "train.log_every=2", "sweep_name=own"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        [sys.executable, "-m", "launch.app", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+         "plugins=[mine.py,labeval]", "masking=mine", "eval=mine", "paths.root=out", f"paths.data={synthetic_root}",
+         "train.steps=4", "train.batch_size=8", "train.log_every=2", "sweep_name=own"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        env={**os.environ, "PYTHONPATH": "lab"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     manifest = graph.Manifest.load(tmp_path / "out" / "sweeps" / "own")
     run = mlflow.MlflowClient(manifest.tracking_uri).get_run(manifest.points[0].mlflow_run_id)
     assert run.data.params["masking.strategy"] == "first_rows_first"
-    assert run.data.params["plugins"] == str([str(tmp_path / "mine.py")])
+    assert run.data.params["plugins"] == str([str(tmp_path / "mine.py"), "labeval"])
     assert (tmp_path / "strategy_ran").exists()
-    digest = hashlib.sha256(OWN_STRATEGY_AND_EVALUATOR.encode()).hexdigest()[:12]
-    assert run.data.tags["train_plugins"] == run.data.tags["eval_plugins"] == f"{tmp_path / 'mine.py'}@{digest}"
+    digests = [hashlib.sha256(text.encode()).hexdigest()[:12] for text in (OWN_STRATEGY, OWN_EVALUATOR)]
+    assert run.data.tags["train_plugins"] == run.data.tags["eval_plugins"] == \
+        f"{tmp_path / 'mine.py'}@{digests[0]} labeval@{digests[1]}"
     assert run.data.metrics["logit_scale/own/logit_scale/value"] > 1
     assert run.data.metrics["mask/drop_ratio"] == 0.5
 
@@ -86,7 +95,8 @@ def test_a_researchers_own_strategy_and_evaluator_run_from_a_plugin_file_and_the
         "tasks:\n  - {name: logit_scale, dataset: own/again, root: '${data.eval_root}'}\n")
     resubmit = Path(sys.executable).parent / "clustermask-resubmit"  # from elsewhere: the sweep knows its folder
     again = subprocess.run([str(resubmit), str(tmp_path / "out" / "sweeps" / "own"), "--evaluate-again", "eval=more"],
-                           capture_output=True, text=True, cwd=REPO, timeout=600)
+                           capture_output=True, text=True, cwd=REPO, timeout=600,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path / "lab")})
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     client, run_id = mlflow.MlflowClient(manifest.tracking_uri), manifest.points[0].mlflow_run_id
     metrics, before = client.get_run(run_id).data.metrics, run.data.metrics["logit_scale/own/logit_scale/value"]
