@@ -304,10 +304,25 @@ def validate_eval(cfg: EvalConfig, evaluators: Iterable[str], check_paths: bool 
     for i, task in enumerate(cfg.tasks):
         if task.name not in evaluators:
             raise ValueError(f"eval.tasks[{i}].name={task.name!r} is not one of {sorted(evaluators)}")
+    check_tasks_apart(cfg.tasks)
     # every dataset that is not ready, at once: a benchmark suite is set up by hand, a dozen folders
     problems = [path_problem(i, task) for i, task in enumerate(cfg.tasks)] if check_paths else []
     if any(problems):
         raise FileNotFoundError("\n".join(filter(None, problems)))
+
+
+def check_tasks_apart(tasks: List[EvalTask]) -> None:
+    """Two tasks of one evaluator on one dataset (a linear probe at two learning rates) would log the same metric
+    keys and write the same result JSON: the second would replace the first, unseen."""
+    first_of: Dict[str, int] = {}
+    for i, task in enumerate(tasks):
+        prefix = metric_key(task, "")
+        if prefix in first_of:
+            raise ValueError(f"eval.tasks[{first_of[prefix]}] and eval.tasks[{i}] are both {task.name} on "
+                             f"{task.dataset}: their metrics ({prefix}...) and result file would be one, the second's "
+                             "replacing the first's; keep one (`clustermask-resubmit SWEEP --evaluate-again` "
+                             "evaluates a sweep again with other settings)")
+        first_of[prefix] = i
 
 
 def path_problem(index: int, task: EvalTask) -> str:

@@ -334,6 +334,24 @@ def test_preflight_names_the_bad_key(synthetic_root):
     app.preflight(compose_cfg(*good, "launcher=slurm", "launcher.dry_run=true", "launcher.train.array_parallelism=4"))
 
 
+def test_two_tasks_that_would_log_the_same_metrics_are_refused(synthetic_root):
+    """A second linear probe on the shapes at another learning rate: its metrics and result JSON would have
+    replaced the first's, with nothing to say so."""
+    cfg = compose_cfg(f"paths.data={synthetic_root}")
+    assert cfg.eval.tasks[1].name == "linear_probe"
+    cfg.eval.tasks.append(cfg.eval.tasks[1])  # a copy
+    cfg.eval.tasks[10].options.lr = 1.0
+    assert cfg.eval.tasks[1].options.lr == 0.1
+    with pytest.raises(ValueError, match=r"^eval.tasks\[1\] and eval.tasks\[10\] are both linear_probe on wds/shapes: "
+                                         r"their metrics \(linear_probe/wds/shapes/\.\.\.\) and result file would be "
+                                         r"one"):
+        app.preflight(cfg)
+    cfg.eval.tasks[10].dataset = "wds/scenes"  # another dataset: its own metrics
+    cfg.eval.tasks[10].root = cfg.eval.tasks[2].root
+    with pytest.raises(FileNotFoundError, match=r"needs a classification dataset"):  # and checked as usual
+        app.preflight(cfg)
+
+
 def test_preflight_refuses_an_image_tower_that_cannot_take_the_masking(synthetic_root):
     """Read off open_clip's config files before submission; the job would fail (a ResNet or timm tower) or hidden
     tokens would reach the output (attention mode on a tower that pools more than CLS)."""
