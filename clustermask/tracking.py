@@ -83,7 +83,13 @@ def new_sqlite_store(db: Path) -> None:
         with contextlib.closing(sqlite3.connect(staged)) as store, store:
             store.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
                           ((db.parent / "mlartifacts").as_uri(), DEFAULT_EXPERIMENT_ID))
-        os.replace(staged, db)  # a store interrupted while written is never taken for a new one
+        try:  # complete or not there: a store cut short by a Ctrl-C is never taken for a new one
+            os.link(staged, db)  # and never over the one another sweep made meanwhile (its runs would be lost)
+        except FileExistsError:
+            pass
+        except OSError:  # a filesystem without hard links
+            if not db.exists():
+                os.replace(staged, db)
     finally:
         staged.unlink(missing_ok=True)
 

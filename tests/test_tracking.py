@@ -1,6 +1,7 @@
 """MLflow records of a sweep: one parent run, a child per point, in a sqlite store started from a template,
 or on a real `mlflow server`."""
 import contextlib
+import sqlite3
 import subprocess
 import sys
 import time
@@ -9,7 +10,8 @@ import urllib.request
 import pytest
 
 from clustermask.config import TrackingConfig
-from clustermask.tracking import PointRun, artifact_location, client, create_sweep_runs, resolve_uri
+from clustermask.tracking import (PointRun, artifact_location, client, create_sweep_runs, new_sqlite_store,
+                                  resolve_uri)
 
 from conftest import free_port
 
@@ -32,6 +34,10 @@ def test_new_sqlite_stores_start_from_one_migrated_template(tmp_path, monkeypatc
         assert set(runs) == {parent, *children}  # a copy per sweep: the other sweep's runs are not here
         assert runs[children[1]].data.params == {"masking.ratio": "0.5"}
         assert runs[children[0]].data.tags["mlflow.parentRunId"] == parent
+        new_sqlite_store(tmp_path / sweep / "mlflow.db")  # made again by a process that found none a moment ago
+        with contextlib.closing(sqlite3.connect(tmp_path / sweep / "mlflow.db")) as db:  # the file, not a connection
+            assert db.execute("SELECT COUNT(*) FROM runs").fetchone() == (3,)
+        assert [p.name for p in (tmp_path / sweep).iterdir()] == ["mlflow.db"]
     templates = list((tmp_path / "cache" / "clustermask").glob("mlflow-*-empty.db"))
     assert len(templates) == 1
     assert client(f"sqlite:///{templates[0]}").get_experiment_by_name("ablation") is None  # it stays empty
