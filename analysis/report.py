@@ -267,8 +267,8 @@ def missing_metrics_note(table: pd.DataFrame) -> Optional[str]:
     if lacking.empty:
         return None
     return (f"report: {len(lacking)} of {len(table)} point(s) lack metrics that others have (an evaluation not "
-            f"finished, or failed: clustermask-status says which), and the means over seeds leave them out, marked "
-            f"(n=k): {named_points(lacking)}")
+            f"finished or failed, which clustermask-status shows, or sweeps evaluated on other tasks), and the means "
+            f"over seeds leave them out, marked (n=k): {named_points(lacking)}")
 
 
 def code_versions_note(frame: pd.DataFrame) -> Optional[str]:

@@ -149,9 +149,9 @@ def test_means_over_fewer_seeds_than_a_row_has_are_marked_and_the_points_named()
     assert summary.loc["kmeans", "zs_acc1"] == "0.300"  # every seed it has
     assert seed_summary(table, r" $\pm$ ").set_index("label").loc["random", "zs_acc1"] == r"0.450 $\pm$ 0.071 (n=2)"
     assert missing_metrics_note(table) == (
-        "report: 2 of 4 point(s) lack metrics that others have (an evaluation not finished, or failed: "
-        "clustermask-status says which), and the means over seeds leave them out, marked (n=k): random 0.5 seed 1, "
-        "random 0.5 seed 2")
+        "report: 2 of 4 point(s) lack metrics that others have (an evaluation not finished or failed, which "
+        "clustermask-status shows, or sweeps evaluated on other tasks), and the means over seeds leave them out, "
+        "marked (n=k): random 0.5 seed 1, random 0.5 seed 2")
     assert missing_metrics_note(table.iloc[[0, 3]]) is None
     assert missing_metrics_note(table[["label", "ratio", "seed"]]) == (
         "report: none of the 4 point(s) has evaluation metrics yet (clustermask-status says why)")
