@@ -304,11 +304,11 @@ def validate_eval(cfg: EvalConfig, evaluators: Iterable[str], check_paths: bool 
     for i, task in enumerate(cfg.tasks):
         if task.name not in evaluators:
             raise ValueError(f"eval.tasks[{i}].name={task.name!r} is not one of {sorted(evaluators)}")
-    check_tasks_apart(cfg.tasks)
     # every dataset that is not ready, at once: a benchmark suite is set up by hand, a dozen folders
     problems = [path_problem(i, task) for i, task in enumerate(cfg.tasks)] if check_paths else []
     if any(problems):
         raise FileNotFoundError("\n".join(filter(None, problems)))
+    check_tasks_apart(cfg.tasks)
 
 
 def check_tasks_apart(tasks: List[EvalTask]) -> None:
