@@ -38,9 +38,11 @@ DATA_WAIT = "train/data_wait_share"  # at the last log: the share of the loop's 
 
 # the params a point's label shows by their own (strategy_label) or that are the table's own columns
 IN_LABEL = ("masking.strategy", "masking.features", "masking.attention", "masking.ratio", "train.seed")
-# params that say where a point was recorded or how it was evaluated, not how its model was trained: sweeps
-# reported together differ in them (sweep_name, tracking.experiment) and their points are still comparable
-NOT_SETTINGS = ("sweep_name", "tracking.", "eval.", "report.")
+# params that say where a point was recorded, how it was evaluated or how its training was logged and run, not how
+# its model was trained: sweeps reported together differ in them (sweep_name, tracking.experiment) and their points
+# are still comparable
+NOT_SETTINGS = ("sweep_name", "tracking.", "eval.", "report.", "train.log_every", "train.threads",
+                "train.fail_at_step")
 
 
 def strategy_label(row) -> str:
@@ -50,14 +52,17 @@ def strategy_label(row) -> str:
 
 
 def swept_settings(runs: pd.DataFrame, strategies: pd.Series) -> pd.Series:
-    """Per run, `name=value` for every param that differs between the runs of its strategy, besides ratio and
-    seed (a sweep of masking.threshold, masking.kmeans_k or train.lr): a label without them would merge
-    different settings into one line of a plot and one group of the mean over seeds."""
+    """Per run, `name=value` for every param that differs between the runs, besides ratio and seed (a sweep of
+    masking.threshold, masking.kmeans_k or train.lr): a label without them would merge different settings into
+    one line of a plot and one group of the mean over seeds, or compare strategies trained otherwise (sweeps of
+    different `train.steps` reported together) as if alike. A masking setting counts where it differs between the
+    runs of one strategy: the others record it at a fixed value that they do not use."""
     params = [c for c in runs.columns if c.startswith("params.") and c[len("params."):] not in IN_LABEL
               and not c[len("params."):].startswith(NOT_SETTINGS)]
+    everywhere = {c for c in params if not c.startswith("params.masking.") and runs[c].nunique(dropna=False) > 1}
     settings = pd.Series("", index=runs.index)
     for _, group in runs.groupby(strategies):
-        varying = [c for c in params if group[c].nunique(dropna=False) > 1]
+        varying = [c for c in params if c in everywhere or group[c].nunique(dropna=False) > 1]
         for index, row in group[varying].iterrows():
             settings[index] = " ".join(f"{c.split('.')[-1]}={row[c]}" for c in varying)
     return settings

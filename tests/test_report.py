@@ -219,7 +219,8 @@ def recorded_sweep(folder, name: str, points):
 
 def test_a_report_of_several_sweeps_averages_seeds_across_them_and_labels_what_differs(tmp_path, capsys):
     """Seeds added later as a second sweep (another name, MLflow store and eval batch size): one table, the
-    mean over all seeds. A third sweep at another learning rate keeps its own label."""
+    mean over all seeds. A third sweep at another learning rate keeps its own label, and the others name theirs:
+    cluster masking was trained at one rate only, but not at the third sweep's."""
     from analysis.report import main
 
     first = recorded_sweep(tmp_path / "first", "a", [("random", 0, 1e-3, 0.40), ("cluster", 0, 1e-3, 0.50)])
@@ -233,7 +234,7 @@ def test_a_report_of_several_sweeps_averages_seeds_across_them_and_labels_what_d
     mean = (tmp_path / "paper" / "results_mean.md").read_text()
     rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
             for line in mean.splitlines()[2:]}
-    assert rows == {"cluster-rgb": ["0.500", "2", "0.600 ± 0.141"],  # lr differs between random runs only
+    assert rows == {"cluster-rgb lr=0.001": ["0.500", "2", "0.600 ± 0.141"],
                     "random lr=0.001": ["0.500", "2", "0.500 ± 0.141"],
                     "random lr=0.0001": ["0.500", "1", "0.100"]}
     assert (tmp_path / "paper" / "zeroshot_classification_wds_shapes_acc1.png").exists()
