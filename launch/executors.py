@@ -234,13 +234,12 @@ class SlurmExecutor:
         if dependency:
             extra.update({"dependency": dependency, "kill-on-invalid-dep": "yes"})
         # the job runs in the submission's copy of the code, which `python -m` then imports (launch/snapshot.py);
-        # without it (deleted) the job fails rather than import whatever the folder it was submitted from holds
+        # without it (deleted) the job fails rather than import whatever the folder it was submitted from holds.
+        # The user's setup lines (`source .venv/bin/activate`) run before, in the folder the job was submitted from.
         code = self.code or snapshot.code_folder(self.sweep_dir, write=False)
-        setup = [f"cd {shlex.quote(str(code))} || exit 1"]
-        pythonpath = snapshot.jobs_pythonpath()
-        if pythonpath is not None:  # sbatch passes the submission's environment on, relative entries too
-            setup.append(f"export PYTHONPATH={shlex.quote(pythonpath)}")
-        params["slurm_setup"] = [*setup, *(params.get("slurm_setup") or [])]
+        pythonpath = snapshot.jobs_pythonpath()  # sbatch passes the submission's environment on, relative entries too
+        params["slurm_setup"] = [*([f"export PYTHONPATH={shlex.quote(pythonpath)}"] if pythonpath else []),
+                                 *(params.get("slurm_setup") or []), f"cd {shlex.quote(str(code))} || exit 1"]
         executor.update_parameters(**params, slurm_additional_parameters=extra)
         return executor
 

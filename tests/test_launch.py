@@ -806,6 +806,15 @@ def test_a_job_script_runs_in_its_code_copy_and_fails_without_it(tmp_path):
     code = snapshot.code_folder(tmp_path / "sweep")
     ran = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert ran.returncode == 0 and ran.stdout == f"ran in {code}\n"
+    # the user's setup lines run where the job was submitted, as sbatch starts it: a relative path there holds
+    (tmp_path / "env.sh").write_text("export LAB_SETUP=sourced\n")
+    executor = SlurmExecutor(compose_cfg("launcher=slurm", "launcher.train.setup=[source env.sh]").launcher,
+                             tmp_path / "sweep", "s")
+    script = executor._script(executor._executor("train"), 1)
+    command = next(line for line in script.splitlines() if line.startswith("srun "))
+    script = script.replace(command, 'echo "$LAB_SETUP in $PWD"')
+    ran = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert ran.returncode == 0 and ran.stdout == f"sourced in {code}\n", ran.stderr
 
 
 def test_a_job_finds_a_plugin_module_on_a_relative_pythonpath_of_its_submission(tmp_path, monkeypatch):
