@@ -212,8 +212,12 @@ def plot_metric(frame: pd.DataFrame, metric: str, path: Path, title: Optional[st
     """`metric` against mask ratio, a line per strategy (mean over seeds), with bars of ± one std where a ratio
     has several seeds."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    if metric in frame:
-        for label, group in frame.groupby("label"):
+    xlabel = "mask ratio"
+    measured = frame.dropna(subset=[metric]) if metric in frame else frame.iloc[:0]
+    if not measured.empty and measured.groupby("label")["ratio"].nunique().max() == 1:
+        xlabel = plot_per_label(ax, measured, metric)
+    else:
+        for label, group in measured.groupby("label"):
             by_ratio = group.groupby("ratio")[metric]
             means, stds = by_ratio.mean().sort_index(), by_ratio.std().sort_index()
             line, = ax.plot(means.index, means.values, marker="o", label=label)
@@ -224,7 +228,21 @@ def plot_metric(frame: pd.DataFrame, metric: str, path: Path, title: Optional[st
     chance = f"zeroshot_classification/{'/'.join(dataset)}/chance"
     if chance in frame and name.endswith("acc1"):
         ax.axhline(frame[chance].mean(), ls="--", c="grey", label="chance")
-    return save_plot(fig, ax, "mask ratio", metric, path, title)
+    return save_plot(fig, ax, xlabel, metric, path, title)
+
+
+def plot_per_label(ax, frame: pd.DataFrame, metric: str) -> str:
+    """`metric` per label side by side (mean over seeds, ± one std), where each label was trained at one ratio (an
+    ablation of cluster features at 0.5): against the ratio, every label would be one point, on top of the others.
+    Returns the x axis' name."""
+    stats = frame.groupby("label").agg(ratio=("ratio", "first"), mean=(metric, "mean"), std=(metric, "std"))
+    one_ratio = stats["ratio"].nunique() == 1
+    for x, (label, row) in enumerate(stats.iterrows()):
+        ax.errorbar([x], [row["mean"]], yerr=[row["std"]], fmt="o", capsize=4, color=f"C{x}", label=label)
+    ax.set_xticks(range(len(stats)), [label if one_ratio else f"{label}\n{ratio:g}"
+                                      for label, ratio in stats["ratio"].items()], fontsize=7)
+    ax.set_xlim(-0.6, len(stats) - 0.4)
+    return f"mask ratio {stats['ratio'].iloc[0]:g}" if one_ratio else "strategy, mask ratio"
 
 
 def plot_against_training_time(frame: pd.DataFrame, metric: str, path: Path) -> Path:

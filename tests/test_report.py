@@ -177,6 +177,38 @@ def test_plot_bars_one_std_over_seeds(tmp_path, monkeypatch):
     assert err[0] == pytest.approx(0.1414, abs=1e-3) and pd.isna(err[1])  # 0.5: one seed
 
 
+def test_strategies_each_trained_at_one_ratio_are_plotted_side_by_side(tmp_path, monkeypatch):
+    """experiment=feature_ablation trains every strategy at 0.5: against the ratio they were all one point, drawn
+    on top of each other. Side by side, each gets its mean and bar; a baseline at another ratio is named with it."""
+    import matplotlib.pyplot as plt
+
+    from analysis.report import plot_metric
+
+    key = "zeroshot_classification/wds/shapes/acc1"
+    frame = pd.DataFrame({"label": ["random"] * 2 + ["cluster-rgb"] * 2 + ["cluster-embedding"],
+                          "ratio": [0.5] * 5, "seed": [0, 1, 0, 1, 0], key: [0.4, 0.6, 0.3, 0.5, 0.2]})
+    marks, ticks = [], []
+    original_errorbar, original_ticks = plt.Axes.errorbar, plt.Axes.set_xticks
+    monkeypatch.setattr(plt.Axes, "errorbar", lambda self, x, y, yerr=None, **kw: marks.append(
+        (kw.get("label"), list(x), list(y), list(yerr))) or original_errorbar(self, x, y, yerr=yerr, **kw))
+    monkeypatch.setattr(plt.Axes, "set_xticks", lambda self, positions, labels=None, **kw: ticks.append(
+        (list(positions), list(labels or []))) or original_ticks(self, positions, labels, **kw))
+    plot_metric(frame, key, tmp_path / "plot.png")
+    assert [(label, x) for label, x, _, _ in marks] == [("cluster-embedding", [0]), ("cluster-rgb", [1]),
+                                                       ("random", [2])]
+    assert [y for _, _, (y,), _ in marks] == pytest.approx([0.2, 0.4, 0.5])
+    assert pd.isna(marks[0][3][0]) and marks[2][3] == pytest.approx([0.1414], abs=1e-3)
+    assert ticks == [([0, 1, 2], ["cluster-embedding", "cluster-rgb", "random"])]
+    marks.clear(), ticks.clear()
+    baseline = pd.DataFrame({"label": ["none"], "ratio": [0.0], "seed": [0], key: [0.45]})
+    plot_metric(pd.concat([frame, baseline]), key, tmp_path / "with_none.png")
+    assert ticks == [([0, 1, 2, 3], ["cluster-embedding\n0.5", "cluster-rgb\n0.5", "none\n0", "random\n0.5"])]
+    marks.clear(), ticks.clear()
+    more_ratios = pd.DataFrame({"label": ["random"], "ratio": [0.3], "seed": [0], key: [0.45]})
+    plot_metric(pd.concat([frame, more_ratios]), key, tmp_path / "lines.png")
+    assert not ticks  # random has two ratios: a line per strategy against the ratio
+
+
 def test_accuracy_against_training_time_draws_each_strategy_through_its_ratios_in_order_of_cost(tmp_path,
                                                                                                monkeypatch):
     import matplotlib.pyplot as plt
