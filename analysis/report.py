@@ -57,8 +57,8 @@ def swept_settings(runs: pd.DataFrame, strategies: pd.Series) -> pd.Series:
     one line of a plot and one group of the mean over seeds, or compare strategies trained otherwise (sweeps of
     different `train.steps` reported together) as if alike. A masking setting counts where it differs between the
     runs of one strategy: the others record it at a fixed value that they do not use."""
-    params = [c for c in runs.columns if c.startswith("params.") and c[len("params."):] not in IN_LABEL
-              and not c[len("params."):].startswith(NOT_SETTINGS)]
+    params = sorted(c for c in runs.columns if c.startswith("params.") and c[len("params."):] not in IN_LABEL
+                    and not c[len("params."):].startswith(NOT_SETTINGS))  # MLflow gives them in no set order
     everywhere = {c for c in params if not c.startswith("params.masking.") and runs[c].nunique(dropna=False) > 1}
     settings = pd.Series("", index=runs.index)
     for _, group in runs.groupby(strategies):
@@ -174,7 +174,7 @@ def retrieval_table(frame: pd.DataFrame) -> Optional[pd.DataFrame]:
     return table
 
 
-def seed_summary(table: pd.DataFrame, plus_minus: str = " ± ") -> pd.DataFrame:
+def seed_summary(table: pd.DataFrame) -> pd.DataFrame:
     """A row per (label, ratio): how many seeds, and every metric column of `table` as `mean ± std` over
     them (the mean alone for one seed; empty where no seed has the metric)."""
     metrics = [c for c in table.columns if c not in ("label", "ratio", "seed")]
@@ -182,17 +182,17 @@ def seed_summary(table: pd.DataFrame, plus_minus: str = " ± ") -> pd.DataFrame:
     summary = grouped.size().rename("seeds").reset_index()
     for column in metrics:
         means, stds, counts = grouped[column].mean(), grouped[column].std(), grouped[column].count()
-        summary[column] = [mean_cell(m, sd, n, seeds, plus_minus)
+        summary[column] = [mean_cell(m, sd, n, seeds)
                            for m, sd, n, seeds in zip(means.values, stds.values, counts.values, summary["seeds"])]
     return summary
 
 
-def mean_cell(mean: float, std: float, count: int, seeds: int, plus_minus: str) -> str:
+def mean_cell(mean: float, std: float, count: int, seeds: int) -> str:
     """`mean ± std`, the mean alone for one value, "" for none; ` (n=2)` where fewer of the row's seeds have the
     metric (an evaluation not finished or failed): the row's `seeds` would otherwise claim them all."""
     if pd.isna(mean):
         return ""
-    cell = f"{mean:.3f}" if pd.isna(std) else f"{mean:.3f}{plus_minus}{std:.3f}"
+    cell = f"{mean:.3f}" if pd.isna(std) else f"{mean:.3f} ± {std:.3f}"
     return cell + (f" (n={count})" if count < seeds else "")
 
 
@@ -306,13 +306,18 @@ def code_versions_note(frame: pd.DataFrame) -> Optional[str]:
             f"it), so their metrics may differ by the edits: {versions}")
 
 
+def latex_table(rows: pd.DataFrame) -> str:
+    """`rows` as a LaTeX tabular (booktabs) that compiles: column names and labels escaped (`zs\\_acc1`; pandas
+    escapes nothing unless asked), `±` as `$\\pm$`."""
+    return rows.to_latex(index=False, float_format="%.3f", escape=True).replace("±", r"$\pm$")
+
+
 def write_table_and_mean(rows: pd.DataFrame, out_dir: Path, name: str) -> List[Path]:
     """`name`.md/.tex, a row per point, and `name`_mean.md/.tex, `mean ± std` over seeds."""
     written = []
-    for stem, markdown_rows, latex_rows in ((name, rows, rows),
-                                            (f"{name}_mean", seed_summary(rows), seed_summary(rows, r" $\pm$ "))):
-        (out_dir / f"{stem}.md").write_text(markdown_rows.to_markdown(index=False, floatfmt=".3f") + "\n")
-        (out_dir / f"{stem}.tex").write_text(latex_rows.to_latex(index=False, float_format="%.3f"))
+    for stem, table in ((name, rows), (f"{name}_mean", seed_summary(rows))):
+        (out_dir / f"{stem}.md").write_text(table.to_markdown(index=False, floatfmt=".3f") + "\n")
+        (out_dir / f"{stem}.tex").write_text(latex_table(table))
         written += [out_dir / f"{stem}.md", out_dir / f"{stem}.tex"]
     return written
 

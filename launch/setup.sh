@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set-up: a virtual environment in .venv with clustermask and everything it needs.
 #   bash launch/setup.sh            # venv + packages
-#   bash launch/setup.sh --slurm    # ... and a local single-node SLURM for the integration tests (root)
+#   bash launch/setup.sh --slurm    # ... and a local single-node SLURM for the integration tests, and
+#                                   # pdflatex for the report's tables (root, apt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -21,4 +22,10 @@ $pip install -q -e '.[test]' -c launch/constraints.txt
 .venv/bin/python -c "import torch, open_clip, clip_benchmark, webdataset, mlflow, hydra, submitit; print('clustermask environment ready: torch', torch.__version__)"
 if [ "${1:-}" = "--slurm" ]; then
   bash .ci/start_slurm.sh
+  # pdflatex and booktabs, for the test that the report's LaTeX tables compile (about 50 MB from Debian)
+  if ! command -v pdflatex >/dev/null || ! kpsewhich booktabs.sty >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends texlive-latex-base \
+      texlive-latex-recommended >/dev/null
+  fi
 fi
