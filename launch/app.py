@@ -432,6 +432,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = get_args_parser().parse_args(argv)
     if any(getattr(args, flag) for flag in HYDRA_ONLY_FLAGS):
+        shown = [f"--{flag}" for flag in ("cfg", "info", "shell_completion") if getattr(args, flag)]
+        if args.multirun and shown:  # Hydra's own answer is a traceback
+            raise SystemExit(f"error: {shown[0]} shows one point, without -m (launcher.dry_run=true lists a sweep's "
+                             "points, and the sweep writes each one's config to <run_dir>/config.yaml)")
         sys.argv = [sys.argv[0], *argv]
         return _hydra_cli()
     for flag in ("config_path", "config_name", "config_dir"):

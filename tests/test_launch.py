@@ -453,6 +453,11 @@ def test_hydra_flags_print_and_submit_nothing(tmp_path, synthetic_root):
     assert config.returncode == 0, config.stderr
     printed = yaml.safe_load(config.stdout)
     assert printed["masking"]["strategy"] == "kmeans" and printed["masking"]["kmeans_k"] == 5
+    for flag in (["--cfg", "job"], ["--info"]):  # with -m, Hydra answered with a traceback
+        refused = sweep_cli(f"paths.root={tmp_path}", "masking=random,cluster", *flag)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert refused.stderr == f"error: {flag[0]} shows one point, without -m (launcher.dry_run=true lists a " \
+            "sweep's points, and the sweep writes each one's config to <run_dir>/config.yaml)\n"
     assert not list(tmp_path.iterdir())
 
 
