@@ -82,7 +82,7 @@ def new_sqlite_store(db: Path) -> None:
         shutil.copyfile(empty_sqlite_store(), staged)
         with contextlib.closing(sqlite3.connect(staged)) as store, store:
             store.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
-                          ((db.parent / "mlartifacts").as_uri(), DEFAULT_EXPERIMENT_ID))
+                          (artifacts_beside(db), DEFAULT_EXPERIMENT_ID))
         try:  # complete or not there: a store cut short by a Ctrl-C is never taken for a new one
             os.link(staged, db)  # and never over the one another sweep made meanwhile (its runs would be lost)
         except FileExistsError:
@@ -140,7 +140,12 @@ def artifact_location(cfg: TrackingConfig, sweep_dir: Path) -> Optional[str]:
     """Beside the sqlite file, `mlartifacts/` (MLflow would use ./mlruns of the working folder of whichever process
     creates the experiment); a tracking server keeps its own."""
     store = sqlite_path(resolve_uri(cfg, sweep_dir))
-    return None if store is None else (store.parent / "mlartifacts").as_uri()
+    return None if store is None else artifacts_beside(store)
+
+
+def artifacts_beside(store: Path) -> str:
+    """The artifact location of a sqlite store's experiments: `mlartifacts/` beside the file."""
+    return (store.parent / "mlartifacts").as_uri()
 
 
 def log_params(mlflow_client, run_id: str, params: Mapping[str, str]) -> None:

@@ -97,33 +97,34 @@ def _node_type(hint: Any) -> Any:
     return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
 
 
-def schema_at(path: str) -> Optional[type]:
-    """The dataclass of the config node at `path` (`launcher.train`), from `Config` down; None where the node
-    takes any key (`masking.options`) or is not a mapping. (Typed lists such as `eval.tasks` OmegaConf
-    checks itself, even under `+`.)"""
+def _node_at(path: str) -> Any:
+    """The type of the config node at `path`, from `Config` down: a dataclass; the type of the first node on the
+    way that is not one (a mapping that takes any key, such as `masking.options`, and whatever lies under it); or
+    None where a typed node has no such key."""
     node: Any = Config
     for part in filter(None, path.split(".")):
         if not dataclasses.is_dataclass(node):
-            return None
+            return node
         hint = typing.get_type_hints(node).get(part)
         if hint is None:
             return None
         node = _node_type(hint)
+    return node
+
+
+def schema_at(path: str) -> Optional[type]:
+    """The dataclass of the config node at `path` (`launcher.train`), from `Config` down; None where the node
+    takes any key (`masking.options`) or is not a mapping. (Typed lists such as `eval.tasks` OmegaConf
+    checks itself, even under `+`.)"""
+    node = _node_at(path)
     return node if dataclasses.is_dataclass(node) else None
 
 
 def in_open_mapping(full_key: str) -> bool:
     """Whether `full_key` lies in a mapping that takes any key (`masking.options.width`), rather than in a typed
     node, or under a key no typed node has (`trian.steps`)."""
-    node: Any = Config
-    for part in full_key.split(".")[:-1]:
-        hint = typing.get_type_hints(node).get(part)
-        if hint is None:
-            return False
-        node = _node_type(hint)
-        if not dataclasses.is_dataclass(node):
-            return True
-    return False
+    node = _node_at(full_key.rpartition(".")[0])
+    return node is not None and not dataclasses.is_dataclass(node)
 
 
 def typed_keys(node: type = Config, prefix: str = "") -> List[str]:

@@ -33,9 +33,10 @@ def jobs_pythonpath() -> Optional[str]:
     """This process's PYTHONPATH made absolute for a process that runs in another folder (a job, in its code copy;
     the sweep command's helper); None when it has none or it is absolute already."""
     pythonpath = os.environ.get("PYTHONPATH")
-    if not pythonpath or absolute_pythonpath(pythonpath, Path.cwd()) == pythonpath:  # Python ignores an empty one
+    if not pythonpath:  # Python ignores an empty one
         return None
-    return absolute_pythonpath(pythonpath, Path.cwd())
+    absolute = absolute_pythonpath(pythonpath, Path.cwd())
+    return None if absolute == pythonpath else absolute
 
 
 def environment_elsewhere(**more: str) -> Dict[str, str]:
