@@ -214,8 +214,9 @@ def plot_metric(frame: pd.DataFrame, metric: str, path: Path, title: Optional[st
     fig, ax = plt.subplots(figsize=(5, 3.5))
     xlabel = "mask ratio"
     measured = frame.dropna(subset=[metric]) if metric in frame else frame.iloc[:0]
+    counts = seed_counts(frame, metric)
     if not measured.empty and measured.groupby("label")["ratio"].nunique().max() == 1:
-        xlabel = plot_per_label(ax, measured, metric)
+        xlabel = plot_per_label(ax, measured, metric, counts)
     else:
         for label, group in measured.groupby("label"):
             by_ratio = group.groupby("ratio")[metric]
@@ -224,6 +225,7 @@ def plot_metric(frame: pd.DataFrame, metric: str, path: Path, title: Optional[st
             if stds.notna().any():
                 ax.errorbar(means.index, means.values, yerr=stds.values, fmt="none", ecolor=line.get_color(),
                             capsize=3, alpha=0.7)
+            mark_fewer_seeds(ax, counts, [((label, ratio), ratio, mean) for ratio, mean in means.items()])
     _, *dataset, name = metric.split("/")
     chance = f"zeroshot_classification/{'/'.join(dataset)}/chance"
     if chance in frame and name.endswith("acc1"):
@@ -231,7 +233,7 @@ def plot_metric(frame: pd.DataFrame, metric: str, path: Path, title: Optional[st
     return save_plot(fig, ax, xlabel, metric, path, title)
 
 
-def plot_per_label(ax, frame: pd.DataFrame, metric: str) -> str:
+def plot_per_label(ax, frame: pd.DataFrame, metric: str, counts: pd.DataFrame) -> str:
     """`metric` per label side by side (mean over seeds, ± one std), where each label was trained at one ratio (an
     ablation of cluster features at 0.5): against the ratio, every label would be one point, on top of the others.
     Returns the x axis' name."""
@@ -239,21 +241,45 @@ def plot_per_label(ax, frame: pd.DataFrame, metric: str) -> str:
     one_ratio = stats["ratio"].nunique() == 1
     for x, (label, row) in enumerate(stats.iterrows()):
         ax.errorbar([x], [row["mean"]], yerr=[row["std"]], fmt="o", capsize=4, color=f"C{x}", label=label)
+        mark_fewer_seeds(ax, counts, [((label, row["ratio"]), x, row["mean"])])
     ax.set_xticks(range(len(stats)), [label if one_ratio else f"{label}\n{ratio:g}"
                                       for label, ratio in stats["ratio"].items()], fontsize=7)
     ax.set_xlim(-0.6, len(stats) - 0.4)
     return f"mask ratio {stats['ratio'].iloc[0]:g}" if one_ratio else "strategy, mask ratio"
 
 
+def seed_counts(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per (label, ratio): its points (`seeds`) and how many of them have `metric` (`count`)."""
+    grouped = frame.groupby(["label", "ratio"])
+    measured = grouped[metric].count() if metric in frame else grouped.size() * 0
+    return pd.DataFrame({"seeds": grouped.size(), "count": measured})
+
+
+def fewer_seeds(counts: pd.DataFrame, key) -> str:
+    """`n=k` where a mean is over fewer of (label, ratio) `key`'s seeds than it has, as the tables mark it."""
+    count, seeds = counts.loc[key, ["count", "seeds"]]
+    return f"n={count}" if count < seeds else ""
+
+
+def mark_fewer_seeds(ax, counts: pd.DataFrame, points) -> None:
+    """Writes `n=k` beside each plotted mean ((label, ratio), x, y) that is over fewer seeds than its row has."""
+    for key, x, y in points:
+        note = fewer_seeds(counts, key)
+        if note:
+            ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+
+
 def plot_against_training_time(frame: pd.DataFrame, metric: str, path: Path) -> Path:
     """What masking trades: `metric` against the training loop's minutes, a line per strategy through its
     ratios (means over seeds, each point marked with its ratio)."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
+    counts = seed_counts(frame, metric)
     for label, group in frame.groupby("label"):
         means = group.groupby("ratio")[[TRAIN_MINUTES, metric]].mean().dropna().sort_values(TRAIN_MINUTES)
         ax.plot(means[TRAIN_MINUTES].values, means[metric].values, marker="o", label=label)
         for ratio, row in means.iterrows():
-            ax.annotate(f"{ratio:g}", (row[TRAIN_MINUTES], row[metric]), textcoords="offset points", xytext=(3, 3),
+            note = " ".join(filter(None, [f"{ratio:g}", fewer_seeds(counts, (label, ratio))]))
+            ax.annotate(note, (row[TRAIN_MINUTES], row[metric]), textcoords="offset points", xytext=(3, 3),
                         fontsize=7)
     return save_plot(fig, ax, "training minutes (mean over seeds; points: mask ratio)", metric, path)
 

@@ -241,6 +241,31 @@ def test_strategies_each_trained_at_one_ratio_are_plotted_side_by_side(tmp_path,
     assert not ticks  # random has two ratios: a line per strategy against the ratio
 
 
+def test_plotted_means_over_fewer_seeds_than_their_row_has_are_marked(tmp_path, monkeypatch):
+    """As the tables mark them `(n=k)`: a plot drawn while a sweep still evaluates must not pass one seed's value
+    off as the mean of three."""
+    import matplotlib.pyplot as plt
+
+    from analysis.report import plot_against_training_time, plot_metric
+
+    key, nan = "zeroshot_classification/wds/shapes/acc1", float("nan")
+    frame = pd.DataFrame({"label": ["random"] * 5 + ["kmeans"] * 2, "ratio": [0.3, 0.3, 0.3, 0.5, 0.5, 0.3, 0.5],
+                          "seed": [0, 1, 2, 0, 1, 0, 0], "train/minutes": [10.0, 11.0, 12.0, 7.0, 8.0, 9.0, 6.0],
+                          key: [0.4, 0.6, nan, 0.45, 0.55, nan, 0.3]})
+    notes = []
+    original = plt.Axes.annotate
+    monkeypatch.setattr(plt.Axes, "annotate", lambda self, text, xy, *args, **kw: notes.append(
+        (text, tuple(float(v) for v in xy))) or original(self, text, xy, *args, **kw))
+    plot_metric(frame, key, tmp_path / "lines.png")
+    assert notes == [("n=2", (0.3, pytest.approx(0.5)))]  # kmeans 0.3 has no value: no mean to mark
+    notes.clear()
+    plot_metric(frame[frame["ratio"] == 0.3], key, tmp_path / "side_by_side.png")
+    assert notes == [("n=2", (0.0, pytest.approx(0.5)))]  # kmeans has no value at 0.3: random alone, at x=0
+    notes.clear()
+    plot_against_training_time(frame, key, tmp_path / "cost.png")
+    assert sorted(notes) == [("0.3 n=2", (11.0, pytest.approx(0.5))), ("0.5", (6.0, 0.3)), ("0.5", (7.5, 0.5))]
+
+
 def test_accuracy_against_training_time_draws_each_strategy_through_its_ratios_in_order_of_cost(tmp_path,
                                                                                                monkeypatch):
     import matplotlib.pyplot as plt
