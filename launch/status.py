@@ -425,22 +425,37 @@ def code_change_note(earlier: Dict[int, str], code: str) -> str:
             + "; one resumed from a checkpoint goes on with the new code, and the report names the points of each")
 
 
+NO_SQUEUE = ("squeue not found here (a copy of the sweep?): a SLURM stage whose task has not written its last "
+             "state shows as unknown")
+
+
+def status_text(sweep_dir: str) -> Tuple[str, bool, bool]:
+    """One sweep's status table, whether a stage of it failed, and whether squeue was missing to tell."""
+    manifest = graph.Manifest.load(sweep_dir)
+    listing = queue_of(manifest, required=False)  # one squeue for the points and the report
+    rows, report = sweep_status(manifest, listing), report_status(manifest, listing)
+    failed = any(r[s] == "failed" for r in rows for s in graph.STAGES) or report["report"] == "failed"
+    return format_status(manifest, rows, report), failed, isinstance(listing, QueueUnknown)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="State of every point and stage of a sweep")
-    parser.add_argument("sweep_dir")
+    """Exit 2 if a sweep's state could not be read (the others are still shown), else 1 if a stage failed."""
+    parser = argparse.ArgumentParser(description="State of every point and stage of one sweep or several")
+    parser.add_argument("sweep_dirs", nargs="+", metavar="sweep_dir")
     args = parser.parse_args(argv)
-    try:
-        manifest = graph.Manifest.load(args.sweep_dir)
-        listing = queue_of(manifest, required=False)  # one squeue for the points and the report
-        rows, report = sweep_status(manifest, listing), report_status(manifest, listing)
-    except (RuntimeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if isinstance(listing, QueueUnknown):
-        print("squeue not found here (a copy of the sweep?): a SLURM stage whose task has not written its last "
-              "state shows as unknown")
-    print(format_status(manifest, rows, report))
-    return 1 if any(r[s] == "failed" for r in rows for s in graph.STAGES) or report["report"] == "failed" else 0
+    tables, unreadable, failed, queue_unknown = [], False, False, False
+    for sweep_dir in dict.fromkeys(args.sweep_dirs):
+        try:
+            table, sweep_failed, sweep_queue_unknown = status_text(sweep_dir)
+        except (RuntimeError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            unreadable = True
+            continue
+        tables.append(table)
+        failed, queue_unknown = failed or sweep_failed, queue_unknown or sweep_queue_unknown
+    if tables:
+        print("\n".join([NO_SQUEUE] * queue_unknown + ["\n\n".join(tables)]))
+    return 2 if unreadable else 1 if failed else 0
 
 
 def resubmit_main(argv=None) -> int:

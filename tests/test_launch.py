@@ -1335,6 +1335,33 @@ def test_status_and_resubmit_refuse_when_squeue_fails(tmp_path, synthetic_root, 
     assert len(graph.Manifest.load(manifest.sweep_dir).submissions) == 1
 
 
+def test_status_shows_several_sweeps_and_still_shows_the_others_when_one_is_not_a_sweep(tmp_path, synthetic_root,
+                                                                                         capsys):
+    """`clustermask-status A B` as `clustermask-report A B`: seeds added later as a sweep of their own are
+    followed in one call. A folder that is not a sweep is named, and the others are shown all the same."""
+    from launch import status
+
+    sweeps = []
+    for name in ("first", "more_seeds"):
+        sweep = compose_sweep([f"paths.root={tmp_path / name}", f"paths.data={synthetic_root}",
+                               f"sweep_name={name}"])
+        sweeps.append(app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere()))
+    graph.mark(Path(sweeps[0].points[0].run_dir), "train", "done", job_id="local")
+    graph.mark(Path(sweeps[0].points[0].run_dir), "eval", "done", job_id="local")
+    assert status.main([sweeps[0].sweep_dir, sweeps[1].sweep_dir, sweeps[0].sweep_dir]) == 0
+    out = capsys.readouterr().out
+    headers = [line for line in out.splitlines() if line.startswith("sweep ")]
+    assert headers == [f"sweep {m.sweep_id} (local) in {m.sweep_dir}" for m in sweeps]  # the repeated one once
+    assert "1/1 point(s) evaluated" in out.split(headers[1])[0] and "0/1 point(s) evaluated" in out.split(headers[1])[1]
+    graph.mark(Path(sweeps[1].points[0].run_dir), "train", "failed", job_id="local", log="train.log")
+    assert status.main([sweeps[0].sweep_dir, sweeps[1].sweep_dir]) == 1
+    assert "train failed, log: train.log" in capsys.readouterr().out
+    assert status.main([sweeps[0].sweep_dir, str(tmp_path), sweeps[1].sweep_dir]) == 2
+    captured = capsys.readouterr()
+    assert [line for line in captured.out.splitlines() if line.startswith("sweep ")] == headers
+    assert captured.err.startswith("error: ") and str(tmp_path) in captured.err
+
+
 def test_status_without_squeue_shows_what_the_tasks_wrote_and_resubmit_refuses(tmp_path, synthetic_root,
                                                                                 monkeypatch, capsys):
     """A SLURM sweep copied to a laptop: status shows the stages whose tasks wrote their last state, the others
