@@ -207,17 +207,45 @@ def pooling_beyond_cls(vision_cfg: Dict[str, Any]) -> Optional[str]:
     return None if pool_type == "tok" else f"pool_type={pool_type!r} over the tokens"
 
 
+def patch_count(vision_cfg: Dict[str, Any]) -> Optional[int]:
+    """The patch tokens of a VisionTransformer's config (None where it does not say)."""
+    image, patch = vision_cfg.get("image_size"), vision_cfg.get("patch_size")
+    if image is None or patch is None:
+        return None
+    (height, width), (patch_height, patch_width) = (v if isinstance(v, (list, tuple)) else (v, v)
+                                                    for v in (image, patch))
+    return (height // patch_height) * (width // patch_width)
+
+
+def check_keeps_a_patch(masking: MaskingConfig, strategy_settings: Iterable[str], num_patches: int, tower: str) -> None:
+    """A strategy that drops `ratio` of the patches keeps at least one: round(ratio x L) of L would leave the image
+    tower its CLS token alone, whatever the image."""
+    if "ratio" not in strategy_settings or not 0 <= masking.ratio < 1:  # validate_masking names a ratio out of range
+        return
+    if round(masking.ratio * num_patches) < num_patches:
+        return
+    most = math.floor((num_patches - 0.5) / num_patches * 10_000)  # in 1e-4: the largest ratio that keeps one
+    while round(most / 10_000 * num_patches) >= num_patches:  # where the bound itself rounds up
+        most -= 1
+    raise ValueError(f"masking.ratio={masking.ratio!r} drops all {num_patches} patch tokens of {tower} "
+                     f"(round({masking.ratio!r} x {num_patches}) = {num_patches}): its image tower would see the CLS "
+                     f"token alone; a ratio of at most {most / 10_000:.4f} keeps one")
+
+
 def validate_model_for_masking(model: ModelConfig, masking: MaskingConfig, strategy_settings: Iterable[str]) -> None:
     """The image tower of `model.name` can take the masking: a VisionTransformer (the masker replaces its
     `patch_dropout`), and one that pools its CLS token alone where `masking.attention` hides tokens (attention
-    mode hides them from the transformer's attention, not from a pooling over all tokens). Read off open_clip's
-    config file; `masking.install_masking` checks the built model the same way. `strategy_settings`: as for
-    `calibrated`."""
+    mode hides them from the transformer's attention, not from a pooling over all tokens); a ratio that keeps a
+    patch token. Read off open_clip's config file; `masking.install_masking` checks the built model the same way.
+    `strategy_settings`: as for `calibrated`."""
     vision_cfg = model_config(model.name).get("vision_cfg", {})
     kind = image_tower_kind(vision_cfg)
     if kind is not None:
         raise ValueError(f"model.name={model.name!r}: its image tower is {kind}, not an open_clip VisionTransformer; "
                          "clustermask masks a VisionTransformer's patch tokens (e.g. ViT-B-16)")
+    num_patches = patch_count(vision_cfg)
+    if num_patches is not None:
+        check_keeps_a_patch(masking, strategy_settings, num_patches, f"model.name={model.name!r}")
     pooling = pooling_beyond_cls(vision_cfg)
     if hides_tokens(masking, strategy_settings) and pooling is not None:
         raise ValueError(f"masking.attention=true with model.name={model.name!r}: attention mode hides tokens from "

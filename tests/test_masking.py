@@ -372,6 +372,22 @@ def test_attention_mode_is_refused_for_a_tower_whose_output_reads_every_token(op
     assert seen == [1 + 64 - 19] and masker.attn_mask is None
 
 
+@pytest.mark.parametrize("strategy", ["random", "cluster", "kmeans"])
+def test_a_ratio_that_would_drop_every_patch_token_is_refused_and_the_largest_that_keeps_one_works(strategy):
+    """round(ratio x L) = L left the tower its CLS token alone, whatever the image: 64 patches here, 0.995 drops
+    them all, 0.9921 (the error's bound) keeps one."""
+    with pytest.raises(ValueError, match=r"masking.ratio=0.995 drops all 64 patch tokens of VisionTransformer .*"
+                                         r"at most 0.9921 keeps one"):
+        masking.install_masking(small_tower(), MaskingConfig(strategy=strategy, ratio=0.995))
+    visual = small_tower()
+    masking.install_masking(visual, MaskingConfig(strategy=strategy, ratio=0.9921))
+    seen = []
+    visual.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    visual.train()(flat_halves_then_noise(32))
+    assert seen == [1 + 1]
+    masking.install_masking(small_tower(), MaskingConfig(strategy="none", ratio=0.995))  # none reads no ratio
+
+
 def test_masking_installed_again_replaces_the_earlier_masker_and_its_hooks():
     """Another strategy installed on the same model (comparing them in a notebook, say): only the new masker acts;
     the earlier one's hooks would hand the transformer its last attention mask, of the same shape at the same
