@@ -225,7 +225,8 @@ def plot_metric(frame: pd.DataFrame, metric: str, path: Path, title: Optional[st
             if stds.notna().any():
                 ax.errorbar(means.index, means.values, yerr=stds.values, fmt="none", ecolor=line.get_color(),
                             capsize=3, alpha=0.7)
-            mark_fewer_seeds(ax, counts, [((label, ratio), ratio, mean) for ratio, mean in means.items()])
+            mark_fewer_seeds(ax, counts, [((label, ratio), ratio, mean) for ratio, mean in means.items()],
+                             line.get_color())
     _, *dataset, name = metric.split("/")
     chance = f"zeroshot_classification/{'/'.join(dataset)}/chance"
     if chance in frame and name.endswith("acc1"):
@@ -241,7 +242,7 @@ def plot_per_label(ax, frame: pd.DataFrame, metric: str, counts: pd.DataFrame) -
     one_ratio = stats["ratio"].nunique() == 1
     for x, (label, row) in enumerate(stats.iterrows()):
         ax.errorbar([x], [row["mean"]], yerr=[row["std"]], fmt="o", capsize=4, color=f"C{x}", label=label)
-        mark_fewer_seeds(ax, counts, [((label, row["ratio"]), x, row["mean"])])
+        mark_fewer_seeds(ax, counts, [((label, row["ratio"]), x, row["mean"])], f"C{x}")
     ax.set_xticks(range(len(stats)), [label if one_ratio else f"{label}\n{ratio:g}"
                                       for label, ratio in stats["ratio"].items()], fontsize=7)
     ax.set_xlim(-0.6, len(stats) - 0.4)
@@ -261,12 +262,13 @@ def fewer_seeds(counts: pd.DataFrame, key) -> str:
     return f"n={count}" if count < seeds else ""
 
 
-def mark_fewer_seeds(ax, counts: pd.DataFrame, points) -> None:
-    """Writes `n=k` beside each plotted mean ((label, ratio), x, y) that is over fewer seeds than its row has."""
+def mark_fewer_seeds(ax, counts: pd.DataFrame, points, color: str) -> None:
+    """Writes `n=k`, in its line's colour, beside each plotted mean ((label, ratio), x, y) that is over fewer seeds
+    than its row has."""
     for key, x, y in points:
         note = fewer_seeds(counts, key)
         if note:
-            ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+            ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color=color)
 
 
 def plot_against_training_time(frame: pd.DataFrame, metric: str, path: Path) -> Path:
