@@ -168,18 +168,18 @@ def sugarcrepe_negative(task: str, a: Thing, relation: str, b: Thing, rng: rando
 # ---------------------------------------------------------------- writers
 
 
-def _split_evenly(count: int, shards: int) -> int:
-    return max(1, -(-count // shards))
+def shard_ranges(count: int, shards: int) -> List[range]:
+    """The indices of each of `shards` shards of `count` samples, as even as can be: none empty where there are
+    as many samples as shards (ceil(count / shards) per shard left the last of 9 samples in 6 shards empty)."""
+    return [range(shard * count // shards, (shard + 1) * count // shards) for shard in range(shards)]
 
 
 def write_training_shards(cfg: SyntheticConfig, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rng, nrng = random.Random(cfg.seed), np.random.default_rng(cfg.seed)
-    per_shard = _split_evenly(cfg.train_samples, cfg.train_shards)
-    index = 0
-    for shard in range(cfg.train_shards):
+    for shard, indices in enumerate(shard_ranges(cfg.train_samples, cfg.train_shards)):
         with wds.TarWriter(str(out / f"{shard:05d}.tar"), mtime=TAR_MTIME) as sink:
-            for _ in range(min(per_shard, cfg.train_samples - index)):
+            for index in indices:
                 things, relation, caption = training_example(rng)
                 key = f"{shard:05d}{index:06d}"
                 meta = {"key": key, "caption": caption, "url": f"synthetic://{cfg.seed}/{index}",
@@ -187,18 +187,16 @@ def write_training_shards(cfg: SyntheticConfig, out: Path) -> int:
                         "things": [t.name for t in things], "relation": relation}
                 sink.write({"__key__": key, "jpg": jpeg_bytes(render(things, relation, cfg.image_size, nrng)),
                             "txt": caption, "json": json.dumps(meta)})
-                index += 1
-    return index
+    return cfg.train_samples
 
 
 def _write_wds_split(out: Path, split: str, samples, shards: int) -> None:
     split_dir = out / split
     split_dir.mkdir(parents=True, exist_ok=True)
-    per_shard = _split_evenly(len(samples), shards)
-    for shard in range(shards):
+    for shard, indices in enumerate(shard_ranges(len(samples), shards)):
         with wds.TarWriter(str(split_dir / f"{shard}.tar"), mtime=TAR_MTIME) as sink:
-            for i, sample in enumerate(samples[shard * per_shard:(shard + 1) * per_shard]):
-                sink.write({"__key__": f"s{shard * per_shard + i:07d}", **sample})
+            for i in indices:
+                sink.write({"__key__": f"s{i:07d}", **samples[i]})
     (split_dir / "nshards.txt").write_text(f"{shards}\n")
 
 
@@ -212,7 +210,8 @@ def write_classification(cfg: SyntheticConfig, out: Path, seed_offset: int = 1) 
     (out / "classnames.txt").write_text("\n".join(names) + "\n")
     (out / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
     (out / "dataset_type.txt").write_text("classification\n")
-    for split, count, offset in (("train", cfg.classification_train, seed_offset), ("test", cfg.classification_test, seed_offset + 1)):
+    for split, count, offset in (("train", cfg.classification_train, seed_offset),
+                                 ("test", cfg.classification_test, seed_offset + 1)):
         rng, nrng = random.Random(cfg.seed * 1000 + offset), np.random.default_rng(cfg.seed * 1000 + offset)
         samples = []
         for i in range(count):
@@ -253,11 +252,31 @@ def write_sugarcrepe(cfg: SyntheticConfig, out: Path) -> None:
         (out / f"{task}.json").write_text(json.dumps(annotations, indent=1))
 
 
+def validate(cfg: SyntheticConfig, flag=lambda field: field) -> None:
+    """Raise ValueError naming a count that would leave a set or a shard empty (a linear probe on no images, a
+    retrieval of nothing: the evaluation would fail long after). `flag(field)`: how the message names a field."""
+    counts = {"image_size": cfg.image_size, "train_samples": cfg.train_samples, "train_shards": cfg.train_shards,
+              "classification_train": cfg.classification_train, "classification_test": cfg.classification_test,
+              "retrieval_test": cfg.retrieval_test, "sugarcrepe_per_task": cfg.sugarcrepe_per_task,
+              "eval_shards": cfg.eval_shards}
+    for field, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{flag(field)}={value} must be at least 1")
+    if cfg.train_shards > cfg.train_samples:
+        raise ValueError(f"{flag('train_shards')}={cfg.train_shards} is more than {flag('train_samples')}="
+                         f"{cfg.train_samples}: a shard would be empty")
+    smallest = min(("classification_train", "classification_test", "retrieval_test"), key=counts.__getitem__)
+    if cfg.eval_shards > counts[smallest]:
+        raise ValueError(f"{flag('eval_shards')}={cfg.eval_shards} is more than {flag(smallest)}={counts[smallest]}: "
+                         "a shard of that set would be empty")
+
+
 def generate(cfg: SyntheticConfig) -> Path:
     """Write every set under cfg.root; returns the root. Refuses to write over a non-empty root.
 
     The sets are written into a folder beside the root, renamed to it once complete: an interrupted run (Ctrl-C
     in the demo) leaves no half-written root, which the next run would refuse as not empty."""
+    validate(cfg)
     root = Path(cfg.root)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; pick another --out or remove it first")
@@ -289,18 +308,25 @@ def ensure(cfg: SyntheticConfig) -> Path:
 def main(argv=None) -> None:
     defaults = SyntheticConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=defaults.root)
-    for field in ("seed", "image_size", "train_samples", "train_shards", "classification_train",
-                  "classification_test", "retrieval_test", "sugarcrepe_per_task", "eval_shards"):
-        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field))
+    parser.add_argument("--out", default=defaults.root, help="a folder that is empty or not there yet "
+                        "(default: %(default)s)")
+    for field, what in (("seed", "every set follows it"), ("image_size", "pixels a side"),
+                        ("train_samples", "image-caption pairs to train on"),
+                        ("train_shards", "the .tar shards they are written into"),
+                        ("classification_train", "images of the zero-shot / linear-probe set's train split"),
+                        ("classification_test", "images of its test split"),
+                        ("retrieval_test", "images of the retrieval set, 3 captions each"),
+                        ("sugarcrepe_per_task", "images of each of the 7 SugarCrepe edits"),
+                        ("eval_shards", "shards of each evaluation split")):
+        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field),
+                            help=f"{what} (default: %(default)s)")
     args = vars(parser.parse_args(argv))
     args["root"] = args.pop("out")
-    for key in ("train_shards", "eval_shards", "train_samples"):
-        if args[key] < 1:
-            parser.error(f"--{key.replace('_', '-')}={args[key]} must be at least 1")
+    cfg = SyntheticConfig(**args)
     try:
-        root = generate(SyntheticConfig(**args))
-    except FileExistsError as exc:  # names the folder and what to do
+        validate(cfg, flag=lambda field: f"--{field.replace('_', '-')}")
+        root = generate(cfg)
+    except (FileExistsError, ValueError) as exc:  # names the folder or the count, and what to do
         parser.error(str(exc))
     except OSError as exc:
         parser.error(f"--out {args['root']}: cannot write there ({exc.strerror or exc})")

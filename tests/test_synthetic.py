@@ -95,6 +95,35 @@ def test_the_data_command_and_the_demo_name_a_folder_they_cannot_use(tmp_path, c
     assert (tmp_path / "full" / "keep.txt").read_text() == "precious"
 
 
+def test_counts_that_would_leave_a_set_or_shard_empty_are_refused_before_anything_is_written(tmp_path, capsys):
+    """An empty linear-probe or retrieval set made the evaluation fail long after; --image-size 0 was a traceback."""
+    cases = {("--image-size", "0"): "--image-size=0 must be at least 1",
+             ("--classification-train", "0"): "--classification-train=0 must be at least 1",
+             ("--sugarcrepe-per-task", "0"): "--sugarcrepe-per-task=0 must be at least 1",
+             ("--train-samples", "4"): "--train-shards=8 is more than --train-samples=4: a shard would be empty",
+             ("--eval-shards", "7", "--retrieval-test", "6"): "--eval-shards=7 is more than --retrieval-test=6"}
+    for args, error in cases.items():
+        with pytest.raises(SystemExit) as exit_:
+            synthetic.main(["--out", str(tmp_path / "data"), *args])
+        assert exit_.value.code == 2 and error in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="train_samples=0 must be at least 1"):
+        generate(SyntheticConfig(root=str(tmp_path / "data"), **{**TINY, "train_samples": 0}))
+
+
+def test_as_many_samples_as_shards_fill_every_shard(tmp_path):
+    """ceil(count / shards) per shard left the last of 9 samples in 6 shards empty."""
+    root = generate(SyntheticConfig(root=str(tmp_path / "data"), **{**TINY, "train_samples": 9, "train_shards": 6,
+                                                                       "retrieval_test": 7, "eval_shards": 6}))
+    for folder, total in ((root / "train", 9), (root / "eval" / "scenes" / "test", 7)):
+        sizes = [sum(1 for _ in wds.WebDataset(str(shard), shardshuffle=False))
+                 for shard in sorted(folder.glob("*.tar"))]
+        assert len(sizes) == 6 and min(sizes) >= 1 and sum(sizes) == total
+    keys = [sample["__key__"] for sample in wds.WebDataset(str(root / "eval" / "scenes" / "test" / "{0..5}.tar"),
+                                                           shardshuffle=False)]
+    assert keys == [f"s{i:07d}" for i in range(7)]
+
+
 def test_training_shards_in_img2dataset_format(synthetic_root):
     urls = shard_urls(str(synthetic_root / "train"))
     assert len(urls) == SMALL["train_shards"] >= 2
