@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import subprocess
 import sys
 import time
@@ -26,6 +27,22 @@ def run_sweep(command) -> int:
         return sweep.wait()
     except KeyboardInterrupt:
         return sweep.wait()
+
+
+def sweep_run_elsewhere(sweep_dir: Path) -> int:
+    """The demo's end where its overrides sent the sweep elsewhere: a dry run (`launcher.dry_run=true`: nothing
+    written) or SLURM (`launcher=slurm`: the command returns once the jobs are queued). Nothing to print yet."""
+    if not (sweep_dir / "manifest.json").exists():
+        print("[demo] a dry run: nothing was trained, so there is no table to show")
+        return 0
+    executor = json.loads((sweep_dir / "manifest.json").read_text())["executor"]
+    if executor != "slurm":
+        print(f"[demo] error: the sweep finished without its report in {sweep_dir / 'report'}; "
+              f"clustermask-status {sweep_dir} says why", file=sys.stderr)
+        return 1
+    print(f"[demo] the sweep was submitted to SLURM and runs on: follow it with clustermask-status {sweep_dir}; "
+          f"its report job writes the tables and plots to {sweep_dir / 'report'}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -61,6 +78,8 @@ def main(argv=None) -> int:
         return code
     sweep_dir = root / "sweeps" / sweep_name
     report = sweep_dir / "report"
+    if not (report / "results.md").exists():
+        return sweep_run_elsewhere(sweep_dir)
     print("\n" + (report / "results.md").read_text())
     print(f"[demo] finished in {time.time() - started:.0f}s")
     print(f"  sweep directory : {sweep_dir}")

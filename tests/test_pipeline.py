@@ -432,3 +432,15 @@ def test_ctrl_c_stops_the_demo_as_it_stops_its_sweep(tmp_path):
     assert f"clustermask-resubmit {sweep_dir}` resumes the rest" in stderr and "Traceback" not in stderr
     rows = sweep_status(graph.Manifest.load(sweep_dir))
     assert [(r["train"], r["eval"]) for r in rows] == [("failed", "cancelled")] + [("cancelled", "cancelled")] * 3
+
+
+def test_a_dry_run_of_the_demo_ends_saying_so(tmp_path):
+    """`clustermask-demo launcher.dry_run=true` printed the jobs, then a traceback: it read the report of a sweep
+    that was never written."""
+    demo = graph.Path(sys.executable).parent / "clustermask-demo"
+    result = subprocess.run([str(demo), "--root", str(tmp_path), "launcher=slurm", "launcher.dry_run=true"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "# ---- train: array of 4 task(s) ----" in result.stdout
+    assert result.stdout.rstrip().endswith("[demo] a dry run: nothing was trained, so there is no table to show")
+    assert not (tmp_path / "sweeps").exists()

@@ -284,6 +284,22 @@ def test_two_process_gloo_training_then_evaluating_again(slurm, tmp_path, synthe
     assert graph.load_point_config(Path(manifest.points[0].run_dir)).eval.batch_size == 32
 
 
+def test_the_demo_sent_to_slurm_says_where_to_follow_it(slurm, tmp_path):
+    """`clustermask-demo launcher=slurm` returns once the jobs are queued: it read a report that was not written yet
+    and ended in a traceback. It now says how to follow the sweep. Its jobs are cancelled at once here."""
+    demo = Path(sys.executable).parent / "clustermask-demo"
+    result = subprocess.run([str(demo), "--root", str(tmp_path), *SMALL_RESOURCES], capture_output=True, text=True,
+                            timeout=300)
+    sweep_dir = next((tmp_path / "sweeps").iterdir())
+    manifest = graph.Manifest.load(sweep_dir)
+    subprocess.run(["scancel", *base_ids(manifest)], check=True)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stdout.rstrip().endswith(f"[demo] the sweep was submitted to SLURM and runs on: follow it with "
+                                           f"clustermask-status {sweep_dir}; its report job writes the tables and "
+                                           f"plots to {sweep_dir / 'report'}")
+    assert manifest.executor == "slurm" and len(manifest.points) == 4
+
+
 def test_a_sweep_that_slurm_would_refuse_is_stopped_before_anything_is_written(slurm, tmp_path, synthetic_root):
     """`sbatch --test-only` on each stage's script finds what the controller would refuse, naming the stage."""
     result = subprocess.run([sys.executable, "-m", "launch.app", "-m", f"paths.root={tmp_path}",
