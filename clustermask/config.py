@@ -397,6 +397,15 @@ def layout_problem(task: EvalTask) -> str:
     return ""
 
 
+def validate_contrastive_batch(cfg: TrainConfig, ranks: int) -> None:
+    """CLIP's loss contrasts each image with the other captions of the batch over all ranks: a batch of one has
+    none, its loss is 0 whatever the weights, and the run would learn nothing without a word."""
+    if cfg.batch_size * ranks < 2:
+        raise ValueError(f"train.batch_size={cfg.batch_size} on {ranks} rank(s) is a contrastive batch of one: CLIP's "
+                         "loss has no other caption to tell the image's from (it is 0, nothing is learnt); use at "
+                         "least 2")
+
+
 def validate_train(cfg: TrainConfig) -> None:
     # log_every and checkpoint_every divide the step count: 0 would fail the job after its first step
     check_minimums("train", cfg, {"steps": 1, "batch_size": 1, "log_every": 1, "checkpoint_every": 1,

@@ -15,7 +15,8 @@ from open_clip_train.scheduler import cosine_lr
 from tqdm import tqdm
 
 from . import masking as masking_lib
-from .config import DataConfig, MaskingConfig, ModelConfig, TrainConfig, validate_data, validate_train as validate
+from .config import (DataConfig, MaskingConfig, ModelConfig, TrainConfig, validate_contrastive_batch, validate_data,
+                     validate_train as validate)
 from .data import derive_seed, sample_batches, split_transform, training_stream
 from .files import write_atomic
 from .model import create
@@ -177,6 +178,7 @@ class Trainer:
         if self.cfg.threads > 0:
             torch.set_num_threads(self.cfg.threads)
         self.rank, self.world, self.device = init_distributed(self.device)
+        validate_contrastive_batch(self.cfg, self.world)
         if self.world > 1:
             print(f"distributed: rank {self.rank} of {self.world} on {self.device}", flush=True)
         torch.manual_seed(self.cfg.seed)

@@ -45,6 +45,13 @@ def _typed_stage_configs(cfg: Mapping) -> Dict:
             "data": DataConfig(**cfg["data"]), "train": TrainConfig(**cfg["train"]), "eval": EvalConfig(**evaluation)}
 
 
+def training_ranks(launcher: Mapping) -> int:
+    """The processes a point trains in: SLURM's nodes x tasks per node; the local executor's one."""
+    if launcher["executor"] != "slurm":
+        return 1
+    return max(1, launcher["train"]["nodes"]) * max(1, launcher["train"]["tasks_per_node"])
+
+
 def preflight(cfg: Mapping, registries: Optional[Registries] = None, shards_found: Optional[set] = None) -> None:
     """Everything that can be checked before submission; raises ValueError/FileNotFoundError naming the key,
     a line for each section that fails (the model, the masking, ..., the training data, the evaluation data).
@@ -68,6 +75,7 @@ def preflight(cfg: Mapping, registries: Optional[Registries] = None, shards_foun
               lambda: config.validate_masking(typed["masking"], registries.strategies),
               lambda: check_declaration(typed["masking"].strategy, registries),
               lambda: config.validate_train(typed["train"]),
+              lambda: config.validate_contrastive_batch(typed["train"], training_ranks(cfg["launcher"])),
               lambda: config.validate_data(typed["data"]),
               lambda: check_training_shards(cfg, set() if shards_found is None else shards_found),
               lambda: config.validate_eval(typed["eval"], registries.evaluators),

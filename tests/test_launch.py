@@ -332,6 +332,11 @@ def test_preflight_names_the_bad_key(synthetic_root):
                                          r".array_parallelism .* \(launcher.train.array_parallelism=4\)$"):
         app.preflight(compose_cfg(*good, "launcher=slurm", "launcher.dry_run=true", "launcher.max_parallel=4"))
     app.preflight(compose_cfg(*good, "launcher=slurm", "launcher.dry_run=true", "launcher.train.array_parallelism=4"))
+    # CLIP's loss of a batch of one is 0 whatever the weights: the run learnt nothing, without a word
+    with pytest.raises(ValueError, match=r"^train.batch_size=1 on 1 rank\(s\) is a contrastive batch of one"):
+        app.preflight(compose_cfg(*good, "train.batch_size=1"))
+    app.preflight(compose_cfg(*good, "train.batch_size=1", "launcher=slurm", "launcher.dry_run=true",
+                              "launcher.train.tasks_per_node=2"))  # two ranks: each image has the other's caption
 
 
 def test_two_tasks_that_would_log_the_same_metrics_are_refused(synthetic_root):

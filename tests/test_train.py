@@ -25,6 +25,16 @@ def test_throughput_counts_the_steps_of_each_log_interval(tmp_path, synthetic_ro
     assert all(m["train/samples_per_s_per_rank"] == m["train/samples_per_s"] for m in logged.values())
 
 
+def test_a_contrastive_batch_of_one_is_refused_before_the_first_step(tmp_path, synthetic_root):
+    """CLIP's loss of one image and its caption is 0 whatever the weights: 200 steps learnt nothing, silently."""
+    trainer = train.Trainer(ModelConfig(), MaskingConfig(strategy="random", ratio=0.5),
+                            DataConfig(train_shards=str(synthetic_root / "train"), workers=0),
+                            TrainConfig(steps=5, batch_size=1, warmup_steps=1, device="cpu"), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"^train.batch_size=1 on 1 rank\(s\) is a contrastive batch of one"):
+        trainer.run()
+    assert not (tmp_path / "run").exists()
+
+
 def test_training_time_is_summed_over_a_resumption(tmp_path, synthetic_root, monkeypatch):
     """A clock that ticks one second per reading. Run 1 starts its loop at 0, logs steps 1 and 2 at 1 and 2,
     checkpoints at 3 (step 2), logs step 3 at 4, fails before step 4 and records the 5 s it spent. Run 2 resumes
