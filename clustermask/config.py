@@ -7,6 +7,7 @@ re-export their own config (`clustermask.masking.MaskingConfig` is this `Masking
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import importlib.util
 import json
@@ -15,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 FEATURES = ("rgb", "embedding", "mixed")
@@ -325,18 +326,54 @@ def validate_data(cfg: DataConfig) -> None:
     check_minimums("data", cfg, {"workers": 0, "shuffle_buffer": 0})
 
 
-def validate_eval(cfg: EvalConfig, evaluators: Iterable[str], check_paths: bool = True) -> None:
-    """evaluators: the names registered in clustermask.evaluate.EVALUATORS."""
+def validate_eval(cfg: EvalConfig, evaluators: Mapping[str, Optional[Sequence[str]]],
+                  check_paths: bool = True) -> None:
+    """evaluators: the names registered in clustermask.evaluate.EVALUATORS, each with the options it reads (None:
+    it does not say, and takes any)."""
     check_minimums("eval", cfg, {"batch_size": 1, "workers": 0})
     check_device("eval.device", cfg.device)
     for i, task in enumerate(cfg.tasks):
         if task.name not in evaluators:
             raise ValueError(f"eval.tasks[{i}].name={task.name!r} is not one of {sorted(evaluators)}")
+        check_task_options(i, task, evaluators[task.name])
     # every dataset that is not ready, at once: a benchmark suite is set up by hand, a dozen folders
     problems = [path_problem(i, task) for i, task in enumerate(cfg.tasks)] if check_paths else []
     if any(problems):
         raise FileNotFoundError("\n".join(filter(None, problems)))
     check_tasks_apart(cfg.tasks)
+
+
+def check_task_options(index: int, task: EvalTask, declared: Optional[Sequence[str]]) -> None:
+    """An option its evaluator does not read (a typo: the probe would run at its default rate, recorded as run at
+    the one asked for) or a value a built-in evaluator's job would fail on after the training."""
+    if not isinstance(task.options, Mapping):
+        raise ValueError(f"eval.tasks[{index}].options={task.options!r} must be a mapping of {task.name}'s options")
+    unknown = [key for key in task.options if declared is not None and key not in declared]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], declared, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"eval.tasks[{index}].options.{unknown[0]}: {task.name} reads no such option{hint}; it reads "
+                         f"{', '.join(declared) if declared else 'none'}")
+    for key, value in task.options.items():
+        check = BUILTIN_OPTION_CHECKS.get((task.name, key))
+        if check is not None and not check(value):
+            raise ValueError(f"eval.tasks[{index}].options.{key}={value!r} ({task.name}) must be "
+                             f"{BUILTIN_OPTION_RULES[task.name, key]}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+BUILTIN_OPTION_RULES = {("linear_probe", "lr"): "a positive, finite number",
+                        ("linear_probe", "epochs"): "a whole number of at least 1",
+                        ("zeroshot_retrieval", "recall_k"): "a list of whole numbers of at least 1, e.g. [1, 5, 10]"}
+BUILTIN_OPTION_CHECKS = {
+    ("linear_probe", "lr"): lambda v: _number(v) and 0 < v < math.inf,
+    ("linear_probe", "epochs"): lambda v: _number(v) and v == int(v) and v >= 1,
+    ("zeroshot_retrieval", "recall_k"): lambda v: (isinstance(v, Sequence) and not isinstance(v, str) and len(v) > 0
+                                                   and all(_number(k) and k == int(k) and k >= 1 for k in v)),
+}
 
 
 def check_tasks_apart(tasks: List[EvalTask]) -> None:

@@ -36,20 +36,25 @@ class EvalContext:
 
 Evaluator = Callable[..., Iterable[Metric]]
 EVALUATORS: Dict[str, Evaluator] = {}
+# the `task.options` each evaluator reads (None: it does not say, and any are passed): a sweep with another is
+# refused before submission
+EVALUATOR_OPTIONS: Dict[str, Optional[Tuple[str, ...]]] = {}
 
 
-def register_evaluator(name: str):
+def register_evaluator(name: str, options: Optional[Tuple[str, ...]] = None):
+    """Register `fn` under `name`; `options`: the names of the `task.options` it reads."""
     check_name_free(EVALUATORS, name, "evaluator")
 
     def wrap(fn: Evaluator) -> Evaluator:
         EVALUATORS[name] = fn
+        EVALUATOR_OPTIONS[name] = None if options is None else tuple(options)
         return fn
 
     return wrap
 
 
 def validate(cfg: EvalConfig, check_paths: bool = True) -> None:
-    validate_eval(cfg, EVALUATORS, check_paths)
+    validate_eval(cfg, EVALUATOR_OPTIONS, check_paths)
 
 
 def _loader(dataset, ctx: EvalContext, collate_fn, task: EvalTask, split: str = "test") -> DataLoader:
@@ -74,7 +79,7 @@ def _dataset(task: EvalTask, transform, split: str = "test"):
                          task=task.name)
 
 
-@register_evaluator("zeroshot_classification")
+@register_evaluator("zeroshot_classification", options=())
 def zeroshot_classification_eval(model, transform, tokenizer, task: EvalTask, ctx: EvalContext):
     from clip_benchmark.datasets.builder import get_dataset_collate_fn
     from clip_benchmark.metrics import zeroshot_classification
@@ -87,7 +92,7 @@ def zeroshot_classification_eval(model, transform, tokenizer, task: EvalTask, ct
     yield "chance", 1.0 / len(dataset.classes)
 
 
-@register_evaluator("zeroshot_retrieval")
+@register_evaluator("zeroshot_retrieval", options=("recall_k",))
 def zeroshot_retrieval_eval(model, transform, tokenizer, task: EvalTask, ctx: EvalContext):
     from clip_benchmark.datasets.builder import image_captions_collate_fn
     from clip_benchmark.metrics import zeroshot_retrieval
@@ -98,7 +103,7 @@ def zeroshot_retrieval_eval(model, transform, tokenizer, task: EvalTask, ctx: Ev
                                            ctx.device, amp=ctx.amp, recall_k_list=recall_k).items()
 
 
-@register_evaluator("image_caption_selection")
+@register_evaluator("image_caption_selection", options=())
 def image_caption_selection_eval(model, transform, tokenizer, task: EvalTask, ctx: EvalContext):
     from clip_benchmark.datasets.builder import image_captions_collate_fn
     from clip_benchmark.metrics import image_caption_selection
@@ -112,7 +117,7 @@ def image_caption_selection_eval(model, transform, tokenizer, task: EvalTask, ct
 LINEAR_PROBE_METRICS = ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall")
 
 
-@register_evaluator("linear_probe")
+@register_evaluator("linear_probe", options=("lr", "epochs"))
 def linear_probe_eval(model, transform, tokenizer, task: EvalTask, ctx: EvalContext):
     """clip_benchmark's linear probe; its `evaluate` asserts CUDA, so on CPU we drive its own parts."""
     from clip_benchmark.datasets.builder import get_dataset_collate_fn

@@ -12,9 +12,10 @@ PYTHONPATH) that registers them when imported:
         b, length, _ = inputs.tokens.shape  # a score per patch token: the highest are dropped
         return MaskScores(torch.arange(length, 0, -1.0, device=inputs.tokens.device).expand(b, length), None, None)
 
-    @register_evaluator("logit_scale")
+    @register_evaluator("logit_scale", options=("log",))  # the task.options keys it reads: others are refused
     def logit_scale(model, transform, tokenizer, task, ctx):  # task: EvalTask (name, dataset, root, options)
-        yield "value", float(model.logit_scale.exp())  # logged as logit_scale/<task.dataset>/value
+        scale = model.logit_scale if task.options.get("log", False) else model.logit_scale.exp()
+        yield "value", float(scale)  # logged as logit_scale/<task.dataset>/value
 
 with `strategy: first_rows_first` in the researcher's `masking/mine.yaml` and a task
 `{name: logit_scale, dataset: own/scale, root: ...}` in their `eval/mine.yaml`.

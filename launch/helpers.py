@@ -20,7 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import snapshot
 
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 class Registries:
     """Names registered with the model code: masking strategies (with the settings each uses) and evaluators."""
     strategies: Dict[str, List[str]]
-    evaluators: List[str]
+    evaluators: Dict[str, Optional[List[str]]]  # each with the options it reads (None: it does not say)
     # what is wrong in a plugin strategy's declaration (masking.declaration_problems); the built-ins' is tested
     declaration_problems: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
     # a plugin strategy that failed on the check's small CPU batch (one for a GPU only?): its error
@@ -52,8 +52,10 @@ class Registries:
                 problems[name] = masking.declaration_problems(name)
             except Exception as exc:  # the plugin's own error
                 unchecked[name] = f"{type(exc).__name__}: {exc}"
-        return cls({name: list(masking.STRATEGY_SETTINGS[name]) for name in sorted(masking.STRATEGIES)},
-                   sorted(evaluate.EVALUATORS), {name: found for name, found in problems.items() if found}, unchecked)
+        evaluators = {name: None if options is None else list(options)
+                      for name, options in sorted(evaluate.EVALUATOR_OPTIONS.items())}
+        return cls({name: list(masking.STRATEGY_SETTINGS[name]) for name in sorted(masking.STRATEGIES)}, evaluators,
+                   {name: found for name, found in problems.items() if found}, unchecked)
 
 
 class _Child:

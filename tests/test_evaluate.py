@@ -197,6 +197,7 @@ def test_a_resumed_evaluation_runs_only_the_tasks_it_had_not_finished(tmp_path, 
         yield "acc", float(len(runs))
 
     monkeypatch.setitem(evaluate.EVALUATORS, "counting", counting)
+    monkeypatch.setitem(evaluate.EVALUATOR_OPTIONS, "counting", None)  # takes any: b's options below
     checkpoint = str(untrained_checkpoint(tmp_path / "final.pt"))
     results = tmp_path / "results"
 
@@ -257,3 +258,31 @@ def test_on_a_gpu_every_evaluator_names_the_metrics_the_cpu_names(tmp_path, synt
         assert 0 <= results["cuda"][key] <= 1, key
         if not key.startswith("linear_probe/"):
             assert results["cuda"][key] == pytest.approx(value, abs=0.03), key
+
+
+def test_an_evaluator_declares_the_options_it_reads_and_others_are_refused(monkeypatch):
+    """A plugin evaluator that names its options gets its typos caught before submission, like the built-ins; one
+    that does not say takes any, as before."""
+    from clustermask import evaluate
+
+    for name in ("declares", "says_nothing"):
+        monkeypatch.delitem(evaluate.EVALUATORS, name, raising=False)
+        monkeypatch.delitem(evaluate.EVALUATOR_OPTIONS, name, raising=False)
+    evaluate.register_evaluator("declares", options=("temperature",))(lambda *args: iter(()))
+    evaluate.register_evaluator("says_nothing")(lambda *args: iter(()))
+    assert evaluate.EVALUATOR_OPTIONS["declares"] == ("temperature",)
+    assert evaluate.EVALUATOR_OPTIONS["says_nothing"] is None
+    assert evaluate.EVALUATOR_OPTIONS["linear_probe"] == ("lr", "epochs")
+
+    def check(name, options):
+        validate(EvalConfig(tasks=[EvalTask(name, "a", "/nowhere", options)]), check_paths=False)
+
+    check("declares", {"temperature": 2})
+    check("says_nothing", {"anything": 1})
+    with pytest.raises(ValueError, match=r"^eval.tasks\[0\].options.temprature: declares reads no such option "
+                                         r"\(did you mean temperature\?\); it reads temperature$"):
+        check("declares", {"temprature": 2})
+    with pytest.raises(ValueError, match=r"options.recall_k='5' \(zeroshot_retrieval\) must be a list"):
+        check("zeroshot_retrieval", {"recall_k": "5"})
+    check("zeroshot_retrieval", {"recall_k": [1, 5, 10]})
+    check("linear_probe", {"lr": 1e-3, "epochs": 20.0})

@@ -323,7 +323,17 @@ def test_preflight_names_the_bad_key(synthetic_root):
              "+launcher.report.priority=9": r"launcher.report.priority is not a setting of StageResources \(another "
                                             r"sbatch option goes in \+launcher.report.additional_parameters.priority="
                                             r"...\)",
-             "+report.note=x": r"^report.note is not a setting of ReportConfig$"}
+             "+report.note=x": r"^report.note is not a setting of ReportConfig$",
+             # an option the evaluator does not read: the probe ran at its default rate, recorded as run at 0.01
+             "+eval.tasks.1.options.lrr=0.01": r"^eval.tasks\[1\].options.lrr: linear_probe reads no such option "
+                                              r"\(did you mean lr\?\); it reads lr, epochs$",
+             "+eval.tasks.0.options.lr=0.01": r"options.lr: zeroshot_classification reads no such option; it reads "
+                                             "none",
+             # values the evaluation job would have failed on, after the training
+             "eval.tasks.1.options.epochs=0": r"^eval.tasks\[1\].options.epochs=0 \(linear_probe\) must be a whole "
+                                              "number of at least 1$",
+             "eval.tasks.1.options.lr=-1": r"options.lr=-1 \(linear_probe\) must be a positive, finite number",
+             "eval.tasks.2.options.recall_k=[1,0]": r"options.recall_k=\[1, 0\] \(zeroshot_retrieval\) must be a list"}
     for override, message in cases.items():
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             app.preflight(compose_cfg(*good, override))

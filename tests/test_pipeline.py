@@ -51,9 +51,9 @@ OWN_EVALUATOR = """
 from clustermask.evaluate import register_evaluator
 
 
-@register_evaluator("logit_scale")
+@register_evaluator("logit_scale", options=("log",))
 def logit_scale(model, transform, tokenizer, task, ctx):
-    yield "value", float(model.logit_scale.exp())
+    yield "value", float(model.logit_scale if task.options.get("log") else model.logit_scale.exp())
 """
 
 
@@ -73,12 +73,18 @@ def test_a_researchers_own_strategy_and_evaluator_run_from_plugins_and_their_yam
     for group, text in (("masking", "strategy: first_rows_first\nratio: 0.5\n"), ("eval", f"tasks:\n  - {task}\n")):
         (tmp_path / "conf" / group).mkdir(parents=True)
         (tmp_path / "conf" / group / "mine.yaml").write_text(text)
-    result = subprocess.run(
-        [sys.executable, "-m", "launch.app", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-         "plugins=[mine.py,labeval]", "masking=mine", "eval=mine", "paths.root=out", f"paths.data={synthetic_root}",
-         "train.steps=4", "train.batch_size=8", "train.log_every=2", "sweep_name=own"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
-        env={**os.environ, "PYTHONPATH": "lab"})
+    command = [sys.executable, "-m", "launch.app", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+               "plugins=[mine.py,labeval]", "masking=mine", "eval=mine", "paths.root=out",
+               f"paths.data={synthetic_root}", "train.steps=4", "train.batch_size=8", "train.log_every=2",
+               "sweep_name=own"]
+    # the options the plugin evaluator declares reach the sweep command's checks: a typo is refused there
+    typo = subprocess.run(command + ["+eval.tasks.0.options.lgo=true"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600, env={**os.environ, "PYTHONPATH": "lab"})
+    assert typo.returncode == 2 and ("eval.tasks[0].options.lgo: logit_scale reads no such option (did you mean "
+                                     "log?); it reads log") in typo.stderr, typo.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                            env={**os.environ, "PYTHONPATH": "lab"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     manifest = graph.Manifest.load(tmp_path / "out" / "sweeps" / "own")
     run = mlflow.MlflowClient(manifest.tracking_uri).get_run(manifest.points[0].mlflow_run_id)
