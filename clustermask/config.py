@@ -254,8 +254,10 @@ def validate_model_for_masking(model: ModelConfig, masking: MaskingConfig, strat
                          "pools its CLS token (e.g. ViT-B-16) or masking.attention=false")
 
 
-def validate_masking(cfg: MaskingConfig, strategies: Iterable[str]) -> None:
-    """strategies: the names registered in clustermask.masking.STRATEGIES."""
+def validate_masking(cfg: MaskingConfig, strategies: Iterable[str],
+                     options_read: Optional[Sequence[str]] = None) -> None:
+    """strategies: the names registered in clustermask.masking.STRATEGIES; options_read: the `masking.options`
+    keys the strategy declares it reads (None: it does not say, and takes any)."""
     if cfg.strategy not in strategies:
         raise ValueError(f"masking.strategy={cfg.strategy!r} is not one of {sorted(strategies)}")
     if not 0.0 <= cfg.ratio < 1.0:
@@ -275,6 +277,11 @@ def validate_masking(cfg: MaskingConfig, strategies: Iterable[str]) -> None:
     check_minimums("masking", cfg, {"calibration_batches": 1, "kmeans_k": 1, "kmeans_iters": 0})
     if not isinstance(cfg.options, dict):
         raise ValueError(f"masking.options={cfg.options!r} must be a mapping of a strategy's own settings")
+    # not iterated where the strategy does not say: masking.options_asked records what its probe looks up
+    unknown = [key for key in cfg.options if key not in options_read] if options_read is not None else []
+    if unknown:
+        raise ValueError(f"masking.options.{unknown[0]}: {cfg.strategy} reads no such option"
+                         f"{close_hint(unknown[0], options_read)}; it reads {', '.join(options_read) or 'none'}")
 
 
 def calibrated(cfg: MaskingConfig, strategy_settings: Iterable[str]) -> bool:
@@ -350,15 +357,19 @@ def check_task_options(index: int, task: EvalTask, declared: Optional[Sequence[s
         raise ValueError(f"eval.tasks[{index}].options={task.options!r} must be a mapping of {task.name}'s options")
     unknown = [key for key in task.options if declared is not None and key not in declared]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], declared, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ValueError(f"eval.tasks[{index}].options.{unknown[0]}: {task.name} reads no such option{hint}; it reads "
-                         f"{', '.join(declared) if declared else 'none'}")
+        raise ValueError(f"eval.tasks[{index}].options.{unknown[0]}: {task.name} reads no such option"
+                         f"{close_hint(unknown[0], declared)}; it reads {', '.join(declared) or 'none'}")
     for key, value in task.options.items():
         check = BUILTIN_OPTION_CHECKS.get((task.name, key))
         if check is not None and not check(value):
             raise ValueError(f"eval.tasks[{index}].options.{key}={value!r} ({task.name}) must be "
                              f"{BUILTIN_OPTION_RULES[task.name, key]}")
+
+
+def close_hint(key: str, known: Sequence[str]) -> str:
+    """` (did you mean X?)` for the name in `known` closest to a mistyped `key`, or ''."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _number(value) -> bool:

@@ -45,6 +45,8 @@ PIXEL_STRATEGIES: set = set()
 # strategy -> the MaskingConfig keys it reads besides `strategy`: the launcher records the others at a fixed
 # value and submits once the points of a sweep that differ only in them (config.canonical_masking)
 STRATEGY_SETTINGS: Dict[str, Tuple[str, ...]] = {}
+# strategy -> the `masking.options` keys it reads, where it says (a sweep giving another is refused)
+STRATEGY_OPTIONS: Dict[str, Optional[Tuple[str, ...]]] = {}
 CLUSTER_SETTINGS = ("ratio", "features", "anchor_fraction", "threshold", "target_coverage", "calibration_batches",
                     "attention")
 
@@ -54,15 +56,20 @@ CLUSTER_SETTINGS = ("ratio", "features", "anchor_fraction", "threshold", "target
 CALIBRATED_SETTINGS = ("features", "anchor_fraction", "threshold", "calibration_batches")
 
 
-def register_strategy(name: str, needs_pixels: bool = False, settings: Tuple[str, ...] = ("ratio",)):
+def register_strategy(name: str, needs_pixels: bool = False, settings: Tuple[str, ...] = ("ratio",),
+                      options: Optional[Tuple[str, ...]] = None):
     """settings: the MaskingConfig keys the strategy's masks depend on (tests/test_masking.py checks that no
     other key changes them). Without `ratio` the strategy drops nothing, as `none`. With `target_coverage` it
     clusters with `cluster_membership` (or `nearest_anchors`), whose threshold training calibrates to that
-    coverage, and so it must declare the keys those read as well (CALIBRATED_SETTINGS)."""
+    coverage, and so it must declare the keys those read as well (CALIBRATED_SETTINGS). options: the keys of
+    `masking.options` it reads, with `options` among its settings (None: it does not say)."""
     check_name_free(STRATEGIES, name, "masking strategy")
     unknown = set(settings) - {f.name for f in fields(MaskingConfig)}
     if unknown:
         raise ValueError(f"strategy {name!r}: {sorted(unknown)} are not MaskingConfig keys")
+    if options is not None and "options" not in settings:
+        raise ValueError(f"strategy {name!r} names its options {tuple(options)}: it must declare 'options' among its "
+                         "settings too (its masks depend on them)")
     missing = [key for key in CALIBRATED_SETTINGS if key not in settings]
     if "target_coverage" in settings and missing:
         raise ValueError(f"strategy {name!r} declares target_coverage, so its threshold is calibrated to it: it "
@@ -71,6 +78,7 @@ def register_strategy(name: str, needs_pixels: bool = False, settings: Tuple[str
     def wrap(fn: Strategy) -> Strategy:
         STRATEGIES[name] = fn
         STRATEGY_SETTINGS[name] = tuple(settings)
+        STRATEGY_OPTIONS[name] = None if options is None else tuple(options)
         if needs_pixels:
             PIXEL_STRATEGIES.add(name)
         return fn
@@ -85,7 +93,7 @@ def calibrates_threshold(cfg: MaskingConfig) -> bool:
 
 def validate(cfg: MaskingConfig) -> None:
     """Raise ValueError naming the bad key and value."""
-    validate_masking(cfg, STRATEGIES)
+    validate_masking(cfg, STRATEGIES, STRATEGY_OPTIONS.get(cfg.strategy))
 
 
 def num_dropped(num_patches: int, ratio: float) -> int:
@@ -816,6 +824,12 @@ def declaration_problems(strategy: str) -> List[str]:
             return [f"masking.strategy={strategy!r} reads masking.options ({', '.join(asked)}), which it does not "
                     "declare (register_strategy(..., settings=(..., 'options'))): a job would be given options={}, "
                     "whatever the sweep set"]
+        named = STRATEGY_OPTIONS.get(strategy)
+        unnamed = [key for key in options_asked(base, tokens, pixels) if key != "*" and key not in named] \
+            if named is not None else []
+        if unnamed:  # a sweep giving it that option would be refused as one it does not read
+            return [f"masking.strategy={strategy!r} reads masking.options.{unnamed[0]}, which its options "
+                    f"{named} do not name (register_strategy(..., options=...))"]
         masks = _probe(base, tokens, pixels)
         if not _same(_probe(base, tokens, pixels), masks):
             return [f"masking.strategy={strategy!r}: its masks differ between two runs from the same torch seed "
@@ -827,7 +841,7 @@ def declaration_problems(strategy: str) -> List[str]:
 
 
 __all__ = [
-    "MaskingConfig", "MaskingInputs", "MaskScores", "MaskResult", "STRATEGIES", "STRATEGY_SETTINGS",
+    "MaskingConfig", "MaskingInputs", "MaskScores", "MaskResult", "STRATEGIES", "STRATEGY_SETTINGS", "STRATEGY_OPTIONS",
     "register_strategy", "calibrates_threshold", "select_tokens", "install_masking", "TokenMasker",
     "calibrate_threshold", "calibrate_threshold_schedule", "collect_features", "run_tower", "scheduled_threshold",
     "schedule_progress", "threshold_points", "standardised_patches", "patchify", "num_dropped", "validate",

@@ -36,6 +36,8 @@ class Registries:
     declaration_problems: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
     # a plugin strategy that failed on the check's small CPU batch (one for a GPU only?): its error
     unchecked: Dict[str, str] = dataclasses.field(default_factory=dict)
+    # the masking.options keys each strategy reads, where it says
+    strategy_options: Dict[str, Optional[List[str]]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def here(cls, plugins: Sequence[str] = ()) -> "Registries":
@@ -54,8 +56,10 @@ class Registries:
                 unchecked[name] = f"{type(exc).__name__}: {exc}"
         evaluators = {name: None if options is None else list(options)
                       for name, options in sorted(evaluate.EVALUATOR_OPTIONS.items())}
+        strategy_options = {name: None if options is None else list(options)
+                            for name, options in sorted(masking.STRATEGY_OPTIONS.items())}
         return cls({name: list(masking.STRATEGY_SETTINGS[name]) for name in sorted(masking.STRATEGIES)}, evaluators,
-                   {name: found for name, found in problems.items() if found}, unchecked)
+                   {name: found for name, found in problems.items() if found}, unchecked, strategy_options)
 
 
 class _Child:

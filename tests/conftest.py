@@ -133,6 +133,7 @@ def restore_strategies():
     for name in set(masking.STRATEGIES) - before:
         del masking.STRATEGIES[name]
         masking.STRATEGY_SETTINGS.pop(name, None)
+        masking.STRATEGY_OPTIONS.pop(name, None)
         masking.PIXEL_STRATEGIES.discard(name)
 
 

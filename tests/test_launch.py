@@ -682,7 +682,14 @@ def test_a_plugin_modules_strategy_is_checked_as_the_built_in_ones(tmp_path, syn
         "@register_strategy('lab_gpu_only')\n"
         "def lab_gpu_only(inputs, cfg):\n"
         "    if not inputs.tokens.is_cuda:\n"
-        "        raise RuntimeError('needs CUDA')\n")
+        "        raise RuntimeError('needs CUDA')\n"
+        "@register_strategy('lab_named', settings=('ratio', 'options'), options=('width',))  # names its options\n"
+        "def lab_named(inputs, cfg):\n"
+        "    return lab_stripes(inputs, cfg)\n"
+        "@register_strategy('lab_misnamed', settings=('ratio', 'options'), options=('width',))\n"
+        "def lab_misnamed(inputs, cfg):\n"
+        "    scores = score_random(inputs, cfg)\n"
+        "    return scores._replace(score=scores.score * cfg.options.get('height', 1))\n")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     common = ["plugins=[lab_masks]", f"paths.root={tmp_path}", f"paths.data={synthetic_root}",
               "masking.strategy=lab_random", "launcher.dry_run=true"]
@@ -697,6 +704,16 @@ def test_a_plugin_modules_strategy_is_checked_as_the_built_in_ones(tmp_path, syn
                             capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
     assert unsaid.returncode == 2
     assert "masking.strategy='lab_unsaid' reads masking.threshold, which it does not declare" in unsaid.stderr
+    # options a strategy names: another is refused (a typo the strategy would never read), as its own reads are
+    for strategy, option, problem in (
+            ("lab_named", "+masking.options.widht=2", "masking.options.widht: lab_named reads no such option (did you "
+                                                      "mean width?); it reads width"),
+            ("lab_misnamed", "+masking.options.width=2", "masking.strategy='lab_misnamed' reads "
+                                                         "masking.options.height, which its options ('width',) do "
+                                                         "not name")):
+        refused = subprocess.run([sys.executable, "-m", "launch.app", *common, f"masking.strategy={strategy}", option],
+                                 capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+        assert refused.returncode == 2 and problem in refused.stderr, refused.stderr
     unknown = sweep_cli(*common, cwd=REPO)  # without the module on PYTHONPATH
     assert unknown.returncode == 2
     assert "plugins[0]='lab_masks': no module named 'lab_masks'" in unknown.stderr
@@ -708,6 +725,7 @@ def test_a_plugin_modules_strategy_is_checked_as_the_built_in_ones(tmp_path, syn
     sweep = compose_sweep(common[:-1], multirun=False)
     registries = Registries.here(["lab_masks"])
     assert registries.strategies["lab_random"] == ["ratio"]
+    assert registries.strategy_options["lab_named"] == ["width"] and registries.strategy_options["lab_stripes"] is None
     # a strategy's own settings: swept where it declares them, one run where it does not
     widths = ["+masking.options.width=1,2", "masking.ratio=0.5"]
     stripes = compose_sweep([*common[:-1], "masking.strategy=lab_stripes", *widths])

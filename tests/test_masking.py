@@ -263,6 +263,17 @@ def test_registering_a_strategy_with_an_unknown_setting_is_refused():
     assert "blocks" not in masking.STRATEGIES
 
 
+def test_a_strategy_naming_its_options_must_declare_them_a_setting_and_a_job_refuses_another(restore_strategies):
+    with pytest.raises(ValueError, match=r"'blocks' names its options \('width',\): it must declare 'options'"):
+        masking.register_strategy("blocks", settings=("ratio",), options=("width",))
+    assert "blocks" not in masking.STRATEGIES
+    masking.register_strategy("blocks", settings=("ratio", "options"), options=("width",))(masking.score_random)
+    masking.validate(MaskingConfig(strategy="blocks", options={"width": 2}))
+    with pytest.raises(ValueError, match=r"^masking.options.widht: blocks reads no such option \(did you mean "
+                                         r"width\?\); it reads width$"):
+        masking.validate(MaskingConfig(strategy="blocks", options={"widht": 2}))
+
+
 def test_a_strategy_declaring_a_target_coverage_must_declare_what_its_calibration_reads():
     with pytest.raises(ValueError, match=r"'blocks'.*\['anchor_fraction', 'threshold'\]"):
         masking.register_strategy("blocks", settings=("ratio", "features", "target_coverage", "calibration_batches"))
