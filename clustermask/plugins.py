@@ -32,7 +32,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Iterable, List, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 
 class PluginError(ValueError):
@@ -55,11 +55,11 @@ def _module_name(path: Path) -> str:
     return f"clustermask_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
 
 
-def _import_file(path: Path) -> ModuleType:
+def _import_file(path: Path, source: Path) -> ModuleType:
     name = _module_name(path)
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(name, source)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
@@ -70,14 +70,16 @@ def _import_file(path: Path) -> ModuleType:
     return module
 
 
-def load_plugin(index: int, entry: str) -> ModuleType:
-    """Import `entry` (a .py file or a module name); PluginError names it and what went wrong."""
+def load_plugin(index: int, entry: str, source: Optional[Path] = None) -> ModuleType:
+    """Import `entry` (a .py file or a module name); PluginError names it and what went wrong. `source`: for a
+    file, the file to import in its place (a job's copy of it, made when the job was submitted)."""
     where = f"plugins[{index}]={entry!r}"
     if is_file(entry):
         path = Path(entry).resolve()
-        if not path.is_file():
+        source = Path(source) if source is not None else path
+        if not source.is_file():
             raise PluginError(f"{where}: no such file")
-        load = lambda: _import_file(path)  # noqa: E731
+        load = lambda: _import_file(path, source)  # noqa: E731
     else:
         if importlib.util.find_spec(entry.split(".")[0]) is None:
             raise PluginError(f"{where}: no module named {entry.split('.')[0]!r} (a module must be installed or "
@@ -91,8 +93,11 @@ def load_plugin(index: int, entry: str) -> ModuleType:
         raise PluginError(f"{where} failed to import: {type(exc).__name__}: {exc}") from exc
 
 
-def load_plugins(entries: Iterable[str]) -> List[ModuleType]:
-    return [load_plugin(index, entry) for index, entry in enumerate(entries)]
+def load_plugins(entries: Iterable[str], sources: Optional[Sequence[Optional[Path]]] = None) -> List[ModuleType]:
+    """`load_plugin` of each entry, with its `source` where `sources` gives one."""
+    entries = list(entries)
+    sources = list(sources) if sources is not None else [None] * len(entries)
+    return [load_plugin(index, entry, source) for index, (entry, source) in enumerate(zip(entries, sources))]
 
 
 def fingerprint(entries: Sequence[str], modules: Sequence[ModuleType]) -> str:

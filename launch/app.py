@@ -25,7 +25,7 @@ from hydra._internal.utils import get_args_parser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from clustermask.plugins import PluginError
+from clustermask.plugins import PluginError, is_file
 
 from . import graph, snapshot
 from .executors import Plan, SlurmExecutor, SubmissionError, check_launcher, describe, make_executor
@@ -408,11 +408,14 @@ def dry_run(sweep_dir: Path, points: List[ComposedPoint], launcher: DictConfig) 
                        for i, (o, run_dir) in enumerate(zip(overrides, graph.run_dirs(sweep_dir, overrides)))]
     manifest = graph.Manifest("DRY-RUN", str(sweep_dir), "", launcher.executor, "", "", "", manifest_points)
     plan = Plan(train=list(range(len(manifest_points))))
-    code = snapshot.code_folder(sweep_dir, write=False)
+    plugin_files = [Path(entry) for entry in sweep_plugins(points) if is_file(entry)]
+    code = snapshot.code_folder(sweep_dir, write=False, plugin_files=plugin_files)
     print(f"dry run: {len(manifest_points)} point(s), nothing submitted or written (a submission copies the code its "
           f"jobs run to {code})\n")
     if launcher.executor == "slurm":
-        make_executor(launcher, sweep_dir, "DRY-RUN").submit(manifest, plan)
+        executor = make_executor(launcher, sweep_dir, "DRY-RUN")
+        executor.plugin_files = plugin_files
+        executor.submit(manifest, plan)
     print("dependency graph:\n" + describe(plan, manifest))
 
 

@@ -121,7 +121,7 @@ class LocalExecutor:
     def submit(self, manifest: graph.Manifest, plan: Plan) -> Dict:
         try:
             with graph.local_executor_running(Path(manifest.sweep_dir)):
-                self.code = snapshot.code_folder(Path(manifest.sweep_dir))
+                self.code = snapshot.code_folder(Path(manifest.sweep_dir), plugin_files=graph.plugin_files(manifest))
                 record = self._run(manifest, plan)
                 manifest.record(record)
                 return record
@@ -216,6 +216,8 @@ class SlurmExecutor:
         self.sweep_id = sweep_id
         self.dry_run = dry_run
         self.code: Optional[Path] = None  # the copy of the code the jobs run, made by `submit`
+        # the sweep's plugin files where its points' configs are not written (a dry run); else read from them
+        self.plugin_files: Optional[List[Path]] = None
 
     def _executor(self, stage: str, dependency: Optional[str] = None):
         import submitit
@@ -292,7 +294,8 @@ class SlurmExecutor:
         queued: List[str] = []
         recorded = False
         try:
-            self.code = snapshot.code_folder(self.sweep_dir, write=not self.dry_run)
+            plugin_files = self.plugin_files if self.plugin_files is not None else graph.plugin_files(manifest)
+            self.code = snapshot.code_folder(self.sweep_dir, write=not self.dry_run, plugin_files=plugin_files)
             with sigint_held():
                 record = self._submit(manifest, plan, queued)
                 if not self.dry_run:

@@ -192,6 +192,20 @@ def pin_relative_paths(cfg, base: Path) -> None:
             section[key] = pinned_path(section[key], base)
 
 
+def plugin_files(manifest: "Manifest") -> List[Path]:
+    """The plugin files (absolute, as pinned) in the saved configs of the sweep's points: what a submission copies
+    with the code. The configs are read as YAML alone: a sweep of hundreds of points is submitted without waiting."""
+    from clustermask.plugins import is_file
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    files = {}
+    for point in manifest.points:
+        config = Path(point.run_dir) / "config.yaml"
+        entries = (yaml.load(config.read_text(), Loader=loader) or {}).get("plugins") if config.is_file() else None
+        files.update((Path(entry), None) for entry in entries or [] if is_file(entry))
+    return list(files)
+
+
 def load_point_config(run_dir: Path):
     """The point's saved config merged onto the typed schema (a DictConfig; OmegaConf.to_object per stage)."""
     from .schema import Config

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from clustermask.config import LOADER_BOUND
 from clustermask.plugins import fingerprint, load_plugins
 
-from . import graph
+from . import graph, snapshot
 
 # a job downloads nothing: open_clip's Hugging Face tokenizers and text towers come from the local cache, which
 # preflight checked (`config.validate_model_offline`); set HF_HUB_OFFLINE=0 to let a job fetch them
@@ -134,7 +134,8 @@ def _load_plugins(cfg, stage: str, logger) -> None:
     """The point's plugins, imported before the registries are read; which code they were is tagged on its run
     (`train_plugins`, `eval_plugins`)."""
     entries = list(cfg.get("plugins") or [])
-    modules = load_plugins(entries)
+    # a file as its submission copied it: one edited since (the next experiment's) is not this sweep's
+    modules = load_plugins(entries, [snapshot.copied_plugin(entry) for entry in entries])
     if logger and entries:
         logger.tags({f"{stage}_plugins": fingerprint(entries, modules)})
 

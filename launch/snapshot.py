@@ -1,5 +1,5 @@
-"""The code a submission's jobs run: a copy of the packages (clustermask/, launch/, analysis/) made when it is
-submitted.
+"""The code a submission's jobs run: a copy of the packages (clustermask/, launch/, analysis/) and of the sweep's
+plugin files made when it is submitted.
 
 A SLURM job may wait in the queue for days, and a training is requeued after a time limit. Importing the checkout
 when it starts, it would run whatever the checkout holds by then (an edit made for the next experiment), and a
@@ -16,9 +16,11 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 PACKAGES = ("clustermask", "launch", "analysis")
+# a sweep's plugin files (`plugins=[mine.py]`) are copied with the packages, into this folder of the copy
+PLUGIN_FILES = "plugin_files"
 
 
 def absolute_pythonpath(pythonpath: str, base: Path) -> str:
@@ -45,6 +47,17 @@ def environment_elsewhere(**more: str) -> Dict[str, str]:
     return {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath is not None else {}), **more}
 
 
+def copied_plugin(entry: str) -> Optional[Path]:
+    """In a job: the copy of plugin file `entry` that its submission made, or None (a module, not a file; a job
+    run from a checkout; a copy made before plugin files were copied)."""
+    from clustermask.plugins import is_file
+
+    if not is_file(entry):
+        return None
+    copy = plugin_copy(package_folders()["launch"].parent, Path(entry))  # pinned absolute, as graph.plugin_files
+    return copy if copy.is_file() else None
+
+
 def package_folders() -> Dict[str, Path]:
     """Where this process imports each of PACKAGES from (a checkout, or a submission's copy)."""
     folders = {}
@@ -54,17 +67,29 @@ def package_folders() -> Dict[str, Path]:
     return folders
 
 
-def _files(folders: Dict[str, Path]) -> List[Tuple[str, Path]]:
-    """(path in the copy, file) for every file of the packages but Python's byte-code caches."""
-    return sorted((f"{name}/{path.relative_to(folder).as_posix()}", path)
-                  for name, folder in folders.items() for path in folder.rglob("*")
-                  if path.is_file() and "__pycache__" not in path.parts)
+def plugin_copy(code: Path, plugin_file: Path) -> Path:
+    """Where the copy of the code `code` holds a plugin file (named by its absolute path: two `mine.py` of two
+    folders are two copies)."""
+    digest = hashlib.sha1(str(plugin_file).encode()).hexdigest()[:8]
+    return Path(code) / PLUGIN_FILES / f"{plugin_file.stem}_{digest}.py"
 
 
-def code_folder(sweep_dir: Path, folders: Optional[Dict[str, Path]] = None, write: bool = True) -> Path:
-    """The copy of the packages (`folders`, default: this process's) that the jobs of a submission to `sweep_dir`
-    run; written unless it is there already or `write` is false (a dry run prints where it would be)."""
-    files = _files(folders or package_folders())
+def _files(folders: Dict[str, Path], plugin_files: Sequence[Path] = ()) -> List[Tuple[str, Path]]:
+    """(path in the copy, file) for every file of the packages but Python's byte-code caches, and for each plugin
+    file."""
+    packages = [(f"{name}/{path.relative_to(folder).as_posix()}", path)
+                for name, folder in folders.items() for path in folder.rglob("*")
+                if path.is_file() and "__pycache__" not in path.parts]
+    plugins = [(plugin_copy(Path(), Path(path)).as_posix(), Path(path)) for path in plugin_files]
+    return sorted(packages + plugins)
+
+
+def code_folder(sweep_dir: Path, folders: Optional[Dict[str, Path]] = None, write: bool = True,
+                plugin_files: Sequence[Path] = ()) -> Path:
+    """The copy of the packages (`folders`, default: this process's) and of the sweep's `plugin_files` (absolute
+    paths) that the jobs of a submission to `sweep_dir` run; written unless it is there already or `write` is false
+    (a dry run prints where it would be)."""
+    files = _files(folders or package_folders(), plugin_files)
     digest = hashlib.sha256()
     for name, path in files:
         digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")

@@ -834,6 +834,17 @@ def test_each_submission_copies_the_code_its_jobs_run_once_per_version(tmp_path)
     assert (first / "clustermask" / "__init__.py").read_text() == "VERSION = 1\n"
     assert sorted(p.name for p in (sweep / "code").iterdir()) == sorted([first.name, second.name])  # no staging
     assert snapshot.code_folder(tmp_path / "other", None, write=False).name != first.name  # this process's code
+    # a sweep's plugin file is copied with the packages, and is part of the digest
+    plugin = tmp_path / "lab" / "mine.py"
+    plugin.parent.mkdir()
+    plugin.write_text("WIDTH = 1\n")
+    with_plugin = snapshot.code_folder(sweep, folders, plugin_files=[plugin])
+    assert with_plugin not in (first, second)
+    assert snapshot.plugin_copy(with_plugin, plugin).read_text() == "WIDTH = 1\n"
+    assert snapshot.plugin_copy(with_plugin, plugin).parent == with_plugin / "plugin_files"
+    plugin.write_text("WIDTH = 2\n")
+    assert snapshot.code_folder(sweep, folders, write=False, plugin_files=[plugin]) != with_plugin
+    assert snapshot.plugin_copy(with_plugin, plugin).read_text() == "WIDTH = 1\n"
 
 
 def test_a_job_script_runs_in_its_code_copy_and_fails_without_it(tmp_path):

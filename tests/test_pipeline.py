@@ -3,6 +3,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -83,6 +84,9 @@ def test_a_researchers_own_strategy_and_evaluator_run_from_plugins_and_their_yam
     assert typo.returncode == 2 and ("eval.tasks[0].options.lgo: logit_scale reads no such option (did you mean "
                                      "log?); it reads log") in typo.stderr, typo.stderr[-3000:]
     assert not (tmp_path / "out").exists()
+    dry = subprocess.run(command + ["launcher.dry_run=true"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=600, env={**os.environ, "PYTHONPATH": "lab"})
+    named = re.search(r"copies the code its jobs run to (\S+)\)$", dry.stdout, re.MULTILINE).group(1)
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600,
                             env={**os.environ, "PYTHONPATH": "lab"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -90,6 +94,9 @@ def test_a_researchers_own_strategy_and_evaluator_run_from_plugins_and_their_yam
     run = mlflow.MlflowClient(manifest.tracking_uri).get_run(manifest.points[0].mlflow_run_id)
     assert run.data.params["masking.strategy"] == "first_rows_first"
     assert run.data.params["plugins"] == str([str(tmp_path / "mine.py"), "labeval"])
+    # the jobs ran the copy of mine.py made with the code (the dry run named it); the sweep command's check, the file
+    code = Path(manifest.submissions[0]["code"])
+    assert str(code) == named and (code / "plugin_files" / "strategy_ran").exists()
     assert (tmp_path / "strategy_ran").exists()
     digests = [hashlib.sha256(text.encode()).hexdigest()[:12] for text in (OWN_STRATEGY, OWN_EVALUATOR)]
     assert run.data.tags["train_plugins"] == run.data.tags["eval_plugins"] == \

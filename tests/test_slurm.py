@@ -127,29 +127,39 @@ def test_sweep_with_a_failing_point_then_resubmit(slurm, tmp_path, synthetic_roo
 def test_jobs_run_the_code_of_their_submission_whatever_the_checkout_holds_when_they_start(slurm, tmp_path,
                                                                                           synthetic_root):
     """A job may wait in the queue for days while the checkout takes the next experiment's edits; it runs the copy
-    of the code its submission made (launch/snapshot.py), not what the checkout holds when it starts."""
+    of the code its submission made (launch/snapshot.py), not what the checkout holds when it starts. The sweep's
+    plugin files are copied with it: `mine.py` edited for the next experiment is not this sweep's strategy."""
+    import hashlib
+
     from launch.snapshot import PACKAGES
 
     checkout = tmp_path / "checkout"
     for folder in (*PACKAGES, "configs"):
         shutil.copytree(REPO / folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    plugin = checkout / "mine.py"
+    plugin.write_text("from clustermask.masking import register_strategy, score_random\n"
+                      "register_strategy('mine')(score_random)\n")
+    submitted = hashlib.sha256(plugin.read_bytes()).hexdigest()[:12]
     # submitted from that checkout (the sweep command imports it), the training held until the checkout is edited
     launch(tmp_path, synthetic_root, "sweep_name=held", "train.steps=4", "train.log_every=2",
            "train.checkpoint_every=2", one_eval_task(synthetic_root), "+launcher.train.additional_parameters.hold=true",
-           cwd=checkout)
+           "plugins=[mine.py]", "masking.strategy=mine", cwd=checkout)
     sweep_dir = tmp_path / "sweeps" / "held"
     manifest = graph.Manifest.load(sweep_dir)
     code = Path(manifest.submissions[0]["code"])
     assert code.parent == sweep_dir / "code" and (code / "launch" / "jobs.py").is_file()
     edited = checkout / "launch" / "jobs.py"
     edited.write_text(edited.read_text() + "\nraise RuntimeError('the checkout was edited after the submission')\n")
+    plugin.write_text("raise RuntimeError('mine.py was edited after the submission')\n")
     subprocess.run(["scontrol", "release", manifest.submissions[0]["train"][0]["job_id"]], check=True)
     wait_for(base_ids(manifest))
     run_dir = Path(manifest.points[0].run_dir)
     for stage in ("train", "eval"):
         state = graph.read_state(run_dir, stage)
         assert state["state"] == "done" and state["code"] == str(code), state
-    assert "edited" not in (code / "launch" / "jobs.py").read_text()
+    assert "the checkout was edited" not in (code / "launch" / "jobs.py").read_text()
+    tags = MlflowClient(manifest.tracking_uri).get_run(manifest.points[0].mlflow_run_id).data.tags
+    assert tags["train_plugins"] == tags["eval_plugins"] == f"{plugin}@{submitted}"  # named as given, its code copied
 
 
 def done_and_total(progress: str):
