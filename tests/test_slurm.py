@@ -274,7 +274,8 @@ def test_two_process_gloo_training_then_evaluating_again(slurm, tmp_path, synthe
     assert rows[0]["train"] == "done" and rows[0]["eval"] == "done", format_status(manifest, rows)
     logs = "".join(p.read_text() for p in (sweep_dir / "slurm" / "train").rglob("*_log.*"))
     assert "distributed: rank 0 of 2" in logs and "distributed: rank 1 of 2" in logs
-    assert (tmp_path / "ran_on_rank_0").exists() and (tmp_path / "ran_on_rank_1").exists()
+    copied = Path(manifest.submissions[0]["code"]) / "plugin_files"  # the plugin file as its submission copied it
+    assert (copied / "ran_on_rank_0").exists() and (copied / "ran_on_rank_1").exists()
     mlflow = MlflowClient(manifest.tracking_uri)
     run_id = manifest.points[0].mlflow_run_id
     both, one = (mlflow.get_metric_history(run_id, key)[-1].value
