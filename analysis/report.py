@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -18,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from clustermask.config import LOADER_BOUND  # noqa: E402
-from clustermask.files import sqlite_path, where_the_sweep_is  # noqa: E402
+from clustermask.files import read_manifest_file, sqlite_path, where_the_sweep_is  # noqa: E402
 from clustermask.tracking import require_server  # noqa: E402
 
 # code: which code each point trained with (`code_version`)
@@ -415,10 +414,7 @@ def build_report(sweep_dirs, plot_metrics: Optional[List[str]] = None, out_dir: 
 
 
 def read_manifest(sweep_dir: Path) -> dict:
-    path = Path(sweep_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{sweep_dir} is not a sweep directory: it has no manifest.json")
-    return where_the_sweep_is(json.loads(path.read_text()), Path(sweep_dir))
+    return where_the_sweep_is(read_manifest_file(sweep_dir), Path(sweep_dir))
 
 
 def _copy_mask_pictures(manifest: dict, out_dir: Path, prefix: str = "") -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import warnings
@@ -35,6 +36,19 @@ def _under(path: str, folder: str) -> bool:
 def moved_with(path: str, folder: str, to) -> str:
     """`path` where it is once `folder` is at `to`, if it is under `folder`; else `path` as it is."""
     return str(Path(to) / os.path.relpath(path, folder)) if _under(path, folder) else path
+
+
+def read_manifest_file(sweep_dir) -> dict:
+    """The contents of a sweep directory's manifest.json, as recorded; FileNotFoundError where it has none, naming
+    the sweeps under it if it holds some (`outputs/` or `outputs/sweeps/` given for one of them)."""
+    folder = Path(sweep_dir)
+    path = folder / "manifest.json"
+    if not path.is_file():
+        found = sorted(str(p.parent) for pattern in ("*/manifest.json", "sweeps/*/manifest.json")
+                       for p in folder.glob(pattern))
+        listed = f" (the sweeps under it: {', '.join(found[:5])}{', ...' if len(found) > 5 else ''})" if found else ""
+        raise FileNotFoundError(f"{folder} is not a sweep directory: it has no manifest.json{listed}")
+    return json.loads(path.read_text())
 
 
 def where_the_sweep_is(manifest: dict, sweep_dir: Path) -> dict:

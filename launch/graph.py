@@ -19,7 +19,7 @@ from typing import Dict, Iterable, Iterator, List, Optional
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from clustermask.files import moved_with, relocate_artifacts, where_the_sweep_is, write_atomic
+from clustermask.files import moved_with, read_manifest_file, relocate_artifacts, where_the_sweep_is, write_atomic
 
 STAGES = ("train", "eval")
 NOT_POINT_KEYS = ("launcher", "experiment", "sweep_name", "paths", "plugins", "hydra")
@@ -62,10 +62,7 @@ class Manifest:
 
     @classmethod
     def load(cls, sweep_dir) -> "Manifest":
-        path = Path(sweep_dir) / "manifest.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist: is {sweep_dir} a sweep directory?")
-        recorded = json.loads(path.read_text())
+        recorded = read_manifest_file(sweep_dir)
         data = where_the_sweep_is(recorded, Path(sweep_dir))
         if data["tracking_uri"] != recorded["tracking_uri"]:  # moved with its own store: its artifacts too
             relocate_artifacts(data["tracking_uri"], recorded["sweep_dir"], data["sweep_dir"])

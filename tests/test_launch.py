@@ -1358,7 +1358,15 @@ def test_the_sweep_commands_name_a_folder_that_is_not_a_sweep(tmp_path, capsys):
         report_main([str(tmp_path)])
     assert exit_info.value.code == 2
     errors = capsys.readouterr().err.splitlines()
-    assert len(errors) == 3 and all(line.startswith("error: ") and str(tmp_path) in line for line in errors)
+    assert errors == [f"error: {tmp_path} is not a sweep directory: it has no manifest.json"] * 3  # one message
+    # `outputs/` or `outputs/sweeps/` given for one of the sweeps under it: they are named
+    for name in ("b", "a"):
+        (tmp_path / "sweeps" / name).mkdir(parents=True)
+        (tmp_path / "sweeps" / name / "manifest.json").write_text("{}")
+    for given in (tmp_path, tmp_path / "sweeps"):
+        assert status.main([str(given)]) == 2
+        assert capsys.readouterr().err.rstrip().endswith(
+            f"(the sweeps under it: {tmp_path / 'sweeps' / 'a'}, {tmp_path / 'sweeps' / 'b'})")
 
 
 def test_status_and_resubmit_refuse_when_squeue_fails(tmp_path, synthetic_root, monkeypatch, capsys):
