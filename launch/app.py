@@ -235,6 +235,17 @@ def same_overrides(points: List[ComposedPoint]) -> Optional[Tuple[int, int]]:
     return None
 
 
+def warmup_notes(points: List[ComposedPoint]) -> List[str]:
+    """A line for each (steps, warmup, lr) of the points whose warmup is longer than the training: the learning rate
+    then rises for the whole run and never reaches train.lr (a quick `train.steps=10` under the default warmup of 20
+    trains at half the rate at most: open_clip's warmup is lr x (step + 1) / warmup). Not refused: it may be meant."""
+    settings = dict.fromkeys((p.config["train"]["steps"], p.config["train"]["warmup_steps"], p.config["train"]["lr"])
+                             for p in points)
+    return [f"train.warmup_steps={warmup} is more than train.steps={steps}: the learning rate rises for the whole "
+            f"run and reaches {lr * steps / warmup:.3g} at most, not train.lr={lr:g}"
+            for steps, warmup, lr in settings if warmup > steps]
+
+
 def merge_same_runs(points: List[ComposedPoint], strategies: Mapping[str, List[str]]
                     ) -> Tuple[List[ComposedPoint], List[str]]:
     """Each distinct run once, and a line for each thing changed.
@@ -324,6 +335,8 @@ def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Regis
     if notes:
         print("note: settings a point's strategy does not use are recorded at a fixed value, and points that "
               "differ only in them are one run:\n" + "\n".join(f"  {note}" for note in notes), flush=True)
+    for note in warmup_notes(points):
+        print(f"note: {note}", flush=True)
     same = same_overrides(points)
     if same:
         raise SystemExit(f"error: points {same[0]} and {same[1]} have the same overrides "

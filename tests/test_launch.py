@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from hydra.errors import ConfigCompositionException, HydraException
 
-from clustermask.config import MaskingConfig, ModelConfig, validate_model_for_masking
+from clustermask.config import DataConfig, MaskingConfig, ModelConfig, TrainConfig, validate_model_for_masking
 from launch import app, graph
 from launch.expand import ComposedPoint, compose_sweep
 from launch.executors import Plan, SlurmExecutor, executor_parameters
@@ -774,6 +774,25 @@ def test_without_slurm_a_slurm_sweep_is_refused_before_anything_is_written_and_a
                              timeout=300, env={**os.environ, "PATH": str(bare)})
     assert printed.returncode == 0, printed.stderr
     assert printed.stdout.count("#SBATCH --array=0-1%2") == 2 and not (tmp_path / "out").exists()
+
+
+def test_a_warmup_longer_than_the_training_is_noted_with_the_rate_it_reaches(tmp_path, synthetic_root):
+    """A quick `train.steps=4` under a warmup of 8: the rate rises the whole run and reaches half of train.lr, which
+    the note says (the figure is the one open_clip's scheduler gives the training, logged as train/lr)."""
+    from clustermask import train
+
+    result = sweep_cli(f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "launcher.dry_run=true",
+                       "train.steps=4,8,16", "train.warmup_steps=8", "train.lr=1e-3")
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note: train.warmup")]
+    assert notes == ["note: train.warmup_steps=8 is more than train.steps=4: the learning rate rises for the whole "
+                     "run and reaches 0.0005 at most, not train.lr=0.001"]
+    logged = []
+    train.Trainer(ModelConfig(), MaskingConfig(strategy="random", ratio=0.5),
+                  DataConfig(train_shards=str(synthetic_root / "train"), workers=0),
+                  TrainConfig(steps=4, batch_size=8, log_every=1, warmup_steps=8, lr=1e-3, device="cpu"),
+                  tmp_path / "run", log=lambda metrics, step: logged.append(metrics["train/lr"])).run()
+    assert max(logged) == pytest.approx(0.0005)
 
 
 def test_a_dry_run_names_the_points_submitted_once(tmp_path, synthetic_root):
