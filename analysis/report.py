@@ -192,7 +192,13 @@ def mean_cell(mean: float, std: float, count: int, seeds: int) -> str:
     if pd.isna(mean):
         return ""
     cell = f"{mean:.3f}" if pd.isna(std) else f"{mean:.3f} ± {std:.3f}"
-    return cell + (f" (n={count})" if count < seeds else "")
+    note = fewer_of(count, seeds)
+    return cell + (f" ({note})" if note else "")
+
+
+def fewer_of(count: int, seeds: int) -> str:
+    """`n=k` where a mean is over `count` values, fewer than the row's `seeds`; '' where it is over them all."""
+    return f"n={count}" if count < seeds else ""
 
 
 def save_plot(fig, ax, xlabel: str, metric: str, path: Path, title: Optional[str] = None) -> Path:
@@ -257,8 +263,7 @@ def seed_counts(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def fewer_seeds(counts: pd.DataFrame, key) -> str:
     """`n=k` where a mean is over fewer of (label, ratio) `key`'s seeds than it has, as the tables mark it."""
-    count, seeds = counts.loc[key, ["count", "seeds"]]
-    return f"n={count}" if count < seeds else ""
+    return fewer_of(*counts.loc[key, ["count", "seeds"]])
 
 
 def mark_fewer_seeds(ax, counts: pd.DataFrame, points, color: str) -> None:

@@ -277,11 +277,7 @@ def validate_masking(cfg: MaskingConfig, strategies: Iterable[str],
     check_minimums("masking", cfg, {"calibration_batches": 1, "kmeans_k": 1, "kmeans_iters": 0})
     if not isinstance(cfg.options, dict):
         raise ValueError(f"masking.options={cfg.options!r} must be a mapping of a strategy's own settings")
-    # not iterated where the strategy does not say: masking.options_asked records what its probe looks up
-    unknown = [key for key in cfg.options if key not in options_read] if options_read is not None else []
-    if unknown:
-        raise ValueError(f"masking.options.{unknown[0]}: {cfg.strategy} reads no such option"
-                         f"{close_hint(unknown[0], options_read)}; it reads {', '.join(options_read) or 'none'}")
+    check_options_read("masking.options", cfg.strategy, cfg.options, options_read)
 
 
 def calibrated(cfg: MaskingConfig, strategy_settings: Iterable[str]) -> bool:
@@ -355,15 +351,21 @@ def check_task_options(index: int, task: EvalTask, declared: Optional[Sequence[s
     the one asked for) or a value a built-in evaluator's job would fail on after the training."""
     if not isinstance(task.options, Mapping):
         raise ValueError(f"eval.tasks[{index}].options={task.options!r} must be a mapping of {task.name}'s options")
-    unknown = [key for key in task.options if declared is not None and key not in declared]
-    if unknown:
-        raise ValueError(f"eval.tasks[{index}].options.{unknown[0]}: {task.name} reads no such option"
-                         f"{close_hint(unknown[0], declared)}; it reads {', '.join(declared) or 'none'}")
+    check_options_read(f"eval.tasks[{index}].options", task.name, task.options, declared)
     for key, value in task.options.items():
-        check = BUILTIN_OPTION_CHECKS.get((task.name, key))
+        rule, check = BUILTIN_OPTIONS.get((task.name, key), ("", None))
         if check is not None and not check(value):
-            raise ValueError(f"eval.tasks[{index}].options.{key}={value!r} ({task.name}) must be "
-                             f"{BUILTIN_OPTION_RULES[task.name, key]}")
+            raise ValueError(f"eval.tasks[{index}].options.{key}={value!r} ({task.name}) must be {rule}")
+
+
+def check_options_read(where: str, reader: str, given: Mapping, read: Optional[Sequence[str]]) -> None:
+    """An option in `given` (at `where`) that `reader` (a strategy, an evaluator) does not read, where it says
+    which it reads (`read`); not iterated where it does not say: masking.options_asked records what a strategy's
+    probe looks up."""
+    unknown = [key for key in given if key not in read] if read is not None else []
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: {reader} reads no such option{close_hint(unknown[0], read)}; it "
+                         f"reads {', '.join(read) or 'none'}")
 
 
 def close_hint(key: str, known: Sequence[str]) -> str:
@@ -376,14 +378,14 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-BUILTIN_OPTION_RULES = {("linear_probe", "lr"): "a positive, finite number",
-                        ("linear_probe", "epochs"): "a whole number of at least 1",
-                        ("zeroshot_retrieval", "recall_k"): "a list of whole numbers of at least 1, e.g. [1, 5, 10]"}
-BUILTIN_OPTION_CHECKS = {
-    ("linear_probe", "lr"): lambda v: _number(v) and 0 < v < math.inf,
-    ("linear_probe", "epochs"): lambda v: _number(v) and v == int(v) and v >= 1,
-    ("zeroshot_retrieval", "recall_k"): lambda v: (isinstance(v, Sequence) and not isinstance(v, str) and len(v) > 0
-                                                   and all(_number(k) and k == int(k) and k >= 1 for k in v)),
+# (evaluator, option) -> (what its value must be, the check), for the values a built-in evaluator's job fails on
+BUILTIN_OPTIONS = {
+    ("linear_probe", "lr"): ("a positive, finite number", lambda v: _number(v) and 0 < v < math.inf),
+    ("linear_probe", "epochs"): ("a whole number of at least 1", lambda v: _number(v) and v == int(v) and v >= 1),
+    ("zeroshot_retrieval", "recall_k"): (
+        "a list of whole numbers of at least 1, e.g. [1, 5, 10]",
+        lambda v: (isinstance(v, Sequence) and not isinstance(v, str) and len(v) > 0
+                   and all(_number(k) and k == int(k) and k >= 1 for k in v))),
 }
 
 

@@ -50,9 +50,14 @@ def is_file(entry: str) -> bool:
     return entry.endswith(".py")
 
 
+def file_id(path: Path) -> str:
+    """`<stem>_<hash of the path>`: one name per plugin file (two `mine.py` of two folders are two)."""
+    return f"{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+
+
 def _module_name(path: Path) -> str:
     # one module per file, whichever way its path is spelled: a second load is the first one
-    return f"clustermask_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    return f"clustermask_plugin_{file_id(path)}"
 
 
 def _import_file(path: Path, source: Path) -> ModuleType:

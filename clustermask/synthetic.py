@@ -17,7 +17,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -255,10 +255,7 @@ def write_sugarcrepe(cfg: SyntheticConfig, out: Path) -> None:
 def validate(cfg: SyntheticConfig, flag=lambda field: field) -> None:
     """Raise ValueError naming a count that would leave a set or a shard empty (a linear probe on no images, a
     retrieval of nothing: the evaluation would fail long after). `flag(field)`: how the message names a field."""
-    counts = {"image_size": cfg.image_size, "train_samples": cfg.train_samples, "train_shards": cfg.train_shards,
-              "classification_train": cfg.classification_train, "classification_test": cfg.classification_test,
-              "retrieval_test": cfg.retrieval_test, "sugarcrepe_per_task": cfg.sugarcrepe_per_task,
-              "eval_shards": cfg.eval_shards}
+    counts = {name: value for name, value in asdict(cfg).items() if name not in ("root", "seed")}
     for field, value in counts.items():
         if value < 1:
             raise ValueError(f"{flag(field)}={value} must be at least 1")

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from clustermask.files import read_manifest_file
 from clustermask.synthetic import SyntheticConfig, ensure
 
 
@@ -35,7 +35,7 @@ def sweep_run_elsewhere(sweep_dir: Path) -> int:
     if not (sweep_dir / "manifest.json").exists():
         print("[demo] a dry run: nothing was trained, so there is no table to show")
         return 0
-    executor = json.loads((sweep_dir / "manifest.json").read_text())["executor"]
+    executor = read_manifest_file(sweep_dir)["executor"]
     if executor != "slurm":
         print(f"[demo] error: the sweep finished without its report in {sweep_dir / 'report'}; "
               f"clustermask-status {sweep_dir} says why", file=sys.stderr)

@@ -70,8 +70,9 @@ def package_folders() -> Dict[str, Path]:
 def plugin_copy(code: Path, plugin_file: Path) -> Path:
     """Where the copy of the code `code` holds a plugin file (named by its absolute path: two `mine.py` of two
     folders are two copies)."""
-    digest = hashlib.sha1(str(plugin_file).encode()).hexdigest()[:8]
-    return Path(code) / PLUGIN_FILES / f"{plugin_file.stem}_{digest}.py"
+    from clustermask.plugins import file_id
+
+    return Path(code) / PLUGIN_FILES / f"{file_id(plugin_file)}.py"
 
 
 def _files(folders: Dict[str, Path], plugin_files: Sequence[Path] = ()) -> List[Tuple[str, Path]]:
