@@ -189,6 +189,8 @@ def check_launcher(launcher) -> None:
                                 "login node (launcher=local runs here; launcher.dry_run=true prints the job scripts)")
     for stage in ("train", "eval", "report"):
         check_resources(stage, launcher[stage])
+        if launcher["executor"] == "slurm":
+            check_time_limit(stage, launcher[stage])
 
 
 def check_resources(stage: str, resources) -> None:
@@ -198,6 +200,26 @@ def check_resources(stage: str, resources) -> None:
                          "(one rank per GPU)")
     if nodes < 1 or tasks < 1:
         raise ValueError(f"launcher.{stage}: nodes={nodes} and tasks_per_node={tasks} must be >= 1")
+
+
+# sbatch(1) on --signal: "the signal may be sent up to 60 seconds earlier than specified"
+SIGNAL_EARLY_S = 60
+
+
+def check_time_limit(stage: str, resources) -> None:
+    """A time limit that leaves a SLURM job no time before its requeue signal: signalled as it starts, it would
+    requeue max_num_timeout times without a step, then fail (timeout_min=1 under the default delay of 120 s)."""
+    minutes, delay = resources["timeout_min"], resources["signal_delay_s"]
+    if minutes < 0 or delay < 0:
+        bad = f"timeout_min={minutes}" if minutes < 0 else f"signal_delay_s={delay}"
+        raise ValueError(f"launcher.{stage}.{bad} must be at least 0 (timeout_min=0: no time limit)")
+    if 0 < minutes * 60 <= delay + SIGNAL_EARLY_S:
+        raise ValueError(
+            f"launcher.{stage}.timeout_min={minutes} leaves the job no time before its requeue signal: SLURM sends "
+            f"it launcher.{stage}.signal_delay_s={delay} s before the time limit, or up to {SIGNAL_EARLY_S} s "
+            f"earlier, so it may come as the job starts, and the job would requeue {resources['max_num_timeout']} "
+            f"times (max_num_timeout) getting nowhere, then fail; give timeout_min="
+            f"{(delay + SIGNAL_EARLY_S) // 60 + 1} or more, or a smaller signal_delay_s")
 
 
 class SubmissionError(RuntimeError):

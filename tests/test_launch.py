@@ -342,6 +342,23 @@ def test_preflight_names_the_bad_key(synthetic_root):
                                          r".array_parallelism .* \(launcher.train.array_parallelism=4\)$"):
         app.preflight(compose_cfg(*good, "launcher=slurm", "launcher.dry_run=true", "launcher.max_parallel=4"))
     app.preflight(compose_cfg(*good, "launcher=slurm", "launcher.dry_run=true", "launcher.train.array_parallelism=4"))
+    # a time limit at or under the requeue signal's delay (+ SLURM's minute of slack): the job was signalled as it
+    # started and requeued 3 times without a step, then failed (timeout_min=1 under the default 120 s, on real SLURM)
+    slurm = [*good, "launcher=slurm", "launcher.dry_run=true"]
+    for override, message in {"launcher.train.timeout_min=3": r"^launcher.train.timeout_min=3 leaves the job no time "
+                                                              r"before its requeue signal: .* give timeout_min=4 or "
+                                                              r"more, or a smaller signal_delay_s$",
+                              "launcher.eval.signal_delay_s=300": r"^launcher.eval.timeout_min=6 .* timeout_min=7 or",
+                              "launcher.report.timeout_min=-1": r"^launcher.report.timeout_min=-1 must be at least 0",
+                              "launcher.train.signal_delay_s=-5": r"^launcher.train.signal_delay_s=-5 must be at least"
+                              }.items():
+        extra = ["launcher.eval.timeout_min=6"] if "eval" in override else []
+        with pytest.raises(ValueError, match=message):
+            app.preflight(compose_cfg(*slurm, override, *extra))
+    for fine in (["launcher.train.timeout_min=4"], ["launcher.train.timeout_min=2", "launcher.train.signal_delay_s=30"],
+                 ["launcher.train.timeout_min=0"]):  # 0: no time limit (the partition's own)
+        app.preflight(compose_cfg(*slurm, *fine))
+    app.preflight(compose_cfg(*good, "launcher.train.timeout_min=1"))  # the local executor has no time limit
     # CLIP's loss of a batch of one is 0 whatever the weights: the run learnt nothing, without a word
     with pytest.raises(ValueError, match=r"^train.batch_size=1 on 1 rank\(s\) is a contrastive batch of one"):
         app.preflight(compose_cfg(*good, "train.batch_size=1"))
