@@ -463,7 +463,9 @@ def resubmit_main(argv=None) -> int:
     parser.add_argument("sweep_dir")
     parser.add_argument("overrides", nargs="*", help="key=value (or group=option) fixes applied to the "
                         "resubmitted points")
-    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the points it would resubmit (on SLURM, their job scripts too); change and submit "
+                        "nothing")
     parser.add_argument("--evaluate-again", action="store_true",
                         help="evaluate every trained point again, then report (overrides: eval=NAME, eval.*, "
                         "launcher.eval.*, launcher.report.*)")
