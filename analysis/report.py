@@ -21,7 +21,8 @@ from clustermask.files import read_manifest_file, sqlite_path, where_the_sweep_i
 from clustermask.tracking import require_server  # noqa: E402
 
 # code: which code each point trained with (`code_version`)
-POINT_COLUMNS = ["sweep", "point", "strategy", "features", "ratio", "attention", "seed", "status", "code"]
+# hardware: what each point trained on (`hardware_note`)
+POINT_COLUMNS = ["sweep", "point", "strategy", "features", "ratio", "attention", "seed", "status", "code", "hardware"]
 HEADLINE = [  # (task, metric, column) in table order: a column per evaluated dataset, named after it if several
     ("zeroshot_classification", "acc1", "zs_acc1"),
     ("linear_probe", "lp_acc1", "lp_acc1"),
@@ -115,6 +116,7 @@ def points_frame(runs: pd.DataFrame) -> pd.DataFrame:
         "status": runs["status"],
         "code": [code_version(*tags) for tags in  # NaN where a run lacks a tag
                  runs.reindex(columns=["tags.train_code", "tags.train_plugins"]).itertuples(index=False)],
+        "hardware": runs.reindex(columns=["tags.train_hardware"]).iloc[:, 0].fillna(""),
         "run_id": runs["run_id"],
     })
     # a metric that no run has a value of: an evaluation's that was superseded (logged NaN when evaluated again)
@@ -338,6 +340,18 @@ def code_versions_note(frame: pd.DataFrame) -> Optional[str]:
             f"it), so their metrics may differ by the edits: {versions}")
 
 
+def hardware_note(frame: pd.DataFrame) -> Optional[str]:
+    """A line naming which points trained on which hardware, when not all on one (a partition of mixed GPUs, a
+    point requeued onto other nodes, sweeps run on two clusters reported together): their train_min compares the
+    hardware as much as the masking."""
+    tagged = frame[frame["hardware"].astype(bool)] if "hardware" in frame else None
+    if tagged is None or tagged["hardware"].nunique() < 2:
+        return None
+    kinds = "; ".join(f"{hardware}: {named_points(rows)}" for hardware, rows in tagged.groupby("hardware", sort=False))
+    return (f"report: the points trained on {tagged['hardware'].nunique()} kinds of hardware, so their train_min "
+            f"compares the hardware as much as the masking: {kinds}")
+
+
 def latex_table(rows: pd.DataFrame) -> str:
     """`rows` as a LaTeX tabular (booktabs) that compiles: column names and labels escaped (`zs\\_acc1`; pandas
     escapes nothing unless asked), `±` as `$\\pm$`."""
@@ -404,7 +418,8 @@ def build_report(sweep_dirs, plot_metrics: Optional[List[str]] = None, out_dir: 
     if TRAIN_MINUTES in frame:
         for metric in (k for k in headline_columns(frame) if k.startswith("zeroshot_classification/")):
             plot_against_training_time(frame, metric, out_dir / f"{metric.replace('/', '_')}_vs_train_minutes.png")
-    for note in (missing_metrics_note(table), loader_bound_note(frame), code_versions_note(frame)):
+    for note in (missing_metrics_note(table), loader_bound_note(frame), code_versions_note(frame),
+                 hardware_note(frame)):
         if note:
             print(note)
     for manifest in manifests:

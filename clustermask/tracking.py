@@ -224,6 +224,10 @@ class RunLogger:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
 
+    def tag(self, key: str) -> Optional[str]:
+        """The run's tag `key`, None where it has none."""
+        return self.client.get_run(self.run_id).data.tags.get(key)
+
     def artifact(self, path: Path, folder: Optional[str] = None) -> None:
         """A file, or a directory's files, into the run's artifacts (under `folder`)."""
         if Path(path).is_dir():

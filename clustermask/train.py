@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -136,6 +137,37 @@ def init_distributed(device: str):
     return rank, world, device
 
 
+def cpu_model() -> str:
+    """The CPU's model name as Linux gives it (`/proc/cpuinfo`), else what Python finds, else ''."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def hardware_description(device: str, world: int, threads: int) -> str:
+    """What a training runs on, as its minutes depend on it: `8x NVIDIA H100 80GB HBM3`, `1x cpu (2 threads,
+    Intel(R) Xeon(R) ...)`; `world` processes, each on `device` (a rank's) with `threads` torch threads."""
+    if device.startswith("cuda"):
+        return f"{world}x {torch.cuda.get_device_name(torch.device(device))}"
+    model = cpu_model()
+    return f"{world}x cpu ({threads} thread{'s' * (threads != 1)}{', ' + model if model else ''})"
+
+
+HARDWARE_JOIN = " + "
+
+
+def hardware_so_far(earlier: Optional[str], now: str) -> str:
+    """The hardware of a run's attempts: `earlier` (theirs, joined by ` + `, or None before the first), with `now`
+    added unless an attempt already ran on it. A run requeued onto other nodes names both: its minutes add them."""
+    attempts = earlier.split(HARDWARE_JOIN) if earlier else []
+    return HARDWARE_JOIN.join(attempts if now in attempts else attempts + [now])
+
+
 def largest_over_ranks(value: float, device: str, world: int) -> float:
     """The largest of the ranks' `value`s, on every rank (a collective: all ranks call it at the same step)."""
     if world == 1:
@@ -163,6 +195,13 @@ class Trainer:
         self.seconds_before = 0.0  # the training loop's time in the runs before a resumption
         self.loop_started: Optional[float] = None  # time.perf_counter() when this process's loop started
         self.waited_for_data = 0.0  # seconds the loop waited for the loader since the last log
+
+    def hardware(self) -> str:
+        """What this training runs on (`hardware_description`), before `run()`: its ranks, the device each takes
+        and the torch threads it will use."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        threads = self.cfg.threads if self.cfg.threads > 0 else torch.get_num_threads()
+        return hardware_description(self.device, world, threads)
 
     def train_seconds(self, now: float) -> float:
         """The training loop's wall-clock time so far, summed over resumptions: what a point cost to train

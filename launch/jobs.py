@@ -142,7 +142,7 @@ def _load_plugins(cfg, stage: str, logger) -> None:
 
 def train_point(run_dir: str) -> str:
     from clustermask.tracking import MetricsThatWait
-    from clustermask.train import Trainer
+    from clustermask.train import Trainer, final_checkpoint, hardware_so_far
 
     cfg = graph.load_point_config(Path(run_dir))
 
@@ -156,6 +156,9 @@ def train_point(run_dir: str) -> str:
 
         trainer = Trainer(_typed(cfg.model), _typed(cfg.masking), _typed(cfg.data), _typed(cfg.train),
                           Path(run_dir), log=log if logger else None)
+        # before the loop: an attempt preempted or failed on other nodes counts in train/minutes too
+        if logger and not final_checkpoint(Path(run_dir)).exists():
+            logger.tags({"train_hardware": hardware_so_far(logger.tag("train_hardware"), trainer.hardware())})
         final = trainer.run()
         if logger and (Path(run_dir) / "masks.png").exists():
             logger.artifact(Path(run_dir) / "masks.png")

@@ -178,6 +178,9 @@ def test_mlflow_holds_one_run_per_point_with_the_metrics(local_sweep):
     for column in expected:
         assert runs[column].notna().all(), column
     assert (runs["metrics.train/minutes"] > 0).all()
+    # what its minutes were measured on, once (each point trained in one attempt here)
+    hardware = runs["tags.train_hardware"]
+    assert hardware.str.fullmatch(r"1x cpu \(\d+ threads?, [^+]+\)").all(), hardware
     assert set(runs["params.masking.strategy"]) == {"random", "cluster"}
     cluster = runs[runs["params.masking.strategy"] == "cluster"]
     assert cluster["metrics.mask/coverage_mean"].notna().all()
@@ -212,7 +215,9 @@ def test_report_has_every_point(local_sweep):
         assert (report / f"{plot}.png").stat().st_size > 5000, plot  # the last one: report.plot_metric
     assert len(list(report.glob("masks_*.png"))) == 4
     code = Path(graph.Manifest.load(sweep_dir).submissions[-1]["code"]).name  # what each point trained with
-    assert set(pd.read_csv(report / "results_all_metrics.csv", dtype={"code": str})["code"]) == {code}
+    every_metric = pd.read_csv(report / "results_all_metrics.csv", dtype={"code": str})
+    assert set(every_metric["code"]) == {code}
+    assert every_metric["hardware"].str.startswith("1x cpu (").all()
     header = (report / "results_all_metrics.csv").read_text().splitlines()[0].split(",")
     metrics = header[header.index("label") + 1:]  # every metric of every point, findable by name
     assert metrics == sorted(metrics) and "train/loss" in metrics and len(metrics) >= 40, header

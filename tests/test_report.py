@@ -3,7 +3,7 @@ import pytest
 import torch
 from clip_benchmark.metrics import zeroshot_retrieval
 
-from analysis.report import (SUGARCREPE, code_versions_note, default_plot_metrics, headline_table,
+from analysis.report import (SUGARCREPE, code_versions_note, default_plot_metrics, hardware_note, headline_table,
                              loader_bound_note, missing_metric)
 from clustermask.evaluate import EvalTask, metric_key
 
@@ -75,6 +75,21 @@ def test_points_that_trained_with_other_versions_of_the_code_are_named():
         "random 0.5 seed 5 and 2 more")
     assert code_versions_note(frame.iloc[[0, 1, 3]]) is None
     assert code_versions_note(frame.drop(columns="code")) is None
+
+
+def test_points_that_trained_on_other_hardware_are_named():
+    """A partition of mixed GPUs, or a point requeued onto other nodes: train_min compares the hardware too."""
+    h100, a100 = "8x NVIDIA H100 80GB HBM3", "8x NVIDIA A100-SXM4-80GB"
+    frame = pd.DataFrame([{"label": "random", "ratio": 0.5, "seed": 0, "hardware": h100},
+                          {"label": "cluster-rgb", "ratio": 0.5, "seed": 0, "hardware": h100},
+                          {"label": "cluster-rgb", "ratio": 0.3, "seed": 1, "hardware": f"{a100} + {h100}"},
+                          {"label": "kmeans", "ratio": 0.3, "seed": 0, "hardware": ""}])  # a run made before the tag
+    note = hardware_note(frame)
+    assert note == (f"report: the points trained on 2 kinds of hardware, so their train_min compares the hardware as "
+                    f"much as the masking: {h100}: random 0.5 seed 0, cluster-rgb 0.5 seed 0; {a100} + {h100}: "
+                    "cluster-rgb 0.3 seed 1")
+    assert hardware_note(frame.iloc[[0, 1, 3]]) is None
+    assert hardware_note(frame.drop(columns="hardware")) is None
 
 
 def test_a_points_code_version_is_its_code_copys_digest_and_its_plugin_files():
@@ -318,7 +333,7 @@ def test_a_report_of_several_sweeps_averages_seeds_across_them_and_labels_what_d
     main([str(first), str(seeds), str(slower), "--out", str(tmp_path / "paper")])
     summary = pd.read_csv(tmp_path / "paper" / "results_all_metrics.csv")
     assert list(summary.columns) == ["sweep", "point", "strategy", "features", "ratio", "attention", "seed", "status",
-                                     "code", "run_id", "label", "zeroshot_classification/wds/shapes/acc1"]
+                                     "code", "hardware", "run_id", "label", "zeroshot_classification/wds/shapes/acc1"]
     assert sorted(summary["sweep"]) == ["a-id", "a-id", "b-id", "b-id", "c-id"]
     mean = (tmp_path / "paper" / "results_mean.md").read_text()
     rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]

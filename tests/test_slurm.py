@@ -239,6 +239,9 @@ def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root)
                                        key=lambda m: (m.timestamp, m.step))]
     assert minutes == sorted(minutes)
     assert len(list(Path(point.run_dir, "results").glob("*.json"))) == tasks
+    # both attempts trained on this node: it is named once, with the threads of the job's two cpus
+    assert client.get_run(point.mlflow_run_id).data.tags["train_hardware"].startswith("1x cpu (2 threads, ")
+    assert " + " not in client.get_run(point.mlflow_run_id).data.tags["train_hardware"]
 
 
 RANKS_RANDOM = """
@@ -281,6 +284,7 @@ def test_two_process_gloo_training_then_evaluating_again(slurm, tmp_path, synthe
     both, one = (mlflow.get_metric_history(run_id, key)[-1].value
                  for key in ("train/samples_per_s", "train/samples_per_s_per_rank"))
     assert both == pytest.approx(2 * one)
+    assert mlflow.get_run(run_id).data.tags["train_hardware"].startswith("2x cpu (1 thread, ")  # what it trained on
     results = json.loads(next(Path(manifest.points[0].run_dir, "results").glob("*.json")).read_text())
     assert results["metrics"]["acc1"] > 0
     # evaluating again: an eval-only array (no dependency) and the report after it, with the fixes saved

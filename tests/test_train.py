@@ -35,6 +35,23 @@ def test_a_contrastive_batch_of_one_is_refused_before_the_first_step(tmp_path, s
     assert not (tmp_path / "run").exists()
 
 
+def test_the_hardware_a_training_ran_on_names_each_kind_its_attempts_ran_on(monkeypatch):
+    """Its minutes depend on it: a point requeued onto other nodes names both kinds, each once."""
+    description = train.hardware_description("cpu", 1, 3)
+    assert description.startswith("1x cpu (3 threads") and description.endswith(")")
+    model = train.cpu_model()
+    assert model and model in description  # Linux names its CPU
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"GPU {device}")
+    assert train.hardware_description("cuda", 8, 1) == "8x GPU cuda"
+    trainer = train.Trainer(ModelConfig(), MaskingConfig(), DataConfig("x", "y"), TrainConfig(threads=5), ".")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert trainer.hardware().startswith("2x cpu (5 threads")
+    assert train.hardware_description("cpu", 1, 1).startswith("1x cpu (1 thread, ")
+    first = train.hardware_so_far(None, "8x A")
+    assert first == "8x A" and train.hardware_so_far(first, "8x A") == "8x A"
+    assert train.hardware_so_far(train.hardware_so_far(first, "8x B"), "8x A") == "8x A + 8x B"
+
+
 def test_training_time_is_summed_over_a_resumption(tmp_path, synthetic_root, monkeypatch):
     """A clock that ticks one second per reading. Run 1 starts its loop at 0, logs steps 1 and 2 at 1 and 2,
     checkpoints at 3 (step 2), logs step 3 at 4, fails before step 4 and records the 5 s it spent. Run 2 resumes
