@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import os
 import shlex
 import shutil
@@ -70,6 +71,8 @@ class LocalExecutor:
         self._children: set = set()  # the task processes running now
         self._lock = threading.Lock()
         self._stopping = False
+        # tasks running on each GPU, where several run at once on a machine with several: each would take GPU 0
+        self._gpu_tasks: Dict[str, int] = dict.fromkeys(visible_gpus(), 0) if max_parallel > 1 else {}
 
     def _task(self, stage: str, path: str, log: Path) -> bool:
         """`python -m launch.jobs STAGE PATH` in the submission's copy of the code (launch/snapshot.py), which it
@@ -78,7 +81,9 @@ class LocalExecutor:
         env = snapshot.environment_elsewhere(CLUSTERMASK_LOG=str(log))  # the task runs in the code copy
         if self.max_parallel > 1:
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.max_parallel)))
-        with open(log, "ab") as out:
+        with open(log, "ab") as out, self._gpu_for(stage, path) as gpu:
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpu
             with self._lock:
                 if self._stopping:
                     return False
@@ -90,9 +95,26 @@ class LocalExecutor:
             finally:
                 with self._lock:
                     self._children.discard(child)
-        print(f"[local] {stage} {Path(path).name}: {'done' if code == 0 else f'FAILED (exit {code}), log {log}'}",
-              flush=True)
+        where = f" (GPU {gpu})" if gpu is not None else ""
+        outcome = "done" if code == 0 else f"FAILED (exit {code}), log {log}"
+        print(f"[local] {stage} {Path(path).name}{where}: {outcome}", flush=True)
         return code == 0
+
+    @contextlib.contextmanager
+    def _gpu_for(self, stage: str, path: str):
+        """The GPU a point's task runs on, the one running the fewest tasks, while it runs; None where the machine
+        has fewer than two GPUs, for the report, and for a task whose config names its device (`cuda:1`, `cpu`)."""
+        if len(self._gpu_tasks) < 2 or stage == "report" or not picks_its_gpu(stage, Path(path)):
+            yield None
+            return
+        with self._lock:
+            gpu = min(self._gpu_tasks, key=self._gpu_tasks.get)
+            self._gpu_tasks[gpu] += 1
+        try:
+            yield gpu
+        finally:
+            with self._lock:
+                self._gpu_tasks[gpu] -= 1
 
     def _train_then_eval(self, point: graph.Point) -> None:
         run_dir = Path(point.run_dir)
@@ -151,6 +173,28 @@ class LocalExecutor:
             self._task("report", manifest.sweep_dir, Path(manifest.sweep_dir) / "logs" / "report.log")
             record["report"] = {"job_id": "local"}
         return record
+
+
+def visible_gpus() -> List[str]:
+    """The GPUs a task here may use, as CUDA_VISIBLE_DEVICES names them: its entries where it is set (up to an
+    invalid one, `-1`, which hides the rest from CUDA), else nvidia-smi's indices; none without NVIDIA's driver."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        entries = [entry.strip() for entry in visible.split(",")]
+        return list(itertools.takewhile(lambda entry: entry and not entry.startswith("-"), entries))
+    try:
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                                text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return listed.stdout.split() if listed.returncode == 0 else []
+
+
+def picks_its_gpu(stage: str, run_dir: Path) -> bool:
+    """Whether a point's stage takes whichever GPU it is given (`device: auto` or `cuda`), rather than one its
+    config names (`cuda:1`, which a single visible GPU would not have) or none."""
+    cfg = graph.load_point_config(run_dir)
+    return (cfg.train if stage == "train" else cfg.eval).device in ("auto", "cuda")
 
 
 # ---------------------------------------------------------------- SLURM

@@ -43,7 +43,7 @@ class DataSchema(DataConfig):
 @dataclass
 class LauncherConfig:
     executor: str = "local"  # local | slurm: the one attribute that differs
-    max_parallel: int = 1  # local: points trained at once
+    max_parallel: int = 1  # local: tasks run at once (on several GPUs, each on its own while there are enough)
     dry_run: bool = False  # print job scripts and the dependency graph, submit nothing
     train: StageResources = field(default_factory=lambda: StageResources(timeout_min=240))
     eval: StageResources = field(default_factory=lambda: StageResources(timeout_min=60))

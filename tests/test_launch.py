@@ -23,7 +23,7 @@ from hydra.errors import ConfigCompositionException, HydraException
 from clustermask.config import DataConfig, MaskingConfig, ModelConfig, TrainConfig, validate_model_for_masking
 from launch import app, graph
 from launch.expand import ComposedPoint, compose_sweep
-from launch.executors import Plan, SlurmExecutor, executor_parameters
+from launch.executors import Plan, SlurmExecutor, executor_parameters, picks_its_gpu, visible_gpus
 from launch.status import plan_resubmission
 
 from conftest import REPO, free_port, interrupt_when
@@ -810,6 +810,61 @@ def test_a_warmup_longer_than_the_training_is_noted_with_the_rate_it_reaches(tmp
                   TrainConfig(steps=4, batch_size=8, log_every=1, warmup_steps=8, lr=1e-3, device="cpu"),
                   tmp_path / "run", log=lambda metrics, step: logged.append(metrics["train/lr"])).run()
     assert max(logged) == pytest.approx(0.0005)
+
+
+GPU_RECORDING = """
+import os
+from pathlib import Path
+
+from clustermask.masking import register_strategy, score_random
+
+
+@register_strategy("gpu_random")  # random masking that says which GPUs its task was given
+def gpu_random(inputs, cfg):
+    Path(__file__).with_name(f"ratio_{cfg.ratio}_gpu_{os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}").touch()
+    return score_random(inputs, cfg)
+"""
+
+
+def test_local_tasks_that_run_at_once_take_a_gpu_each(tmp_path, synthetic_root):
+    """`launcher.max_parallel=2` on a machine with two GPUs: each task ran on GPU 0, the other GPU idle. Each now
+    takes the GPU running the fewest tasks (CUDA_VISIBLE_DEVICES). Here the GPUs are named, not there: the tasks
+    train on the CPU, and the strategy records what its process was given."""
+    (tmp_path / "gpu_random.py").write_text(GPU_RECORDING)
+    task = f"{{name: zeroshot_classification, dataset: wds/shapes, root: {synthetic_root}/eval/shapes}}"
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.app", "-m", f"paths.root={tmp_path}", f"paths.data={synthetic_root}",
+         f"plugins=[{tmp_path / 'gpu_random.py'}]", "masking.strategy=gpu_random", "masking.ratio=0.3,0.5",
+         "launcher.max_parallel=2", "train.steps=2", "train.batch_size=8", "train.warmup_steps=1",
+         f"eval.tasks=[{task}]"],
+        capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": "3,5"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    # the two trainings ran at once, so on both GPUs, each on one; their evaluations took a GPU too, the report none
+    trained = re.findall(r"^\[local\] train (\S+) \(GPU (\d)\): done$", result.stdout, re.M)
+    assert len(trained) == 2 and {gpu for _, gpu in trained} == {"3", "5"}, result.stdout
+    assert len(re.findall(r"^\[local\] eval \S+ \(GPU [35]\): done$", result.stdout, re.M)) == 2
+    assert re.search(r"^\[local\] report \S+: done$", result.stdout, re.M)
+    manifest = graph.Manifest.load(tmp_path / "sweeps" / "default")
+    seen = {p.name for p in (Path(manifest.submissions[0]["code"]) / "plugin_files").glob("ratio_*")}
+    gpus = {name: gpu for name, gpu in trained}
+    assert seen == {f"ratio_{graph.load_point_config(Path(p.run_dir)).masking.ratio}_gpu_{gpus[p.name]}"
+                    for p in manifest.points}, seen
+    # what counts as a GPU here, and which tasks take the one they are given
+    for visible, expected in (("3,5", ["3", "5"]), ("", []), ("2,-1,3", ["2"]), ("GPU-ab12, GPU-cd34", ["GPU-ab12",
+                                                                                                   "GPU-cd34"])):
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+        try:
+            assert visible_gpus() == expected, visible
+        finally:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+    if not shutil.which("nvidia-smi"):
+        assert visible_gpus() == []
+    run_dir = Path(manifest.points[0].run_dir)
+    assert picks_its_gpu("train", run_dir) and picks_its_gpu("eval", run_dir)
+    for override in ("train.device=cuda:1", "eval.device=cpu"):
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.merge(
+            OmegaConf.load(run_dir / "config.yaml"), OmegaConf.from_dotlist([override]))))
+        assert not picks_its_gpu(override.split(".")[0], run_dir)
 
 
 def test_a_dry_run_names_the_points_submitted_once(tmp_path, synthetic_root):
