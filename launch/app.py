@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ from . import graph, snapshot
 from .executors import Plan, SlurmExecutor, SubmissionError, check_launcher, describe, make_executor
 from .expand import CONFIG_DIR, CONFIG_NAME, ComposedPoint, compose_sweep, resolved
 from .helpers import Registries, RegistriesInChild, TrackingInChild
-from .schema import config_error, unknown_settings, without_append_advice
+from .schema import config_error, did_you_mean, unknown_settings, without_append_advice
 
 HYDRA_ONLY_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion", "experimental_rerun")
 
@@ -445,9 +446,18 @@ def _hydra_cli(cfg: DictConfig) -> None:
     """Only reached for Hydra's own flags (--cfg, --help, --info, ...), which print and never run the task."""
 
 
+# a key that a config group's YAML sets and its typed node lacks: Hydra's message, with OmegaConf's in its text
+YAML_KEY_ERROR = re.compile(r"^(In '[^']+': )\w+ raised while composing config:\n(Key '\S+' not in '\S+')\n"
+                            r"\s*full_key: (\S+)")
+
+
 def hydra_error(exc: HydraException) -> str:
     """Hydra's error on one line, with the first line of its cause: `Error merging override masking.ratio=abc` says
-    which override, its OmegaConf cause why (`Value 'abc' of type 'str' could not be converted to Float`)."""
+    which override, its OmegaConf cause why (`Value 'abc' of type 'str' could not be converted to Float`). A key
+    that a group's YAML sets and the schema lacks comes with the keys like it, as an override's does."""
+    in_yaml = YAML_KEY_ERROR.match(str(exc))
+    if in_yaml:
+        return in_yaml.group(1) + in_yaml.group(2) + did_you_mean(in_yaml.group(3))
     message = " ".join(str(exc).split())
     cause = config_error(exc.__cause__, say_plus=False) if exc.__cause__ else ""
     return without_append_advice(f"{message}: {cause}" if cause and cause not in message else message)

@@ -85,10 +85,9 @@ GROUP_SCHEMAS = {"model": ModelConfig, "masking": MaskingConfig, "data": DataSch
 
 
 def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    for group, node in GROUP_SCHEMAS.items():
-        cs.store(group=group, name=f"base_{group}", node=node)
+    """The typed primary config: each group's YAML merges into its typed node (`masking` a MaskingConfig), so one
+    schema entry types them all, and `--help` lists no schema among a group's options."""
+    ConfigStore.instance().store(name="base_config", node=Config)
 
 
 def _node_type(hint: Any) -> Any:

@@ -482,7 +482,7 @@ def test_hydra_flags_print_and_submit_nothing(tmp_path, synthetic_root):
     shown = sweep_cli(f"paths.root={tmp_path}", "--help")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("clustermask-sweep: train CLIP models whose image tower drops patches")
-    assert re.search(r"^masking: base_masking, cluster, cluster_embedding, cluster_mixed, kmeans, none, random$",
+    assert re.search(r"^masking: cluster, cluster_embedding, cluster_mixed, kmeans, none, random$",
                      shown.stdout, re.M)
     assert "clustermask-sweep -m experiment=demo" in shown.stdout
     config = subprocess.run([sys.executable, "-m", "launch.app", "--cfg", "job", f"paths.root={tmp_path}",
@@ -529,6 +529,22 @@ def test_a_bad_override_is_one_line_that_says_which_and_why(override, error):
     with pytest.raises(HydraException) as caught:
         compose_sweep([override], multirun=False)
     assert app.hydra_error(caught.value) == error
+
+
+def test_a_key_a_config_groups_yaml_sets_and_the_schema_lacks_comes_with_the_keys_like_it(tmp_path):
+    """A researcher's own YAML (hydra.searchpath) with a typo: the key, the file and what it may have meant, on one
+    line, as for an override; Hydra's own message was five lines of OmegaConf's internals without a suggestion."""
+    (tmp_path / "masking").mkdir()
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "masking" / "mine.yaml").write_text("defaults: [random]\nratoi: 0.3\n")
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\nlauncher:\n  train:\n    parition: gpu\n")
+    for choice, error in (("masking=mine", "In 'masking/mine': Key 'ratoi' not in 'MaskingConfig' (did you mean "
+                                           "masking.ratio?)"),
+                          ("experiment=mine", "In 'experiment/mine': Key 'parition' not in 'StageResources' (did you "
+                                              "mean launcher.train.partition?)")):
+        with pytest.raises(HydraException) as caught:
+            compose_sweep([f"hydra.searchpath=[file://{tmp_path}]", choice], multirun=False)
+        assert app.hydra_error(caught.value) == error
 
 
 def test_preflight_failure_submits_nothing_and_names_the_point(tmp_path, synthetic_root):
