@@ -404,10 +404,10 @@ def build_report(sweep_dirs, plot_metrics: Optional[List[str]] = None, out_dir: 
     if out_dir is None and len(sweep_dirs) > 1:
         raise ValueError(f"a report of {len(sweep_dirs)} sweeps needs an output directory (--out)")
     manifests = [read_manifest(d) for d in sweep_dirs]
+    out_dir = report_folder(Path(out_dir) if out_dir is not None else sweep_dirs[0] / "report")
     runs = [point_runs(m["tracking_uri"], m["experiment"], m["sweep_id"]) for m in manifests]
     recorded = [r for r in runs if not r.empty]
     frame = points_frame(pd.concat(recorded, ignore_index=True) if recorded else runs[0])
-    out_dir = Path(out_dir) if out_dir is not None else sweep_dirs[0] / "report"
     table = headline_table(frame)
     write_tables(table, frame, out_dir)
     for metric in dict.fromkeys(default_plot_metrics(frame) + list(plot_metrics or [])):
@@ -430,6 +430,18 @@ def build_report(sweep_dirs, plot_metrics: Optional[List[str]] = None, out_dir: 
               "mean over seeds counts each: " + ", ".join(sorted({f"{r.label} {r.ratio} seed {r.seed}"
                                                                   for r in repeated.itertuples()})))
     print(f"report: {len(frame)} point(s) of {len(manifests)} sweep(s) -> {out_dir}")
+    return out_dir
+
+
+def report_folder(out_dir: Path) -> Path:
+    """`out_dir`, made if it is not there; before MLflow is read, an error naming it where it cannot hold the report
+    (a file of that name, a folder that cannot be made)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"the report's folder {out_dir} is a file")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot make the report's folder {out_dir}: {exc.strerror or exc}") from None
     return out_dir
 
 

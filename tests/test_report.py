@@ -321,6 +321,23 @@ def recorded_sweep(folder, name: str, points):
     return folder
 
 
+def test_an_output_folder_that_cannot_hold_the_report_is_named_and_a_file_there_kept(tmp_path, capsys):
+    """`--out paper.tex` (a file) ended in a FileExistsError traceback; now one line, and the file is left alone."""
+    from analysis.report import main
+
+    sweep = recorded_sweep(tmp_path / "sweep", "a", [("random", 0, 1e-3, 0.40)])
+    paper = tmp_path / "paper.tex"
+    paper.write_text("\\input{results}")
+    for out, error in ((paper, f"error: the report's folder {paper} is a file"),
+                       (paper / "tables", f"error: cannot make the report's folder {paper / 'tables'}: Not a directory")):
+        with pytest.raises(SystemExit) as exited:
+            main([str(sweep), "--out", str(out)])
+        assert exited.value.code == 2 and capsys.readouterr().err.strip() == error
+    assert paper.read_text() == "\\input{results}"
+    main([str(sweep), "--out", str(tmp_path / "new" / "tables")])  # a folder not there yet is made, parents too
+    assert (tmp_path / "new" / "tables" / "results.md").exists()
+
+
 def test_a_report_of_several_sweeps_averages_seeds_across_them_and_labels_what_differs(tmp_path, capsys):
     """Seeds added later as a second sweep (another name, MLflow store and eval batch size): one table, the
     mean over all seeds. A third sweep at another learning rate keeps its own label, and the others name theirs:
