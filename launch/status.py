@@ -89,15 +89,21 @@ def _state(marker: dict, job_id: Optional[str], queue: Dict[str, str], local_run
     return "not submitted" if job_id is None and not local else "cancelled"  # no job: sbatch refused the sweep
 
 
-def queue_of(manifest: graph.Manifest, required: bool = True) -> Dict[str, Tuple[str, str]]:
+def queue_of(manifest: graph.Manifest, required: bool = True,
+             asked: Optional[Dict[str, Dict]] = None) -> Dict[str, Tuple[str, str]]:
     """`queued_jobs()` if the sweep has a SLURM job (a local sweep has no queue to ask). Not `required` (status
-    only reads), on a machine without squeue: a `QueueUnknown`."""
+    only reads), on a machine without squeue: a `QueueUnknown`. `asked`: where an earlier call (of another sweep)
+    left squeue's listing, kept there for the next: it lists every user's jobs, seconds of a busy controller's time."""
     jobs = [job for point in manifest.points for job in manifest.latest_jobs(point.index).values()]
     if not any(job != "local" for job in jobs + [manifest.report_job() or "local"]):
         return {}
     if not required and shutil.which("squeue") is None:
         return QueueUnknown()
-    return queued_jobs()
+    if asked is None:
+        return queued_jobs()
+    if "listing" not in asked:
+        asked["listing"] = queued_jobs()
+    return asked["listing"]
 
 
 def _queue_states(listing: Dict[str, Tuple[str, str]]) -> Dict[str, str]:
@@ -429,10 +435,11 @@ NO_SQUEUE = ("squeue not found here (a copy of the sweep?): a SLURM stage whose 
              "state shows as unknown")
 
 
-def status_text(sweep_dir: str) -> Tuple[str, bool, bool]:
-    """One sweep's status table, whether a stage of it failed, and whether squeue was missing to tell."""
+def status_text(sweep_dir: str, asked: Optional[Dict[str, Dict]] = None) -> Tuple[str, bool, bool]:
+    """One sweep's status table, whether a stage of it failed, and whether squeue was missing to tell. `asked`: as
+    for `queue_of`, shared by the sweeps shown together."""
     manifest = graph.Manifest.load(sweep_dir)
-    listing = queue_of(manifest, required=False)  # one squeue for the points and the report
+    listing = queue_of(manifest, required=False, asked=asked)  # one squeue for the points and the report
     rows, report = sweep_status(manifest, listing), report_status(manifest, listing)
     failed = any(r[s] == "failed" for r in rows for s in graph.STAGES) or report["report"] == "failed"
     return format_status(manifest, rows, report), failed, isinstance(listing, QueueUnknown)
@@ -444,9 +451,10 @@ def main(argv=None) -> int:
     parser.add_argument("sweep_dirs", nargs="+", metavar="sweep_dir")
     args = parser.parse_args(argv)
     tables, unreadable, failed, queue_unknown = [], False, False, False
+    asked = {}  # one squeue for all the sweeps
     for sweep_dir in dict.fromkeys(args.sweep_dirs):
         try:
-            table, sweep_failed, sweep_queue_unknown = status_text(sweep_dir)
+            table, sweep_failed, sweep_queue_unknown = status_text(sweep_dir, asked)
         except (RuntimeError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             unreadable = True

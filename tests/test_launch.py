@@ -1558,6 +1558,36 @@ def test_status_without_squeue_shows_what_the_tasks_wrote_and_resubmit_refuses(t
     assert "squeue not found" in capsys.readouterr().err
 
 
+def test_status_of_several_slurm_sweeps_asks_squeue_once(tmp_path, synthetic_root, monkeypatch, capsys):
+    """squeue lists every user's jobs (seconds of a busy controller's time): `clustermask-status A B C` asked it once
+    per sweep. Here an squeue on PATH that counts its calls and lists the sweeps' training tasks as pending."""
+    from launch import status
+
+    sweep_dirs = []
+    for number, name in enumerate(("first", "second")):
+        sweep = compose_sweep([f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "launcher=slurm",
+                               f"sweep_name={name}"])
+        manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
+        train, evaluate, report = (str(10 * number + job) for job in (1, 2, 3))
+        manifest.submissions.append({"train": [{"job_id": train, "points": [0], "task_ids": [f"{train}_0"]}],
+                                     "eval": [{"job_id": evaluate, "points": [0], "task_ids": [f"{evaluate}_0"]}],
+                                     "report": {"job_id": report}})
+        manifest.save()
+        sweep_dirs.append(manifest.sweep_dir)
+    calls = tmp_path / "squeue_calls"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "squeue").write_text(f"#!/bin/sh\necho called >> {calls}\n"
+                                 "printf '1_0 PENDING Resources\\n2_0 PENDING Dependency\\n3 PENDING Dependency\\n"
+                                 "11_0 PENDING Resources\\n12_0 PENDING Dependency\\n13 PENDING Dependency\\n'\n")
+    (fake / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    assert status.main(sweep_dirs) == 0
+    out = capsys.readouterr().out
+    assert out.count("pending (Resources)") == 2 and out.count("report pending (Dependency)") == 2, out
+    assert calls.read_text().count("called") == 1
+
+
 def test_a_failed_write_keeps_the_previous_marker_and_config(tmp_path, monkeypatch):
     """A disk that fills up mid-write must not leave a half-written status marker (clustermask-status would
     crash on it) or point config (the task could not start again)."""
