@@ -11,9 +11,10 @@ import itertools
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import submitit
 from omegaconf import OmegaConf
@@ -79,13 +80,39 @@ def _finished(run_dir: Path, stage: str, error: Optional[BaseException] = None) 
 
 
 def _progress(run_dir: Path, stage: str, done: int, total: int, waited: Optional[float] = None) -> None:
-    """What `clustermask-status` shows beside a running stage: steps trained, or evaluation tasks done; and the
-    share of its time a training waited for its loader since its last log, when over LOADER_BOUND (a run to stop
-    and give more data.workers and cores)."""
+    """What `clustermask-status` shows beside a running stage: steps trained, or evaluation tasks done; for a
+    training, about how long it has left; and the share of its time a training waited for its loader since its last
+    log, when over LOADER_BOUND (a run to stop and give more data.workers and cores)."""
     progress = f"{done}/{total}"
+    left = time_left(run_dir, done, total) if stage == "train" else ""
+    if left:
+        progress += f", {left}"
     if waited is not None and waited > LOADER_BOUND:
         progress += f", {waited:.0%} waiting for data"
     _running(Path(run_dir).resolve(), stage, progress=progress)
+
+
+# per training run dir, its first progress in this process: (steps done, time.monotonic())
+_FIRST_PROGRESS: Dict[str, Tuple[int, float]] = {}
+
+
+def time_left(run_dir: Path, done: int, total: int) -> str:
+    """`about 25 min left` at the pace of this process's steps since its first log (not counting its start, the
+    model's compilation, or the steps before a resumption); '' at the first log, and at the end."""
+    now = time.monotonic()
+    first_done, first_time = _FIRST_PROGRESS.setdefault(str(run_dir), (done, now))
+    if done <= first_done or done >= total:
+        return ""
+    return f"about {duration((now - first_time) / (done - first_done) * (total - done))} left"
+
+
+def duration(seconds: float) -> str:
+    """`40 s`, `25 min`, `3.5 h`: as precise as a guess of time left is."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _use_the_allocated_cpus() -> None:

@@ -1149,6 +1149,24 @@ def test_a_training_that_waits_for_its_loader_says_so_beside_its_progress(tmp_pa
     assert shown == ["120/400, 35% waiting for data", "120/400", "120/400"]
 
 
+def test_a_running_training_says_about_how_long_it_has_left(tmp_path, monkeypatch):
+    """At the pace of its steps since its first log in this process (a resumed run's earlier steps, its start and
+    its compilation are not its pace); an evaluation's tasks are too unlike one another to say."""
+    from launch import jobs
+
+    clock = iter([100.0, 110.0, 150.0, 7000.0])
+    monkeypatch.setattr(jobs.time, "monotonic", lambda: next(clock))
+    shown = []
+    for step, waited in ((20, None), (40, None), (100, 0.35), (120, None)):  # resumed at 0: 20 steps in 10 s
+        jobs._progress(tmp_path, "train", step, 400, waited)
+        shown.append(graph.read_state(tmp_path, "train")["progress"])
+    assert shown == ["20/400", "40/400, about 3 min left", "100/400, about 3 min left, 35% waiting for data",
+                     "120/400, about 5.4 h left"]  # 100 steps in 6900 s: 280 more in 19320 s
+    jobs._progress(tmp_path, "eval", 2, 10)
+    assert graph.read_state(tmp_path, "eval")["progress"] == "2/10"
+    assert jobs.duration(89) == "89 s" and jobs.duration(5399) == "90 min" and jobs.duration(5400) == "1.5 h"
+
+
 class SignalsItself:
     """A dataset whose loader worker signals itself, as SLURM signals every process of a step."""
 
