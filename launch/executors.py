@@ -177,17 +177,21 @@ class LocalExecutor:
 
 def visible_gpus() -> List[str]:
     """The GPUs a task here may use, as CUDA_VISIBLE_DEVICES names them: its entries where it is set (up to an
-    invalid one, `-1`, which hides the rest from CUDA), else nvidia-smi's indices; none without NVIDIA's driver."""
+    invalid one, `-1`, which hides the rest from CUDA), else nvidia-smi's indices; none without NVIDIA's driver, and
+    none where a GPU is split into MIG instances (CUDA_VISIBLE_DEVICES must then name the instances' UUIDs)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         entries = [entry.strip() for entry in visible.split(",")]
         return list(itertools.takewhile(lambda entry: entry and not entry.startswith("-"), entries))
     try:
-        listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
-                                text=True, timeout=30)
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=index,mig.mode.current", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return []
-    return listed.stdout.split() if listed.returncode == 0 else []
+    gpus = [line.split(",") for line in listed.stdout.splitlines() if line.strip()] if listed.returncode == 0 else []
+    if any(len(gpu) > 1 and gpu[1].strip() == "Enabled" for gpu in gpus):
+        return []
+    return [gpu[0].strip() for gpu in gpus]
 
 
 def picks_its_gpu(stage: str, run_dir: Path) -> bool:

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
@@ -868,13 +869,21 @@ def test_local_tasks_that_run_at_once_take_a_gpu_each(tmp_path, synthetic_root):
     # what counts as a GPU here, and which tasks take the one they are given
     for visible, expected in (("3,5", ["3", "5"]), ("", []), ("2,-1,3", ["2"]), ("GPU-ab12, GPU-cd34", ["GPU-ab12",
                                                                                                    "GPU-cd34"])):
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible
-        try:
+        with mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": visible}):
             assert visible_gpus() == expected, visible
-        finally:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-    if not shutil.which("nvidia-smi"):
+    if not shutil.which("nvidia-smi") and "CUDA_VISIBLE_DEVICES" not in os.environ:
         assert visible_gpus() == []
+    # without CUDA_VISIBLE_DEVICES, nvidia-smi's GPUs (here one on PATH that says what a driver would), unless one is
+    # split into MIG instances, which their UUIDs name
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for listing, expected in (("0, Disabled\n1, Disabled\n", ["0", "1"]), ("0, [N/A]\n1, [N/A]\n", ["0", "1"]),
+                              ("0, Enabled\n1, Disabled\n", [])):
+        (fake / "nvidia-smi").write_text(f"#!/bin/sh\nprintf '{listing}'\n")
+        (fake / "nvidia-smi").chmod(0o755)
+        with mock.patch.dict(os.environ, {"PATH": f"{fake}:{os.environ['PATH']}"}):
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            assert visible_gpus() == expected, listing
     run_dir = Path(manifest.points[0].run_dir)
     assert picks_its_gpu("train", run_dir) and picks_its_gpu("eval", run_dir)
     for override in ("train.device=cuda:1", "eval.device=cpu"):
