@@ -309,9 +309,9 @@ class SlurmExecutor:
         # without it (deleted) the job fails rather than import whatever the folder it was submitted from holds.
         # The user's setup lines (`source .venv/bin/activate`) run before, in the folder the job was submitted from.
         code = self.code or snapshot.code_folder(self.sweep_dir, write=False)
-        pythonpath = snapshot.jobs_pythonpath()  # sbatch passes the submission's environment on, relative entries too
-        params["slurm_setup"] = [*([f"export PYTHONPATH={shlex.quote(pythonpath)}"] if pythonpath else []),
-                                 *(params.get("slurm_setup") or []), f"cd {shlex.quote(str(code))} || exit 1"]
+        # sbatch passes the submission's environment on, relative folders too
+        absolute = [f"export {name}={shlex.quote(value)}" for name, value in snapshot.jobs_environment().items()]
+        params["slurm_setup"] = [*absolute, *(params.get("slurm_setup") or []), f"cd {shlex.quote(str(code))} || exit 1"]
         executor.update_parameters(**params, slurm_additional_parameters=extra)
         return executor
 

@@ -41,10 +41,25 @@ def jobs_pythonpath() -> Optional[str]:
     return None if absolute == pythonpath else absolute
 
 
-def environment_elsewhere(**more: str) -> Dict[str, str]:
-    """This process's environment for a child that runs in another folder: PYTHONPATH made absolute."""
+# variables naming a folder that a job reads or writes, made absolute as PYTHONPATH's entries are: the Hugging Face
+# cache (where preflight found a model's tokenizer), torch's and Triton's compile caches, torch's hub, matplotlib's
+# configuration, the cache of migrated MLflow stores (XDG_CACHE_HOME) and the temporary folder
+FOLDER_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "XDG_CACHE_HOME",
+                    "TORCH_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "MPLCONFIGDIR", "TMPDIR")
+
+
+def jobs_environment() -> Dict[str, str]:
+    """What of this process's environment a process that runs in another folder (a job, in its code copy; the sweep
+    command's helper) must be given absolute: the relative ones of FOLDER_VARIABLES, and PYTHONPATH's entries."""
+    absolute = {name: str(Path.cwd() / value) for name in FOLDER_VARIABLES
+                if (value := os.environ.get(name)) and not os.path.isabs(value)}
     pythonpath = jobs_pythonpath()
-    return {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath is not None else {}), **more}
+    return {**absolute, **({"PYTHONPATH": pythonpath} if pythonpath is not None else {})}
+
+
+def environment_elsewhere(**more: str) -> Dict[str, str]:
+    """This process's environment for a child that runs in another folder: its relative folders made absolute."""
+    return {**os.environ, **jobs_environment(), **more}
 
 
 def copied_plugin(entry: str) -> Optional[Path]:

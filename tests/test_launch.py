@@ -1010,6 +1010,31 @@ def test_a_job_finds_a_plugin_module_on_a_relative_pythonpath_of_its_submission(
     assert "PYTHONPATH" not in executor._script(executor._executor("train"), 1)
 
 
+def test_a_job_is_given_the_folders_of_its_submissions_environment_absolute(tmp_path, monkeypatch):
+    """`HF_HOME=hf clustermask-sweep ...`: preflight found the model's tokenizer in ./hf, and the job, which runs in
+    its code copy, would have looked for it there. Each relative folder variable the jobs read is made absolute."""
+    from launch import snapshot
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.setenv("HF_HOME", "hf")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "caches/inductor")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # absolute already: left as it is
+    executor = SlurmExecutor(compose_cfg("launcher=slurm").launcher, tmp_path / "sweep", "s")
+    executor.code = snapshot.code_folder(tmp_path / "sweep")
+    script = executor._script(executor._executor("train"), 1)
+    assert "XDG_CACHE_HOME" not in script
+    command = next(line for line in script.splitlines() if line.startswith("srun "))
+    shows = "import os; print(os.getcwd(), os.environ['HF_HOME'], os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    ran = subprocess.run(["bash", "-c", script.replace(command, f"{sys.executable} -c \"{shows}\"")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.split() == [str(executor.code), str(tmp_path / "hf"), str(tmp_path / "caches" / "inductor")]
+    # a local task, and the sweep command's helper, get the same
+    elsewhere = snapshot.environment_elsewhere()
+    assert elsewhere["HF_HOME"] == str(tmp_path / "hf") and elsewhere["XDG_CACHE_HOME"] == str(tmp_path / "xdg")
+
+
 def test_executor_parameters_follow_hydra_submitit_launcher():
     cfg = compose_cfg("launcher=slurm", "launcher.train.partition=gpu")
     params = executor_parameters(cfg.launcher.train, "cm; rm -rf / `x` $(y)")
