@@ -311,7 +311,8 @@ class SlurmExecutor:
         code = self.code or snapshot.code_folder(self.sweep_dir, write=False)
         # sbatch passes the submission's environment on, relative folders too
         absolute = [f"export {name}={shlex.quote(value)}" for name, value in snapshot.jobs_environment().items()]
-        params["slurm_setup"] = [*absolute, *(params.get("slurm_setup") or []), f"cd {shlex.quote(str(code))} || exit 1"]
+        params["slurm_setup"] = [*absolute, *(params.get("slurm_setup") or []),
+                                 f"cd {shlex.quote(str(code))} || exit 1"]
         executor.update_parameters(**params, slurm_additional_parameters=extra)
         return executor
 

@@ -51,8 +51,8 @@ FOLDER_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFO
 def jobs_environment() -> Dict[str, str]:
     """What of this process's environment a process that runs in another folder (a job, in its code copy; the sweep
     command's helper) must be given absolute: the relative ones of FOLDER_VARIABLES, and PYTHONPATH's entries."""
-    absolute = {name: str(Path.cwd() / value) for name in FOLDER_VARIABLES
-                if (value := os.environ.get(name)) and not os.path.isabs(value)}
+    absolute = {name: str(Path.cwd() / value) for name in FOLDER_VARIABLES  # `~/hf` is the readers' to expand
+                if (value := os.environ.get(name)) and not os.path.isabs(os.path.expanduser(value))}
     pythonpath = jobs_pythonpath()
     return {**absolute, **({"PYTHONPATH": pythonpath} if pythonpath is not None else {})}
 

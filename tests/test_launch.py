@@ -1020,10 +1020,11 @@ def test_a_job_is_given_the_folders_of_its_submissions_environment_absolute(tmp_
     monkeypatch.setenv("HF_HOME", "hf")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "caches/inductor")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # absolute already: left as it is
+    monkeypatch.setenv("TORCH_HOME", "~/torch")  # the home folder: torch expands it
     executor = SlurmExecutor(compose_cfg("launcher=slurm").launcher, tmp_path / "sweep", "s")
     executor.code = snapshot.code_folder(tmp_path / "sweep")
     script = executor._script(executor._executor("train"), 1)
-    assert "XDG_CACHE_HOME" not in script
+    assert "XDG_CACHE_HOME" not in script and "TORCH_HOME" not in script
     command = next(line for line in script.splitlines() if line.startswith("srun "))
     shows = "import os; print(os.getcwd(), os.environ['HF_HOME'], os.environ['TORCHINDUCTOR_CACHE_DIR'])"
     ran = subprocess.run(["bash", "-c", script.replace(command, f"{sys.executable} -c \"{shows}\"")],
