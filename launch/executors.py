@@ -96,7 +96,7 @@ class LocalExecutor:
                 with self._lock:
                     self._children.discard(child)
         where = f" (GPU {gpu})" if gpu is not None else ""
-        outcome = "done" if code == 0 else f"FAILED (exit {code}), log {log}"
+        outcome = "done" if code == 0 else "stopped" if self._stopping else f"FAILED (exit {code}), log {log}"
         print(f"[local] {stage} {Path(path).name}{where}: {outcome}", flush=True)
         return code == 0
 
@@ -142,7 +142,7 @@ class LocalExecutor:
 
     def submit(self, manifest: graph.Manifest, plan: Plan) -> Dict:
         try:
-            with graph.local_executor_running(Path(manifest.sweep_dir)):
+            with cancel_as_interrupt(), graph.local_executor_running(Path(manifest.sweep_dir)):
                 self.code = snapshot.code_folder(Path(manifest.sweep_dir), plugin_files=graph.plugin_files(manifest))
                 record = self._run(manifest, plan)
                 manifest.record(record)
@@ -173,6 +173,29 @@ class LocalExecutor:
             self._task("report", manifest.sweep_dir, Path(manifest.sweep_dir) / "logs" / "report.log")
             record["report"] = {"job_id": "local"}
         return record
+
+
+# what `clustermask-cancel` sends a local sweep's process: a Ctrl-C's effect, where SIGINT may be ignored (a sweep
+# started in the background of a script)
+CANCEL_SIGNAL = signal.SIGUSR1
+
+
+@contextlib.contextmanager
+def cancel_as_interrupt():
+    """While the block runs, CANCEL_SIGNAL raises KeyboardInterrupt in this process's main thread, as a Ctrl-C does
+    (a process that is not the main thread's keeps the signal's own action)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(CANCEL_SIGNAL, interrupt)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(CANCEL_SIGNAL, previous)
 
 
 def visible_gpus() -> List[str]:

@@ -1,4 +1,5 @@
-"""`clustermask-status SWEEP_DIR` and `clustermask-resubmit SWEEP_DIR [--evaluate-again] [key=value ...]`.
+"""`clustermask-status SWEEP_DIR`, `clustermask-resubmit SWEEP_DIR [--evaluate-again] [key=value ...]` and
+`clustermask-cancel SWEEP_DIR`.
 
 State per point and stage comes from squeue (pending / running) and from the markers the tasks write in
 their run directory (done / failed); it needs no `sacct`. A task that left the queue without writing
@@ -13,19 +14,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import datetime as dt
+import json
+import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import graph
-from .executors import Plan, SlurmExecutor, SubmissionError, describe, make_executor
+from .executors import CANCEL_SIGNAL, Plan, SlurmExecutor, SubmissionError, describe, make_executor
 from .schema import config_error
 
 QUEUE_STATES = {"PENDING": "pending", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
@@ -464,6 +470,141 @@ def main(argv=None) -> int:
     if tables:
         print("\n".join([NO_SQUEUE] * queue_unknown + ["\n\n".join(tables)]))
     return 2 if unreadable else 1 if failed else 0
+
+
+# ---------------------------------------------------------------- cancel
+
+CANCELLED_BY = "clustermask-cancel"
+
+
+def sweep_jobs(manifest: graph.Manifest) -> List[str]:
+    """Every SLURM job (an array by its base id) that the sweep's submissions queued, oldest first."""
+    jobs = []
+    for submission in manifest.submissions:
+        jobs += [group["job_id"] for stage in graph.STAGES for group in submission.get(stage, [])]
+        jobs += [submission["report"]["job_id"]] if "report" in submission else []
+    return [job for job in dict.fromkeys(jobs) if job != "local"]
+
+
+def latest_stages(manifest: graph.Manifest) -> List[Tuple[Path, str, str]]:
+    """(folder of its marker, stage, task id) of each point's newest training and evaluation, then the report."""
+    stages = [(Path(point.run_dir), stage, task) for point in manifest.points
+              for stage, task in manifest.latest_jobs(point.index).items() if stage != "report"]
+    report = manifest.report_job()
+    return stages + ([(Path(manifest.sweep_dir), "report", report)] if report else [])
+
+
+def cancel(sweep_dir: Path, dry_run: bool = False, wait_s: float = 120.0) -> List[str]:
+    """Stop what the sweep still has queued or running: scancel its SLURM jobs (every submission's), or interrupt
+    the local sweep's process, as a Ctrl-C would. The stages stopped are marked cancelled (by this command), not
+    shown failed as a task that left the queue mid-run without a verdict is, and their MLflow runs end KILLED;
+    `clustermask-resubmit` resumes them. Returns the jobs (or the process) stopped."""
+    manifest = graph.Manifest.load(sweep_dir)
+    if manifest.executor == "local":  # its process holds the submission lock while it runs
+        return cancel_local(manifest, dry_run, wait_s)
+    with contextlib.nullcontext() if dry_run else graph.submitting(sweep_dir):
+        manifest = graph.Manifest.load(sweep_dir)  # read in the lock: a resubmission's jobs are recorded by now
+        listing = queued_jobs()
+        live = [job for job in sweep_jobs(manifest) if any(task.split("_")[0] == job for task in listing)]
+        stopped = [(folder, stage, task) for folder, stage, task in latest_stages(manifest) if task in listing]
+        if not live:
+            print("nothing to cancel: SLURM lists none of the sweep's jobs")
+            return []
+        running = sum(listing[task][0] == "running" for _, _, task in stopped)
+        print(f"{'would cancel' if dry_run else 'cancelling'} job(s) {' '.join(live)}: {running} stage(s) running, "
+              f"{len(stopped) - running} queued")
+        if dry_run:
+            return live
+        scancel = subprocess.run(["scancel", *live], capture_output=True, text=True, timeout=60)
+        if scancel.returncode != 0:
+            raise RuntimeError(f"scancel {' '.join(live)} failed (exit {scancel.returncode}: "
+                               f"{scancel.stderr.strip()[-500:]}); nothing marked")
+        left = wait_until(lambda: [job for job in live if any(t.split("_")[0] == job for t in queued_jobs())], wait_s)
+        if left:
+            print(f"note: SLURM still lists job(s) {' '.join(left)} after {wait_s:.0f} s; their stages are marked "
+                  "cancelled all the same")
+        mark_cancelled(manifest, stopped)
+    print(f"cancelled: clustermask-resubmit {manifest.sweep_dir} resumes the sweep (a training from its last "
+          "checkpoint)")
+    return live
+
+
+def wait_until(still: Callable[[], list], wait_s: float) -> list:
+    """Ask `still()` each second until it is empty or `wait_s` has passed; what it gave last."""
+    deadline = time.monotonic() + wait_s
+    left = still()
+    while left and time.monotonic() < deadline:
+        time.sleep(1)
+        left = still()
+    return left
+
+
+def cancel_local(manifest: graph.Manifest, dry_run: bool, wait_s: float) -> List[str]:
+    """Interrupt the process that runs a local sweep, as a Ctrl-C in its terminal would: it ends its running task
+    and starts no other. Only on the machine it runs on."""
+    sweep_dir = Path(manifest.sweep_dir)
+    if not graph.local_executor_alive(sweep_dir):
+        print("nothing to cancel: no process runs the local sweep")
+        return []
+    holder = json.loads(graph.local_executor_path(sweep_dir).read_text())
+    if holder["host"] != socket.gethostname():
+        raise ValueError(f"the local sweep runs on {holder['host']} (pid {holder['pid']}): cancel it there")
+    print(f"{'would stop' if dry_run else 'stopping'} the local sweep's process {holder['pid']}")
+    if dry_run:
+        return [str(holder["pid"])]
+    running = set(running_here(manifest))
+    sent = dt.datetime.now().isoformat(timespec="seconds")
+    os.kill(int(holder["pid"]), CANCEL_SIGNAL)
+    if wait_until(lambda: [True] if graph.local_executor_alive(sweep_dir) else [], wait_s):
+        raise RuntimeError(f"the local sweep's process {holder['pid']} still runs after {wait_s:.0f} s")
+    # and a stage that started as the signal came
+    running |= {stage for stage, marker in running_here(manifest, alive=False).items() if marker["time"] >= sent}
+    mark_cancelled(graph.Manifest.load(sweep_dir), [(folder, stage, "local") for folder, stage in sorted(running)])
+    print(f"cancelled: clustermask-resubmit {manifest.sweep_dir} resumes the sweep (a training from its last "
+          "checkpoint)")
+    return [str(holder["pid"])]
+
+
+def running_here(manifest: graph.Manifest, alive: bool = True) -> Dict[Tuple[Path, str], dict]:
+    """(run dir, stage) -> marker, of a local sweep's stages marked running whose process is alive (or gone)."""
+    markers = {(Path(p.run_dir), stage): graph.read_state(Path(p.run_dir), stage) or {}
+               for p in manifest.points for stage in graph.STAGES}
+    return {key: marker for key, marker in markers.items()
+            if marker.get("state") == "running" and graph.process_alive(marker) == alive}
+
+
+def mark_cancelled(manifest: graph.Manifest, stopped: List[Tuple[Path, str, str]]) -> None:
+    """Each stage of `stopped` that did not finish, cancelled by this command; the MLflow runs of its points, and the
+    sweep's run where the report was stopped, end KILLED (a store that does not answer is only warned of)."""
+    from clustermask.tracking import RunLogger
+
+    runs = {Path(p.run_dir): p.mlflow_run_id for p in manifest.points}
+    killed = []
+    for folder, stage, task in stopped:
+        marker = graph.read_state(folder, stage) or {}
+        if marker.get("state") == "done":
+            continue
+        graph.mark(folder, stage, "cancelled", job_id=task, log=marker.get("log", ""), reason=CANCELLED_BY)
+        killed.append(manifest.parent_run_id if stage == "report" else runs[folder])
+    for run_id in dict.fromkeys(killed):
+        try:
+            RunLogger(manifest.tracking_uri, run_id).finish("KILLED")
+        except Exception as exc:  # noqa: BLE001 - the jobs are cancelled whatever MLflow says
+            print(f"warning: MLflow run {run_id} not ended KILLED: {exc!r}"[:500], file=sys.stderr)
+
+
+def cancel_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Cancel what a sweep still has queued or running (clustermask-"
+                                     "resubmit resumes it)")
+    parser.add_argument("sweep_dir")
+    parser.add_argument("--dry-run", action="store_true", help="say what it would cancel; cancel nothing")
+    args = parser.parse_args(argv)
+    try:
+        cancel(Path(args.sweep_dir), args.dry_run)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def resubmit_main(argv=None) -> int:

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from launch import graph
-from launch.status import format_status, plan_resubmission, report_status, sweep_status
+from launch.status import cancel, format_status, plan_resubmission, report_status, sweep_status
 
 from conftest import REPO, interrupt_when, process_group
 
@@ -430,6 +430,37 @@ def test_ctrl_c_stops_a_local_sweep_at_once_and_says_how_to_resume(tmp_path, syn
     rows = sweep_status(graph.Manifest.load(sweep_dir))
     assert [(r["train"], r["eval"]) for r in rows] == [("failed", "cancelled"), ("cancelled", "cancelled")]
     assert not (graph.Path(graph.Manifest.load(sweep_dir).points[1].run_dir) / "status").exists()  # never started
+
+
+def test_cancelling_a_local_sweep_stops_it_as_a_ctrl_c_would_and_marks_what_it_stopped(tmp_path, synthetic_root,
+                                                                                       capsys):
+    """`clustermask-cancel` of a local sweep started in the background of a script (SIGINT ignored, so no Ctrl-C
+    reaches it): its process stops its running task and starts no other, and the training it stopped is cancelled,
+    not failed."""
+    import signal
+
+    command = [sys.executable, "-m", "launch.app", "-m", f"paths.root={tmp_path}", f"paths.data={synthetic_root}",
+               "sweep_name=cancelled", "masking=random", "train.seed=0,1", "train.steps=400", "train.batch_size=32"]
+    sweep_dir = tmp_path / "sweeps" / "cancelled"
+    with process_group(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) as run:
+        deadline = time.time() + 300
+        while not list(sweep_dir.glob("points/*/status/train.json")):
+            assert time.time() < deadline and run.poll() is None, "the first training never started"
+            time.sleep(0.05)
+        assert cancel(sweep_dir, dry_run=True) == [str(run.pid)] and run.poll() is None
+        assert cancel(sweep_dir) == [str(run.pid)]
+        stdout, stderr = run.communicate(timeout=90)
+    assert run.returncode == 130 and f"clustermask-resubmit {sweep_dir}` resumes the rest" in stderr, stderr[-2000:]
+    assert re.search(r"^\[local\] train \S+: stopped$", stdout, re.M) and "Traceback" not in stderr
+    manifest = graph.Manifest.load(sweep_dir)
+    rows = sweep_status(manifest)
+    assert [(r["train"], r["eval"]) for r in rows] == [("cancelled", "cancelled")] * 2
+    assert graph.read_state(graph.Path(manifest.points[0].run_dir), "train")["reason"] == "clustermask-cancel"
+    assert mlflow.tracking.MlflowClient(manifest.tracking_uri).get_run(manifest.points[0].mlflow_run_id).info.status \
+        == "KILLED"
+    assert cancel(sweep_dir) == [] and "nothing to cancel" in capsys.readouterr().out
+    assert plan_resubmission(rows).train == [0, 1]
 
 
 def test_ctrl_c_stops_the_demo_as_it_stops_its_sweep(tmp_path):

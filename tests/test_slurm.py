@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from launch import graph
-from launch.status import format_status, report_status, resubmit, sweep_status
+from launch.status import cancel, format_status, plan_resubmission, report_status, resubmit, sweep_status
 
 from conftest import REPO
 
@@ -297,6 +297,36 @@ def test_two_process_gloo_training_then_evaluating_again(slurm, tmp_path, synthe
     rows = sweep_status(manifest)
     assert rows[0]["eval"] == "done" and rows[0]["eval_job"] == record["eval"][0]["task_ids"][0]
     assert graph.load_point_config(Path(manifest.points[0].run_dir)).eval.batch_size == 32
+
+
+def test_cancelling_a_sweep_stops_its_jobs_marks_its_stages_cancelled_and_resubmission_resumes_it(
+        slurm, tmp_path, synthetic_root, capsys):
+    """A bug seen just after submitting: `clustermask-cancel SWEEP` rather than finding three job ids for scancel,
+    after which the trainings it stopped showed as failed (they left the queue mid-run without a verdict)."""
+    launch(tmp_path, synthetic_root, "sweep_name=cancel", "masking.ratio=0.3,0.5,0.7", "train.steps=2000",
+           "launcher.train.array_parallelism=2", one_eval_task(synthetic_root))
+    sweep_dir = tmp_path / "sweeps" / "cancel"
+    manifest = graph.Manifest.load(sweep_dir)
+    jobs = base_ids(manifest)
+    deadline = time.time() + 300
+    while [row["train"] for row in sweep_status(manifest)].count("running") < 2:  # two at a time: one waits
+        assert time.time() < deadline, sweep_status(manifest)
+        time.sleep(0.5)
+    assert cancel(sweep_dir, dry_run=True) == sorted(jobs) and jobs <= queued()  # says, cancels nothing
+    assert "would cancel job(s)" in capsys.readouterr().out
+    assert cancel(sweep_dir) == sorted(jobs)
+    assert not jobs & queued()
+    out = capsys.readouterr().out
+    assert "2 stage(s) running, 5 queued" in out and f"clustermask-resubmit {sweep_dir}" in out
+    rows = sweep_status(manifest)
+    assert all(row[stage] == "cancelled" for row in rows for stage in graph.STAGES), rows
+    assert report_status(manifest)["report"] == "cancelled"
+    assert graph.read_state(Path(manifest.points[0].run_dir), "train")["reason"] == "clustermask-cancel"
+    mlflow = MlflowClient(manifest.tracking_uri)
+    assert {mlflow.get_run(p.mlflow_run_id).info.status for p in manifest.points} == {"KILLED"}
+    assert mlflow.get_run(manifest.parent_run_id).info.status == "KILLED"
+    assert cancel(sweep_dir) == [] and "nothing to cancel" in capsys.readouterr().out
+    assert plan_resubmission(rows).train == [0, 1, 2]  # all of it, each training from its last checkpoint
 
 
 def test_the_demo_sent_to_slurm_says_where_to_follow_it(slurm, tmp_path):
