@@ -1514,11 +1514,12 @@ def test_the_sweep_commands_name_a_folder_that_is_not_a_sweep(tmp_path, capsys):
     from launch import status
 
     assert status.main([str(tmp_path)]) == 2 and status.resubmit_main([str(tmp_path)]) == 2
+    assert status.cancel_main([str(tmp_path)]) == 2
     with pytest.raises(SystemExit) as exit_info:
         report_main([str(tmp_path)])
     assert exit_info.value.code == 2
     errors = capsys.readouterr().err.splitlines()
-    assert errors == [f"error: {tmp_path} is not a sweep directory: it has no manifest.json"] * 3  # one message
+    assert errors == [f"error: {tmp_path} is not a sweep directory: it has no manifest.json"] * 4  # one message
     # `outputs/` or `outputs/sweeps/` given for one of the sweeps under it: they are named
     for name in ("b", "a"):
         (tmp_path / "sweeps" / name).mkdir(parents=True)
