@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime as dt
 import json
 import os
 import re
@@ -552,25 +551,17 @@ def cancel_local(manifest: graph.Manifest, dry_run: bool, wait_s: float) -> List
     print(f"{'would stop' if dry_run else 'stopping'} the local sweep's process {holder['pid']}")
     if dry_run:
         return [str(holder["pid"])]
-    running = set(running_here(manifest))
-    sent = dt.datetime.now().isoformat(timespec="seconds")
     os.kill(int(holder["pid"]), CANCEL_SIGNAL)
     if wait_until(lambda: [True] if graph.local_executor_alive(sweep_dir) else [], wait_s):
         raise RuntimeError(f"the local sweep's process {holder['pid']} still runs after {wait_s:.0f} s")
-    # and a stage that started as the signal came
-    running |= {stage for stage, marker in running_here(manifest, alive=False).items() if marker["time"] >= sent}
-    mark_cancelled(graph.Manifest.load(sweep_dir), [(folder, stage, "local") for folder, stage in sorted(running)])
+    # what it was running, and what would have run after: its stages without a verdict, and the report
+    stopped = [(Path(p.run_dir), stage, "local") for p in manifest.points for stage in graph.STAGES
+               if (graph.read_state(Path(p.run_dir), stage) or {}).get("state") not in FINAL_STATES]
+    stopped.append((sweep_dir, "report", "local"))
+    mark_cancelled(graph.Manifest.load(sweep_dir), stopped)
     print(f"cancelled: clustermask-resubmit {manifest.sweep_dir} resumes the sweep (a training from its last "
           "checkpoint)")
     return [str(holder["pid"])]
-
-
-def running_here(manifest: graph.Manifest, alive: bool = True) -> Dict[Tuple[Path, str], dict]:
-    """(run dir, stage) -> marker, of a local sweep's stages marked running whose process is alive (or gone)."""
-    markers = {(Path(p.run_dir), stage): graph.read_state(Path(p.run_dir), stage) or {}
-               for p in manifest.points for stage in graph.STAGES}
-    return {key: marker for key, marker in markers.items()
-            if marker.get("state") == "running" and graph.process_alive(marker) == alive}
 
 
 def mark_cancelled(manifest: graph.Manifest, stopped: List[Tuple[Path, str, str]]) -> None:

@@ -457,8 +457,10 @@ def test_cancelling_a_local_sweep_stops_it_as_a_ctrl_c_would_and_marks_what_it_s
     rows = sweep_status(manifest)
     assert [(r["train"], r["eval"]) for r in rows] == [("cancelled", "cancelled")] * 2
     assert graph.read_state(graph.Path(manifest.points[0].run_dir), "train")["reason"] == "clustermask-cancel"
-    assert mlflow.tracking.MlflowClient(manifest.tracking_uri).get_run(manifest.points[0].mlflow_run_id).info.status \
-        == "KILLED"
+    runs = mlflow.tracking.MlflowClient(manifest.tracking_uri)
+    assert {runs.get_run(point.mlflow_run_id).info.status for point in manifest.points} == {"KILLED"}  # ran or not
+    assert report_status(manifest)["report"] == "cancelled"
+    assert runs.get_run(manifest.parent_run_id).info.status == "KILLED"
     assert cancel(sweep_dir) == [] and "nothing to cancel" in capsys.readouterr().out
     assert plan_resubmission(rows).train == [0, 1]
 
