@@ -284,12 +284,40 @@ class StageTask(submitit.helpers.Checkpointable):
 
     def __init__(self, stage: str):
         self.stage = stage
+        self.started = time.time()  # this attempt's start (the requeued attempt sets its own)
 
     def __call__(self, path: str) -> str:
+        self.started = time.time()
         handle_signals_in_this_process_only()  # submitit installed its handlers before calling us
         if self.stage == "train" and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         return STAGE_FUNCTIONS[self.stage](path)
+
+    def checkpoint(self, path: str) -> submitit.helpers.DelayedSubmission:
+        """The requeue: as submitit's, with a warning in the log where this attempt saved nothing to resume from.
+        Ended by its time limit, each attempt would then end where the first did, until max_num_timeout ran out."""
+        if self.stage in SAVED and not saved_since(Path(path), self.stage, self.started):
+            print(no_progress_warning(self.stage, (time.time() - self.started) / 60, path), file=sys.stderr,
+                  flush=True)
+        return super().checkpoint(path)
+
+
+# what an attempt of a stage saves that the next resumes from: a training's checkpoints, an evaluation's results
+SAVED = {"train": ("checkpoints", "*.pt"), "eval": ("results", "*.json")}
+
+
+def saved_since(run_dir: Path, stage: str, started: float) -> bool:
+    folder, pattern = SAVED[stage]
+    return any(path.stat().st_mtime >= started for path in (run_dir / folder).glob(pattern))
+
+
+def no_progress_warning(stage: str, minutes: float, run_dir: str) -> str:
+    shorter = {"train": "more time, or fewer steps between checkpoints (train.checkpoint_every)",
+               "eval": "more time (each evaluation task is saved when it ends)"}[stage]
+    return (f"warning: this attempt of the {stage} ({minutes:.0f} min) saved nothing to resume from in {run_dir}: "
+            f"the requeued attempt starts where this one did, and if a time limit ended this one, it will end the "
+            f"same way, until launcher.{stage}.max_num_timeout runs out; give "
+            f"launcher.{stage}.timeout_min {shorter}")
 
 
 def main(argv=None) -> int:

@@ -1202,6 +1202,32 @@ def test_a_running_training_says_about_how_long_it_has_left(tmp_path, monkeypatc
     assert jobs.duration(89) == "89 s" and jobs.duration(5399) == "90 min" and jobs.duration(5400) == "1.5 h"
 
 
+def test_a_requeued_attempt_that_saved_nothing_to_resume_from_says_so_in_its_log(tmp_path, capsys):
+    """A time limit shorter than a checkpoint interval: each attempt was signalled before its first checkpoint, the
+    next started where it had, and after max_num_timeout requeues the training failed, with nothing in its log to say
+    why. The requeue now says so where the attempt saved nothing; a training's checkpoint or an evaluation's result
+    written in the attempt is progress."""
+    from launch import jobs
+
+    for stage, folder, name, advice in (("train", "checkpoints", "latest.pt", "train.checkpoint_every"),
+                                        ("eval", "results", "shapes_final.pt_ViT_en_zeroshot_classification.json",
+                                         "each evaluation task is saved when it ends")):
+        task = jobs.StageTask(stage)
+        task.started = time.time()
+        earlier = tmp_path / folder / name
+        earlier.parent.mkdir()
+        earlier.write_text("an earlier attempt's")
+        os.utime(earlier, (task.started - 600, task.started - 600))
+        delayed = task.checkpoint(str(tmp_path))
+        assert delayed.function is task and delayed.args == (str(tmp_path),)  # requeued all the same
+        warning = capsys.readouterr().err
+        assert warning.startswith(f"warning: this attempt of the {stage} (0 min) saved nothing to resume from in "
+                                  f"{tmp_path}") and f"launcher.{stage}.timeout_min" in warning and advice in warning
+        earlier.touch()  # written by this attempt
+        task.checkpoint(str(tmp_path))
+        assert capsys.readouterr().err == ""
+
+
 class SignalsItself:
     """A dataset whose loader worker signals itself, as SLURM signals every process of a step."""
 

@@ -219,6 +219,7 @@ def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root)
         out = "".join(p.read_text() for p in (sweep_dir / "slurm" / stage).rglob("*_log.out"))
         assert out.count("Caught signal SIGUSR2") == 1, out[-3000:]
         assert "triggered an exception" not in logs[stage], logs[stage][-3000:]
+        assert "saved nothing to resume from" not in logs[stage]  # each attempt checkpointed, or evaluated a task
     assert Path(point.run_dir, "checkpoints", "final.pt").exists() and not latest.exists()
     # the evaluation tasks finished before the signal are read back (and logged again, with the same value)
     read_back = logs["eval"].count("with the same settings: read back from")
