@@ -307,6 +307,7 @@ SAVED = {"train": ("checkpoints", "*.pt"), "eval": ("results", "*.json")}
 
 
 def saved_since(run_dir: Path, stage: str, started: float) -> bool:
+    """Whether the stage wrote, since `started`, something that its next attempt resumes from."""
     folder, pattern = SAVED[stage]
     return any(path.stat().st_mtime >= started for path in (run_dir / folder).glob(pattern))
 
