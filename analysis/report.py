@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import matplotlib
 
@@ -328,28 +328,36 @@ def missing_metrics_note(table: pd.DataFrame) -> Optional[str]:
             f"over seeds leave them out, marked (n=k): {named_points(lacking)}")
 
 
+def points_by(frame: pd.DataFrame, column: str) -> Optional[Tuple[int, str]]:
+    """Where the points tagged in `column` (a run without the tag has '') do not all share one value: how many
+    values, and `value: points; ...` naming the points of each; None where they share one."""
+    tagged = frame[frame[column].astype(bool)] if column in frame else None
+    if tagged is None or tagged[column].nunique() < 2:
+        return None
+    return tagged[column].nunique(), "; ".join(f"{value}: {named_points(rows)}"
+                                              for value, rows in tagged.groupby(column, sort=False))
+
+
 def code_versions_note(frame: pd.DataFrame) -> Optional[str]:
     """A line naming which points trained with which version of the code, when they did not all train with one
     (points resubmitted after an edit, or sweeps reported together): their metrics may differ by the edit."""
-    tagged = frame[frame["code"].astype(bool)] if "code" in frame else None
-    if tagged is None or tagged["code"].nunique() < 2:
+    versions = points_by(frame, "code")
+    if versions is None:
         return None
-    versions = "; ".join(f"{code}: {named_points(rows)}" for code, rows in tagged.groupby("code", sort=False))
-    return (f"report: the points trained with {tagged['code'].nunique()} versions of the code (the digest of "
+    return (f"report: the points trained with {versions[0]} versions of the code (the digest of "
             "<sweep_dir>/code/<digest>, one per submission of edited code, and of each plugin file as the job read "
-            f"it), so their metrics may differ by the edits: {versions}")
+            f"it), so their metrics may differ by the edits: {versions[1]}")
 
 
 def hardware_note(frame: pd.DataFrame) -> Optional[str]:
     """A line naming which points trained on which hardware, when not all on one (a partition of mixed GPUs, a
     point requeued onto other nodes, sweeps run on two clusters reported together): their train_min compares the
     hardware as much as the masking."""
-    tagged = frame[frame["hardware"].astype(bool)] if "hardware" in frame else None
-    if tagged is None or tagged["hardware"].nunique() < 2:
+    kinds = points_by(frame, "hardware")
+    if kinds is None:
         return None
-    kinds = "; ".join(f"{hardware}: {named_points(rows)}" for hardware, rows in tagged.groupby("hardware", sort=False))
-    return (f"report: the points trained on {tagged['hardware'].nunique()} kinds of hardware, so their train_min "
-            f"compares the hardware as much as the masking: {kinds}")
+    return (f"report: the points trained on {kinds[0]} kinds of hardware, so their train_min compares the hardware "
+            f"as much as the masking: {kinds[1]}")
 
 
 def latex_table(rows: pd.DataFrame) -> str:

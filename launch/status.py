@@ -485,6 +485,12 @@ def sweep_jobs(manifest: graph.Manifest) -> List[str]:
     return [job for job in dict.fromkeys(jobs) if job != "local"]
 
 
+def still_listed(jobs: List[str], listing: Dict[str, Tuple[str, str]]) -> List[str]:
+    """The jobs of `jobs` (arrays by their base id) that `listing` (squeue's, `queued_jobs()`) has a task of."""
+    bases = {task.split("_")[0] for task in listing}
+    return [job for job in jobs if job in bases]
+
+
 def latest_stages(manifest: graph.Manifest) -> List[Tuple[Path, str, str]]:
     """(folder of its marker, stage, task id) of each point's newest training and evaluation, then the report."""
     stages = [(Path(point.run_dir), stage, task) for point in manifest.points
@@ -504,7 +510,7 @@ def cancel(sweep_dir: Path, dry_run: bool = False, wait_s: float = 120.0) -> Lis
     with contextlib.nullcontext() if dry_run else graph.submitting(sweep_dir):
         manifest = graph.Manifest.load(sweep_dir)  # read in the lock: a resubmission's jobs are recorded by now
         listing = queued_jobs()
-        live = [job for job in sweep_jobs(manifest) if any(task.split("_")[0] == job for task in listing)]
+        live = still_listed(sweep_jobs(manifest), listing)
         stopped = [(folder, stage, task) for folder, stage, task in latest_stages(manifest) if task in listing]
         if not live:
             print("nothing to cancel: SLURM lists none of the sweep's jobs")
@@ -518,7 +524,7 @@ def cancel(sweep_dir: Path, dry_run: bool = False, wait_s: float = 120.0) -> Lis
         if scancel.returncode != 0:
             raise RuntimeError(f"scancel {' '.join(live)} failed (exit {scancel.returncode}: "
                                f"{scancel.stderr.strip()[-500:]}); nothing marked")
-        left = wait_until(lambda: [job for job in live if any(t.split("_")[0] == job for t in queued_jobs())], wait_s)
+        left = wait_until(lambda: still_listed(live, queued_jobs()), wait_s)
         if left:
             print(f"note: SLURM still lists job(s) {' '.join(left)} after {wait_s:.0f} s; their stages are marked "
                   "cancelled all the same")
