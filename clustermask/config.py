@@ -233,12 +233,26 @@ def check_keeps_a_patch(masking: MaskingConfig, strategy_settings: Iterable[str]
                      f"token alone; a ratio of at most {most / 10_000:.4f} keeps one")
 
 
+def check_clusters_fit(masking: MaskingConfig, strategy_settings: Iterable[str], num_patches: int, tower: str) -> None:
+    """k-means asks for at most one centre per patch token: with more, the masker would quietly take one per patch
+    (each patch its own cluster, the drops of `random`) while the point is recorded at the k it asked for."""
+    if "kmeans_k" in strategy_settings and masking.kmeans_k > num_patches:
+        raise ValueError(f"masking.kmeans_k={masking.kmeans_k!r} asks for more clusters than the {num_patches} patch "
+                         f"tokens of {tower}: give at most {num_patches}")
+
+
+def check_patch_count(masking: MaskingConfig, strategy_settings: Iterable[str], num_patches: int, tower: str) -> None:
+    """What `masking` asks of an image tower of `num_patches` patch tokens (named `tower` in the errors)."""
+    check_keeps_a_patch(masking, strategy_settings, num_patches, tower)
+    check_clusters_fit(masking, strategy_settings, num_patches, tower)
+
+
 def validate_model_for_masking(model: ModelConfig, masking: MaskingConfig, strategy_settings: Iterable[str]) -> None:
     """The image tower of `model.name` can take the masking: a VisionTransformer (the masker replaces its
     `patch_dropout`), and one that pools its CLS token alone where `masking.attention` hides tokens (attention
     mode hides them from the transformer's attention, not from a pooling over all tokens); a ratio that keeps a
-    patch token. Read off open_clip's config file; `masking.install_masking` checks the built model the same way.
-    `strategy_settings`: as for `calibrated`."""
+    patch token, and no more k-means clusters than patch tokens. Read off open_clip's config file;
+    `masking.install_masking` checks the built model the same way. `strategy_settings`: as for `calibrated`."""
     vision_cfg = model_config(model.name).get("vision_cfg", {})
     kind = image_tower_kind(vision_cfg)
     if kind is not None:
@@ -246,7 +260,7 @@ def validate_model_for_masking(model: ModelConfig, masking: MaskingConfig, strat
                          "clustermask masks a VisionTransformer's patch tokens (e.g. ViT-B-16)")
     num_patches = patch_count(vision_cfg)
     if num_patches is not None:
-        check_keeps_a_patch(masking, strategy_settings, num_patches, f"model.name={model.name!r}")
+        check_patch_count(masking, strategy_settings, num_patches, f"model.name={model.name!r}")
     pooling = pooling_beyond_cls(vision_cfg)
     if hides_tokens(masking, strategy_settings) and pooling is not None:
         raise ValueError(f"masking.attention=true with model.name={model.name!r}: attention mode hides tokens from "

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import assignment_kernel, features_kernel, gram_kernel
-from .config import MaskingConfig, calibrated, check_keeps_a_patch, hides_tokens, pooling_beyond_cls, validate_masking
+from .config import MaskingConfig, calibrated, check_patch_count, hides_tokens, pooling_beyond_cls, validate_masking
 from .plugins import check_name_free
 
 
@@ -612,8 +612,8 @@ def install_masking(model: nn.Module, cfg: MaskingConfig, total_steps: int = 1) 
     """Install a TokenMasker into an open_clip CLIP model (or its VisionTransformer) in place."""
     visual = vision_tower(model)
     check_attention_pooling(visual, cfg)
-    check_keeps_a_patch(cfg, STRATEGY_SETTINGS.get(cfg.strategy, ()), visual.grid_size[0] * visual.grid_size[1],
-                        type(visual).__name__)
+    check_patch_count(cfg, STRATEGY_SETTINGS.get(cfg.strategy, ()), visual.grid_size[0] * visual.grid_size[1],
+                      type(visual).__name__)
     patch = visual.conv1.kernel_size[0]
     heads = visual.transformer.resblocks[0].attn.num_heads
     masker = TokenMasker(cfg, patch, heads, total_steps).to(visual.conv1.weight.device)

@@ -400,13 +400,18 @@ def test_preflight_refuses_an_image_tower_that_cannot_take_the_masking(synthetic
              ("masking=kmeans", "masking.ratio=0.995"): r"masking.ratio=0.995 drops all 64 patch tokens of "
                                                        r"model.name='ViT-Tiny-8-64' .* at most 0.9921 keeps one",
              ("masking=random", "masking.ratio=0.9975", "model.name=ViT-B-16"): r"all 196 patch tokens of "
-                                                                               r"model.name='ViT-B-16'.*0.9974"}
+                                                                               r"model.name='ViT-B-16'.*0.9974",
+             ("masking=kmeans", "masking.kmeans_k=65"): r"^masking.kmeans_k=65 asks for more clusters than the 64 "
+                                                        r"patch tokens of model.name='ViT-Tiny-8-64': give at most 64$"}
     for overrides, message in cases.items():
         with pytest.raises(ValueError, match=message):
             app.preflight(compose_cfg(*good, *overrides))
     app.preflight(compose_cfg(*good, *attention, "model.name=ViT-B-16"))
     app.preflight(compose_cfg(*good, "masking=random", "masking.ratio=0.9974", "model.name=ViT-B-16"))
     app.preflight(compose_cfg(*good, "masking=none", "masking.ratio=0.995"))  # none reads no ratio
+    app.preflight(compose_cfg(*good, "masking=kmeans", "masking.kmeans_k=64"))  # one patch a cluster: allowed
+    app.preflight(compose_cfg(*good, "masking=kmeans", "masking.kmeans_k=196", "model.name=ViT-B-16"))
+    app.preflight(compose_cfg(*good, "masking=random", "masking.kmeans_k=65"))  # random reads no k
     # dropping tokens works on a tower that pools every token (CLIPA's preflight also wants its tokenizer cached)
     validate_model_for_masking(ModelConfig("ViT-L-14-CLIPA"), MaskingConfig("cluster"), ["attention"])
     # a strategy that hides nothing (random does not read `attention`)

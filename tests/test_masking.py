@@ -613,6 +613,16 @@ def lloyd_assignment(pixels: torch.Tensor, patch: int, initial: torch.Tensor, it
     return torch.stack(assignments)
 
 
+def test_more_kmeans_clusters_than_patch_tokens_are_refused():
+    """With k above the patch count the masker took one centre per patch (random's drops) while the point was
+    recorded at the k asked for."""
+    with pytest.raises(ValueError, match=r"^masking.kmeans_k=65 asks for more clusters than the 64 patch tokens of "
+                                         r"VisionTransformer: give at most 64$"):
+        masking.install_masking(small_tower(), MaskingConfig(strategy="kmeans", kmeans_k=65))
+    masking.install_masking(small_tower(), MaskingConfig(strategy="kmeans", kmeans_k=64))
+    masking.install_masking(small_tower(), MaskingConfig(strategy="cluster", kmeans_k=65))  # cluster reads no k
+
+
 def kmeans_images(seed: int, size=(20, 24)) -> torch.Tensor:
     pixels = torch.randn(4, 3, *size, generator=torch.Generator().manual_seed(seed))
     pixels[0, :, :, :12] = 0.0  # a flat region: equal features, and some empty clusters
