@@ -3,9 +3,9 @@
 
 State per point and stage comes from squeue (pending / running) and from the markers the tasks write in
 their run directory (done / failed); it needs no `sacct`. A task that left the queue without writing
-`done` was either killed while running (failed: time limit, memory) or never started (cancelled, e.g.
-its training failed and SLURM removed it with --kill-on-invalid-dep); one with no job at all was not submitted
-(sbatch refused the sweep). A local sweep has no queue: a running
+`done` was either killed while running (failed: time limit, memory; cancelled where its log shows a scancel) or
+never started (cancelled, e.g. its training failed and SLURM removed it with --kill-on-invalid-dep); one with no
+job at all was not submitted (sbatch refused the sweep). A local sweep has no queue: a running
 marker whose process (pid, host) is gone was killed, and a stage not started is pending only while the local
 executor that would run it is alive.
 """
@@ -121,6 +121,43 @@ def _reason(listing: Dict[str, Tuple[str, str]], job_id: Optional[str], state: s
     return listing[job_id][1] if state == "pending" and job_id in listing else ""
 
 
+# slurmstepd's word on a job it ended, in the job's stderr: `*** JOB 1973 ON node CANCELLED AT 2026-12-05T11:37:26 ***`
+# (scancel), or with ` DUE TO TIME LIMIT`, ` DUE TO PREEMPTION`, ` DUE TO NODE FAILURE`, or ` DUE TO JOB REQUEUE`
+# (submitit requeueing a timed-out task: the end of an attempt, not of the task)
+SLURM_ENDED = re.compile(r"\*\*\* JOB \S+ ON \S+ CANCELLED AT (\S+)(?: DUE TO (.+?))? \*\*\*")
+OUT_OF_MEMORY = re.compile(r"oom[-_]kill event", re.IGNORECASE)  # a cgroup's: `Detected 1 oom_kill event in StepId=...`
+LOG_TAIL_BYTES = 1 << 18
+
+
+def slurm_ending(log: str) -> Optional[Tuple[str, str]]:
+    """How SLURM ended a task that left the queue without its verdict (or with a verdict the ending caused: a
+    cancelled training's data workers die first), from the stderr beside the `.out` log it recorded:
+    ('cancelled', 'scancel at <time>'), ('failed', 'time limit at <time>'), ('failed', 'out of memory'), ...;
+    None where SLURM said nothing since the task's last requeue (it failed, or was killed, by itself)."""
+    err = Path(log[: -len(".out")] + ".err") if log.endswith("log.out") else None
+    if err is None or not err.is_file():
+        return None
+    with open(err, "rb") as file:
+        file.seek(max(0, err.stat().st_size - LOG_TAIL_BYTES))
+        tail = file.read().decode(errors="replace")
+    endings = list(SLURM_ENDED.finditer(tail))
+    last_attempt = tail[max((m.end() for m in endings if m.group(2) == "JOB REQUEUE"), default=0):]
+    if OUT_OF_MEMORY.search(last_attempt):
+        return "failed", "out of memory"
+    ended = list(SLURM_ENDED.finditer(last_attempt))
+    if not ended:
+        return None
+    when, cause = ended[-1].groups()
+    return ("cancelled", f"scancel at {when}") if cause is None else ("failed", f"{cause.lower()} at {when}")
+
+
+def _ending(state: str, marker: dict, job_id: Optional[str], log: str) -> Tuple[str, str]:
+    """A SLURM task's state, and why it ended, where its marker does not say it finished (`slurm_ending`)."""
+    if state != "failed" or job_id in (None, "local") or marker.get("state") not in ("running", "failed"):
+        return state, ""
+    return slurm_ending(log) or (state, "")
+
+
 def sweep_status(manifest: graph.Manifest, listing: Optional[Dict[str, Tuple[str, str]]] = None) -> List[Dict]:
     """A row per point: each stage's state, job, log, progress and reason. `listing`: `queue_of(manifest)`,
     asked here if not given."""
@@ -135,12 +172,14 @@ def sweep_status(manifest: graph.Manifest, listing: Optional[Dict[str, Tuple[str
         for stage in graph.STAGES:
             marker = graph.read_state(Path(point.run_dir), stage) or {}
             state = _state(marker, jobs.get(stage), queue, local_running, manifest.executor == "local")
-            row[stage], row[f"{stage}_job"] = state, jobs.get(stage, "-")
-            row[f"{stage}_log"] = manifest.where_now(marker.get("log", ""))
+            log = manifest.where_now(marker.get("log", ""))
+            state, ending = _ending(state, marker, jobs.get(stage), log)
+            row[stage], row[f"{stage}_job"], row[f"{stage}_log"] = state, jobs.get(stage, "-"), log
+            row[f"{stage}_error"] = marker.get("error", "") if state == "failed" else ""
             # steps trained or evaluation tasks done (`120/400`), as the running task last recorded them
             running = state == "running" and marker.get("state") == "running"
             row[f"{stage}_progress"] = marker.get("progress", "") if running else ""
-            row[f"{stage}_reason"] = _reason(listing, jobs.get(stage), state)
+            row[f"{stage}_reason"] = ending or _reason(listing, jobs.get(stage), state)
         rows.append(row)
     return rows
 
@@ -155,14 +194,29 @@ def report_status(manifest: graph.Manifest, listing: Optional[Dict[str, Tuple[st
                    manifest.executor == "local")
     if not marker and state == "cancelled" and (Path(manifest.sweep_dir) / "report" / "results.md").exists():
         state = "done"  # a sweep from before the report task wrote its marker
-    return {"report": state, "report_job": job or "-", "report_log": manifest.where_now(marker.get("log", "")),
-            "report_reason": _reason(listing, job, state)}
+    log = manifest.where_now(marker.get("log", ""))
+    state, ending = _ending(state, marker, job, log)
+    return {"report": state, "report_job": job or "-", "report_log": log,
+            "report_error": marker.get("error", "") if state == "failed" else "",
+            "report_reason": ending or _reason(listing, job, state)}
 
 
 def stage_state(row: Dict, stage: str) -> str:
     """`done`, `running 120/400` (progress), `pending (Dependency)` (SLURM's reason), ..."""
     reason = row.get(f"{stage}_reason")
     return " ".join(filter(None, [row[stage], row.get(f"{stage}_progress"), f"({reason})" if reason else ""]))
+
+
+ERROR_SHOWN = 300  # characters of the error a failed task recorded; its log has the traceback
+
+
+def failure_lines(stage: str, row: Dict) -> List[str]:
+    """Where a failed stage's log is, and the error its task recorded (the exception's repr) if it did."""
+    lines = [f"       {stage} failed, log: {row[f'{stage}_log'] or 'unknown'}"]
+    error = " ".join(row.get(f"{stage}_error", "").split())
+    if error:
+        lines.append(f"         {error[:ERROR_SHOWN]}{'...' if len(error) > ERROR_SHOWN else ''}")
+    return lines
 
 
 def format_status(manifest: graph.Manifest, rows: List[Dict], report: Optional[Dict] = None) -> str:
@@ -179,7 +233,7 @@ def format_status(manifest: graph.Manifest, rows: List[Dict], report: Optional[D
                      f"{r['train_job']} / {r['eval_job']}")
         for stage in graph.STAGES:
             if r[stage] == "failed":
-                lines.append(f"       {stage} failed, log: {r[f'{stage}_log'] or 'unknown'}")
+                lines.extend(failure_lines(stage, r))
     done = sum(r["eval"] == "done" for r in rows)
     where = Path(manifest.sweep_dir) / "report"
     if report is None:
@@ -188,7 +242,7 @@ def format_status(manifest: graph.Manifest, rows: List[Dict], report: Optional[D
         lines.append(f"{done}/{len(rows)} point(s) evaluated; report {stage_state(report, 'report')} "
                      f"(job {report['report_job']}): {where}")
         if report["report"] == "failed":
-            lines.append(f"       report failed, log: {report['report_log'] or 'unknown'}")
+            lines.extend(failure_lines("report", report))
     return "\n".join(lines)
 
 

@@ -1151,9 +1151,59 @@ def test_the_report_task_marks_its_state_and_status_shows_a_failed_report_with_i
     manifest = graph.Manifest.load(sweep_dir)
     report = report_status(manifest)
     assert (report["report"], report["report_job"]) == ("failed", "local")
-    assert format_status(manifest, [], report).splitlines()[-2:] == [
+    assert format_status(manifest, [], report).splitlines()[-3:] == [
         f"0/0 point(s) evaluated; report failed (job local): {sweep_dir / 'report'}",
-        f"       report failed, log: {sweep_dir / 'logs' / 'report.log'}"]
+        f"       report failed, log: {sweep_dir / 'logs' / 'report.log'}",
+        "         RuntimeError('no table today')"]  # what its task recorded; the log has the traceback
+
+
+# slurmstepd's lines as this machine's SLURM (23.11) wrote them into a training's stderr
+REQUEUED = """slurmstepd-vm: error: *** STEP 1972.0 ON vm CANCELLED AT 2026-12-05T11:38:25 DUE TO JOB REQUEUE ***
+slurmstepd-vm: error: *** JOB 1972 ON vm CANCELLED AT 2026-12-05T11:38:25 DUE TO JOB REQUEUE ***
+"""
+SCANCELLED = """RuntimeError: DataLoader worker (pid 15615) is killed by signal: Terminated.
+slurmstepd-vm: error: *** STEP 1973.0 ON vm CANCELLED AT 2026-12-05T11:37:26 ***
+slurmstepd-vm: error: *** JOB 1973 ON vm CANCELLED AT 2026-12-05T11:37:26 ***
+srun: error: vm: task 0: Exited with exit code 1
+"""
+TIMED_OUT = "slurmstepd-vm: error: *** JOB 1972 ON vm CANCELLED AT 2026-12-05T11:52:27 DUE TO TIME LIMIT ***\n"
+OOM_KILLED = ("slurmstepd: error: Detected 1 oom_kill event in StepId=2001.0. Some of the step tasks have been OOM "
+              "Killed.\n")
+
+
+@pytest.mark.parametrize("err, ending", [
+    (SCANCELLED, ("cancelled", "scancel at 2026-12-05T11:37:26")),
+    (REQUEUED + SCANCELLED, ("cancelled", "scancel at 2026-12-05T11:37:26")),
+    (REQUEUED + TIMED_OUT, ("failed", "time limit at 2026-12-05T11:52:27")),
+    (OOM_KILLED, ("failed", "out of memory")),
+    (REQUEUED, None),  # requeued, then the attempt after it failed or was killed by itself
+    (OOM_KILLED + REQUEUED, None),  # an earlier attempt's
+    (SCANCELLED.splitlines()[0] + "\n", None),
+])
+def test_status_tells_a_scancel_a_time_limit_and_an_oom_kill_apart_from_a_failure(tmp_path, err, ending):
+    """A task that left the queue mid-run showed as failed, whether it failed or was cancelled with scancel (its
+    data workers die first, and it records their error as its own); slurmstepd's last word in the job's stderr
+    since its last requeue says which."""
+    from types import SimpleNamespace
+    from launch.status import format_status, sweep_status
+
+    log = tmp_path / "slurm" / "train" / "7_0" / "7_0_0_log.out"
+    log.parent.mkdir(parents=True)
+    log.with_name("7_0_0_log.err").write_text("Traceback (most recent call last):\n" + err)
+    run_dir = tmp_path / "points" / "a"
+    graph.mark(run_dir, "train", "failed", job_id="7_0", log=str(log),
+               error="RuntimeError('DataLoader worker (pid 15615) is killed by signal: Terminated. ')")
+    graph.mark(run_dir, "eval", "running", job_id="8_0", log=str(log).replace("7_0", "8_0"))  # no stderr beside it
+    point = SimpleNamespace(index=0, name="a", run_dir=str(run_dir))
+    manifest = SimpleNamespace(sweep_id="s", executor="slurm", sweep_dir=str(tmp_path), points=[point],
+                               latest_jobs=lambda index: {"train": "7_0", "eval": "8_0"}, where_now=lambda path: path)
+    row, = sweep_status(manifest, listing={})
+    state, reason = ending or ("failed", "")
+    assert (row["train"], row["train_reason"], row["eval"], row["eval_reason"]) == (state, reason, "failed", "")
+    text = format_status(manifest, [row])
+    assert ("DataLoader worker" in text) == (state == "failed")  # a cancelled task's error is the cancel's doing
+    cell = f"{state} ({reason})" if reason else state
+    assert re.search(rf"^ +0  a +{re.escape(cell)} +failed ", text, re.MULTILINE), text
 
 
 def test_status_columns_line_up_whatever_the_point_names_and_reasons():

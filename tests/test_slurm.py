@@ -14,7 +14,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from launch import graph
-from launch.status import cancel, format_status, plan_resubmission, report_status, resubmit, sweep_status
+from launch.status import (cancel, format_status, plan_resubmission, report_status, resubmit, status_text,
+                           sweep_status)
 
 from conftest import REPO
 
@@ -93,7 +94,7 @@ def test_sweep_with_a_failing_point_then_resubmit(slurm, tmp_path, synthetic_roo
         log.name.replace("log.out", "log.err")).read_text()
     assert "torch threads: 1 (SLURM_CPUS_PER_TASK)" in log.read_text()  # launcher.train.cpus_per_task=1
     text = format_status(manifest, list(rows.values()))
-    assert f"train failed, log: {log}" in text
+    assert f"train failed, log: {log}\n         RuntimeError('train.fail_at_step=5: injected failure')" in text
     report = (sweep_dir / "report" / "results.md").read_text()
     assert report.count("\n|") >= 4  # every point has a row (the failed one without eval metrics)
     sweep_run = MlflowClient(manifest.tracking_uri).get_run(manifest.parent_run_id)
@@ -328,6 +329,28 @@ def test_cancelling_a_sweep_stops_its_jobs_marks_its_stages_cancelled_and_resubm
     assert mlflow.get_run(manifest.parent_run_id).info.status == "KILLED"
     assert cancel(sweep_dir) == [] and "nothing to cancel" in capsys.readouterr().out
     assert plan_resubmission(rows).train == [0, 1, 2]  # all of it, each training from its last checkpoint
+
+
+def test_a_training_stopped_with_scancel_shows_as_cancelled_not_failed(slurm, tmp_path, synthetic_root):
+    """Seen by hand: a training stopped with scancel rather than clustermask-cancel showed as failed, with the error
+    of its data workers (SLURM's SIGTERM kills them first), and clustermask-status exited 1. slurmstepd's line in
+    the job's stderr says it was cancelled, and when."""
+    launch(tmp_path, synthetic_root, "sweep_name=scancel", "train.steps=2000", "train.log_every=5",
+           one_eval_task(synthetic_root))
+    sweep_dir = tmp_path / "sweeps" / "scancel"
+    manifest = graph.Manifest.load(sweep_dir)
+    deadline = time.time() + 300
+    while not sweep_status(manifest)[0]["train_progress"]:  # running, its data workers started
+        assert time.time() < deadline, sweep_status(manifest)
+        time.sleep(0.5)
+    subprocess.run(["scancel", manifest.latest_jobs(0)["train"], manifest.report_job()], check=True)  # no report
+    wait_for(base_ids(manifest))
+    row, = sweep_status(manifest)
+    assert (row["train"], row["eval"]) == ("cancelled", "cancelled"), row
+    assert re.fullmatch(r"scancel at 20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d", row["train_reason"]), row
+    text, failed, _ = status_text(str(sweep_dir))
+    assert not failed and f"cancelled ({row['train_reason']})" in text, text
+    assert plan_resubmission([row]).train == [0]
 
 
 def test_the_demo_sent_to_slurm_says_where_to_follow_it(slurm, tmp_path):
