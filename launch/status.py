@@ -210,12 +210,21 @@ def stage_state(row: Dict, stage: str) -> str:
 ERROR_SHOWN = 300  # characters of the error a failed task recorded; its log has the traceback
 
 
+# (a text in a failed stage's error or reason, what a resubmission changes for it)
+FIXES = (("timed-out too many times", "its requeues after a time limit ran out: resubmit with a larger "
+                                      "launcher.{stage}.timeout_min or launcher.{stage}.max_num_timeout"),
+         ("out of memory", "resubmit with a larger launcher.{stage}.mem_gb"))
+
+
 def failure_lines(stage: str, row: Dict) -> List[str]:
-    """Where a failed stage's log is, and the error its task recorded (the exception's repr) if it did."""
+    """Where a failed stage's log is, the error its task recorded (the exception's repr) if it did, and what to
+    change where the failure says."""
     lines = [f"       {stage} failed, log: {row[f'{stage}_log'] or 'unknown'}"]
     error = " ".join(row.get(f"{stage}_error", "").split())
     if error:
         lines.append(f"         {error[:ERROR_SHOWN]}{'...' if len(error) > ERROR_SHOWN else ''}")
+    said = f"{error} {row.get(f'{stage}_reason', '')}"
+    lines += [f"         {fix.format(stage=stage)}" for text, fix in FIXES if text in said]
     return lines
 
 

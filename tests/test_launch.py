@@ -1204,6 +1204,22 @@ def test_status_tells_a_scancel_a_time_limit_and_an_oom_kill_apart_from_a_failur
     assert ("DataLoader worker" in text) == (state == "failed")  # a cancelled task's error is the cancel's doing
     cell = f"{state} ({reason})" if reason else state
     assert re.search(rf"^ +0  a +{re.escape(cell)} +failed ", text, re.MULTILINE), text
+    assert ("resubmit with a larger launcher.train.mem_gb" in text) == (reason == "out of memory")
+
+
+def test_a_training_whose_requeues_ran_out_says_what_to_change():
+    """submitit's error when a task times out once more than `max_num_timeout` allows, as a real one recorded it."""
+    from launch.status import failure_lines
+
+    row = {"train_log": "/s/7_0_0_log.out", "train_reason": "",
+           "train_error": "UncompletedJobError('Job not requeued because: timed-out too many times.')"}
+    assert failure_lines("train", row) == [
+        "       train failed, log: /s/7_0_0_log.out",
+        "         UncompletedJobError('Job not requeued because: timed-out too many times.')",
+        "         its requeues after a time limit ran out: resubmit with a larger launcher.train.timeout_min or "
+        "launcher.train.max_num_timeout"]
+    row["train_error"] = "RuntimeError('" + "x" * 400 + "')"
+    assert failure_lines("train", row)[1] == "         RuntimeError('" + "x" * 286 + "..."  # the log has the rest
 
 
 def test_status_columns_line_up_whatever_the_point_names_and_reasons():
