@@ -179,6 +179,10 @@ def sweep_status(manifest: graph.Manifest, listing: Optional[Dict[str, Tuple[str
             # steps trained or evaluation tasks done (`120/400`), as the running task last recorded them
             running = state == "running" and marker.get("state") == "running"
             row[f"{stage}_progress"] = marker.get("progress", "") if running else ""
+            # requeued after a time limit's signal (or a preemption): SLURM holds it a few minutes (BeginTime)
+            requeued = (state == "pending" and marker.get("state") == "running"
+                        and marker.get("job_id") == jobs.get(stage))
+            row[f"{stage}_requeued_at"] = marker.get("progress", "").split(",")[0] if requeued else ""
             row[f"{stage}_reason"] = ending or _reason(listing, jobs.get(stage), state)
         rows.append(row)
     return rows
@@ -202,9 +206,11 @@ def report_status(manifest: graph.Manifest, listing: Optional[Dict[str, Tuple[st
 
 
 def stage_state(row: Dict, stage: str) -> str:
-    """`done`, `running 120/400` (progress), `pending (Dependency)` (SLURM's reason), ..."""
-    reason = row.get(f"{stage}_reason")
-    return " ".join(filter(None, [row[stage], row.get(f"{stage}_progress"), f"({reason})" if reason else ""]))
+    """`done`, `running 120/400` (progress), `pending (Dependency)` (SLURM's reason), `pending (BeginTime), requeued
+    at 120/400`, ..."""
+    reason, requeued_at = row.get(f"{stage}_reason"), row.get(f"{stage}_requeued_at")
+    shown = " ".join(filter(None, [row[stage], row.get(f"{stage}_progress"), f"({reason})" if reason else ""]))
+    return f"{shown}, requeued at {requeued_at}" if requeued_at else shown
 
 
 ERROR_SHOWN = 300  # characters of the error a failed task recorded; its log has the traceback

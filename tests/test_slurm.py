@@ -14,8 +14,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from launch import graph
-from launch.status import (cancel, format_status, plan_resubmission, report_status, resubmit, status_text,
-                           sweep_status)
+from launch.status import (cancel, format_status, plan_resubmission, report_status, resubmit, stage_state,
+                           status_text, sweep_status)
 
 from conftest import REPO
 
@@ -203,6 +203,13 @@ def test_time_limit_signal_requeues_and_resumes(slurm, tmp_path, synthetic_root)
     # the job may log a step or two more before the signal reaches it (a log each step)
     shown = re.search(r"running (\d+)/120", format_status(manifest, [sweep_status(manifest)[0]]))
     assert shown and int(shown.group(1)) >= trained
+    # requeued, SLURM holds the job a while (BeginTime): it was `pending (BeginTime)`, as if never started
+    deadline = time.time() + 60
+    while (row := sweep_status(manifest)[0])["train"] != "pending":
+        assert time.time() < deadline, row
+        time.sleep(0.2)
+    requeued_at = re.search(r"^pending \(\w+\), requeued at (\d+)/120$", stage_state(row, "train"))
+    assert requeued_at and int(requeued_at.group(1)) >= trained, row
     tasks = len(graph.load_point_config(Path(point.run_dir)).eval.tasks)
     evaluated, _ = signal_when_running(manifest, "eval", eval_job, lambda done, total: done >= 2)
     wait_for(base_ids(manifest), timeout=900)
