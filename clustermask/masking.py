@@ -728,7 +728,7 @@ def calibrate_threshold(batches, cfg: MaskingConfig, target: float, iters: int =
 # the strategy's own: what it asks of them is recorded instead (`options_asked`)
 OTHER_VALUES = {"ratio": 0.25, "features": "embedding", "anchor_fraction": 0.2, "threshold": -0.3,
                 "target_coverage": 0.6, "calibration_batches": 3, "kmeans_k": 3, "kmeans_iters": 1, "attention": True}
-PROBE_PATCH = 4
+PROBE_PATCH, PROBE_GRID = 4, 5
 
 
 def _probe(cfg: MaskingConfig, tokens: torch.Tensor, pixels: torch.Tensor):
@@ -815,8 +815,10 @@ def declaration_problems(strategy: str) -> List[str]:
 
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         generator = torch.Generator().manual_seed(0)
-        pixels = torch.randn(3, 3, 4 * PROBE_PATCH, 5 * PROBE_PATCH, generator=generator)
-        tokens = torch.randn(3, 1 + 4 * 5, 8, generator=generator)
+        # a square grid of patches, as a ViT's: a strategy that lays the patches out as one (isqrt of their count)
+        # can be checked
+        pixels = torch.randn(3, 3, PROBE_GRID * PROBE_PATCH, PROBE_GRID * PROBE_PATCH, generator=generator)
+        tokens = torch.randn(3, 1 + PROBE_GRID * PROBE_GRID, 8, generator=generator)
         base = MaskingConfig(strategy=strategy, ratio=0.5)
         undeclared = {f.name for f in fields(MaskingConfig)} - settings_in_effect(base, STRATEGY_SETTINGS[strategy])
         asked = options_asked(base, tokens, pixels) if "options" in undeclared else []

@@ -245,13 +245,20 @@ def test_a_strategy_that_reads_a_setting_it_does_not_declare_or_draws_its_own_no
     def width_said(inputs, cfg):
         return width_unsaid(inputs, cfg)
 
+    @registered_strategy("rows_unsaid", settings=("ratio",))
+    def rows_unsaid(inputs, cfg):  # lays the patches out as a ViT's square grid: it could not be checked on 4 x 5
+        side = math.isqrt(inputs.tokens.shape[1])
+        grid = inputs.tokens[..., 0].reshape(-1, side, side)
+        scores = masking.score_random(inputs, cfg)
+        return scores._replace(score=scores.score + cfg.anchor_fraction * grid.flatten(1))
+
     def read(strategy):
         return re.findall(r"reads masking\.(\w+(?: \([^)]*\))?)", " ".join(masking.declaration_problems(strategy)))
 
     state = torch.random.get_rng_state()
     assert read("threshold_unsaid") == ["threshold"] and read("hides_unsaid") == ["attention"]
     assert read("width_unsaid") == ["options (width)"] and read("band_unsaid") == ["options (band)"]
-    assert read("all_options_unsaid") == ["options (*)"]
+    assert read("all_options_unsaid") == ["options (*)"] and read("rows_unsaid") == ["anchor_fraction"]
     assert masking.declaration_problems("width_said") == []
     assert "differ between two runs from the same torch seed" in masking.declaration_problems("numpy_noise")[0]
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is left alone
