@@ -10,7 +10,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .masking import run_tower, vision_tower  # noqa: E402
+from .config import MaskingConfig, settings_in_effect  # noqa: E402
+from .masking import STRATEGY_SETTINGS, run_tower, vision_tower  # noqa: E402
 
 MEAN = np.array((0.48145466, 0.4578275, 0.40821073))  # open_clip OPENAI_DATASET_MEAN
 STD = np.array((0.26862954, 0.26130258, 0.27577711))
@@ -46,10 +47,25 @@ def overlay(image: np.ndarray, dropped: np.ndarray, cluster_id, patch: int, hidd
     return out
 
 
-def title(cfg) -> str:
-    """What the picture shows, on two lines: `cluster (mixed features, attention), ratio 0.5`, then the key."""
-    details = [f"{cfg.features} features"] if cfg.strategy == "cluster" else []
-    details += ["attention"] if cfg.attention and cfg.strategy == "cluster" else []
+# the settings a title names where its strategy reads them and they are not at their default
+TITLED_SETTINGS = ("anchor_fraction", "threshold", "target_coverage", "kmeans_k", "kmeans_iters")
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def title(cfg: MaskingConfig) -> str:
+    """What the picture shows, on two lines: `cluster (mixed features, threshold=0.3, attention), ratio 0.5`, then
+    the key. The settings the strategy reads, besides its ratio, are named where they are not at their default (its
+    features always), and so are its own options: the masks.png of two points of a sweep tell them apart."""
+    used = settings_in_effect(cfg, STRATEGY_SETTINGS.get(cfg.strategy, ()))
+    defaults = MaskingConfig()
+    details = [f"{cfg.features} features"] if "features" in used else []
+    details += [f"{key}={_shown(getattr(cfg, key))}" for key in TITLED_SETTINGS
+                if key in used and getattr(cfg, key) != getattr(defaults, key)]
+    details += [f"{key}={_shown(value)}" for key, value in cfg.options.items()] if "options" in used else []
+    details += ["attention"] if cfg.attention and "attention" in used else []
     name = f"{cfg.strategy} ({', '.join(details)})" if details else cfg.strategy
     legend = "grey = dropped" + (", dark = hidden from attention" if "attention" in details else "")
     return f"{name}, ratio {cfg.ratio:g}\n{legend}, tint = cluster"

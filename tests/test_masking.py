@@ -465,10 +465,19 @@ def test_the_picture_shows_dropped_hidden_and_clustered_patches(tmp_path):
 
     path = visualize.save_mask_grid(model, images, tmp_path / "masks.png", columns=2)
     assert imread(path).shape[:2] == (400, 400)  # 2 columns x (2 images + 2 overlays) rows of 2 inches at 100 dpi
-    assert visualize.title(masker.cfg) == ("cluster (rgb features, attention), ratio 0.3\ngrey = dropped, "
-                                           "dark = hidden from attention, tint = cluster")
+    assert visualize.title(masker.cfg) == ("cluster (rgb features, threshold=0.2, attention), ratio 0.3\n"
+                                           "grey = dropped, dark = hidden from attention, tint = cluster")
     assert visualize.title(MaskingConfig(strategy="kmeans", ratio=0.5, attention=True)) == \
         "kmeans, ratio 0.5\ngrey = dropped, tint = cluster"
+    # what tells two points of a sweep apart: the settings the strategy reads, where not at their default
+    assert visualize.title(MaskingConfig(strategy="kmeans", ratio=0.5, kmeans_k=4, threshold=0.3)).startswith(
+        "kmeans (kmeans_k=4), ratio 0.5\n")
+    assert visualize.title(MaskingConfig(strategy="cluster", ratio=0.5, threshold=0.25, kmeans_k=4)).startswith(
+        "cluster (rgb features, threshold=0.25), ratio 0.5\n")
+    assert visualize.title(MaskingConfig(strategy="cluster", ratio=0.5, threshold=0.25, target_coverage=0.3)) \
+        .startswith("cluster (rgb features, target_coverage=0.3), ratio 0.5\n")  # the threshold is calibrated
+    assert visualize.title(MaskingConfig(strategy="random", ratio=0.5, threshold=0.25, options={"width": 4})) \
+        .startswith("random, ratio 0.5\n")
 
 
 def test_attention_mask_is_batch_major_per_image():
