@@ -268,12 +268,15 @@ def validate_model_for_masking(model: ModelConfig, masking: MaskingConfig, strat
                          "pools its CLS token (e.g. ViT-B-16) or masking.attention=false")
 
 
+PLUGIN_HINT = " (one of your own? name the file that registers it in plugins=[...])"
+
+
 def validate_masking(cfg: MaskingConfig, strategies: Iterable[str],
                      options_read: Optional[Sequence[str]] = None) -> None:
     """strategies: the names registered in clustermask.masking.STRATEGIES; options_read: the `masking.options`
     keys the strategy declares it reads (None: it does not say, and takes any)."""
     if cfg.strategy not in strategies:
-        raise ValueError(f"masking.strategy={cfg.strategy!r} is not one of {sorted(strategies)}")
+        raise ValueError(f"masking.strategy={cfg.strategy!r} is not one of {sorted(strategies)}{PLUGIN_HINT}")
     if not 0.0 <= cfg.ratio < 1.0:
         raise ValueError(f"masking.ratio={cfg.ratio!r} must be in [0, 1)")
     if cfg.features not in FEATURES:
@@ -351,7 +354,7 @@ def validate_eval(cfg: EvalConfig, evaluators: Mapping[str, Optional[Sequence[st
     check_device("eval.device", cfg.device)
     for i, task in enumerate(cfg.tasks):
         if task.name not in evaluators:
-            raise ValueError(f"eval.tasks[{i}].name={task.name!r} is not one of {sorted(evaluators)}")
+            raise ValueError(f"eval.tasks[{i}].name={task.name!r} is not one of {sorted(evaluators)}{PLUGIN_HINT}")
         check_task_options(i, task, evaluators[task.name])
     # every dataset that is not ready, at once: a benchmark suite is set up by hand, a dozen folders
     problems = [path_problem(i, task) for i, task in enumerate(cfg.tasks)] if check_paths else []

@@ -277,13 +277,44 @@ EVALUATION_KEYS = ("eval.", "launcher.eval.", "launcher.report.")
 
 
 def check_eval_overrides(overrides: List[str]) -> None:
-    """An evaluation again may change the evaluation only (its settings, its jobs' and the report's resources):
-    the saved config must still say how the checkpoint was trained."""
+    """An evaluation again may change the evaluation only (its settings, its jobs' and the report's resources,
+    plugins added for a new evaluator): the saved config must still say how the checkpoint was trained."""
     for override in overrides:
         key = graph.override_key(override)
-        if key != "eval" and not key.startswith(EVALUATION_KEYS):
-            raise ValueError(f"{override!r}: --evaluate-again takes eval=NAME, eval.*, launcher.eval.* and "
-                             "launcher.report.* overrides only, as the points are not trained again")
+        if key not in ("eval", "plugins") and not key.startswith(EVALUATION_KEYS):
+            raise ValueError(f"{override!r}: --evaluate-again takes eval=NAME, eval.*, launcher.eval.*, "
+                             "launcher.report.* and plugins=[...] (the sweep's, and more) overrides only, as the "
+                             "points are not trained again")
+
+
+SEARCHPATH = "hydra.searchpath"
+
+
+def split_searchpath(overrides: List[str]) -> Tuple[List[str], List[str]]:
+    """(the fixes, the config folders that `hydra.searchpath=[file://DIR, ...]` among them adds to the sweep's, in
+    which a fix's `eval=NAME` or `masking=NAME` is looked for): a folder of this command, not a point's setting."""
+    from .expand import config_folders
+
+    fixes, folders = [], []
+    for override in overrides:
+        if graph.override_key(override) != SEARCHPATH:
+            fixes.append(override)
+            continue
+        entries = _parse(override.partition("=")[2])
+        if not isinstance(entries, list) or not all(isinstance(entry, str) for entry in entries):
+            raise ValueError(f"{override!r}: {SEARCHPATH} is a list, [file:///path/to/configs]")
+        folders += config_folders(entries)
+    return fixes, folders
+
+
+def check_plugins_kept(index: int, trained_with: Sequence[str], plugins: Sequence[str]) -> None:
+    """An evaluation again may add plugins (a new evaluator's), not drop one that the point was trained with: its
+    saved config says how the checkpoint was trained, and the strategy must stay registered."""
+    dropped = [entry for entry in trained_with if entry not in plugins]
+    if dropped:
+        raise ValueError(f"plugins={list(plugins)} leaves out {dropped[0]}, which point {index} was trained with: "
+                         f"--evaluate-again keeps the sweep's plugins and adds to them, "
+                         f"plugins=[{', '.join([*trained_with, '...'])}]; nothing changed")
 
 
 FIXED_WITH_THE_SWEEP = {
@@ -345,11 +376,16 @@ def follow_eval_root(cfg: DictConfig, earlier: str) -> None:
 
 
 def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: List[str],
-                    save: bool = True) -> Dict[int, DictConfig]:
+                    save: bool = True, more_folders: Sequence[str] = (),
+                    keep_plugins: bool = False) -> Dict[int, DictConfig]:
     """Fix the configs of the points about to be resubmitted (typed: a bad key or value is refused). Every
     point is checked before any is saved, so a fix refused for one point changes none. The fixes are tagged
     on each point's MLflow run (`resubmit_overrides`): its params keep the values it was created with.
-    `save=False` (a dry run, or before sbatch is asked about them) checks them only. Returns the fixed configs."""
+    `save=False` (a dry run, or before sbatch is asked about them) checks them only. `more_folders`: config
+    folders to look for a group option in after the sweep's (`split_searchpath`). `keep_plugins`: refuse a fix of
+    `plugins` that leaves out one a point was trained with (an evaluation again). Returns the fixed configs."""
+    from clustermask.plugins import is_file
+
     from .app import canonical_point_masking, preflight, unused_setting_note
     from .helpers import Registries
 
@@ -358,14 +394,17 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
         point = manifest.points[i]
         cfg = graph.load_point_config(Path(point.run_dir))
         OmegaConf.set_struct(cfg, True)
-        eval_root = cfg.data.eval_root
+        eval_root, trained_with = cfg.data.eval_root, list(cfg.get("plugins") or [])
         for override in overrides:
             try:
-                apply_override(cfg, override, manifest.config_folders)
+                apply_override(cfg, override, [*manifest.config_folders, *more_folders])
             except OmegaConfBaseException as exc:
                 raise ValueError(f"{override!r}: {config_error(exc)}; nothing changed") from None
         follow_eval_root(cfg, eval_root)
         graph.pin_relative_paths(cfg, Path.cwd())  # a fix's relative path, or a sweep made before they were pinned
+        if keep_plugins:  # pinned as the fixed config's are
+            check_plugins_kept(i, [graph.pinned_path(entry, Path.cwd()) if is_file(entry) else entry
+                                   for entry in trained_with], list(cfg.get("plugins") or []))
         try:
             plugins = tuple(cfg.get("plugins") or [])
             if plugins not in registries:
@@ -429,17 +468,18 @@ def resubmit(sweep_dir: Path, overrides: List[str], dry_run: bool = False,
              evaluate_again: bool = False) -> Optional[dict]:
     """The unfinished or failed points, or with `evaluate_again` every trained point's evaluation; then the
     report. `overrides` fix the configs of the points resubmitted."""
+    overrides, folders = split_searchpath(overrides)
     check_fixable(overrides)
     if evaluate_again:
         check_eval_overrides(overrides)
     graph.Manifest.load(sweep_dir)  # a sweep? (else an error naming the folder, before a lock is written there)
     with contextlib.nullcontext() if dry_run else graph.submitting(sweep_dir):
         # read in the lock: a resubmission that held it has recorded its jobs by now
-        return _plan_and_submit(graph.Manifest.load(sweep_dir), overrides, dry_run, evaluate_again)
+        return _plan_and_submit(graph.Manifest.load(sweep_dir), overrides, dry_run, evaluate_again, folders)
 
 
 def _plan_and_submit(manifest: graph.Manifest, overrides: List[str], dry_run: bool,
-                     evaluate_again: bool) -> Optional[dict]:
+                     evaluate_again: bool, folders: Sequence[str] = ()) -> Optional[dict]:
     plan = (plan_reevaluation if evaluate_again else plan_resubmission)(sweep_status(manifest))
     if plan.empty:
         print("nothing to evaluate again: no point has finished training, or its evaluation is queued"
@@ -453,7 +493,8 @@ def _plan_and_submit(manifest: graph.Manifest, overrides: List[str], dry_run: bo
         except ConnectionError as exc:
             raise ValueError(f"{exc}, nothing changed or submitted") from None
     indices = sorted(plan.train + plan.eval_only)
-    fixed = apply_overrides(manifest, indices, overrides, save=False) if overrides else {}
+    fixed = apply_overrides(manifest, indices, overrides, save=False, more_folders=folders,
+                            keep_plugins=evaluate_again) if overrides else {}
     # the resubmitted points' launcher, fixes included (point 0 may be done, its config not fixed)
     first = indices[0]
     launcher = copy.deepcopy((fixed[first] if first in fixed else
@@ -683,7 +724,8 @@ def resubmit_main(argv=None) -> int:
                         "nothing")
     parser.add_argument("--evaluate-again", action="store_true",
                         help="evaluate every trained point again, then report (overrides: eval=NAME, eval.*, "
-                        "launcher.eval.*, launcher.report.*)")
+                        "launcher.eval.*, launcher.report.*, plugins=[the sweep's, more.py] for a new evaluator; "
+                        "hydra.searchpath=[file://DIR] adds a folder to look for eval=NAME in)")
     args = parser.parse_intermixed_args(argv)  # the flags may come after the overrides, or between them
     try:
         resubmit(Path(args.sweep_dir), args.overrides, args.dry_run, args.evaluate_again)

@@ -1440,6 +1440,60 @@ def test_evaluating_again_takes_an_eval_option_and_eval_keys_only(tmp_path, synt
                                      {"index": 3, "train": "failed", "eval": "cancelled"}]).eval_only == [0, 1]
 
 
+def test_evaluating_again_with_an_evaluator_of_ones_own_adds_its_plugin_and_keeps_the_sweeps(
+        tmp_path, synthetic_root, monkeypatch, restore_strategies, capsys):
+    """A researcher's new evaluator, for models trained before it was written: `--evaluate-again eval=mine
+    plugins=[masks.py,scale.py] hydra.searchpath=[file://conf]`. Plugins were refused there, and a config folder the
+    sweep was not made with could not be named; a plugin that the points were trained with must stay."""
+    from clustermask import evaluate
+    from launch import status
+
+    monkeypatch.setattr(evaluate, "EVALUATORS", dict(evaluate.EVALUATORS))  # the test's evaluator goes with it
+    monkeypatch.setattr(evaluate, "EVALUATOR_OPTIONS", dict(evaluate.EVALUATOR_OPTIONS))
+    monkeypatch.chdir(tmp_path)
+    Path("masks.py").write_text("from clustermask.masking import register_strategy, score_random\n"
+                                "register_strategy('kept_random')(score_random)\n")
+    Path("scale.py").write_text("from clustermask.evaluate import register_evaluator\n"
+                                "@register_evaluator('scale_value', options=())\n"
+                                "def scale_value(model, transform, tokenizer, task, ctx):\n"
+                                "    yield 'value', float(model.logit_scale.exp())\n")
+    (tmp_path / "conf" / "eval").mkdir(parents=True)
+    Path("conf/eval/mine.yaml").write_text(f"tasks:\n  - {{name: scale_value, dataset: own/scale, root: {tmp_path}}}\n")
+    sweep = compose_sweep([f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "plugins=[masks.py]",
+                           "masking.strategy=kept_random"])
+    manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
+    run_dir = Path(manifest.points[0].run_dir)
+    graph.mark(run_dir, "train", "done")
+    before = (run_dir / "config.yaml").read_text()
+    masks, scale = str(tmp_path / "masks.py"), str(tmp_path / "scale.py")
+
+    assert status.split_searchpath(["eval=mine", "hydra.searchpath=[file://conf]"]) == (["eval=mine"],
+                                                                                        [str(tmp_path / "conf")])
+    with pytest.raises(ValueError, match=r"'hydra.searchpath=file://conf': hydra.searchpath is a list"):
+        status.split_searchpath(["hydra.searchpath=file://conf"])
+    with pytest.raises(ValueError, match=r"eval='mine': no mine.yaml in "):  # not a folder of the sweep's
+        status.resubmit(sweep.sweep_dir, ["eval=mine", "plugins=[masks.py,scale.py]"], dry_run=True,
+                        evaluate_again=True)
+    with pytest.raises(ValueError, match=r"eval.tasks\[0\].name='scale_value' is not one of .*\(one of your own\? "
+                                         r"name the file that registers it in plugins=\[\.\.\.\]\)"):
+        status.resubmit(sweep.sweep_dir, ["eval=mine", "hydra.searchpath=[file://conf]"], dry_run=True,
+                        evaluate_again=True)
+    with pytest.raises(ValueError, match=rf"^plugins=\['{re.escape(scale)}'\] leaves out {re.escape(masks)}, which "
+                                         rf"point 0 was trained with: --evaluate-again keeps the sweep's plugins and "
+                                         rf"adds to them, plugins=\[{re.escape(masks)}, \.\.\.\]; nothing changed$"):
+        status.resubmit(sweep.sweep_dir, ["eval=mine", "plugins=[scale.py]", "hydra.searchpath=[file://conf]"],
+                        dry_run=True, evaluate_again=True)
+    assert (run_dir / "config.yaml").read_text() == before
+    assert status.resubmit(sweep.sweep_dir, ["eval=mine", "plugins=[masks.py,scale.py]",
+                                             "hydra.searchpath=[file://conf]"], dry_run=True, evaluate_again=True) is None
+    assert "would resubmit:\n  eval[0]" in capsys.readouterr().out and (run_dir / "config.yaml").read_text() == before
+    fixed = status.apply_overrides(manifest, [0], ["eval=mine", "plugins=[masks.py,scale.py]"],
+                                   more_folders=[str(tmp_path / "conf")], keep_plugins=True)[0]
+    saved = graph.load_point_config(run_dir)
+    assert list(saved.plugins) == list(fixed.plugins) == [masks, scale]
+    assert [task.name for task in saved.eval.tasks] == ["scale_value"] and saved.masking.strategy == "kept_random"
+
+
 def test_a_fix_of_the_evaluation_data_root_moves_the_tasks_roots_with_it(tmp_path, synthetic_root):
     """The tasks' roots were resolved from data.eval_root when the sweep was made: a fix `data.eval_root=NEW`
     (the benchmarks moved) changed data.eval_root alone, and the evaluation read the old place. Now the roots under
