@@ -141,10 +141,10 @@ def slurm_ending(log: str) -> Optional[Tuple[str, str]]:
         file.seek(max(0, err.stat().st_size - LOG_TAIL_BYTES))
         tail = file.read().decode(errors="replace")
     endings = list(SLURM_ENDED.finditer(tail))
-    last_attempt = tail[max((m.end() for m in endings if m.group(2) == "JOB REQUEUE"), default=0):]
-    if OUT_OF_MEMORY.search(last_attempt):
+    last_requeue = max((m.end() for m in endings if m.group(2) == "JOB REQUEUE"), default=0)
+    if OUT_OF_MEMORY.search(tail, last_requeue):
         return "failed", "out of memory"
-    ended = list(SLURM_ENDED.finditer(last_attempt))
+    ended = [m for m in endings if m.start() >= last_requeue]
     if not ended:
         return None
     when, cause = ended[-1].groups()
