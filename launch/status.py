@@ -179,7 +179,7 @@ def sweep_status(manifest: graph.Manifest, listing: Optional[Dict[str, Tuple[str
             # steps trained or evaluation tasks done (`120/400`), as the running task last recorded them
             running = state == "running" and marker.get("state") == "running"
             row[f"{stage}_progress"] = marker.get("progress", "") if running else ""
-            # requeued after a time limit's signal (or a preemption): SLURM holds it a few minutes (BeginTime)
+            # requeued after a time limit's signal (or a preemption): SLURM holds it a while (BeginTime; 10 s here)
             requeued = (state == "pending" and marker.get("state") == "running"
                         and marker.get("job_id") == jobs.get(stage))
             row[f"{stage}_requeued_at"] = marker.get("progress", "").split(",")[0] if requeued else ""
