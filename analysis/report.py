@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -141,9 +141,10 @@ def headline_columns(frame: pd.DataFrame) -> Dict[str, str]:
     return columns
 
 
-def headline_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """A row per point, a column per headline metric and dataset, SugarCrepe per edit and its mean, then the
-    training loop's wall-clock minutes."""
+def headline_table(frame: pd.DataFrame, asked: Sequence[str] = ()) -> pd.DataFrame:
+    """A row per point, a column per headline metric and dataset, SugarCrepe per edit and its mean, the metrics
+    `asked` for (`--metric`, `report.plot_metric`: an evaluator of one's own) that are none of those, under their
+    key, then the training loop's wall-clock minutes."""
     columns = headline_columns(frame)
     sugar = sorted(c for c in frame.columns if c.startswith(SUGARCREPE) and c.endswith("/acc"))
     table = frame[["label", "ratio", "seed"]].copy()
@@ -153,6 +154,9 @@ def headline_table(frame: pd.DataFrame) -> pd.DataFrame:
         table["sc_" + key.split("/")[-2]] = frame[key]
     if sugar:  # over every edit, or none: a mean over the edits one point happens to have compares with nothing
         table["sc_mean"] = frame[sugar].mean(axis=1, skipna=False)
+    for key in asked:
+        if key in frame and key not in columns and key not in sugar and key != TRAIN_MINUTES:
+            table[key] = frame[key]
     if TRAIN_MINUTES in frame:
         table["train_min"] = frame[TRAIN_MINUTES]
     return table
@@ -406,7 +410,7 @@ def missing_metric(frame: pd.DataFrame, metric: str) -> str:
 def build_report(sweep_dirs, plot_metrics: Optional[List[str]] = None, out_dir: Optional[Path] = None) -> Path:
     """The report of one sweep directory, or of several together (a list; `out_dir` then required). Reads each
     manifest.json for its MLflow location; writes `out_dir` (default <sweep_dir>/report/) and returns it.
-    Plots the default metrics and `plot_metrics` against the mask ratio."""
+    Plots the default metrics and `plot_metrics` against the mask ratio, and gives the latter a column in the tables."""
     sweep_dirs = [Path(sweep_dirs)] if isinstance(sweep_dirs, (str, Path)) else [Path(d) for d in sweep_dirs]
     sweep_dirs = list(dict.fromkeys(d.resolve() for d in sweep_dirs))  # a sweep named twice counts once
     if out_dir is None and len(sweep_dirs) > 1:
@@ -416,7 +420,7 @@ def build_report(sweep_dirs, plot_metrics: Optional[List[str]] = None, out_dir: 
     runs = [point_runs(m["tracking_uri"], m["experiment"], m["sweep_id"]) for m in manifests]
     recorded = [r for r in runs if not r.empty]
     frame = points_frame(pd.concat(recorded, ignore_index=True) if recorded else runs[0])
-    table = headline_table(frame)
+    table = headline_table(frame, plot_metrics or [])
     write_tables(table, frame, out_dir)
     for metric in dict.fromkeys(default_plot_metrics(frame) + list(plot_metrics or [])):
         if metric not in frame:

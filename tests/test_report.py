@@ -45,6 +45,13 @@ def test_headline_has_a_column_per_dataset_named_after_it_when_there_are_several
     assert default_plot_metrics(frame) == ["zeroshot_classification/wds/cifar10/acc1",
                                            "zeroshot_classification/wds/imagenet1k/acc1",
                                            "image_caption_selection/sugar_crepe/swap_att/acc"]
+    # a metric asked for (--metric: an evaluator of one's own) gets a column before the minutes, once; a headline
+    # one, or one the sweep lacks, none of its own
+    frame["logit_scale/own/scale/value"] = 14.2
+    asked = ["logit_scale/own/scale/value", "zeroshot_classification/wds/cifar10/acc1", "nope/x/y", "train/minutes",
+             "logit_scale/own/scale/value"]
+    assert list(headline_table(frame, asked).iloc[0].to_dict().items())[-3:] == [
+        ("sc_mean", 0.7), ("logit_scale/own/scale/value", 14.2), ("train_min", 95.5)]
 
 
 def test_points_whose_training_waited_for_the_loader_are_named():
