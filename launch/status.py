@@ -562,8 +562,12 @@ def status_text(sweep_dir: str, asked: Optional[Dict[str, Dict]] = None) -> Tupl
 
 def main(argv=None) -> int:
     """Exit 2 if a sweep's state could not be read (the others are still shown), else 1 if a stage failed."""
-    parser = argparse.ArgumentParser(description="State of every point and stage of one sweep or several")
-    parser.add_argument("sweep_dirs", nargs="+", metavar="sweep_dir")
+    parser = argparse.ArgumentParser(
+        description="State of every point and stage of one sweep or several",
+        epilog="A stage is pending (with SLURM's reason), running (steps or tasks done, time left), done, failed (its "
+               "log and error), cancelled or not submitted. Exit status: 0 when no stage failed, 1 when one did, 2 "
+               "when a sweep could not be read.")
+    parser.add_argument("sweep_dirs", nargs="+", metavar="sweep_dir", help="a sweep's folder (its manifest.json)")
     args = parser.parse_args(argv)
     tables, unreadable, failed, queue_unknown = [], False, False, False
     asked = {}  # one squeue for all the sweeps

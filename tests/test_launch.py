@@ -1730,6 +1730,12 @@ def test_status_shows_several_sweeps_and_still_shows_the_others_when_one_is_not_
     captured = capsys.readouterr()
     assert [line for line in captured.out.splitlines() if line.startswith("sweep ")] == headers
     assert captured.err.startswith("error: ") and str(tmp_path) in captured.err
+    graph.mark(Path(sweeps[1].points[0].run_dir), "train", "cancelled", job_id="local")
+    assert status.main([sweeps[1].sweep_dir]) == 0  # cancelled is not failed
+    with pytest.raises(SystemExit):
+        status.main(["--help"])
+    assert "Exit status: 0 when no stage failed, 1 when one did, 2 when a sweep could not be read." in \
+        " ".join(capsys.readouterr().out.split())
 
 
 def test_status_without_squeue_shows_what_the_tasks_wrote_and_resubmit_refuses(tmp_path, synthetic_root,
