@@ -29,6 +29,13 @@ def run_sweep(command) -> int:
         return sweep.wait()
 
 
+def command(name: str) -> str:
+    """`name` as it runs from anywhere: the script beside this interpreter (the venv's, not on PATH unless it is
+    activated), else the name."""
+    script = Path(sys.executable).parent / name
+    return str(script) if script.exists() else name
+
+
 def sweep_run_elsewhere(sweep_dir: Path) -> int:
     """The demo's end where its overrides sent the sweep elsewhere: a dry run (`launcher.dry_run=true`: nothing
     written) or SLURM (`launcher=slurm`: the command returns once the jobs are queued). Nothing to print yet."""
@@ -38,10 +45,10 @@ def sweep_run_elsewhere(sweep_dir: Path) -> int:
     executor = read_manifest_file(sweep_dir)["executor"]
     if executor != "slurm":
         print(f"[demo] error: the sweep finished without its report in {sweep_dir / 'report'}; "
-              f"clustermask-status {sweep_dir} says why", file=sys.stderr)
+              f"{command('clustermask-status')} {sweep_dir} says why", file=sys.stderr)
         return 1
-    print(f"[demo] the sweep was submitted to SLURM and runs on: follow it with clustermask-status {sweep_dir}; "
-          f"its report job writes the tables and plots to {sweep_dir / 'report'}")
+    print(f"[demo] the sweep was submitted to SLURM and runs on: follow it with {command('clustermask-status')} "
+          f"{sweep_dir}; its report job writes the tables and plots to {sweep_dir / 'report'}")
     return 0
 
 
@@ -88,8 +95,9 @@ def main(argv=None) -> int:
           "recall@k both ways")
     print(f"  plots           : {', '.join(sorted(p.name for p in report.glob('*.png') if not p.name.startswith('masks_')))}")
     print(f"  mask pictures   : {report}/masks_*.png")
-    print(f"  MLflow UI       : mlflow ui --backend-store-uri sqlite:///{sweep_dir}/mlflow.db  (then open http://127.0.0.1:5000)")
-    print(f"  status          : clustermask-status {sweep_dir}")
+    print(f"  MLflow UI       : {command('mlflow')} ui --backend-store-uri sqlite:///{sweep_dir}/mlflow.db  (then open "
+          "http://127.0.0.1:5000)")
+    print(f"  status          : {command('clustermask-status')} {sweep_dir}")
     return 0
 
 
