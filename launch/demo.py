@@ -29,7 +29,7 @@ def run_sweep(command) -> int:
         return sweep.wait()
 
 
-def command(name: str) -> str:
+def script(name: str) -> str:
     """`name` as it runs from anywhere: the script beside this interpreter (the venv's, not on PATH unless it is
     activated), else the name."""
     script = Path(sys.executable).parent / name
@@ -45,9 +45,9 @@ def sweep_run_elsewhere(sweep_dir: Path) -> int:
     executor = read_manifest_file(sweep_dir)["executor"]
     if executor != "slurm":
         print(f"[demo] error: the sweep finished without its report in {sweep_dir / 'report'}; "
-              f"{command('clustermask-status')} {sweep_dir} says why", file=sys.stderr)
+              f"{script('clustermask-status')} {sweep_dir} says why", file=sys.stderr)
         return 1
-    print(f"[demo] the sweep was submitted to SLURM and runs on: follow it with {command('clustermask-status')} "
+    print(f"[demo] the sweep was submitted to SLURM and runs on: follow it with {script('clustermask-status')} "
           f"{sweep_dir}; its report job writes the tables and plots to {sweep_dir / 'report'}")
     return 0
 
@@ -87,18 +87,24 @@ def main(argv=None) -> int:
     report = sweep_dir / "report"
     if not (report / "results.md").exists():
         return sweep_run_elsewhere(sweep_dir)
+    print_summary(sweep_dir, time.time() - started)
+    return 0
+
+
+def print_summary(sweep_dir: Path, seconds: float) -> None:
+    """The table, and where everything the demo made is."""
+    report = sweep_dir / "report"
     print("\n" + (report / "results.md").read_text())
-    print(f"[demo] finished in {time.time() - started:.0f}s")
+    print(f"[demo] finished in {seconds:.0f}s")
     print(f"  sweep directory : {sweep_dir}")
     print(f"  tables          : {report}/results.md, results.tex, results_all_metrics.csv;")
     print("                    results_mean.md, results_mean.tex: mean ± std over seeds; results_retrieval*.md, .tex: "
           "recall@k both ways")
     print(f"  plots           : {', '.join(sorted(p.name for p in report.glob('*.png') if not p.name.startswith('masks_')))}")
     print(f"  mask pictures   : {report}/masks_*.png")
-    print(f"  MLflow UI       : {command('mlflow')} ui --backend-store-uri sqlite:///{sweep_dir}/mlflow.db  (then open "
+    print(f"  MLflow UI       : {script('mlflow')} ui --backend-store-uri sqlite:///{sweep_dir}/mlflow.db  (then open "
           "http://127.0.0.1:5000)")
-    print(f"  status          : {command('clustermask-status')} {sweep_dir}")
-    return 0
+    print(f"  status          : {script('clustermask-status')} {sweep_dir}")
 
 
 if __name__ == "__main__":

@@ -162,6 +162,24 @@ def test_models_beat_chance_by_a_clear_margin(local_sweep):
         assert metrics["acc1"] >= 2 * metrics["chance"], (point.name, metrics)
 
 
+def test_the_demos_summary_shows_the_table_and_commands_that_run_without_the_venv_activated(local_sweep, capsys):
+    """What `clustermask-demo` prints at its end, on the demo's own sweep (the e2e one): its commands are the venv's
+    scripts, which exist; a name clash in it once ended the demo in a TypeError after the sweep had run."""
+    from launch import demo
+
+    sweep_dir, _ = local_sweep
+    demo.print_summary(sweep_dir, 12.0)
+    out = capsys.readouterr().out
+    assert (sweep_dir / "report" / "results.md").read_text() in out and "[demo] finished in 12s" in out
+    mlflow_ui = re.search(r"MLflow UI +: (\S+) ui --backend-store-uri sqlite:///(\S+)  ", out)
+    status = re.search(r"status +: (\S+) (\S+)$", out, re.MULTILINE)
+    assert mlflow_ui and Path(mlflow_ui[1]) == Path(sys.executable).parent / "mlflow" and Path(mlflow_ui[1]).exists()
+    assert Path(mlflow_ui[2]) == sweep_dir / "mlflow.db" and Path(mlflow_ui[2]).exists()
+    assert status and Path(status[1]).name == "clustermask-status" and Path(status[1]).exists()
+    plots = re.search(r"plots +: (.+)$", out, re.MULTILINE)[1].split(", ")
+    assert plots and all((sweep_dir / "report" / name).exists() for name in plots)
+
+
 def test_mlflow_holds_one_run_per_point_with_the_metrics(local_sweep):
     sweep_dir, _ = local_sweep
     manifest = graph.Manifest.load(sweep_dir)
