@@ -151,11 +151,15 @@ def slurm_ending(log: str) -> Optional[Tuple[str, str]]:
     return ("cancelled", f"scancel at {when}") if cause is None else ("failed", f"{cause.lower()} at {when}")
 
 
-def _ending(state: str, marker: dict, job_id: Optional[str], log: str) -> Tuple[str, str]:
-    """A SLURM task's state, and why it ended, where its marker does not say it finished (`slurm_ending`)."""
-    if state != "failed" or job_id in (None, "local") or marker.get("state") not in ("running", "failed"):
-        return state, ""
-    return slurm_ending(log) or (state, "")
+def _outcome(manifest: graph.Manifest, marker: dict, job_id: Optional[str], state: str) -> Tuple[str, str, str, str]:
+    """(state, log, error, ending) of a stage: its `_state`, or for a SLURM task that left the queue without
+    finishing, what its log says SLURM did (`slurm_ending`); its log where it is now; a failed task's error; why it
+    ended, where SLURM said."""
+    log = manifest.where_now(marker.get("log", ""))
+    ending = ""
+    if state == "failed" and job_id not in (None, "local") and marker.get("state") in ("running", "failed"):
+        state, ending = slurm_ending(log) or (state, "")
+    return state, log, marker.get("error", "") if state == "failed" else "", ending
 
 
 def sweep_status(manifest: graph.Manifest, listing: Optional[Dict[str, Tuple[str, str]]] = None) -> List[Dict]:
@@ -172,10 +176,9 @@ def sweep_status(manifest: graph.Manifest, listing: Optional[Dict[str, Tuple[str
         for stage in graph.STAGES:
             marker = graph.read_state(Path(point.run_dir), stage) or {}
             state = _state(marker, jobs.get(stage), queue, local_running, manifest.executor == "local")
-            log = manifest.where_now(marker.get("log", ""))
-            state, ending = _ending(state, marker, jobs.get(stage), log)
-            row[stage], row[f"{stage}_job"], row[f"{stage}_log"] = state, jobs.get(stage, "-"), log
-            row[f"{stage}_error"] = marker.get("error", "") if state == "failed" else ""
+            state, log, error, ending = _outcome(manifest, marker, jobs.get(stage), state)
+            row[stage], row[f"{stage}_job"], row[f"{stage}_log"], row[f"{stage}_error"] = (
+                state, jobs.get(stage, "-"), log, error)
             # steps trained or evaluation tasks done (`120/400`), as the running task last recorded them
             running = state == "running" and marker.get("state") == "running"
             row[f"{stage}_progress"] = marker.get("progress", "") if running else ""
@@ -198,10 +201,8 @@ def report_status(manifest: graph.Manifest, listing: Optional[Dict[str, Tuple[st
                    manifest.executor == "local")
     if not marker and state == "cancelled" and (Path(manifest.sweep_dir) / "report" / "results.md").exists():
         state = "done"  # a sweep from before the report task wrote its marker
-    log = manifest.where_now(marker.get("log", ""))
-    state, ending = _ending(state, marker, job, log)
-    return {"report": state, "report_job": job or "-", "report_log": log,
-            "report_error": marker.get("error", "") if state == "failed" else "",
+    state, log, error, ending = _outcome(manifest, marker, job, state)
+    return {"report": state, "report_job": job or "-", "report_log": log, "report_error": error,
             "report_reason": ending or _reason(listing, job, state)}
 
 
@@ -619,8 +620,18 @@ def cancel(sweep_dir: Path, dry_run: bool = False, wait_s: float = 120.0) -> Lis
     shown failed as a task that left the queue mid-run without a verdict is, and their MLflow runs end KILLED;
     `clustermask-resubmit` resumes them. Returns the jobs (or the process) stopped."""
     manifest = graph.Manifest.load(sweep_dir)
-    if manifest.executor == "local":  # its process holds the submission lock while it runs
-        return cancel_local(manifest, dry_run, wait_s)
+    # a local sweep's process holds the submission lock while it runs
+    stopped = (cancel_local if manifest.executor == "local" else cancel_slurm)(manifest, dry_run, wait_s)
+    if stopped and not dry_run:
+        print(f"cancelled: clustermask-resubmit {manifest.sweep_dir} resumes the sweep (a training from its last "
+              "checkpoint)")
+    return stopped
+
+
+def cancel_slurm(manifest: graph.Manifest, dry_run: bool, wait_s: float) -> List[str]:
+    """scancel every job of the sweep's submissions that SLURM still lists, wait until they leave the queue, and
+    mark the stages they ran or queued cancelled."""
+    sweep_dir = Path(manifest.sweep_dir)
     with contextlib.nullcontext() if dry_run else graph.submitting(sweep_dir):
         manifest = graph.Manifest.load(sweep_dir)  # read in the lock: a resubmission's jobs are recorded by now
         listing = queued_jobs()
@@ -643,8 +654,6 @@ def cancel(sweep_dir: Path, dry_run: bool = False, wait_s: float = 120.0) -> Lis
             print(f"note: SLURM still lists job(s) {' '.join(left)} after {wait_s:.0f} s; their stages are marked "
                   "cancelled all the same")
         mark_cancelled(manifest, stopped)
-    print(f"cancelled: clustermask-resubmit {manifest.sweep_dir} resumes the sweep (a training from its last "
-          "checkpoint)")
     return live
 
 
@@ -679,8 +688,6 @@ def cancel_local(manifest: graph.Manifest, dry_run: bool, wait_s: float) -> List
                if (graph.read_state(Path(p.run_dir), stage) or {}).get("state") not in FINAL_STATES]
     stopped.append((sweep_dir, "report", "local"))
     mark_cancelled(graph.Manifest.load(sweep_dir), stopped)
-    print(f"cancelled: clustermask-resubmit {manifest.sweep_dir} resumes the sweep (a training from its last "
-          "checkpoint)")
     return [str(holder["pid"])]
 
 
