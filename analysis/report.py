@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -18,7 +19,7 @@ import pandas as pd  # noqa: E402
 
 from clustermask.config import LOADER_BOUND  # noqa: E402
 from clustermask.files import read_manifest_file, sqlite_path, where_the_sweep_is  # noqa: E402
-from clustermask.tracking import require_server  # noqa: E402
+from clustermask.tracking import FIXED_SETTINGS_TAG, require_server  # noqa: E402
 
 # code: which code each point trained with (`code_version`)
 # hardware: what each point trained on (`hardware_note`)
@@ -41,7 +42,7 @@ IN_LABEL = ("masking.strategy", "masking.features", "masking.attention", "maskin
 # params that say where a point was recorded, how it was evaluated or how its training was logged and run, not how
 # its model was trained: sweeps reported together differ in them (sweep_name, tracking.experiment) and their points
 # are still comparable
-NOT_SETTINGS = ("sweep_name", "tracking.", "eval.", "report.", "train.log_every", "train.threads",
+NOT_SETTINGS = ("sweep_name", "tracking.", "eval.", "report.", "data.eval_root", "train.log_every", "train.threads",
                 "train.fail_at_step")
 
 
@@ -99,12 +100,26 @@ def code_version(code_folder: Optional[str], plugins: Optional[str]) -> str:
     return "+".join(parts)
 
 
+def with_fixed_settings(runs: pd.DataFrame) -> pd.DataFrame:
+    """`runs` with each run's params as its training ran with them: a resubmission's fixes (a failed point
+    trained again at another learning rate, say), which its training job tagged (FIXED_SETTINGS_TAG), in place of
+    the values the run was created with."""
+    column = f"tags.{FIXED_SETTINGS_TAG}"
+    runs = runs.copy()
+    for index, fixed in runs.get(column, pd.Series(dtype=object)).dropna().items():
+        for key, value in json.loads(fixed).items():
+            if f"params.{key}" not in runs.columns:
+                runs[f"params.{key}"] = None
+            runs.at[index, f"params.{key}"] = value
+    return runs
+
+
 def points_frame(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per run of `runs` (one sweep's, or several sweeps' together, so that labels tell apart the
-    settings that differ between them)."""
+    settings that differ between them), each with the settings it trained with."""
     if runs.empty:
         return pd.DataFrame(columns=POINT_COLUMNS)
-    runs = runs.reset_index(drop=True)
+    runs = with_fixed_settings(runs.reset_index(drop=True))
     frame = pd.DataFrame({
         "sweep": runs["tags.sweep_id"],
         "point": runs["tags.mlflow.runName"],
@@ -421,21 +436,22 @@ def build_report(sweep_dirs, plot_metrics: Optional[List[str]] = None, out_dir: 
     recorded = [r for r in runs if not r.empty]
     frame = points_frame(pd.concat(recorded, ignore_index=True) if recorded else runs[0])
     table = headline_table(frame, plot_metrics or [])
-    write_tables(table, frame, out_dir)
+    written = write_tables(table, frame, out_dir)
     for metric in dict.fromkeys(default_plot_metrics(frame) + list(plot_metrics or [])):
         if metric not in frame:
             print(f"report: {missing_metric(frame, metric)}, not plotted")
             continue
-        plot_metric(frame, metric, out_dir / f"{metric.replace('/', '_')}.png")
+        written.append(plot_metric(frame, metric, out_dir / f"{metric.replace('/', '_')}.png"))
     if TRAIN_MINUTES in frame:
         for metric in (k for k in headline_columns(frame) if k.startswith("zeroshot_classification/")):
-            plot_against_training_time(frame, metric, out_dir / f"{metric.replace('/', '_')}_vs_train_minutes.png")
+            written.append(plot_against_training_time(
+                frame, metric, out_dir / f"{metric.replace('/', '_')}_vs_train_minutes.png"))
+    for manifest in manifests:
+        written += _copy_mask_pictures(manifest, out_dir, f"{manifest['sweep_id']}_" if len(manifests) > 1 else "")
     for note in (missing_metrics_note(table), loader_bound_note(frame), code_versions_note(frame),
-                 hardware_note(frame)):
+                 hardware_note(frame), stale_files_note(remove_stale_files(out_dir, written))):
         if note:
             print(note)
-    for manifest in manifests:
-        _copy_mask_pictures(manifest, out_dir, f"{manifest['sweep_id']}_" if len(manifests) > 1 else "")
     repeated = table[table.duplicated(["label", "ratio", "seed"], keep=False)]
     if not repeated.empty:
         print(f"report: {len(repeated)} points share a label, ratio and seed; the "
@@ -443,6 +459,28 @@ def build_report(sweep_dirs, plot_metrics: Optional[List[str]] = None, out_dir: 
                                                                   for r in repeated.itertuples()})))
     print(f"report: {len(frame)} point(s) of {len(manifests)} sweep(s) -> {out_dir}")
     return out_dir
+
+
+WRITTEN = ".report_files"  # in the report's folder: the names of the files that the last report built there wrote
+
+
+def remove_stale_files(out_dir: Path, written: Sequence[Optional[Path]]) -> List[str]:
+    """Remove the files that the report last built in `out_dir` wrote and this one did not (the plot and tables of a
+    benchmark no longer evaluated, the masks of a sweep no longer reported with it), never another file (a folder
+    `--out paper/` also holds the paper's), and record this one's. Returns the names removed."""
+    listing = out_dir / WRITTEN
+    earlier = listing.read_text().split("\n") if listing.is_file() else []
+    names = sorted({path.name for path in written if path is not None})
+    stale = [name for name in earlier if name and name not in names and (out_dir / name).is_file()]
+    for name in stale:
+        (out_dir / name).unlink()
+    listing.write_text("".join(f"{name}\n" for name in names))
+    return stale
+
+
+def stale_files_note(removed: List[str]) -> str:
+    return (f"report: removed {len(removed)} file(s) that the report before this one wrote and this one has not (a "
+            f"benchmark no longer evaluated, a sweep no longer reported): {', '.join(removed)}") if removed else ""
 
 
 def report_folder(out_dir: Path) -> Path:
@@ -461,13 +499,15 @@ def read_manifest(sweep_dir: Path) -> dict:
     return where_the_sweep_is(read_manifest_file(sweep_dir), Path(sweep_dir))
 
 
-def _copy_mask_pictures(manifest: dict, out_dir: Path, prefix: str = "") -> None:
+def _copy_mask_pictures(manifest: dict, out_dir: Path, prefix: str = "") -> List[Path]:
     import shutil
 
+    copies = []
     for point in manifest["points"]:
         picture = Path(point["run_dir"]) / "masks.png"
         if picture.exists():
-            shutil.copy(picture, out_dir / f"masks_{prefix}{point['name']}.png")
+            copies.append(Path(shutil.copy(picture, out_dir / f"masks_{prefix}{point['name']}.png")))
+    return copies
 
 
 def main(argv=None) -> None:

@@ -123,6 +123,16 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, str]:
     return flat
 
 
+# the settings a run trained with that differ from its params (which keep the values it was created with): a
+# resubmission's fixes, as its training job read them; JSON {key: value}
+FIXED_SETTINGS_TAG = "train_fixed_settings"
+
+
+def changed_params(params: Mapping[str, str], settings: Mapping[str, Any]) -> Dict[str, str]:
+    """{key: value} of the flattened `settings` whose value is not the one `params` (a run's) hold."""
+    return {key: value for key, value in flatten(settings).items() if params.get(key) != value}
+
+
 def git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,

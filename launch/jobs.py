@@ -167,6 +167,22 @@ def _load_plugins(cfg, stage: str, logger) -> None:
         logger.tags({f"{stage}_plugins": fingerprint(entries, modules)})
 
 
+def _tag_fixed_settings(logger, cfg) -> None:
+    """Tag the training settings that a resubmission's fixes changed from the run's params (FIXED_SETTINGS_TAG),
+    where the report reads them: the params keep the values the run was created with. Rewritten at each attempt,
+    so that a fix undone by a later one is no longer there."""
+    import json
+
+    from clustermask.tracking import FIXED_SETTINGS_TAG, changed_params
+
+    training = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items()
+                if key in ("model", "masking", "train", "data")}
+    training["data"].pop("eval_root", None)  # read by evaluations only
+    changed = changed_params(logger.client.get_run(logger.run_id).data.params, training)
+    if changed or logger.tag(FIXED_SETTINGS_TAG) is not None:
+        logger.tags({FIXED_SETTINGS_TAG: json.dumps(changed, sort_keys=True)})
+
+
 def train_point(run_dir: str) -> str:
     from clustermask.tracking import MetricsThatWait
     from clustermask.train import Trainer, final_checkpoint, hardware_so_far
@@ -183,6 +199,8 @@ def train_point(run_dir: str) -> str:
 
         trainer = Trainer(_typed(cfg.model), _typed(cfg.masking), _typed(cfg.data), _typed(cfg.train),
                           Path(run_dir), log=log if logger else None)
+        if logger:
+            _tag_fixed_settings(logger, cfg)
         # before the loop: an attempt preempted or failed on other nodes counts in train/minutes too
         if logger and not final_checkpoint(Path(run_dir)).exists():
             logger.tags({"train_hardware": hardware_so_far(logger.tag("train_hardware"), trainer.hardware())})

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Collection, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -275,17 +275,42 @@ def plan_reevaluation(rows: List[Dict]) -> Plan:
 
 
 EVALUATION_KEYS = ("eval.", "launcher.eval.", "launcher.report.")
+# what a checkpoint was trained with: a trained point's config keeps them (data.eval_root, which only evaluations
+# read, excepted)
+TRAINING_SECTIONS = ("model", "masking", "train", "data")
+
+
+def changes_training(override: str) -> bool:
+    key = graph.override_key(override)
+    return key != "data.eval_root" and graph.section_of(key, TRAINING_SECTIONS) is not None
 
 
 def check_eval_overrides(overrides: List[str]) -> None:
-    """An evaluation again may change the evaluation only (its settings, its jobs' and the report's resources,
-    plugins added for a new evaluator): the saved config must still say how the checkpoint was trained."""
+    """An evaluation again may change the evaluation only (its settings, where its data is, its jobs' and the
+    report's resources, plugins added for a new evaluator): the saved config must still say how the checkpoint was
+    trained."""
     for override in overrides:
         key = graph.override_key(override)
-        if key not in ("eval", "plugins") and not key.startswith(EVALUATION_KEYS):
-            raise ValueError(f"{override!r}: --evaluate-again takes eval=NAME, eval.*, launcher.eval.*, "
-                             "launcher.report.* and plugins=[...] (the sweep's, and more) overrides only, as the "
-                             "points are not trained again")
+        if key not in ("eval", "plugins", "data.eval_root") and not key.startswith(EVALUATION_KEYS):
+            raise ValueError(f"{override!r}: --evaluate-again takes eval=NAME, eval.*, data.eval_root, "
+                             "launcher.eval.*, launcher.report.* and plugins=[...] (the sweep's, and more) overrides "
+                             "only, as the points are not trained again")
+
+
+def fixes_for(index: int, overrides: List[str], trained: Collection[int]) -> List[str]:
+    """The fixes that apply to point `index`: all of them, but for a point whose training is done (resubmitted to be
+    evaluated only) none that changes how it was trained, which its saved config and MLflow run say."""
+    return [o for o in overrides if index not in trained or not changes_training(o)]
+
+
+def skipped_fixes_note(manifest: graph.Manifest, overrides: List[str], trained: Collection[int]) -> str:
+    """The line saying which fixes were not applied to the trained points of a resubmission, '' if none."""
+    skipped = [o for o in overrides if changes_training(o)]
+    if not skipped or not trained:
+        return ""
+    points = ", ".join(f"{i} ({manifest.points[i].name})" for i in sorted(trained))
+    return (f"note: {' '.join(skipped)} not applied to the point(s) whose training is done, which are evaluated "
+            f"only: {points} (their configs say how their checkpoints were trained)")
 
 
 SEARCHPATH = "hydra.searchpath"
@@ -309,12 +334,12 @@ def split_searchpath(overrides: List[str]) -> Tuple[List[str], List[str]]:
 
 
 def check_plugins_kept(index: int, trained_with: Sequence[str], plugins: Sequence[str]) -> None:
-    """An evaluation again may add plugins (a new evaluator's), not drop one that the point was trained with: its
-    saved config says how the checkpoint was trained, and the strategy must stay registered."""
+    """A trained point's evaluation may add plugins (a new evaluator's), not drop one that the point was trained
+    with: its saved config says how the checkpoint was trained, and the strategy must stay registered."""
     dropped = [entry for entry in trained_with if entry not in plugins]
     if dropped:
         raise ValueError(f"plugins={list(plugins)} leaves out {dropped[0]}, which point {index} was trained with: "
-                         f"--evaluate-again keeps the sweep's plugins and adds to them, "
+                         f"its evaluation keeps the plugins it was trained with and adds to them, "
                          f"plugins=[{', '.join([*trained_with, '...'])}]; nothing changed")
 
 
@@ -378,13 +403,14 @@ def follow_eval_root(cfg: DictConfig, earlier: str) -> None:
 
 def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: List[str],
                     save: bool = True, more_folders: Sequence[str] = (),
-                    keep_plugins: bool = False) -> Dict[int, DictConfig]:
+                    trained: Collection[int] = ()) -> Dict[int, DictConfig]:
     """Fix the configs of the points about to be resubmitted (typed: a bad key or value is refused). Every
     point is checked before any is saved, so a fix refused for one point changes none. The fixes are tagged
     on each point's MLflow run (`resubmit_overrides`): its params keep the values it was created with.
     `save=False` (a dry run, or before sbatch is asked about them) checks them only. `more_folders`: config
-    folders to look for a group option in after the sweep's (`split_searchpath`). `keep_plugins`: refuse a fix of
-    `plugins` that leaves out one a point was trained with (an evaluation again). Returns the fixed configs."""
+    folders to look for a group option in after the sweep's (`split_searchpath`). `trained`: the points whose
+    training is done, to be evaluated only: a fix of how they were trained is not applied to them (`fixes_for`), and
+    one of `plugins` that leaves out a plugin they were trained with is refused. Returns the fixed configs."""
     from clustermask.plugins import is_file
 
     from .app import canonical_point_masking, preflight, unused_setting_note
@@ -396,14 +422,14 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
         cfg = graph.load_point_config(Path(point.run_dir))
         OmegaConf.set_struct(cfg, True)
         eval_root, trained_with = cfg.data.eval_root, list(cfg.get("plugins") or [])
-        for override in overrides:
+        for override in fixes_for(i, overrides, trained):
             try:
                 apply_override(cfg, override, [*manifest.config_folders, *more_folders])
             except OmegaConfBaseException as exc:
                 raise ValueError(f"{override!r}: {config_error(exc)}; nothing changed") from None
         follow_eval_root(cfg, eval_root)
         graph.pin_relative_paths(cfg, Path.cwd())  # a fix's relative path, or a sweep made before they were pinned
-        if keep_plugins:  # pinned as the fixed config's are
+        if i in trained:  # pinned as the fixed config's are
             check_plugins_kept(i, [graph.pinned_path(entry, Path.cwd()) if is_file(entry) else entry
                                    for entry in trained_with], list(cfg.get("plugins") or []))
         try:
@@ -422,12 +448,13 @@ def apply_overrides(manifest: graph.Manifest, indices: List[int], overrides: Lis
             cfg.masking[key] = getattr(masking, key)
         fixed[i] = cfg
     if save:
-        save_fixes(manifest, fixed, overrides)
+        save_fixes(manifest, fixed, overrides, trained)
     return fixed
 
 
-def save_fixes(manifest: graph.Manifest, fixed: Dict[int, DictConfig], overrides: List[str]) -> None:
-    """Save `apply_overrides`' checked configs and tag the fixes on the points' MLflow runs."""
+def save_fixes(manifest: graph.Manifest, fixed: Dict[int, DictConfig], overrides: List[str],
+               trained: Collection[int] = ()) -> None:
+    """Save `apply_overrides`' checked configs and tag the fixes applied to each on its MLflow run."""
     from clustermask.tracking import RunLogger
 
     # read before any config is saved: a tracking server that is down stops the fix here, with nothing changed
@@ -442,7 +469,7 @@ def save_fixes(manifest: graph.Manifest, fixed: Dict[int, DictConfig], overrides
     for i, cfg in fixed.items():
         graph.save_point_config(Path(manifest.points[i].run_dir), cfg)
     for i, logger in loggers.items():
-        logger.tags({"resubmit_overrides": merged_fixes(earlier[i], overrides)})
+        logger.tags({"resubmit_overrides": merged_fixes(earlier[i], fixes_for(i, overrides, trained))})
 
 
 def merged_fixes(earlier: Optional[str], overrides: List[str]) -> str:
@@ -482,10 +509,21 @@ def resubmit(sweep_dir: Path, overrides: List[str], dry_run: bool = False,
 def _plan_and_submit(manifest: graph.Manifest, overrides: List[str], dry_run: bool,
                      evaluate_again: bool, folders: Sequence[str] = ()) -> Optional[dict]:
     plan = (plan_reevaluation if evaluate_again else plan_resubmission)(sweep_status(manifest))
+    nothing = ("nothing to evaluate again: no point has finished training, or its evaluation is queued"
+               if evaluate_again else "nothing to resubmit: every point is done or still queued")
+    if plan.empty and overrides:  # else a fix meant to train a finished point otherwise would seem to have been taken
+        raise ValueError(f"{nothing}, so {' '.join(overrides)} would change no point (a fix applies to the points "
+                         "resubmitted; to train a finished point otherwise, make a new sweep); nothing changed")
     if plan.empty:
-        print("nothing to evaluate again: no point has finished training, or its evaluation is queued"
-              if evaluate_again else "nothing to resubmit: every point is done or still queued")
+        print(nothing)
         return None
+    # the points whose training is done and that are evaluated only: they keep how they were trained
+    trained = set(plan.eval_only)
+    unused = [o for o in overrides if changes_training(o)] if not plan.train else []
+    if unused:
+        raise ValueError(f"{' '.join(unused)} would change no point: the {len(trained)} point(s) resubmitted are "
+                         "evaluated only, as their training is done, and a trained point's config keeps how it was "
+                         "trained; nothing changed")
     if not dry_run:
         from clustermask.tracking import require_server
 
@@ -495,7 +533,7 @@ def _plan_and_submit(manifest: graph.Manifest, overrides: List[str], dry_run: bo
             raise ValueError(f"{exc}, nothing changed or submitted") from None
     indices = sorted(plan.train + plan.eval_only)
     fixed = apply_overrides(manifest, indices, overrides, save=False, more_folders=folders,
-                            keep_plugins=evaluate_again) if overrides else {}
+                            trained=trained) if overrides else {}
     # the resubmitted points' launcher, fixes included (point 0 may be done, its config not fixed)
     first = indices[0]
     launcher = copy.deepcopy((fixed[first] if first in fixed else
@@ -508,7 +546,11 @@ def _plan_and_submit(manifest: graph.Manifest, overrides: List[str], dry_run: bo
             raise ValueError("sbatch would refuse the resubmission, nothing changed or submitted:\n"
                              + "\n".join(f"  {r}" for r in refused))
     if fixed and not dry_run:
-        save_fixes(manifest, fixed, overrides)
+        save_fixes(manifest, fixed, overrides, trained)
+    if plan.train:  # an evaluation again has no fix of how points were trained: check_eval_overrides refused it
+        for note in (skipped_fixes_note(manifest, overrides, trained), resume_note(manifest, plan.train, overrides)):
+            if note:
+                print(note)
     if evaluate_again and not dry_run:
         from clustermask.evaluate import forget_evaluated
 
@@ -527,6 +569,23 @@ def _plan_and_submit(manifest: graph.Manifest, overrides: List[str], dry_run: bo
     if note:
         print(note)
     return record
+
+
+def resume_note(manifest: graph.Manifest, indices: List[int], overrides: List[str]) -> str:
+    """A line naming the points about to train that resume from a checkpoint, where fixes change how they train:
+    those apply from the checkpoint on (a checkpoint of another model does not load at all)."""
+    fixes = [o for o in overrides if changes_training(o)]
+    if not fixes:
+        return ""
+    from clustermask.train import checkpoint_paths  # torch: preflight of the fixes imported it already
+
+    latest = {i: checkpoint_paths(Path(manifest.points[i].run_dir))[0] for i in indices}
+    resuming = [i for i in indices if latest[i].exists()]
+    if not resuming:
+        return ""
+    return (f"note: {', '.join(f'point {i} ({manifest.points[i].name})' for i in resuming)} resume(s) from a "
+            f"checkpoint, so {' '.join(fixes)} take(s) effect from there on; to train afresh with them, cancel, remove "
+            f"{' '.join(str(latest[i]) for i in resuming)} and resubmit")
 
 
 def earlier_code(manifest: graph.Manifest, indices: List[int]) -> Dict[int, str]:
@@ -729,13 +788,14 @@ def resubmit_main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Resubmit only the unfinished or failed points of a sweep")
     parser.add_argument("sweep_dir")
     parser.add_argument("overrides", nargs="*", help="key=value (or group=option) fixes applied to the "
-                        "resubmitted points")
+                        "resubmitted points (a fix of how they train, model.*, masking.*, train.*, data.*, only to "
+                        "those whose training is resubmitted)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the points it would resubmit (on SLURM, their job scripts too); change and submit "
                         "nothing")
     parser.add_argument("--evaluate-again", action="store_true",
                         help="evaluate every trained point again, then report (overrides: eval=NAME, eval.*, "
-                        "launcher.eval.*, launcher.report.*, plugins=[the sweep's, more.py] for a new evaluator; "
+                        "data.eval_root, launcher.eval.*, launcher.report.*, plugins=[the sweep's, more.py] for a new evaluator; "
                         "hydra.searchpath=[file://DIR] adds a folder to look for eval=NAME in)")
     args = parser.parse_intermixed_args(argv)  # the flags may come after the overrides, or between them
     try:

@@ -1389,6 +1389,66 @@ def test_resubmit_fixes_all_points_or_none_and_tags_them_in_mlflow(tmp_path, syn
                                                        "masking.threshold=0.3", "train.lr=0.02", shards]
 
 
+def test_a_fix_of_how_points_train_leaves_the_points_already_trained_as_they_were_trained(tmp_path, synthetic_root,
+                                                                                          capsys):
+    """Point 0 trained and its evaluation failed; point 1's training failed. `train.lr=0.01` resubmitted for both
+    reaches point 1 only: point 0 is evaluated only, and its config and MLflow tag must still say how its
+    checkpoint was trained. The evaluation's fixes reach both. A fix that would reach no point is refused, with
+    nothing changed, rather than seem to have been taken (training a finished point longer is a new sweep)."""
+    from mlflow.tracking import MlflowClient
+
+    from launch import status
+
+    sweep = compose_sweep([f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "masking.ratio=0.3,0.5"],
+                          multirun=True)
+    manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
+    run_dirs = [Path(p.run_dir) for p in manifest.points]
+    graph.mark(run_dirs[0], "train", "done")
+    graph.mark(run_dirs[0], "eval", "failed")
+    graph.mark(run_dirs[1], "train", "failed")
+
+    def configs():
+        return [graph.load_point_config(run_dir) for run_dir in run_dirs]
+
+    assert status.resubmit(sweep.sweep_dir, ["train.lr=0.01", "eval.batch_size=8"], dry_run=True) is None
+    out = capsys.readouterr().out
+    assert (f"note: train.lr=0.01 not applied to the point(s) whose training is done, which are evaluated only: "
+            f"0 ({manifest.points[0].name}) (their configs say how their checkpoints were trained)") in out
+    assert "resume(s) from a checkpoint" not in out
+    latest = run_dirs[1] / "checkpoints" / "latest.pt"  # point 1 failed after a checkpoint: the fix applies from it
+    latest.parent.mkdir()
+    latest.touch()
+    status.resubmit(sweep.sweep_dir, ["train.lr=0.01", "eval.batch_size=8"], dry_run=True)
+    assert (f"note: point 1 ({manifest.points[1].name}) resume(s) from a checkpoint, so train.lr=0.01 take(s) effect "
+            f"from there on; to train afresh with them, cancel, remove {latest} and resubmit") in capsys.readouterr().out
+    assert [c.train.lr for c in configs()] == [0.001, 0.001]  # a dry run changes nothing
+
+    status.apply_overrides(manifest, [0, 1], ["train.lr=0.01", "masking=cluster", "eval.batch_size=8"], trained={0})
+    assert [(c.train.lr, c.masking.strategy, c.eval.batch_size) for c in configs()] == \
+        [(0.001, "random", 8), (0.01, "cluster", 8)]
+    client = MlflowClient(manifest.tracking_uri)
+    assert [client.get_run(p.mlflow_run_id).data.tags["resubmit_overrides"] for p in manifest.points] == \
+        ["eval.batch_size=8", "train.lr=0.01 masking=cluster eval.batch_size=8"]
+
+    before = [(run_dir / "config.yaml").read_text() for run_dir in run_dirs]
+    graph.mark(run_dirs[1], "train", "done")  # now both are only evaluated again
+    with pytest.raises(ValueError, match=r"^train.steps=400 would change no point: the 2 point\(s\) resubmitted are "
+                                         r"evaluated only, as their training is done.*; nothing changed$"):
+        status.resubmit(sweep.sweep_dir, ["eval.batch_size=4", "train.steps=400"])
+    graph.mark(run_dirs[0], "eval", "done")
+    graph.mark(run_dirs[1], "eval", "done")
+    with pytest.raises(ValueError, match=r"^nothing to resubmit: every point is done or still queued, so "
+                                         r"train.steps=400 would change no point .*make a new sweep\); nothing changed$"):
+        status.resubmit(sweep.sweep_dir, ["train.steps=400"])
+    assert [(run_dir / "config.yaml").read_text() for run_dir in run_dirs] == before
+    assert status.resubmit(sweep.sweep_dir, []) is None  # without fixes, nothing to do is no error
+    assert "nothing to resubmit: every point is done or still queued" in capsys.readouterr().out
+    # moved evaluation data is an evaluation's fix: an evaluation again takes it
+    status.check_eval_overrides(["data.eval_root=/elsewhere"])
+    with pytest.raises(ValueError, match="--evaluate-again takes eval=NAME, eval.*, data.eval_root"):
+        status.check_eval_overrides(["data.train_shards=/elsewhere"])
+
+
 def test_resubmit_fixes_on_record_give_the_config_the_fixes_gave_in_turn():
     from launch.status import merged_fixes
 
@@ -1479,8 +1539,8 @@ def test_evaluating_again_with_an_evaluator_of_ones_own_adds_its_plugin_and_keep
         status.resubmit(sweep.sweep_dir, ["eval=mine", "hydra.searchpath=[file://conf]"], dry_run=True,
                         evaluate_again=True)
     with pytest.raises(ValueError, match=rf"^plugins=\['{re.escape(scale)}'\] leaves out {re.escape(masks)}, which "
-                                         rf"point 0 was trained with: --evaluate-again keeps the sweep's plugins and "
-                                         rf"adds to them, plugins=\[{re.escape(masks)}, \.\.\.\]; nothing changed$"):
+                                         rf"point 0 was trained with: its evaluation keeps the plugins it was trained "
+                                         rf"with and adds to them, plugins=\[{re.escape(masks)}, \.\.\.\]; nothing changed$"):
         status.resubmit(sweep.sweep_dir, ["eval=mine", "plugins=[scale.py]", "hydra.searchpath=[file://conf]"],
                         dry_run=True, evaluate_again=True)
     assert (run_dir / "config.yaml").read_text() == before
@@ -1488,7 +1548,7 @@ def test_evaluating_again_with_an_evaluator_of_ones_own_adds_its_plugin_and_keep
                                              "hydra.searchpath=[file://conf]"], dry_run=True, evaluate_again=True) is None
     assert "would resubmit:\n  eval[0]" in capsys.readouterr().out and (run_dir / "config.yaml").read_text() == before
     fixed = status.apply_overrides(manifest, [0], ["eval=mine", "plugins=[masks.py,scale.py]"],
-                                   more_folders=[str(tmp_path / "conf")], keep_plugins=True)[0]
+                                   more_folders=[str(tmp_path / "conf")], trained={0})[0]
     saved = graph.load_point_config(run_dir)
     assert list(saved.plugins) == list(fixed.plugins) == [masks, scale]
     assert [task.name for task in saved.eval.tasks] == ["scale_value"] and saved.masking.strategy == "kept_random"

@@ -432,6 +432,33 @@ def test_a_killed_local_sweep_is_shown_failed_and_resubmission_resumes_it(tmp_pa
     assert "resumed from" in (graph.Path(manifest.points[0].run_dir) / "logs" / "train.log").read_text()
 
 
+def test_a_point_trained_again_with_a_fix_is_reported_with_the_setting_it_trained_with(tmp_path, synthetic_root):
+    """A point's training fails; resubmitted with `train.lr=0.0005`, it trains at that rate. Its MLflow params keep
+    the value it was created with (MLflow's params cannot change), so its training job tags what it trained with
+    otherwise, and the report labels it by that: `random lr=0.0005` beside `random lr=0.001`, not two alike."""
+    zero_shot = f"eval.tasks=[{{name: zeroshot_classification, dataset: wds/shapes, root: {synthetic_root}/eval/shapes}}]"
+    command = [sys.executable, "-m", "launch.app", "-m", f"paths.root={tmp_path}", f"paths.data={synthetic_root}",
+               "sweep_name=fixed", "masking=random", "train.steps=4", "train.batch_size=8", "train.log_every=2",
+               "train.fail_at_step=-1,2", zero_shot]
+    made = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert made.returncode == 1, made.stdout[-3000:] + made.stderr[-3000:]  # one training failed
+    sweep_dir = tmp_path / "sweeps" / "fixed"
+    manifest = graph.Manifest.load(sweep_dir)
+    failing = next(i for i, p in enumerate(manifest.points) if "train.fail_at_step=2" in p.overrides)
+    resubmit = graph.Path(sys.executable).parent / "clustermask-resubmit"
+    result = subprocess.run([str(resubmit), str(sweep_dir), "train.fail_at_step=-1", "train.lr=0.0005"],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = mlflow.MlflowClient(manifest.tracking_uri)
+    runs = [client.get_run(p.mlflow_run_id).data for p in manifest.points]
+    assert [run.params["train.lr"] for run in runs] == ["0.001", "0.001"]  # as created
+    assert json.loads(runs[failing].tags["train_fixed_settings"]) == {"train.fail_at_step": "-1", "train.lr": "0.0005"}
+    assert "train_fixed_settings" not in runs[1 - failing].tags
+    table = pd.read_csv(sweep_dir / "report" / "results_all_metrics.csv")
+    assert sorted(table["label"]) == ["random lr=0.0005", "random lr=0.001"]
+    assert table.set_index("label").loc["random lr=0.0005", "point"] == manifest.points[failing].name
+
+
 @pytest.mark.parametrize("reaches", ["process group", "sweep command only"])
 def test_ctrl_c_stops_a_local_sweep_at_once_and_says_how_to_resume(tmp_path, synthetic_root, reaches):
     """Ctrl-C reaches the sweep command and its running task (one process group): the sweep must stop there,

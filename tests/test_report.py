@@ -381,6 +381,43 @@ def test_a_report_of_several_sweeps_averages_seeds_across_them_and_labels_what_d
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_a_rebuilt_report_removes_what_the_last_one_wrote_and_this_one_does_not_and_nothing_else(tmp_path, capsys):
+    """A benchmark evaluated again away (its metric superseded, logged NaN) leaves the tables: its plot, and the
+    retrieval tables where retrieval is gone, must not stay beside them as if current. A file the report did not
+    write (the paper's, in `--out paper/`) stays."""
+    import mlflow
+
+    from analysis.report import main
+    from clustermask.tracking import RunLogger
+
+    sweep = recorded_sweep(tmp_path / "sweep", "a", [("random", 0, 1e-3, 0.40), ("cluster", 0, 1e-3, 0.50)])
+    uri = f"sqlite:///{sweep / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    run_ids = list(mlflow.search_runs(experiment_names=["a"], filter_string="tags.kind = 'point'")["run_id"])
+    probe, recall = "linear_probe/wds/shapes/lp_acc1", "zeroshot_retrieval/wds/scenes/image_retrieval_recall_at_1"
+    for run_id in run_ids:
+        RunLogger(uri, run_id).metrics({probe: 0.3, recall: 0.1})
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    (paper / "main.tex").write_text("\\input{results}")
+    (paper / "zeroshot_classification_wds_shapes_acc1.png").write_text("an older one, written by hand")
+    main([str(sweep), "--out", str(paper)])
+    plot, retrieval = paper / "linear_probe_wds_shapes_lp_acc1.png", paper / "results_retrieval.md"
+    assert plot.exists() and retrieval.exists()
+    capsys.readouterr()
+    for run_id in run_ids:
+        RunLogger(uri, run_id).metrics({probe: float("nan"), recall: float("nan")})  # as an evaluation again does
+    main([str(sweep), "--out", str(paper)])
+    assert not plot.exists() and not retrieval.exists() and not (paper / "results_retrieval_mean.tex").exists()
+    assert (paper / "main.tex").read_text() == "\\input{results}"
+    assert (paper / "zeroshot_classification_wds_shapes_acc1.png").stat().st_size > 1000  # rewritten: this report's
+    assert ("report: removed 5 file(s) that the report before this one wrote and this one has not (a benchmark no "
+            "longer evaluated, a sweep no longer reported): linear_probe_wds_shapes_lp_acc1.png, results_retrieval.md, "
+            "results_retrieval.tex, results_retrieval_mean.md, results_retrieval_mean.tex") in capsys.readouterr().out
+    main([str(sweep), "--out", str(paper)])
+    assert "removed" not in capsys.readouterr().out and (paper / "main.tex").exists()
+
+
 def test_the_retrieval_table_has_both_directions_at_every_k_per_dataset(tmp_path):
     """The paper reports retrieval as recall@1/5/10 in both directions per dataset; the headline keeps R@1."""
     from analysis.report import retrieval_table, write_tables
