@@ -96,7 +96,9 @@ class LocalExecutor:
                 with self._lock:
                     self._children.discard(child)
         where = f" (GPU {gpu})" if gpu is not None else ""
-        outcome = "done" if code == 0 else "stopped" if self._stopping else f"FAILED (exit {code}), log {log}"
+        killed = None if code == 0 or self._stopping else record_unsaid_failure(Path(path), stage, code)
+        outcome = ("done" if code == 0 else "stopped" if self._stopping
+                   else f"FAILED ({killed or f'exit {code}'}), log {log}")
         print(f"[local] {stage} {Path(path).name}{where}: {outcome}", flush=True)
         return code == 0
 
@@ -173,6 +175,31 @@ class LocalExecutor:
             self._task("report", manifest.sweep_dir, Path(manifest.sweep_dir) / "logs" / "report.log")
             record["report"] = {"job_id": "local"}
         return record
+
+
+def exit_description(code: int) -> str:
+    """How a process ended, from its exit status (negative: the signal that killed it)."""
+    if code >= 0:
+        return f"exit {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"killed by {name}" + (" (the kernel's OOM killer sends it when memory runs short, as does `kill -9`: "
+                                  "a smaller train.batch_size or eval.batch_size, or fewer tasks at once, "
+                                  "launcher.max_parallel)" if -code == signal.SIGKILL else "")
+
+
+def record_unsaid_failure(where: Path, stage: str, code: int) -> Optional[str]:
+    """A local task that ended without recording its verdict (killed: the OOM killer's SIGKILL, a crash in native
+    code) is marked failed with how it ended, which `clustermask-status` shows; returns that, None where the task
+    recorded its own."""
+    marker = graph.read_state(where, stage) or {}
+    if marker.get("state") != "running":
+        return None
+    how = exit_description(code)
+    graph.mark(where, stage, "failed", **{k: v for k, v in marker.items() if k not in ("state", "time")}, error=how)
+    return how.split(" (")[0]
 
 
 # what `clustermask-cancel` sends a local sweep's process: a Ctrl-C's effect, where SIGINT may be ignored (a sweep

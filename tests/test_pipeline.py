@@ -5,6 +5,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -457,6 +458,31 @@ def test_a_point_trained_again_with_a_fix_is_reported_with_the_setting_it_traine
     table = pd.read_csv(sweep_dir / "report" / "results_all_metrics.csv")
     assert sorted(table["label"]) == ["random lr=0.0005", "random lr=0.001"]
     assert table.set_index("label").loc["random lr=0.0005", "point"] == manifest.points[failing].name
+
+
+def test_a_local_task_killed_by_the_os_is_shown_failed_with_how_it_ended(tmp_path, synthetic_root):
+    """The OOM killer's SIGKILL leaves a task no moment to record its verdict. The local executor, which outlives
+    it, records how it ended, and status shows it (with what to change for memory) instead of a bare `failed`."""
+    from launch.status import status_text
+
+    zero_shot = f"eval.tasks=[{{name: zeroshot_classification, dataset: wds/shapes, root: {synthetic_root}/eval/shapes}}]"
+    command = [sys.executable, "-m", "launch.app", f"paths.root={tmp_path}", f"paths.data={synthetic_root}",
+               "sweep_name=oom", "masking=random", "train.steps=400", "train.batch_size=16", "train.log_every=2",
+               zero_shot]
+    sweep_dir = tmp_path / "sweeps" / "oom"
+    with process_group(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as sweep:
+        deadline = time.time() + 300
+        while not (marker := graph.read_state(next(iter(sweep_dir.glob("points/*")), sweep_dir), "train") or {}).get(
+                "progress"):
+            assert time.time() < deadline and sweep.poll() is None, "the training never logged a step"
+            time.sleep(0.2)
+        os.kill(marker["pid"], signal.SIGKILL)
+        out, _ = sweep.communicate(timeout=120)
+    assert sweep.returncode == 1, out[-3000:]
+    assert re.search(r"\[local\] train \S+: FAILED \(killed by SIGKILL\), log ", out), out[-3000:]
+    text, failed, _ = status_text(str(sweep_dir))
+    assert failed and "killed by SIGKILL (the kernel's OOM killer sends it when memory runs short" in text, text
+    assert graph.read_state(next(sweep_dir.glob("points/*")), "eval")["state"] == "cancelled"
 
 
 @pytest.mark.parametrize("reaches", ["process group", "sweep command only"])
