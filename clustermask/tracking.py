@@ -245,6 +245,26 @@ class RunLogger:
         else:
             self.client.log_artifact(self.run_id, str(path), folder)
 
+    def replace_artifacts(self, folder: Path, under: str) -> List[str]:
+        """The files of `folder` as the run's artifacts under `under`, where those that an earlier call put there and
+        `folder` no longer has are deleted (a report rebuilt without a benchmark's plot), where the artifact store
+        allows it; a store that does not keeps them, with a warning. Returns the paths deleted."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        logged = [a.path for a in self.client.list_artifacts(self.run_id, under) if not a.is_dir]
+        stale = [path for path in logged if not (Path(folder) / Path(path).name).is_file()]
+        if stale:
+            repository = get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri)
+            try:
+                for path in stale:
+                    repository.delete_artifacts(path)
+            except Exception as exc:  # NotImplementedError, or the store's own refusal
+                warnings.warn(f"the run's artifacts {', '.join(stale)} are no longer in {folder} and could not be "
+                              f"deleted: {exc!r}")
+                stale = []
+        self.artifact(Path(folder), under)
+        return stale
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
 

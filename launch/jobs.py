@@ -267,7 +267,7 @@ def _close_sweep_run(manifest: graph.Manifest, out_dir: Path) -> None:
     from clustermask.tracking import RunLogger
 
     logger = RunLogger(manifest.tracking_uri, manifest.parent_run_id)
-    logger.artifact(out_dir, "report")
+    logger.replace_artifacts(out_dir, "report")  # without what an earlier report had and this one has not
     evaluated = sum((graph.read_state(Path(p.run_dir), "eval") or {}).get("state") == "done" for p in manifest.points)
     logger.tags({"points_evaluated": f"{evaluated}/{len(manifest.points)}"})
     logger.finish("FINISHED" if evaluated == len(manifest.points) else "FAILED")

@@ -115,6 +115,35 @@ def test_a_tracking_server_holds_the_same_records(mlflow_server, tmp_path):
     (report / "results.md").write_text("| label |")
     RunLogger(uri, parent).artifact(report, "report")
     assert [a.path for a in client(uri).list_artifacts(parent, "report")] == ["report/results.md"]
+    # rebuilt without a plot that the one before had: the server's copy goes too
+    (report / "lp.png").write_bytes(b"\x89PNG")
+    assert RunLogger(uri, parent).replace_artifacts(report, "report") == []
+    (report / "lp.png").unlink()
+    assert RunLogger(uri, parent).replace_artifacts(report, "report") == ["report/lp.png"]
+    assert [a.path for a in client(uri).list_artifacts(parent, "report")] == ["report/results.md"]
+    assert [p.name for p in (root / "artifacts").rglob("*") if p.parent.name == "report"] == ["results.md"]
+
+
+def test_a_report_rebuilt_replaces_the_sweep_runs_report_in_the_sweeps_own_store(tmp_path, monkeypatch):
+    """The default store (sqlite, artifacts in the sweep's mlartifacts/): a report rebuilt without a file that the
+    one before had leaves the sweep run's artifacts without it too, as the report's folder is."""
+    from clustermask.tracking import RunLogger
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = TrackingConfig(experiment="sweeps")
+    uri = resolve_uri(cfg, tmp_path / "sweep")
+    parent, _ = create_sweep_runs(cfg, uri, "s", {}, [], artifact_location(cfg, tmp_path / "sweep"))
+    report = tmp_path / "sweep" / "report"
+    report.mkdir()
+    for name in ("results.md", "lp.png", "zs.png"):
+        (report / name).write_text(name)
+    assert RunLogger(uri, parent).replace_artifacts(report, "report") == []
+    (report / "lp.png").unlink()
+    (report / "zs.png").write_text("rebuilt")
+    assert RunLogger(uri, parent).replace_artifacts(report, "report") == ["report/lp.png"]
+    assert [a.path for a in client(uri).list_artifacts(parent, "report")] == ["report/results.md", "report/zs.png"]
+    stored = next((tmp_path / "sweep" / "mlartifacts").rglob("zs.png"))
+    assert stored.read_text() == "rebuilt" and not (stored.parent / "lp.png").exists()
 
 
 def test_training_metrics_the_server_cannot_take_wait_for_the_next_log(tmp_path, failing_fast):
