@@ -23,6 +23,9 @@ from clustermask.files import moved_with, read_manifest_file, relocate_artifacts
 
 STAGES = ("train", "eval")
 NOT_POINT_KEYS = ("launcher", "experiment", "sweep_name", "paths", "plugins", "hydra")
+# the config sections that say how a point's checkpoint was trained, less the key in them only evaluations read
+TRAINING_SECTIONS = ("model", "masking", "train", "data")
+READ_BY_EVALUATION_ONLY = "data.eval_root"
 
 
 @dataclass

@@ -176,9 +176,9 @@ def _tag_fixed_settings(logger, cfg) -> None:
     from clustermask.tracking import FIXED_SETTINGS_TAG, changed_params
 
     training = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items()
-                if key in ("model", "masking", "train", "data")}
-    training["data"].pop("eval_root", None)  # read by evaluations only
+                if key in graph.TRAINING_SECTIONS}
     changed = changed_params(logger.client.get_run(logger.run_id).data.params, training)
+    changed.pop(graph.READ_BY_EVALUATION_ONLY, None)
     if changed or logger.tag(FIXED_SETTINGS_TAG) is not None:
         logger.tags({FIXED_SETTINGS_TAG: json.dumps(changed, sort_keys=True)})
 

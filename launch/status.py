@@ -275,14 +275,12 @@ def plan_reevaluation(rows: List[Dict]) -> Plan:
 
 
 EVALUATION_KEYS = ("eval.", "launcher.eval.", "launcher.report.")
-# what a checkpoint was trained with: a trained point's config keeps them (data.eval_root, which only evaluations
-# read, excepted)
-TRAINING_SECTIONS = ("model", "masking", "train", "data")
 
 
 def changes_training(override: str) -> bool:
+    """Whether a fix changes how a point is trained, which a trained point's config keeps."""
     key = graph.override_key(override)
-    return key != "data.eval_root" and graph.section_of(key, TRAINING_SECTIONS) is not None
+    return key != graph.READ_BY_EVALUATION_ONLY and graph.section_of(key, graph.TRAINING_SECTIONS) is not None
 
 
 def check_eval_overrides(overrides: List[str]) -> None:
@@ -291,7 +289,7 @@ def check_eval_overrides(overrides: List[str]) -> None:
     trained."""
     for override in overrides:
         key = graph.override_key(override)
-        if key not in ("eval", "plugins", "data.eval_root") and not key.startswith(EVALUATION_KEYS):
+        if key not in ("eval", "plugins", graph.READ_BY_EVALUATION_ONLY) and not key.startswith(EVALUATION_KEYS):
             raise ValueError(f"{override!r}: --evaluate-again takes eval=NAME, eval.*, data.eval_root, "
                              "launcher.eval.*, launcher.report.* and plugins=[...] (the sweep's, and more) overrides "
                              "only, as the points are not trained again")
@@ -795,8 +793,8 @@ def resubmit_main(argv=None) -> int:
                         "nothing")
     parser.add_argument("--evaluate-again", action="store_true",
                         help="evaluate every trained point again, then report (overrides: eval=NAME, eval.*, "
-                        "data.eval_root, launcher.eval.*, launcher.report.*, plugins=[the sweep's, more.py] for a new evaluator; "
-                        "hydra.searchpath=[file://DIR] adds a folder to look for eval=NAME in)")
+                        "data.eval_root, launcher.eval.*, launcher.report.*, plugins=[the sweep's, more.py] for a new "
+                        "evaluator; hydra.searchpath=[file://DIR] adds a folder to look for eval=NAME in)")
     args = parser.parse_intermixed_args(argv)  # the flags may come after the overrides, or between them
     try:
         resubmit(Path(args.sweep_dir), args.overrides, args.dry_run, args.evaluate_again)

@@ -1419,8 +1419,9 @@ def test_a_fix_of_how_points_train_leaves_the_points_already_trained_as_they_wer
     latest.parent.mkdir()
     latest.touch()
     status.resubmit(sweep.sweep_dir, ["train.lr=0.01", "eval.batch_size=8"], dry_run=True)
+    out = capsys.readouterr().out
     assert (f"note: point 1 ({manifest.points[1].name}) resume(s) from a checkpoint, so train.lr=0.01 take(s) effect "
-            f"from there on; to train afresh with them, cancel, remove {latest} and resubmit") in capsys.readouterr().out
+            f"from there on; to train afresh with them, cancel, remove {latest} and resubmit") in out
     assert [c.train.lr for c in configs()] == [0.001, 0.001]  # a dry run changes nothing
 
     status.apply_overrides(manifest, [0, 1], ["train.lr=0.01", "masking=cluster", "eval.batch_size=8"], trained={0})
@@ -1437,8 +1438,8 @@ def test_a_fix_of_how_points_train_leaves_the_points_already_trained_as_they_wer
         status.resubmit(sweep.sweep_dir, ["eval.batch_size=4", "train.steps=400"])
     graph.mark(run_dirs[0], "eval", "done")
     graph.mark(run_dirs[1], "eval", "done")
-    with pytest.raises(ValueError, match=r"^nothing to resubmit: every point is done or still queued, so "
-                                         r"train.steps=400 would change no point .*make a new sweep\); nothing changed$"):
+    with pytest.raises(ValueError, match=r"^nothing to resubmit: every point is done or still queued, so train.steps="
+                                         r"400 would change no point .*make a new sweep\); nothing changed$"):
         status.resubmit(sweep.sweep_dir, ["train.steps=400"])
     assert [(run_dir / "config.yaml").read_text() for run_dir in run_dirs] == before
     assert status.resubmit(sweep.sweep_dir, []) is None  # without fixes, nothing to do is no error
