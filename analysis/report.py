@@ -480,7 +480,8 @@ def remove_stale_files(out_dir: Path, written: Sequence[Optional[Path]]) -> List
 
 def stale_files_note(removed: List[str]) -> str:
     return (f"report: removed {len(removed)} file(s) that the report before this one wrote and this one has not (a "
-            f"benchmark no longer evaluated, a sweep no longer reported): {', '.join(removed)}") if removed else ""
+            f"benchmark no longer evaluated, a --metric not asked for again, a sweep no longer reported): "
+            f"{', '.join(removed)}") if removed else ""
 
 
 def report_folder(out_dir: Path) -> Path:

@@ -412,7 +412,8 @@ def test_a_rebuilt_report_removes_what_the_last_one_wrote_and_this_one_does_not_
     assert (paper / "main.tex").read_text() == "\\input{results}"
     assert (paper / "zeroshot_classification_wds_shapes_acc1.png").stat().st_size > 1000  # rewritten: this report's
     assert ("report: removed 5 file(s) that the report before this one wrote and this one has not (a benchmark no "
-            "longer evaluated, a sweep no longer reported): linear_probe_wds_shapes_lp_acc1.png, results_retrieval.md, "
+            "longer evaluated, a --metric not asked for again, a sweep no longer reported): "
+            "linear_probe_wds_shapes_lp_acc1.png, results_retrieval.md, "
             "results_retrieval.tex, results_retrieval_mean.md, results_retrieval_mean.tex") in capsys.readouterr().out
     main([str(sweep), "--out", str(paper)])
     assert "removed" not in capsys.readouterr().out and (paper / "main.tex").exists()
