@@ -101,7 +101,8 @@ def test_counts_that_would_leave_a_set_or_shard_empty_are_refused_before_anythin
              ("--classification-train", "0"): "--classification-train=0 must be at least 1",
              ("--sugarcrepe-per-task", "0"): "--sugarcrepe-per-task=0 must be at least 1",
              ("--train-samples", "4"): "--train-shards=8 is more than --train-samples=4: a shard would be empty",
-             ("--eval-shards", "7", "--retrieval-test", "6"): "--eval-shards=7 is more than --retrieval-test=6"}
+             ("--eval-shards", "7", "--retrieval-test", "6"): "--eval-shards=7 is more than --retrieval-test=6",
+             ("--seed", "-1"): "--seed=-1 must be at least 0"}
     for args, error in cases.items():
         with pytest.raises(SystemExit) as exit_:
             synthetic.main(["--out", str(tmp_path / "data"), *args])
