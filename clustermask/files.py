@@ -21,6 +21,16 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def checkpoint_paths(run_dir: Path):
+    """(the checkpoint a training resumes from, the trained model's) of a run directory."""
+    ckpt = Path(run_dir) / "checkpoints"
+    return ckpt / "latest.pt", ckpt / "final.pt"
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    return checkpoint_paths(run_dir)[1]
+
+
 SQLITE = "sqlite:///"
 
 

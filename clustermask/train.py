@@ -19,7 +19,7 @@ from . import masking as masking_lib
 from .config import (DataConfig, MaskingConfig, ModelConfig, TrainConfig, validate_contrastive_batch, validate_data,
                      validate_train as validate)
 from .data import derive_seed, sample_batches, split_transform, training_stream
-from .files import write_atomic
+from .files import checkpoint_paths, write_atomic
 from .model import create
 
 LogFn = Callable[[Dict[str, float], int], None]
@@ -33,15 +33,6 @@ def resolve_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine")
     return name
-
-
-def checkpoint_paths(run_dir: Path):
-    ckpt = Path(run_dir) / "checkpoints"
-    return ckpt / "latest.pt", ckpt / "final.pt"
-
-
-def final_checkpoint(run_dir: Path) -> Path:
-    return checkpoint_paths(run_dir)[1]
 
 
 def spent_path(run_dir: Path) -> Path:

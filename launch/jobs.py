@@ -185,7 +185,8 @@ def _tag_fixed_settings(logger, cfg) -> None:
 
 def train_point(run_dir: str) -> str:
     from clustermask.tracking import MetricsThatWait
-    from clustermask.train import Trainer, final_checkpoint, hardware_so_far
+    from clustermask.files import final_checkpoint
+    from clustermask.train import Trainer, hardware_so_far
 
     cfg = graph.load_point_config(Path(run_dir))
 
@@ -214,7 +215,7 @@ def train_point(run_dir: str) -> str:
 
 def eval_point(run_dir: str) -> str:
     from clustermask.evaluate import evaluate_checkpoint
-    from clustermask.train import final_checkpoint
+    from clustermask.files import final_checkpoint
 
     cfg = graph.load_point_config(Path(run_dir))
 

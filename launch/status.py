@@ -517,6 +517,7 @@ def _plan_and_submit(manifest: graph.Manifest, overrides: List[str], dry_run: bo
         return None
     # the points whose training is done and that are evaluated only: they keep how they were trained
     trained = set(plan.eval_only)
+    check_checkpoints_there(manifest, plan.eval_only)
     unused = [o for o in overrides if changes_training(o)] if not plan.train else []
     if unused:
         raise ValueError(f"{' '.join(unused)} would change no point: the {len(trained)} point(s) resubmitted are "
@@ -569,13 +570,27 @@ def _plan_and_submit(manifest: graph.Manifest, overrides: List[str], dry_run: bo
     return record
 
 
+def check_checkpoints_there(manifest: graph.Manifest, indices: List[int]) -> None:
+    """The points to be evaluated only must still have their trained checkpoint: one deleted since (for disk
+    space) would fail its evaluation job, after its wait in the queue."""
+    from clustermask.files import final_checkpoint
+
+    gone = [i for i in indices if not final_checkpoint(Path(manifest.points[i].run_dir)).is_file()]
+    if gone:
+        raise FileNotFoundError(
+            f"{len(gone)} trained point(s) to be evaluated no longer have their checkpoint (deleted since they "
+            "trained?): " + ", ".join(f"point {i} ({manifest.points[i].name}): "
+                                      f"{final_checkpoint(Path(manifest.points[i].run_dir))}" for i in gone)
+            + "; put it back to evaluate it, or make a new sweep to train it again; nothing changed or submitted")
+
+
 def resume_note(manifest: graph.Manifest, indices: List[int], overrides: List[str]) -> str:
     """A line naming the points about to train that resume from a checkpoint, where fixes change how they train:
     those apply from the checkpoint on (a checkpoint of another model does not load at all)."""
     fixes = [o for o in overrides if changes_training(o)]
     if not fixes:
         return ""
-    from clustermask.train import checkpoint_paths  # torch: preflight of the fixes imported it already
+    from clustermask.files import checkpoint_paths
 
     latest = {i: checkpoint_paths(Path(manifest.points[i].run_dir))[0] for i in indices}
     resuming = [i for i in indices if latest[i].exists()]

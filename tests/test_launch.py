@@ -1338,6 +1338,13 @@ def test_a_jobs_signal_handlers_run_in_its_own_process_and_not_in_its_loader_wor
             signal.signal(signum, previous)
 
 
+def mark_trained(run_dir: Path) -> None:
+    """A point's training marked done, with a (blank) trained checkpoint where an evaluation would read it."""
+    graph.mark(run_dir, "train", "done")
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    (run_dir / "checkpoints" / "final.pt").touch()
+
+
 class TrackingHere:
     """`create_sweep`'s tracker, in this process rather than the helper child."""
 
@@ -1410,6 +1417,12 @@ def test_a_fix_of_how_points_train_leaves_the_points_already_trained_as_they_wer
     def configs():
         return [graph.load_point_config(run_dir) for run_dir in run_dirs]
 
+    # a trained point whose checkpoint was deleted (disk space) cannot be evaluated: said before its job would fail
+    with pytest.raises(FileNotFoundError, match=rf"^1 trained point\(s\) to be evaluated no longer have their "
+                                                rf"checkpoint .*: point 0 \({manifest.points[0].name}\): "
+                                                rf"{re.escape(str(run_dirs[0] / 'checkpoints' / 'final.pt'))}; "):
+        status.resubmit(sweep.sweep_dir, [], dry_run=True)
+    mark_trained(run_dirs[0])
     assert status.resubmit(sweep.sweep_dir, ["train.lr=0.01", "eval.batch_size=8"], dry_run=True) is None
     out = capsys.readouterr().out
     assert (f"note: train.lr=0.01 not applied to the point(s) whose training is done, which are evaluated only: "
@@ -1432,7 +1445,7 @@ def test_a_fix_of_how_points_train_leaves_the_points_already_trained_as_they_wer
         ["eval.batch_size=8", "train.lr=0.01 masking=cluster eval.batch_size=8"]
 
     before = [(run_dir / "config.yaml").read_text() for run_dir in run_dirs]
-    graph.mark(run_dirs[1], "train", "done")  # now both are only evaluated again
+    mark_trained(run_dirs[1])  # now both are only evaluated again
     with pytest.raises(ValueError, match=r"^train.steps=400 would change no point: the 2 point\(s\) resubmitted are "
                                          r"evaluated only, as their training is done.*; nothing changed$"):
         status.resubmit(sweep.sweep_dir, ["eval.batch_size=4", "train.steps=400"])
@@ -1524,7 +1537,7 @@ def test_evaluating_again_with_an_evaluator_of_ones_own_adds_its_plugin_and_keep
                            "masking.strategy=kept_random"])
     manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
     run_dir = Path(manifest.points[0].run_dir)
-    graph.mark(run_dir, "train", "done")
+    mark_trained(run_dir)
     before = (run_dir / "config.yaml").read_text()
     masks, scale = str(tmp_path / "masks.py"), str(tmp_path / "scale.py")
 
@@ -1588,7 +1601,7 @@ def test_a_dry_run_resubmission_checks_the_fix_and_changes_or_runs_nothing(tmp_p
     sweep = compose_sweep([f"paths.root={tmp_path}", f"paths.data={synthetic_root}"])
     manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
     run_dir = Path(manifest.points[0].run_dir)
-    graph.mark(run_dir, "train", "done")  # as if trained, and its evaluation failed: what would run again
+    mark_trained(run_dir)  # as if trained, and its evaluation failed: what would run again
     graph.mark(run_dir, "eval", "failed")
     before = (run_dir / "config.yaml").read_text()
     with pytest.raises(ValueError, match="eval.batch_size=0"):
