@@ -24,6 +24,7 @@ from clustermask.tracking import FIXED_SETTINGS_TAG, require_server  # noqa: E40
 # code: which code each point trained with (`code_version`)
 # hardware: what each point trained on (`hardware_note`)
 POINT_COLUMNS = ["sweep", "point", "strategy", "features", "ratio", "attention", "seed", "status", "code", "hardware"]
+DESCRIBED = POINT_COLUMNS + ["run_id", "label"]  # a point frame's columns before its metrics
 HEADLINE = [  # (task, metric, column) in table order: a column per evaluated dataset, named after it if several
     ("zeroshot_classification", "acc1", "zs_acc1"),
     ("linear_probe", "lp_acc1", "lp_acc1"),
@@ -118,7 +119,7 @@ def points_frame(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per run of `runs` (one sweep's, or several sweeps' together, so that labels tell apart the
     settings that differ between them), each with the settings it trained with."""
     if runs.empty:
-        return pd.DataFrame(columns=POINT_COLUMNS)
+        return pd.DataFrame(columns=DESCRIBED)
     runs = with_fixed_settings(runs.reset_index(drop=True))
     frame = pd.DataFrame({
         "sweep": runs["tags.sweep_id"],
@@ -140,8 +141,8 @@ def points_frame(runs: pd.DataFrame) -> pd.DataFrame:
     frame = pd.concat([frame, metrics], axis=1)
     strategies = frame.apply(strategy_label, axis=1)
     frame["label"] = (strategies + " " + swept_settings(runs, strategies)).str.strip()
-    described = POINT_COLUMNS + ["run_id", "label"]  # then the metrics, in name order (MLflow gives them unordered)
-    frame = frame[described + sorted(c for c in frame.columns if c not in described)]
+    # then the metrics, in name order (MLflow gives them unordered)
+    frame = frame[DESCRIBED + sorted(c for c in frame.columns if c not in DESCRIBED)]
     return frame.sort_values(["label", "ratio", "seed"]).reset_index(drop=True)
 
 
@@ -448,8 +449,8 @@ def build_report(sweep_dirs, plot_metrics: Optional[List[str]] = None, out_dir: 
                 frame, metric, out_dir / f"{metric.replace('/', '_')}_vs_train_minutes.png"))
     for manifest in manifests:
         written += _copy_mask_pictures(manifest, out_dir, f"{manifest['sweep_id']}_" if len(manifests) > 1 else "")
-    for note in (missing_metrics_note(table), loader_bound_note(frame), code_versions_note(frame),
-                 hardware_note(frame), stale_files_note(remove_stale_files(out_dir, written))):
+    for note in (unrecorded_points_note(manifests, frame), missing_metrics_note(table), loader_bound_note(frame),
+                 code_versions_note(frame), hardware_note(frame), stale_files_note(remove_stale_files(out_dir, written))):
         if note:
             print(note)
     repeated = table[table.duplicated(["label", "ratio", "seed"], keep=False)]
@@ -459,6 +460,19 @@ def build_report(sweep_dirs, plot_metrics: Optional[List[str]] = None, out_dir: 
                                                                   for r in repeated.itertuples()})))
     print(f"report: {len(frame)} point(s) of {len(manifests)} sweep(s) -> {out_dir}")
     return out_dir
+
+
+def unrecorded_points_note(manifests: List[dict], frame: pd.DataFrame) -> str:
+    """The points of the sweeps whose MLflow run is not among the runs read (deleted in the MLflow UI: search_runs
+    leaves deleted runs out), which the report would otherwise leave out without a word; '' if none."""
+    read = set(frame["run_id"])
+    missing = [(m["tracking_uri"], p) for m in manifests for p in m["points"]
+               if p.get("mlflow_run_id") and p["mlflow_run_id"] not in read]
+    if not missing:
+        return ""
+    return (f"report: {len(missing)} point(s) have no active MLflow run and are left out (deleted in the MLflow UI? "
+            f"`mlflow.MlflowClient(URI).restore_run(RUN_ID)` brings one back): "
+            + ", ".join(f"{point['name']} (run {point['mlflow_run_id']} in {uri})" for uri, point in missing))
 
 
 WRITTEN = ".report_files"  # in the report's folder: the names of the files that the last report built there wrote

@@ -419,6 +419,38 @@ def test_a_rebuilt_report_removes_what_the_last_one_wrote_and_this_one_does_not_
     assert "removed" not in capsys.readouterr().out and (paper / "main.tex").exists()
 
 
+def test_a_point_whose_mlflow_run_was_deleted_is_named_not_left_out_without_a_word(tmp_path, capsys):
+    """A run deleted in the MLflow UI is not among the runs MLflow's search gives: the report named 1 point of a
+    sweep of 2 and said nothing. It now names the point, its run and how to restore it."""
+    import json
+
+    import mlflow
+
+    from analysis.report import main
+
+    sweep = recorded_sweep(tmp_path / "sweep", "a", [("random", 0, 1e-3, 0.40), ("cluster", 0, 1e-3, 0.50)])
+    uri = f"sqlite:///{sweep / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["a"], filter_string="tags.kind = 'point'")
+    manifest = json.loads((sweep / "manifest.json").read_text())
+    manifest["points"] = [{"index": i, "name": name, "run_dir": str(sweep / "points" / name), "mlflow_run_id": run_id}
+                          for i, (name, run_id) in enumerate(zip(runs["tags.mlflow.runName"], runs["run_id"]))]
+    (sweep / "manifest.json").write_text(json.dumps(manifest))
+    main([str(sweep)])
+    assert "no active MLflow run" not in capsys.readouterr().out
+    deleted = manifest["points"][1]
+    mlflow.MlflowClient(uri).delete_run(deleted["mlflow_run_id"])
+    main([str(sweep)])
+    out = capsys.readouterr().out
+    assert (f"report: 1 point(s) have no active MLflow run and are left out (deleted in the MLflow UI? "
+            f"`mlflow.MlflowClient(URI).restore_run(RUN_ID)` brings one back): {deleted['name']} (run "
+            f"{deleted['mlflow_run_id']} in {uri})") in out
+    assert deleted["name"] not in (sweep / "report" / "results_all_metrics.csv").read_text()
+    mlflow.MlflowClient(uri).delete_run(manifest["points"][0]["mlflow_run_id"])
+    main([str(sweep)])
+    assert "report: 2 point(s) have no active MLflow run" in capsys.readouterr().out
+
+
 def test_the_retrieval_table_has_both_directions_at_every_k_per_dataset(tmp_path):
     """The paper reports retrieval as recall@1/5/10 in both directions per dataset; the headline keeps R@1."""
     from analysis.report import retrieval_table, write_tables
