@@ -16,7 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .config import TrackingConfig
 from .files import SQLITE, sqlite_path
@@ -61,6 +61,21 @@ def require_server(uri: str) -> None:
     missing = server_missing(uri)
     if missing:
         raise ConnectionError(f"no MLflow server answers at the sweep's tracking URI {uri} ({missing}): start it")
+
+
+def deleted_runs(uri: str, experiment: str, run_ids: Sequence[str]) -> List[str]:
+    """Those of `run_ids` (in `experiment`) that were deleted (in the MLflow UI, say): MLflow refuses to log to them,
+    and its searches leave them out."""
+    from mlflow.entities import ViewType
+
+    found = client(uri).get_experiment_by_name(experiment)
+    if found is None or not run_ids:
+        return []
+    asked = ", ".join(f"'{run_id}'" for run_id in run_ids)
+    deleted = {run.info.run_id for run in client(uri).search_runs(
+        [found.experiment_id], filter_string=f"attributes.run_id IN ({asked})", run_view_type=ViewType.DELETED_ONLY,
+        max_results=len(run_ids))}
+    return [run_id for run_id in run_ids if run_id in deleted]
 
 
 def client(uri: str):

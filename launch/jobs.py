@@ -6,6 +6,7 @@ pickles `StageTask`). A failure is marked in the run directory and re-raised so 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -139,15 +140,17 @@ def _stage(stage: str, run_dir: Path, body) -> str:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     if rank == 0:
         _running(run_dir, stage)
-        logger.tags({f"{stage}_job_id": _job_id(), f"{stage}_code": CODE})
     try:
+        if rank == 0:  # in the try: a store that refuses it (a run deleted, a server gone) is this stage's failure
+            logger.tags({f"{stage}_job_id": _job_id(), f"{stage}_code": CODE})
         result = body(logger if rank == 0 else None)
     except Exception as error:  # not SystemExit: submitit exits that way after requeueing a preempted task
         if rank == 0:
             _finished(run_dir, stage, error)
-            logger.tags({f"{stage}_state": "failed"})
-            if stage == "train":
-                logger.finish("FAILED")
+            with contextlib.suppress(Exception):  # the store may be what failed: the error above is the stage's
+                logger.tags({f"{stage}_state": "failed"})
+                if stage == "train":
+                    logger.finish("FAILED")
         raise
     if rank == 0:
         _finished(run_dir, stage)

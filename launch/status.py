@@ -530,6 +530,7 @@ def _plan_and_submit(manifest: graph.Manifest, overrides: List[str], dry_run: bo
             require_server(manifest.tracking_uri)
         except ConnectionError as exc:
             raise ValueError(f"{exc}, nothing changed or submitted") from None
+        check_runs_not_deleted(manifest, plan.train + plan.eval_only)
     indices = sorted(plan.train + plan.eval_only)
     fixed = apply_overrides(manifest, indices, overrides, save=False, more_folders=folders,
                             trained=trained) if overrides else {}
@@ -568,6 +569,21 @@ def _plan_and_submit(manifest: graph.Manifest, overrides: List[str], dry_run: bo
     if note:
         print(note)
     return record
+
+
+def check_runs_not_deleted(manifest: graph.Manifest, indices: List[int]) -> None:
+    """The MLflow runs the jobs will log to, the points' and the sweep's, must not have been deleted (in the MLflow
+    UI): MLflow would refuse every job's first log, after its wait in the queue."""
+    from clustermask.tracking import deleted_runs
+
+    runs = {manifest.points[i].mlflow_run_id: f"point {i} ({manifest.points[i].name})" for i in indices}
+    runs[manifest.parent_run_id] = f"the sweep's own run ({manifest.sweep_id})"
+    deleted = deleted_runs(manifest.tracking_uri, manifest.experiment, [run for run in runs if run])
+    if deleted:
+        raise ValueError(f"{len(deleted)} MLflow run(s) that the jobs would log to were deleted: "
+                         + ", ".join(f"{runs[run]}: run {run}" for run in deleted)
+                         + f"; restore them first (mlflow.MlflowClient({manifest.tracking_uri!r}).restore_run(RUN_ID), "
+                         "or the MLflow UI's deleted runs), nothing changed or submitted")
 
 
 def check_checkpoints_there(manifest: graph.Manifest, indices: List[int]) -> None:

@@ -1463,6 +1463,38 @@ def test_a_fix_of_how_points_train_leaves_the_points_already_trained_as_they_wer
         status.check_eval_overrides(["data.train_shards=/elsewhere"])
 
 
+def test_runs_deleted_in_mlflow_stop_a_resubmission_and_a_job_that_meets_one_records_why(tmp_path, synthetic_root):
+    """A run deleted in the MLflow UI refuses every log: a resubmission whose jobs would log to one stops before
+    anything runs, naming it and how to restore it; a job that meets one anyway records the error in its marker
+    (it stayed `running`, with no error shown: its first tag was sent before it could record a failure)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from launch import jobs, status
+
+    sweep = compose_sweep([f"paths.root={tmp_path}", f"paths.data={synthetic_root}", "masking.ratio=0.3,0.5"],
+                          multirun=True)
+    manifest = app.create_sweep(sweep.sweep_dir, sweep.points, TrackingHere())
+    run_dirs = [Path(p.run_dir) for p in manifest.points]
+    for run_dir in run_dirs:
+        mark_trained(run_dir)
+        graph.mark(run_dir, "eval", "failed")
+    client = MlflowClient(manifest.tracking_uri)
+    client.delete_run(manifest.points[1].mlflow_run_id)
+    client.delete_run(manifest.parent_run_id)
+    with pytest.raises(ValueError, match=rf"^2 MLflow run\(s\) that the jobs would log to were deleted: point 1 "
+                                         rf"\({manifest.points[1].name}\): run {manifest.points[1].mlflow_run_id}, "
+                                         rf"the sweep's own run \({manifest.sweep_id}\): run {manifest.parent_run_id}; "
+                                         rf"restore them first .*restore_run\(RUN_ID\).*nothing changed or submitted$"):
+        status.resubmit(sweep.sweep_dir, [], evaluate_again=True)
+    assert [graph.read_state(run_dir, "eval")["state"] for run_dir in run_dirs] == ["failed", "failed"]
+
+    with pytest.raises(MlflowException, match="must be in the 'active' state"):
+        jobs.eval_point(str(run_dirs[1]))
+    marker = graph.read_state(run_dirs[1], "eval")
+    assert marker["state"] == "failed" and "must be in the 'active' state" in marker["error"]
+
+
 def test_resubmit_fixes_on_record_give_the_config_the_fixes_gave_in_turn():
     from launch.status import merged_fixes
 
