@@ -29,6 +29,8 @@ from typing import Callable, Collection, Dict, List, Optional, Sequence, Tuple
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from clustermask.files import final_checkpoint
+
 from . import graph
 from .executors import CANCEL_SIGNAL, Plan, SlurmExecutor, SubmissionError, describe, make_executor
 from .schema import config_error
@@ -162,6 +164,9 @@ def _outcome(manifest: graph.Manifest, marker: dict, job_id: Optional[str], stat
     return state, log, marker.get("error", "") if state == "failed" else "", ending
 
 
+CHECKPOINT_GONE = "no final.pt here"
+
+
 def sweep_status(manifest: graph.Manifest, listing: Optional[Dict[str, Tuple[str, str]]] = None) -> List[Dict]:
     """A row per point: each stage's state, job, log, progress and reason. `listing`: `queue_of(manifest)`,
     asked here if not given."""
@@ -187,6 +192,8 @@ def sweep_status(manifest: graph.Manifest, listing: Optional[Dict[str, Tuple[str
                         and marker.get("job_id") == jobs.get(stage))
             row[f"{stage}_requeued_at"] = marker.get("progress", "").split(",")[0] if requeued else ""
             row[f"{stage}_reason"] = ending or _reason(listing, jobs.get(stage), state)
+        if row["train"] == "done" and not final_checkpoint(Path(point.run_dir)).is_file():
+            row["train_reason"] = CHECKPOINT_GONE  # deleted for disk space, or left out of a copy: cannot be evaluated
         rows.append(row)
     return rows
 
@@ -589,8 +596,6 @@ def check_runs_not_deleted(manifest: graph.Manifest, indices: List[int]) -> None
 def check_checkpoints_there(manifest: graph.Manifest, indices: List[int]) -> None:
     """The points to be evaluated only must still have their trained checkpoint: one deleted since (for disk
     space) would fail its evaluation job, after its wait in the queue."""
-    from clustermask.files import final_checkpoint
-
     gone = [i for i in indices if not final_checkpoint(Path(manifest.points[i].run_dir)).is_file()]
     if gone:
         raise FileNotFoundError(

@@ -1422,7 +1422,9 @@ def test_a_fix_of_how_points_train_leaves_the_points_already_trained_as_they_wer
                                                 rf"checkpoint .*: point 0 \({manifest.points[0].name}\): "
                                                 rf"{re.escape(str(run_dirs[0] / 'checkpoints' / 'final.pt'))}; "):
         status.resubmit(sweep.sweep_dir, [], dry_run=True)
+    assert "done (no final.pt here)" in status.format_status(manifest, status.sweep_status(manifest))  # status says
     mark_trained(run_dirs[0])
+    assert "no final.pt" not in status.format_status(manifest, status.sweep_status(manifest))
     assert status.resubmit(sweep.sweep_dir, ["train.lr=0.01", "eval.batch_size=8"], dry_run=True) is None
     out = capsys.readouterr().out
     assert (f"note: train.lr=0.01 not applied to the point(s) whose training is done, which are evaluated only: "
@@ -1859,6 +1861,8 @@ def test_status_without_squeue_shows_what_the_tasks_wrote_and_resubmit_refuses(t
     manifest.save()
     first, second = (Path(point.run_dir) for point in manifest.points)
     graph.mark(first, "train", "done", job_id="41_0")
+    (first / "checkpoints").mkdir()
+    (first / "checkpoints" / "final.pt").touch()  # copied with the sweep
     graph.mark(first, "eval", "failed", job_id="42_0", log="eval.log")
     graph.mark(second, "train", "running", job_id="41_1")
     python_only = tmp_path / "python_only"
