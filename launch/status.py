@@ -29,7 +29,7 @@ from typing import Callable, Collection, Dict, List, Optional, Sequence, Tuple
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from clustermask.files import final_checkpoint
+from clustermask.files import checkpoint_paths, final_checkpoint
 
 from . import graph
 from .executors import CANCEL_SIGNAL, Plan, SlurmExecutor, SubmissionError, describe, make_executor
@@ -611,8 +611,6 @@ def resume_note(manifest: graph.Manifest, indices: List[int], overrides: List[st
     fixes = [o for o in overrides if changes_training(o)]
     if not fixes:
         return ""
-    from clustermask.files import checkpoint_paths
-
     latest = {i: checkpoint_paths(Path(manifest.points[i].run_dir))[0] for i in indices}
     resuming = [i for i in indices if latest[i].exists()]
     if not resuming:
