@@ -474,24 +474,36 @@ class SlurmExecutor:
         return record
 
 
+_HELD: List[list] = []  # per `sigint_held` block in progress, the SIGINTs its handler recorded
+
+
 @contextlib.contextmanager
 def sigint_held():
-    """SIGINT blocked for the block, and raised as KeyboardInterrupt at its end if one came. Blocked rather than
-    caught: the sbatch children inherit the block, so a Ctrl-C at the terminal does not kill one between the
-    controller queueing its job and its printing the job's id."""
+    """SIGINT blocked for the block, and raised as KeyboardInterrupt at its end if one came. Blocked, so that the
+    sbatch children inherit the block and a Ctrl-C at the terminal does not kill one between the controller queueing
+    its job and its printing the job's id; and caught, by a handler that only records it: a thread that does not
+    block it (MLflow's client starts native ones) would otherwise take the signal, and Python would raise it in the
+    main thread mid-block, the id of a job just queued unknown."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    came: list = []
+    handler = signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    _HELD.append(came)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one still pending reaches the handler now
+        signal.signal(signal.SIGINT, handler)
+        _HELD.pop()
+        if came:
+            raise KeyboardInterrupt
 
 
 def raise_if_interrupted() -> None:
     """Inside `sigint_held`: a Ctrl-C that came meanwhile, raised now (before the next sbatch call)."""
-    if signal.SIGINT in signal.sigpending():
+    if signal.SIGINT in signal.sigpending() or (_HELD and _HELD[-1]):
         raise KeyboardInterrupt
 
 
