@@ -182,24 +182,26 @@ def exit_description(code: int) -> str:
     if code >= 0:
         return f"exit {code}"
     try:
-        name = signal.Signals(-code).name
+        return f"killed by {signal.Signals(-code).name}"
     except ValueError:
-        name = f"signal {-code}"
-    return f"killed by {name}" + (" (the kernel's OOM killer sends it when memory runs short, as does `kill -9`: "
-                                  "a smaller train.batch_size or eval.batch_size, or fewer tasks at once, "
-                                  "launcher.max_parallel)" if -code == signal.SIGKILL else "")
+        return f"killed by signal {-code}"
+
+
+SIGKILL_HINT = (" (the kernel's OOM killer sends it when memory runs short, as does `kill -9`: a smaller "
+                "train.batch_size or eval.batch_size, or fewer tasks at once, launcher.max_parallel)")
 
 
 def record_unsaid_failure(where: Path, stage: str, code: int) -> Optional[str]:
     """A local task that ended without recording its verdict (killed: the OOM killer's SIGKILL, a crash in native
-    code) is marked failed with how it ended, which `clustermask-status` shows; returns that, None where the task
-    recorded its own."""
+    code) is marked failed with how it ended (`exit_description`, and what to change after a SIGKILL), which
+    `clustermask-status` shows; returns how it ended, None where the task recorded its own verdict."""
     marker = graph.read_state(where, stage) or {}
     if marker.get("state") != "running":
         return None
     how = exit_description(code)
-    graph.mark(where, stage, "failed", **{k: v for k, v in marker.items() if k not in ("state", "time")}, error=how)
-    return how.split(" (")[0]
+    error = how + (SIGKILL_HINT if code == -signal.SIGKILL else "")
+    graph.mark(where, stage, "failed", **{k: v for k, v in marker.items() if k not in ("state", "time")}, error=error)
+    return how
 
 
 # what `clustermask-cancel` sends a local sweep's process: a Ctrl-C's effect, where SIGINT may be ignored (a sweep

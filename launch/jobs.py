@@ -180,9 +180,10 @@ def _tag_fixed_settings(logger, cfg) -> None:
 
     training = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items()
                 if key in graph.TRAINING_SECTIONS}
-    changed = changed_params(logger.client.get_run(logger.run_id).data.params, training)
+    recorded = logger.client.get_run(logger.run_id).data
+    changed = changed_params(recorded.params, training)
     changed.pop(graph.READ_BY_EVALUATION_ONLY, None)
-    if changed or logger.tag(FIXED_SETTINGS_TAG) is not None:
+    if changed or FIXED_SETTINGS_TAG in recorded.tags:
         logger.tags({FIXED_SETTINGS_TAG: json.dumps(changed, sort_keys=True)})
 
 

@@ -308,9 +308,9 @@ def fixes_for(index: int, overrides: List[str], trained: Collection[int]) -> Lis
     return [o for o in overrides if index not in trained or not changes_training(o)]
 
 
-def skipped_fixes_note(manifest: graph.Manifest, overrides: List[str], trained: Collection[int]) -> str:
-    """The line saying which fixes were not applied to the trained points of a resubmission, '' if none."""
-    skipped = [o for o in overrides if changes_training(o)]
+def skipped_fixes_note(manifest: graph.Manifest, skipped: List[str], trained: Collection[int]) -> str:
+    """The line saying that the fixes of how points train, `skipped`, were not applied to the trained points of a
+    resubmission, '' if none."""
     if not skipped or not trained:
         return ""
     points = ", ".join(f"{i} ({manifest.points[i].name})" for i in sorted(trained))
@@ -513,7 +513,8 @@ def resubmit(sweep_dir: Path, overrides: List[str], dry_run: bool = False,
 
 def _plan_and_submit(manifest: graph.Manifest, overrides: List[str], dry_run: bool,
                      evaluate_again: bool, folders: Sequence[str] = ()) -> Optional[dict]:
-    plan = (plan_reevaluation if evaluate_again else plan_resubmission)(sweep_status(manifest))
+    rows = sweep_status(manifest)
+    plan = (plan_reevaluation if evaluate_again else plan_resubmission)(rows)
     nothing = ("nothing to evaluate again: no point has finished training, or its evaluation is queued"
                if evaluate_again else "nothing to resubmit: every point is done or still queued")
     if plan.empty and overrides:  # else a fix meant to train a finished point otherwise would seem to have been taken
@@ -524,10 +525,10 @@ def _plan_and_submit(manifest: graph.Manifest, overrides: List[str], dry_run: bo
         return None
     # the points whose training is done and that are evaluated only: they keep how they were trained
     trained = set(plan.eval_only)
-    check_checkpoints_there(manifest, plan.eval_only)
-    unused = [o for o in overrides if changes_training(o)] if not plan.train else []
-    if unused:
-        raise ValueError(f"{' '.join(unused)} would change no point: the {len(trained)} point(s) resubmitted are "
+    check_checkpoints_there(manifest, [row for row in rows if row["index"] in trained])
+    training_fixes = [o for o in overrides if changes_training(o)]
+    if training_fixes and not plan.train:
+        raise ValueError(f"{' '.join(training_fixes)} would change no point: the {len(trained)} point(s) resubmitted are "
                          "evaluated only, as their training is done, and a trained point's config keeps how it was "
                          "trained; nothing changed")
     if not dry_run:
@@ -555,7 +556,8 @@ def _plan_and_submit(manifest: graph.Manifest, overrides: List[str], dry_run: bo
     if fixed and not dry_run:
         save_fixes(manifest, fixed, overrides, trained)
     if plan.train:  # an evaluation again has no fix of how points were trained: check_eval_overrides refused it
-        for note in (skipped_fixes_note(manifest, overrides, trained), resume_note(manifest, plan.train, overrides)):
+        for note in (skipped_fixes_note(manifest, training_fixes, trained),
+                     resume_note(manifest, plan.train, training_fixes)):
             if note:
                 print(note)
     if evaluate_again and not dry_run:
@@ -593,10 +595,10 @@ def check_runs_not_deleted(manifest: graph.Manifest, indices: List[int]) -> None
                          "or the MLflow UI's deleted runs), nothing changed or submitted")
 
 
-def check_checkpoints_there(manifest: graph.Manifest, indices: List[int]) -> None:
-    """The points to be evaluated only must still have their trained checkpoint: one deleted since (for disk
-    space) would fail its evaluation job, after its wait in the queue."""
-    gone = [i for i in indices if not final_checkpoint(Path(manifest.points[i].run_dir)).is_file()]
+def check_checkpoints_there(manifest: graph.Manifest, rows: List[Dict]) -> None:
+    """The points to be evaluated only (their `sweep_status` rows) must still have their trained checkpoint: one
+    deleted since (for disk space) would fail its evaluation job, after its wait in the queue."""
+    gone = [row["index"] for row in rows if row["train_reason"] == CHECKPOINT_GONE]
     if gone:
         raise FileNotFoundError(
             f"{len(gone)} trained point(s) to be evaluated no longer have their checkpoint (deleted since they "
@@ -605,10 +607,9 @@ def check_checkpoints_there(manifest: graph.Manifest, indices: List[int]) -> Non
             + "; put it back to evaluate it, or make a new sweep to train it again; nothing changed or submitted")
 
 
-def resume_note(manifest: graph.Manifest, indices: List[int], overrides: List[str]) -> str:
-    """A line naming the points about to train that resume from a checkpoint, where fixes change how they train:
+def resume_note(manifest: graph.Manifest, indices: List[int], fixes: List[str]) -> str:
+    """A line naming the points about to train that resume from a checkpoint, where `fixes` change how they train:
     those apply from the checkpoint on (a checkpoint of another model does not load at all)."""
-    fixes = [o for o in overrides if changes_training(o)]
     if not fixes:
         return ""
     latest = {i: checkpoint_paths(Path(manifest.points[i].run_dir))[0] for i in indices}
