@@ -449,8 +449,9 @@ def build_report(sweep_dirs, plot_metrics: Optional[List[str]] = None, out_dir: 
                 frame, metric, out_dir / f"{metric.replace('/', '_')}_vs_train_minutes.png"))
     for manifest in manifests:
         written += _copy_mask_pictures(manifest, out_dir, f"{manifest['sweep_id']}_" if len(manifests) > 1 else "")
+    removed = remove_stale_files(out_dir, written)
     for note in (unrecorded_points_note(manifests, frame), missing_metrics_note(table), loader_bound_note(frame),
-                 code_versions_note(frame), hardware_note(frame), stale_files_note(remove_stale_files(out_dir, written))):
+                 code_versions_note(frame), hardware_note(frame), stale_files_note(removed)):
         if note:
             print(note)
     repeated = table[table.duplicated(["label", "ratio", "seed"], keep=False)]

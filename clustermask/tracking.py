@@ -68,11 +68,12 @@ def deleted_runs(uri: str, experiment: str, run_ids: Sequence[str]) -> List[str]
     and its searches leave them out."""
     from mlflow.entities import ViewType
 
-    found = client(uri).get_experiment_by_name(experiment)
+    store = client(uri)
+    found = store.get_experiment_by_name(experiment)
     if found is None or not run_ids:
         return []
     asked = ", ".join(f"'{run_id}'" for run_id in run_ids)
-    deleted = {run.info.run_id for run in client(uri).search_runs(
+    deleted = {run.info.run_id for run in store.search_runs(
         [found.experiment_id], filter_string=f"attributes.run_id IN ({asked})", run_view_type=ViewType.DELETED_ONLY,
         max_results=len(run_ids))}
     return [run_id for run_id in run_ids if run_id in deleted]
