@@ -37,6 +37,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def one_eval_task(synthetic_root) -> str:
+    """The override of a sweep evaluated on one small task (zero-shot on the synthetic shapes): a quick evaluation."""
+    return ("eval.tasks=[{name: zeroshot_classification, dataset: wds/shapes, root: "
+            f"{synthetic_root}/eval/shapes" + "}]")
+
+
 @contextlib.contextmanager
 def process_group(args, **options):
     """A command in a process group of its own, killed with all its children at the end whatever happened."""

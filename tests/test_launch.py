@@ -1338,9 +1338,10 @@ def test_a_jobs_signal_handlers_run_in_its_own_process_and_not_in_its_loader_wor
             signal.signal(signum, previous)
 
 
-def mark_trained(run_dir: Path) -> None:
-    """A point's training marked done, with a (blank) trained checkpoint where an evaluation would read it."""
-    graph.mark(run_dir, "train", "done")
+def mark_trained(run_dir: Path, **info) -> None:
+    """A point's training marked done (`info`: the marker's other fields), with a (blank) trained checkpoint where an
+    evaluation would read it."""
+    graph.mark(run_dir, "train", "done", **info)
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     (run_dir / "checkpoints" / "final.pt").touch()
 
@@ -1860,9 +1861,7 @@ def test_status_without_squeue_shows_what_the_tasks_wrote_and_resubmit_refuses(t
                                  "report": {"job_id": "43"}})
     manifest.save()
     first, second = (Path(point.run_dir) for point in manifest.points)
-    graph.mark(first, "train", "done", job_id="41_0")
-    (first / "checkpoints").mkdir()
-    (first / "checkpoints" / "final.pt").touch()  # copied with the sweep
+    mark_trained(first, job_id="41_0")  # its checkpoint copied with the sweep
     graph.mark(first, "eval", "failed", job_id="42_0", log="eval.log")
     graph.mark(second, "train", "running", job_id="41_1")
     python_only = tmp_path / "python_only"

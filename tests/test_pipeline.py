@@ -18,7 +18,7 @@ import pytest
 from launch import graph
 from launch.status import cancel, format_status, plan_resubmission, report_status, sweep_status
 
-from conftest import REPO, interrupt_when, process_group
+from conftest import REPO, interrupt_when, one_eval_task, process_group
 
 STEPS = 60
 
@@ -399,10 +399,9 @@ def test_a_killed_local_sweep_is_shown_failed_and_resubmission_resumes_it(tmp_pa
     is no queue to ask, so status reads the marker's pid: gone, the point is failed, not running for ever (when
     resubmission would skip it as still queued), its evaluation is no longer pending, and resubmission resumes it
     from its checkpoint."""
-    zero_shot = f"eval.tasks=[{{name: zeroshot_classification, dataset: wds/shapes, root: {synthetic_root}/eval/shapes}}]"
     command = [sys.executable, "-m", "launch.app", f"paths.root={tmp_path}", f"paths.data={synthetic_root}",
                "sweep_name=killed", "masking=random", "train.steps=40", "train.batch_size=32", "train.log_every=5",
-               "train.checkpoint_every=10", zero_shot]
+               "train.checkpoint_every=10", one_eval_task(synthetic_root)]
     sweep_dir = tmp_path / "sweeps" / "killed"
     with process_group(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as sweep:
         deadline = time.time() + 300
@@ -437,10 +436,9 @@ def test_a_point_trained_again_with_a_fix_is_reported_with_the_setting_it_traine
     """A point's training fails; resubmitted with `train.lr=0.0005`, it trains at that rate. Its MLflow params keep
     the value it was created with (MLflow's params cannot change), so its training job tags what it trained with
     otherwise, and the report labels it by that: `random lr=0.0005` beside `random lr=0.001`, not two alike."""
-    zero_shot = f"eval.tasks=[{{name: zeroshot_classification, dataset: wds/shapes, root: {synthetic_root}/eval/shapes}}]"
     command = [sys.executable, "-m", "launch.app", "-m", f"paths.root={tmp_path}", f"paths.data={synthetic_root}",
                "sweep_name=fixed", "masking=random", "train.steps=4", "train.batch_size=8", "train.log_every=2",
-               "train.fail_at_step=-1,2", zero_shot]
+               "train.fail_at_step=-1,2", one_eval_task(synthetic_root)]
     made = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert made.returncode == 1, made.stdout[-3000:] + made.stderr[-3000:]  # one training failed
     sweep_dir = tmp_path / "sweeps" / "fixed"
@@ -465,10 +463,9 @@ def test_a_local_task_killed_by_the_os_is_shown_failed_with_how_it_ended(tmp_pat
     it, records how it ended, and status shows it (with what to change for memory) instead of a bare `failed`."""
     from launch.status import status_text
 
-    zero_shot = f"eval.tasks=[{{name: zeroshot_classification, dataset: wds/shapes, root: {synthetic_root}/eval/shapes}}]"
     command = [sys.executable, "-m", "launch.app", f"paths.root={tmp_path}", f"paths.data={synthetic_root}",
                "sweep_name=oom", "masking=random", "train.steps=400", "train.batch_size=16", "train.log_every=2",
-               zero_shot]
+               one_eval_task(synthetic_root)]
     sweep_dir = tmp_path / "sweeps" / "oom"
     with process_group(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as sweep:
         deadline = time.time() + 300

@@ -17,7 +17,7 @@ from launch import graph
 from launch.status import (cancel, format_status, plan_resubmission, report_status, resubmit, stage_state,
                            status_text, sweep_status)
 
-from conftest import REPO
+from conftest import REPO, one_eval_task
 
 pytestmark = pytest.mark.slurm
 
@@ -32,11 +32,6 @@ def launch(root, data, *overrides, cwd=REPO):
                              *SMALL_RESOURCES, *overrides], capture_output=True, text=True, cwd=cwd, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout, time.time() - started
-
-
-def one_eval_task(synthetic_root) -> str:
-    return ("eval.tasks=[{name: zeroshot_classification, dataset: wds/shapes, root: "
-            f"{synthetic_root}/eval/shapes" + "}]")
 
 
 def queued() -> set:
