@@ -427,12 +427,27 @@ def path_problem(index: int, task: EvalTask) -> str:
     return f"eval.tasks[{index}].root={task.root!r} ({task.name} on {task.dataset}): {problem}" if problem else ""
 
 
+IMAGENET_META = "meta.bin|ILSVRC2012_devkit_t12.tar.gz"  # torchvision's ImageNet: its class index, or the devkit
+# clip_benchmark's own layouts (not wds) of the paper's benchmarks: dataset -> (its kind, {split: what the root holds});
+# `name/` a folder, `a|b` either. Where one lacks, clip_benchmark's builder fetches it from the evaluation job (COCO's
+# images, the Karpathy annotations: wget) or torchvision fails there, after the training.
+RAW_LAYOUTS = {
+    "cifar10": ("classification", {"train": ("cifar-10-batches-py/",), "test": ("cifar-10-batches-py/",)}),
+    "cifar100": ("classification", {"train": ("cifar-100-python/",), "test": ("cifar-100-python/",)}),
+    "imagenet1k": ("classification", {"train": ("train/|ILSVRC2012_img_train.tar", IMAGENET_META),
+                                      "test": ("val/|ILSVRC2012_img_val.tar", IMAGENET_META)}),
+    "mscoco_captions": ("retrieval", {"test": ("val2014/", "coco_test_karpathy.json")}),
+    "flickr8k": ("retrieval", {"test": ("flickr8k_test_karpathy.txt",)}),  # beside the images
+    "flickr30k": ("retrieval", {"test": ("flickr30k_test_karpathy.txt",)}),
+}
+
+
 def layout_problem(task: EvalTask) -> str:
     """What a local root lacks for clip_benchmark to read `task.dataset` from it; '' if nothing.
 
     Checked before submission because clip_benchmark finds out late and badly: it fetches (wget, from the
-    evaluation job) any part of SugarCrepe that it does not find, leaving a partial download in the dataset
-    directory, and reads a wds dataset's metadata only once that job starts, after the training."""
+    evaluation job) any part of SugarCrepe, COCO or the Flickr annotations that it does not find, leaving a partial
+    download in the dataset directory, and reads a dataset only once that job starts, after the training."""
     root = Path(task.root)
     if task.dataset.startswith("sugar_crepe/"):
         needed = {"val2017/": (root / "val2017").is_dir()}
@@ -441,13 +456,31 @@ def layout_problem(task: EvalTask) -> str:
         missing = [name for name, present in needed.items() if not present]
         return f"lacks {', '.join(missing)} (SugarCrepe's layout: COCO's val2017/ images and the edit's json)" \
             if missing else ""
-    if not task.dataset.startswith("wds/"):
-        return ""
+    if task.dataset.startswith("wds/"):
+        return wds_layout_problem(task, root)
+    if task.dataset in RAW_LAYOUTS:
+        return raw_layout_problem(task, root)
+    return ""  # another clip_benchmark dataset: evaluate.downloads_refused stops any fetch in the job
+
+
+def splits_read(task: EvalTask) -> Tuple[str, ...]:
+    return ("train", "test") if task.name == "linear_probe" else ("test",)
+
+
+def kind_problem(task: EvalTask, kind: str, says: str) -> str:
+    """Where `task`'s built-in evaluator needs another kind of dataset (`says`: what tells the dataset's kind)."""
+    if task.name in WDS_KIND and (kind == "retrieval") != (WDS_KIND[task.name] == "retrieval"):
+        return f"{says} {kind!r}; {task.name} needs a {WDS_KIND[task.name]} dataset"
+    return ""
+
+
+def wds_layout_problem(task: EvalTask, root: Path) -> str:
     kind_file = root / "dataset_type.txt"  # clip_benchmark's default, when absent, is classification
     kind = kind_file.read_text().strip().lower() if kind_file.is_file() else "classification"
-    if task.name in WDS_KIND and (kind == "retrieval") != (WDS_KIND[task.name] == "retrieval"):
-        return f"dataset_type.txt says {kind!r}; {task.name} needs a {WDS_KIND[task.name]} dataset"
-    splits = ("train", "test") if task.name == "linear_probe" else ("test",)
+    problem = kind_problem(task, kind, "dataset_type.txt says")
+    if problem:
+        return problem
+    splits = splits_read(task)
     needed = [f"{split}/nshards.txt" for split in splits]
     if task.name == "zeroshot_classification":
         needed += ["classnames.txt", "zeroshot_classification_templates.txt"]
@@ -462,6 +495,26 @@ def layout_problem(task: EvalTask) -> str:
         if absent:
             return f"{split}/nshards.txt names {count} shards, {len(absent)} missing, e.g. {absent[0]}"
     return ""
+
+
+def raw_layout_problem(task: EvalTask, root: Path) -> str:
+    kind, layout = RAW_LAYOUTS[task.dataset]
+    problem = kind_problem(task, kind, f"{task.dataset} is")
+    if problem:
+        return problem
+    needed = dict.fromkeys(entry for split in splits_read(task) for entry in layout.get(split, ()))
+    missing = [entry for entry in needed if not any(layout_entry_there(root, name) for name in entry.split("|"))]
+    empty = [name for name in needed if "|" not in name and not name.endswith("/") and (root / name).is_file()
+             and (root / name).stat().st_size == 0]
+    if missing:
+        return f"lacks {', '.join(missing)} (clip_benchmark's layout for {task.dataset})"
+    if empty:  # what a failed `wget --output-document` leaves; clip_benchmark would read it as no images
+        return f"{', '.join(empty)} is empty (a download that failed?)"
+    return ""
+
+
+def layout_entry_there(root: Path, name: str) -> bool:
+    return (root / name).is_dir() if name.endswith("/") else (root / name).is_file()
 
 
 def validate_contrastive_batch(cfg: TrainConfig, ranks: int) -> None:

@@ -6,9 +6,12 @@ format, so ``clip_benchmark build`` reads them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
@@ -75,8 +78,49 @@ def _workers(task: EvalTask, split: str, workers: int) -> int:
 def _dataset(task: EvalTask, transform, split: str = "test"):
     from clip_benchmark.datasets.builder import build_dataset
 
-    return build_dataset(task.dataset, root=task.root, transform=transform, split=split, download=False,
-                         task=task.name)
+    with downloads_refused(task):
+        return build_dataset(task.dataset, root=task.root, transform=transform, split=split, download=False,
+                             task=task.name)
+
+
+class DownloadRefused(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def downloads_refused(task: EvalTask):
+    """clip_benchmark's builder fetches what it does not find under a dataset's root whatever `download=False` says
+    (wget, kaggle, gdown through `subprocess.call`; `requests.get` for the multilingual annotations): from an
+    evaluation job, after the training, into the dataset's folder. A failed `wget --output-document` leaves an
+    empty annotation file there, which the next evaluation reads as a dataset of no images. Here, any such fetch
+    raises instead, naming what it would have run, before any file is written. The preflight names what the layouts it
+    knows lack (`config.layout_problem`); this catches the rest."""
+    import requests
+
+    def refuse(what):
+        raise DownloadRefused(f"{task.name} on {task.dataset}: clip_benchmark would fetch what it did not find under "
+                              f"root={task.root!r} ({what}); the jobs download nothing: put the dataset there first, in "
+                              "clip_benchmark's layout for it or its wds layout (configs/eval/benchmarks.yaml)")
+
+    def refused_call(command, *args, **kwargs):
+        refuse(f"`{command}`" if isinstance(command, str) else f"`{' '.join(map(str, command))}`")
+
+    def refused_get(url, *args, **kwargs):
+        refuse(f"GET {url}")
+
+    # its modules bind `call` when imported (`from subprocess import call`): those loaded, and any loaded meanwhile
+    bound = [module for name, module in list(sys.modules.items())
+             if name.startswith("clip_benchmark.") and getattr(module, "call", None) is subprocess.call]
+    swaps = [(module, "call", refused_call) for module in bound]
+    swaps += [(subprocess, "call", refused_call), (requests, "get", refused_get)]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in swaps]
+    try:
+        for owner, name, replacement in swaps:
+            setattr(owner, name, replacement)
+        yield
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
 
 
 @register_evaluator("zeroshot_classification", options=())

@@ -286,3 +286,97 @@ def test_an_evaluator_declares_the_options_it_reads_and_others_are_refused(monke
         check("zeroshot_retrieval", {"recall_k": "5"})
     check("zeroshot_retrieval", {"recall_k": [1, 5, 10]})
     check("linear_probe", {"lr": 1e-3, "epochs": 20.0})
+
+
+def flickr8k_layout_of(scenes: Path, root: Path) -> Path:
+    """The synthetic retrieval set (clip_benchmark's wds layout) in clip_benchmark's own layout for Flickr8k: the
+    images beside `flickr8k_test_karpathy.txt` (a header, then `image.jpg,caption` per caption)."""
+    import tarfile
+
+    root.mkdir()
+    lines = ["image,caption"]
+    for shard in sorted((scenes / "test").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        for name in sorted(members):
+            key, extension = name.rsplit(".", 1)
+            if extension == "jpg":
+                (root / name).write_bytes(members[name])
+                lines += [f"{name},{caption}" for caption in members[f"{key}.txt"].decode().splitlines()]
+    (root / "flickr8k_test_karpathy.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_a_benchmark_in_clip_benchmarks_own_layout_scores_as_in_its_wds_layout(tmp_path, synthetic_root):
+    """Flickr8k, MS-COCO, CIFAR and ImageNet may be given in clip_benchmark's own layouts (`dataset: flickr8k`) as
+    well as its wds layout (`dataset: wds/flickr8k`): the same images and captions read either way score the same."""
+    model, _, transform, tokenizer, _ = create(ModelConfig(), None)
+    model.eval()
+    scenes = synthetic_root / "eval" / "scenes"
+    raw = EvalTask("zeroshot_retrieval", "flickr8k", str(flickr8k_layout_of(scenes, tmp_path / "flickr8k")))
+    validate(EvalConfig(tasks=[raw]))
+    ctx = EvalContext("cpu", 32, 0, False, tmp_path)
+    from_raw = run_task(model, transform, tokenizer, raw, ctx)
+    from_wds = run_task(model, transform, tokenizer, EvalTask("zeroshot_retrieval", "wds/scenes", str(scenes)), ctx)
+    assert set(from_raw) == {f"{way}_retrieval_recall@{k}" for way in ("image", "text") for k in (1, 5)}
+    assert from_raw == pytest.approx(from_wds)
+    assert 0 < from_raw["image_retrieval_recall@5"] < 1
+
+
+def test_preflight_names_what_clip_benchmarks_own_layout_of_a_benchmark_lacks(tmp_path, synthetic_root):
+    """clip_benchmark's builder fetches (wget, from the evaluation job) a Flickr annotation file or COCO's images
+    that it does not find, and torchvision's sets fail there: each is named before submission. An empty annotation
+    file, which a failed fetch leaves, would read as a dataset of no images."""
+    flickr = flickr8k_layout_of(synthetic_root / "eval" / "scenes", tmp_path / "flickr8k")
+    no_annotations = broken_copy(flickr, tmp_path / "a", "flickr8k_test_karpathy.txt")
+    emptied = Path(shutil.copytree(flickr, tmp_path / "b"))
+    (emptied / "flickr8k_test_karpathy.txt").write_text("")
+    coco = tmp_path / "coco"
+    coco.mkdir()
+    (coco / "coco_test_karpathy.json").write_text("[]")
+    imagenet = tmp_path / "imagenet"
+    (imagenet / "val").mkdir(parents=True)
+    (imagenet / "meta.bin").write_bytes(b"index")
+    cases = [
+        (EvalTask("zeroshot_retrieval", "flickr8k", no_annotations),
+         r"lacks flickr8k_test_karpathy.txt \(clip_benchmark's layout for flickr8k\)"),
+        (EvalTask("zeroshot_retrieval", "flickr8k", str(emptied)),
+         r"flickr8k_test_karpathy.txt is empty \(a download that failed\?\)"),
+        (EvalTask("zeroshot_retrieval", "mscoco_captions", str(coco)), r"lacks val2014/ "),
+        (EvalTask("linear_probe", "imagenet1k", str(imagenet)), r"lacks train/\|ILSVRC2012_img_train.tar "),
+        (EvalTask("zeroshot_classification", "flickr8k", str(flickr)),
+         "flickr8k is 'retrieval'; zeroshot_classification needs a classification dataset"),
+        (EvalTask("linear_probe", "cifar10", str(coco)), r"lacks cifar-10-batches-py/ "),
+    ]
+    for task, message in cases:
+        with pytest.raises(FileNotFoundError, match=rf"eval.tasks\[0\].root='{task.root}' \({task.name} on "
+                                                    rf"{task.dataset}\): {message}"):
+            validate(EvalConfig(tasks=[task]))
+    validate(EvalConfig(tasks=[EvalTask("zeroshot_classification", "imagenet1k", str(imagenet))]))
+
+
+def test_a_fetch_clip_benchmark_would_start_from_the_evaluation_job_is_refused_before_it_writes(tmp_path):
+    """Left to itself clip_benchmark's builder ran `wget --output-document=<root>/flickr8k_test_karpathy.txt` from
+    the job: on a node without internet it left that file empty, and the next evaluation read a dataset of no
+    images; with internet it downloads into the dataset folder (COCO's val2014.zip: 6 GB). Whatever the preflight
+    does not know (a dataset outside its table, a root changed after submission) must stop there, naming the
+    fetch, with the root as it was."""
+    import subprocess
+
+    import requests
+
+    from clustermask.evaluate import DownloadRefused, _dataset
+
+    root = tmp_path / "flickr8k"
+    root.mkdir()
+    (root / "1000268201.jpg").write_bytes(b"an image")
+    for dataset, fetch in [("flickr8k", "wget https://github.com/.*/flickr8k_test_karpathy.txt"),
+                           ("mscoco_captions", "wget http://images.cocodataset.org/zips/val2014.zip"),
+                           ("xtd10", "wget ")]:
+        task = EvalTask("zeroshot_retrieval", dataset, str(root))
+        with pytest.raises(DownloadRefused, match=rf"zeroshot_retrieval on {dataset}: clip_benchmark would fetch "
+                                                  rf"what it did not find under root='{root}' \(`{fetch}"):
+            _dataset(task, None)
+        assert [p.name for p in root.iterdir() if p.is_file()] == ["1000268201.jpg"]
+    assert subprocess.call is not None and subprocess.call("true", shell=True) == 0
+    assert requests.get.__module__ == "requests.api"
