@@ -427,6 +427,25 @@ def path_problem(index: int, task: EvalTask) -> str:
     return f"eval.tasks[{index}].root={task.root!r} ({task.name} on {task.dataset}): {problem}" if problem else ""
 
 
+GIT_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def is_git_lfs_pointer(path) -> bool:
+    """Whether the file is a Git LFS pointer: a clone of a Hugging Face dataset made without git lfs (or with
+    `GIT_LFS_SKIP_SMUDGE=1`) holds these ~130-byte texts in place of its shards, which webdataset reads as truncated
+    tars: the evaluation job fails on them ("truncated header"), the training skips them with a warning each."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(len(GIT_LFS_POINTER)) == GIT_LFS_POINTER
+    except OSError:  # a folder, a file it may not read: the reader names those
+        return False
+
+
+def lfs_pull_hint(pointers: List[str], where: str) -> str:
+    return (f"{len(pointers)} shard(s) are Git LFS pointers, not shards, e.g. {pointers[0]}: fetch them with "
+            f"`git lfs pull` in {where}")
+
+
 IMAGENET_META = "meta.bin|ILSVRC2012_devkit_t12.tar.gz"  # torchvision's ImageNet: its class index, or the devkit
 # clip_benchmark's own layouts (not wds) of the paper's benchmarks: dataset -> (its kind, {split: what the root holds});
 # `name/` a folder, `a|b` either. Where one lacks, clip_benchmark's builder fetches it from the evaluation job (COCO's
@@ -491,9 +510,13 @@ def wds_layout_problem(task: EvalTask, root: Path) -> str:
         count = (root / split / "nshards.txt").read_text().strip()
         if not count.isdigit() or int(count) < 1:
             return f"{split}/nshards.txt holds {count!r}, not a number of shards"
-        absent = [f"{split}/{n}.tar" for n in range(int(count)) if not (root / split / f"{n}.tar").is_file()]
+        shards = [f"{split}/{n}.tar" for n in range(int(count))]
+        absent = [shard for shard in shards if not (root / shard).is_file()]
         if absent:
             return f"{split}/nshards.txt names {count} shards, {len(absent)} missing, e.g. {absent[0]}"
+        pointers = [shard for shard in shards if is_git_lfs_pointer(root / shard)]
+        if pointers:
+            return lfs_pull_hint(pointers, "the dataset's clone")
     return ""
 
 

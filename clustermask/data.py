@@ -15,7 +15,7 @@ import random
 import sys
 import warnings
 
-from .config import DataConfig, validate_data as validate
+from .config import DataConfig, is_git_lfs_pointer, lfs_pull_hint, validate_data as validate
 
 
 def shard_urls(spec: str) -> list:
@@ -32,9 +32,13 @@ def shard_urls(spec: str) -> list:
         urls = list(braceexpand.braceexpand(spec))
     if not urls:
         raise FileNotFoundError(f"data.train_shards={spec!r} matches no shard")
-    missing = [u for u in urls if "://" not in u and not os.path.exists(u)]
+    local = [u for u in urls if "://" not in u]
+    missing = [u for u in local if not os.path.exists(u)]
     if missing:
         raise FileNotFoundError(f"data.train_shards={spec!r}: {len(missing)} shard(s) missing, e.g. {missing[0]}")
+    pointers = [u for u in local if is_git_lfs_pointer(u)]
+    if pointers:
+        raise FileNotFoundError(f"data.train_shards={spec!r}: {lfs_pull_hint(pointers, 'their clone')}")
     return urls
 
 

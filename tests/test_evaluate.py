@@ -10,7 +10,7 @@ from clip_benchmark.metrics import linear_probe
 from clustermask.evaluate import EvalConfig, EvalContext, EvalTask, linear_probe_eval, run_task, validate
 from clustermask.model import ModelConfig, create
 
-from conftest import NEEDS_CUDA, SMALL
+from conftest import NEEDS_CUDA, SMALL, git_lfs_pointer
 
 
 def test_each_cuda_linear_probe_starts_from_an_empty_feature_cache(tmp_path, synthetic_root, monkeypatch):
@@ -107,6 +107,13 @@ def broken_copy(source: Path, destination: Path, remove: str) -> str:
     return str(destination)
 
 
+def lfs_clone(source: Path, destination: Path, pointer: str) -> str:
+    """A copy of `source` as a clone without git lfs holds it: `pointer` a Git LFS pointer."""
+    shutil.copytree(source, destination)
+    git_lfs_pointer(destination / pointer)
+    return str(destination)
+
+
 def test_preflight_names_what_a_wds_root_lacks_for_its_task(tmp_path, synthetic_root):
     """Each of these passed the old check (the root exists) and failed the evaluation job, after training."""
     shapes, scenes = synthetic_root / "eval" / "shapes", synthetic_root / "eval" / "scenes"
@@ -122,6 +129,9 @@ def test_preflight_names_what_a_wds_root_lacks_for_its_task(tmp_path, synthetic_
          "dataset_type.txt says 'classification'; zeroshot_retrieval needs a retrieval dataset"),
         (EvalTask("zeroshot_classification", "wds/scenes", str(scenes)),
          "dataset_type.txt says 'retrieval'; zeroshot_classification needs a classification dataset"),
+        (EvalTask("linear_probe", "wds/shapes", lfs_clone(shapes, tmp_path / "d", "train/1.tar")),
+         r"1 shard\(s\) are Git LFS pointers, not shards, e.g. train/1.tar: fetch them with `git lfs pull` in the "
+         "dataset's clone"),
     ]
     for task, message in cases:
         with pytest.raises(FileNotFoundError, match=rf"eval.tasks\[0\].root='{task.root}' \({task.name} on "):
@@ -135,7 +145,7 @@ def test_preflight_names_what_a_wds_root_lacks_for_its_task(tmp_path, synthetic_
     with pytest.raises(FileNotFoundError) as raised:
         validate(EvalConfig(tasks=tasks))
     lines = str(raised.value).splitlines()
-    assert [re.match(r"eval.tasks\[(\d+)\]", line)[1] for line in lines] == ["0", "1", "3", "4", "5", "6"]
+    assert [re.match(r"eval.tasks\[(\d+)\]", line)[1] for line in lines] == ["0", "1", "3", "4", "5", "6", "7"]
     for line, (_, message) in zip(lines, cases):
         assert re.search(message, line), line
     assert lines[-1].endswith("(wds/shapes) does not exist")

@@ -3,6 +3,7 @@ import hashlib
 import itertools
 import json
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from clustermask.data import DataConfig, check_workers, interval_batches, shard_
 from clustermask.model import ModelConfig, create
 from clustermask.synthetic import SUGARCREPE_TASKS, SyntheticConfig, ensure, generate
 
-from conftest import SMALL
+from conftest import SMALL, git_lfs_pointer
 
 # smaller than SMALL still, for the tests that generate their own sets
 TINY = {**SMALL, "train_samples": 40, "classification_train": 36, "classification_test": 18, "retrieval_test": 6,
@@ -297,6 +298,19 @@ def test_missing_shards_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data.train_shards=.*/empty' matches no shard"):
         (tmp_path / "empty").mkdir()
         shard_urls(str(tmp_path / "empty"))
+
+
+def test_shards_that_are_git_lfs_pointers_are_named(synthetic_root, tmp_path):
+    """A Hugging Face dataset cloned without git lfs holds pointers in place of its shards. The training read them
+    as truncated tars and skipped them with a warning each: it trained on the shards that were pulled, or, with
+    none, failed after a thousand warnings."""
+    shards = shutil.copytree(synthetic_root / "train", tmp_path / "train")
+    for name in ("00001.tar", "00003.tar"):
+        git_lfs_pointer(shards / name)
+    with pytest.raises(FileNotFoundError, match=r"data.train_shards=.*: 2 shard\(s\) are Git LFS pointers, not shards, "
+                                                r"e.g. .*/train/00001.tar: fetch them with `git lfs pull` in their clone"):
+        shard_urls(str(shards / "{00000..00003}.tar"))
+    assert len(shard_urls(str(shards / "0000[02].tar"))) == 2
 
 
 @pytest.mark.timeout(180)  # the stream is resampled: before the guard this spun for ever
