@@ -473,8 +473,9 @@ def layout_problem(task: EvalTask) -> str:
         annotations = f"{task.dataset.split('/', 1)[1]}.json"
         needed[annotations] = (root / annotations).is_file()
         missing = [name for name, present in needed.items() if not present]
-        return f"lacks {', '.join(missing)} (SugarCrepe's layout: COCO's val2017/ images and the edit's json)" \
-            if missing else ""
+        if missing:
+            return f"lacks {', '.join(missing)} (SugarCrepe's layout: COCO's val2017/ images and the edit's json)"
+        return images_problem(root, annotations, "val2017", sugar_crepe_images)
     if task.dataset.startswith("wds/"):
         return wds_layout_problem(task, root)
     if task.dataset in RAW_LAYOUTS:
@@ -527,17 +528,58 @@ def raw_layout_problem(task: EvalTask, root: Path) -> str:
         return problem
     needed = dict.fromkeys(entry for split in splits_read(task) for entry in layout.get(split, ()))
     missing = [entry for entry in needed if not any(layout_entry_there(root, name) for name in entry.split("|"))]
-    empty = [name for name in needed if "|" not in name and not name.endswith("/") and (root / name).is_file()
-             and (root / name).stat().st_size == 0]
     if missing:
         return f"lacks {', '.join(missing)} (clip_benchmark's layout for {task.dataset})"
-    if empty:  # what a failed `wget --output-document` leaves; clip_benchmark would read it as no images
-        return f"{', '.join(empty)} is empty (a download that failed?)"
-    return ""
+    if task.dataset not in NAMED_IMAGES:
+        return ""
+    return images_problem(root, *NAMED_IMAGES[task.dataset])
 
 
 def layout_entry_there(root: Path, name: str) -> bool:
     return (root / name).is_dir() if name.endswith("/") else (root / name).is_file()
+
+
+def sugar_crepe_images(annotations: Path) -> List[str]:
+    return [entry["filename"] for entry in json.loads(annotations.read_text()).values()]
+
+
+def karpathy_coco_images(annotations: Path) -> List[str]:
+    return [image["file_name"] for image in json.loads(annotations.read_text())["images"]]
+
+
+def karpathy_flickr_images(annotations: Path) -> List[str]:
+    """clip_benchmark's Flickr reader: a header line, then `<image>.jpg,<caption>` per caption."""
+    lines = annotations.read_text().splitlines()[1:]
+    return [line.split(".jpg,", 1)[0] + ".jpg" for line in lines if line.strip()]
+
+
+# dataset -> (its annotation file, the folder of the images it names ('': the root), how to read their names)
+NAMED_IMAGES = {"mscoco_captions": ("coco_test_karpathy.json", "val2014", karpathy_coco_images),
+                "flickr8k": ("flickr8k_test_karpathy.txt", "", karpathy_flickr_images),
+                "flickr30k": ("flickr30k_test_karpathy.txt", "", karpathy_flickr_images)}
+
+
+def images_problem(root: Path, annotations: str, folder: str, read_names) -> str:
+    """What `root/folder` ('': the root) lacks of the images that `root/annotations` names: a failed fetch's empty
+    file, COCO unzipped one folder too deep (`val2017/val2017/`), a copy cut short. The evaluation job would fail
+    on the first one it misses, after the training."""
+    if (root / annotations).stat().st_size == 0:  # what a failed `wget --output-document` leaves
+        return f"{annotations} is empty (a download that failed?)"
+    try:
+        names = list(dict.fromkeys(read_names(root / annotations)))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"{annotations} is not in the layout clip_benchmark reads ({exc!r})"
+    if not names:
+        return f"{annotations} names no image"
+    images = root / folder
+    there = set(os.listdir(images))  # one listing, not a lookup per image
+    missing = [name for name in names if name not in there and not (images / name).is_file()]
+    if not missing:
+        return ""
+    deeper = f" ({folder}/{folder}/ is there: unzipped one folder too deep?)" if folder and (images / folder).is_dir() \
+        else ""
+    return (f"{f'{folder}/' if folder else 'the root'} lacks {len(missing)} of the {len(names)} images {annotations} "
+            f"names, e.g. {missing[0]}{deeper}")
 
 
 def validate_contrastive_batch(cfg: TrainConfig, ranks: int) -> None:

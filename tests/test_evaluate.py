@@ -1,3 +1,4 @@
+import json
 import os
 import re
 import shutil
@@ -98,6 +99,51 @@ def test_an_incomplete_sugarcrepe_root_fails_the_eval_job_before_clip_benchmark_
     with pytest.raises(FileNotFoundError, match=r"tasks\[0\].root=.*sugar_crepe/swap_att.*lacks val2017/ "):
         evaluate_checkpoint("ViT-Tiny-8-64", str(checkpoint), cfg, tmp_path / "results")
     assert sorted(os.listdir(root)) == before
+
+
+def test_preflight_names_the_images_a_sugarcrepe_or_flickr_annotation_file_names_and_its_folder_lacks(
+        tmp_path, synthetic_root):
+    """COCO's val2017.zip unzipped into val2017/ (one folder too deep), a copy cut short, an annotation file left
+    empty by a failed fetch: each passed the check of the folders and files, and failed the evaluation job on its
+    first missing image (or JSON error), after the training."""
+    sugar_crepe = synthetic_root / "eval" / "sugar_crepe"
+    swap_att = [entry["filename"] for entry in json.loads((sugar_crepe / "swap_att.json").read_text()).values()]
+    nested = Path(shutil.copytree(sugar_crepe, tmp_path / "nested"))
+    (nested / "val2017").rename(tmp_path / "val2017")
+    (nested / "val2017").mkdir()
+    (tmp_path / "val2017").rename(nested / "val2017" / "val2017")
+    cut_short = Path(broken_copy(sugar_crepe, tmp_path / "cut", f"val2017/{swap_att[3]}"))
+    emptied = Path(shutil.copytree(sugar_crepe, tmp_path / "emptied"))
+    (emptied / "swap_att.json").write_text("")
+    flickr = flickr8k_layout_of(synthetic_root / "eval" / "scenes", tmp_path / "flickr8k")
+    first_image = sorted(flickr.glob("*.jpg"))[0]
+    first_image.unlink()
+    coco = tmp_path / "coco"
+    (coco / "val2014").mkdir(parents=True)
+    (coco / "val2014" / "COCO_val2014_000000000001.jpg").write_bytes(b"an image")
+    (coco / "coco_test_karpathy.json").write_text(json.dumps({"images": [
+        {"id": 1, "file_name": "COCO_val2014_000000000001.jpg"}, {"id": 2, "file_name": "COCO_val2014_000000000002.jpg"}],
+        "annotations": []}))
+    cases = [
+        (EvalTask("image_caption_selection", "sugar_crepe/swap_att", str(nested)),
+         rf"val2017/ lacks {len(swap_att)} of the {len(swap_att)} images swap_att.json names, e.g. {swap_att[0]} "
+         r"\(val2017/val2017/ is there: unzipped one folder too deep\?\)"),
+        (EvalTask("image_caption_selection", "sugar_crepe/swap_att", str(cut_short)),
+         rf"val2017/ lacks 1 of the {len(swap_att)} images swap_att.json names, e.g. {swap_att[3]}$"),
+        (EvalTask("image_caption_selection", "sugar_crepe/swap_att", str(emptied)),
+         r"swap_att.json is empty \(a download that failed\?\)"),
+        (EvalTask("zeroshot_retrieval", "flickr8k", str(flickr)),
+         rf"the root lacks 1 of the {SMALL['retrieval_test']} images flickr8k_test_karpathy.txt names, "
+         rf"e.g. {first_image.name}"),
+        (EvalTask("zeroshot_retrieval", "mscoco_captions", str(coco)),
+         r"val2014/ lacks 1 of the 2 images coco_test_karpathy.json names, e.g. COCO_val2014_000000000002.jpg"),
+    ]
+    for task, message in cases:
+        with pytest.raises(FileNotFoundError, match=rf"eval.tasks\[0\].root='{task.root}' \({task.name} on "
+                                                    rf"{task.dataset}\): {message}"):
+            validate(EvalConfig(tasks=[task]))
+    validate(EvalConfig(tasks=[EvalTask("image_caption_selection", f"sugar_crepe/{edit}", str(cut_short))
+                               for edit in ("add_att", "replace_rel")]))
 
 
 def broken_copy(source: Path, destination: Path, remove: str) -> str:
