@@ -93,8 +93,8 @@ def downloads_refused(task: EvalTask):
     (wget, kaggle, gdown through `subprocess.call`; `requests.get` for the multilingual annotations): from an
     evaluation job, after the training, into the dataset's folder. A failed `wget --output-document` leaves an
     empty annotation file there, which the next evaluation reads as a dataset of no images. Here, any such fetch
-    raises instead, naming what it would have run, before any file is written. The preflight names what the layouts it
-    knows lack (`config.layout_problem`); this catches the rest."""
+    raises instead, naming what it would have run, before any file is written. The preflight names what the layouts
+    it knows lack (`config.layout_problem`); this catches the rest."""
     import requests
 
     def refuse(what):

@@ -122,8 +122,8 @@ def test_preflight_names_the_images_a_sugarcrepe_or_flickr_annotation_file_names
     (coco / "val2014").mkdir(parents=True)
     (coco / "val2014" / "COCO_val2014_000000000001.jpg").write_bytes(b"an image")
     (coco / "coco_test_karpathy.json").write_text(json.dumps({"images": [
-        {"id": 1, "file_name": "COCO_val2014_000000000001.jpg"}, {"id": 2, "file_name": "COCO_val2014_000000000002.jpg"}],
-        "annotations": []}))
+        {"id": 1, "file_name": "COCO_val2014_000000000001.jpg"},
+        {"id": 2, "file_name": "COCO_val2014_000000000002.jpg"}], "annotations": []}))
     cases = [
         (EvalTask("image_caption_selection", "sugar_crepe/swap_att", str(nested)),
          rf"val2017/ lacks {len(swap_att)} of the {len(swap_att)} images swap_att.json names, e.g. {swap_att[0]} "

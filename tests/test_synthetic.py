@@ -307,8 +307,9 @@ def test_shards_that_are_git_lfs_pointers_are_named(synthetic_root, tmp_path):
     shards = shutil.copytree(synthetic_root / "train", tmp_path / "train")
     for name in ("00001.tar", "00003.tar"):
         git_lfs_pointer(shards / name)
-    with pytest.raises(FileNotFoundError, match=r"data.train_shards=.*: 2 shard\(s\) are Git LFS pointers, not shards, "
-                                                r"e.g. .*/train/00001.tar: fetch them with `git lfs pull` in their clone"):
+    with pytest.raises(FileNotFoundError, match=r"data.train_shards=.*: 2 shard\(s\) are Git LFS pointers, not "
+                                                r"shards, e.g. .*/train/00001.tar: fetch them with `git lfs pull` in "
+                                                "their clone"):
         shard_urls(str(shards / "{00000..00003}.tar"))
     assert len(shard_urls(str(shards / "0000[02].tar"))) == 2
 
