@@ -421,6 +421,9 @@ def check_tasks_apart(tasks: List[EvalTask]) -> None:
 
 
 def path_problem(index: int, task: EvalTask) -> str:
+    if "://" in task.root:  # clip_benchmark would stream a wds dataset from a Hugging Face URL
+        return (f"eval.tasks[{index}].root={task.root!r} ({task.dataset}) is a URL: the jobs download nothing; clone "
+                "the dataset (`git lfs install` first) and give its folder")
     if not os.path.exists(task.root):
         return f"eval.tasks[{index}].root={task.root!r} ({task.dataset}) does not exist"
     problem = layout_problem(task)

@@ -409,6 +409,11 @@ def test_preflight_names_what_clip_benchmarks_own_layout_of_a_benchmark_lacks(tm
                                                     rf"{task.dataset}\): {message}"):
             validate(EvalConfig(tasks=[task]))
     validate(EvalConfig(tasks=[EvalTask("zeroshot_classification", "imagenet1k", str(imagenet))]))
+    # clip_benchmark streams a wds dataset given as a Hugging Face URL
+    url = "https://huggingface.co/datasets/clip-benchmark/wds_cifar10/tree/main"
+    with pytest.raises(FileNotFoundError, match=r"root='https://.*' \(wds/cifar10\) is a URL: the jobs download "
+                                                "nothing; clone the dataset"):
+        validate(EvalConfig(tasks=[EvalTask("zeroshot_classification", "wds/cifar10", url)]))
 
 
 def test_a_fetch_clip_benchmark_would_start_from_the_evaluation_job_is_refused_before_it_writes(tmp_path):
