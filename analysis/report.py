@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import re
 from pathlib import Path
@@ -146,14 +147,24 @@ def points_frame(runs: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values(["label", "ratio", "seed"]).reset_index(drop=True)
 
 
+def short_names(datasets) -> Dict[str, str]:
+    """Dataset -> its name in a column: the last part (`wds/cifar10`: `cifar10`) where no other of `datasets` ends
+    the same (`wds/cifar10` beside `cifar10`, clip_benchmark's two layouts of it: `wds_cifar10`, `cifar10`), so
+    that no column takes the place of another."""
+    last = {dataset: dataset.split("/")[-1] for dataset in datasets}
+    taken = collections.Counter(last.values())
+    return {dataset: name if taken[name] == 1 else dataset.replace("/", "_") for dataset, name in last.items()}
+
+
 def headline_columns(frame: pd.DataFrame) -> Dict[str, str]:
     """Metric key (`<task>/<dataset>/<metric>`) -> column name, for the headline metrics the sweep has."""
     columns = {}
     for task, metric, name in HEADLINE:
         keys = sorted(c for c in frame.columns if c.startswith(f"{task}/") and c.endswith(f"/{metric}"))
+        datasets = {key: key[len(task) + 1:-len(metric) - 1] for key in keys}
+        names = short_names(datasets.values())
         for key in keys:
-            dataset = key[len(task) + 1:-len(metric) - 1].split("/")[-1]
-            columns[key] = name if len(keys) == 1 else f"{name}_{dataset}"
+            columns[key] = name if len(keys) == 1 else f"{name}_{names[datasets[key]]}"
     return columns
 
 
@@ -188,9 +199,10 @@ def retrieval_table(frame: pd.DataFrame) -> Optional[pd.DataFrame]:
     if not found:
         return None
     table = frame[["label", "ratio", "seed"]].copy()
+    names = short_names({dataset for dataset, _, _ in found})
     for dataset, text_to_image, k in found:
         kind = "image" if text_to_image else "text"
-        column = f"{dataset.split('/')[-1]}_{'t2i' if text_to_image else 'i2t'}_r{k}"
+        column = f"{names[dataset]}_{'t2i' if text_to_image else 'i2t'}_r{k}"
         table[column] = frame[f"zeroshot_retrieval/{dataset}/{kind}_retrieval_recall_at_{k}"]
     return table
 

@@ -54,6 +54,27 @@ def test_headline_has_a_column_per_dataset_named_after_it_when_there_are_several
         ("sc_mean", 0.7), ("logit_scale/own/scale/value", 14.2), ("train_min", 95.5)]
 
 
+def test_a_dataset_evaluated_in_two_layouts_gets_two_columns_not_one_in_place_of_the_other():
+    """`wds/flickr8k` beside `flickr8k` (clip_benchmark's wds and own layouts of one benchmark), `wds/vtab/cifar10`
+    beside `wds/cifar10`: named by their last part, the second's column took the place of the first's."""
+    from analysis.report import retrieval_table
+
+    metrics = {"zeroshot_classification/wds/cifar10/acc1": 0.6, "zeroshot_classification/wds/vtab/cifar10/acc1": 0.5,
+               "zeroshot_classification/wds/imagenet1k/acc1": 0.3,
+               "zeroshot_retrieval/wds/flickr8k/text_retrieval_recall_at_1": 0.2,
+               "zeroshot_retrieval/flickr8k/text_retrieval_recall_at_1": 0.25,
+               "zeroshot_retrieval/wds/flickr8k/image_retrieval_recall_at_1": 0.1,
+               "zeroshot_retrieval/flickr8k/image_retrieval_recall_at_1": 0.15}
+    frame = pd.DataFrame([{"label": "random", "ratio": 0.5, "seed": 0, **metrics}])
+    row = headline_table(frame).iloc[0].to_dict()
+    assert {k: v for k, v in row.items() if k.startswith(("zs_", "i2t", "t2i"))} == {
+        "zs_acc1_wds_cifar10": 0.6, "zs_acc1_wds_vtab_cifar10": 0.5, "zs_acc1_imagenet1k": 0.3,
+        "i2t_r1_flickr8k": 0.25, "i2t_r1_wds_flickr8k": 0.2, "t2i_r1_flickr8k": 0.15, "t2i_r1_wds_flickr8k": 0.1}
+    assert retrieval_table(frame).iloc[0].to_dict() == {
+        "label": "random", "ratio": 0.5, "seed": 0, "flickr8k_i2t_r1": 0.25, "flickr8k_t2i_r1": 0.15,
+        "wds_flickr8k_i2t_r1": 0.2, "wds_flickr8k_t2i_r1": 0.1}
+
+
 def test_points_whose_training_waited_for_the_loader_are_named():
     """Their train_min (and the accuracy-against-minutes plot) measures the loader as much as the masking."""
     frame = pd.DataFrame([{"label": "random", "ratio": 0.5, "seed": 0, "train/data_wait_share": 0.05},
