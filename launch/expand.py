@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 from hydra import initialize_config_dir
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -35,6 +36,7 @@ FILE, PKG = "file://", "pkg://"
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 CONFIG_NAME = "config"
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"
+BASIC_LAUNCHER = f"{BasicLauncher.__module__}.{BasicLauncher.__name__}"
 register_configs()
 OmegaConf.register_new_resolver("cm_safe", graph.safe_name, replace=True)  # sweep names become safe paths
 
@@ -130,6 +132,7 @@ def compose_sweep(overrides: List[str], multirun: bool = True) -> Sweep:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3", job_name="clustermask"):
         composer = _Composer()
         sweep_cfg = composer.sweep_config(overrides, multirun)
+        check_hydra_launcher(sweep_cfg)
         sweep_dir = Path(str(sweep_cfg.hydra.sweep.dir if multirun else sweep_cfg.hydra.run.dir)).resolve()
         parsed = composer.parser.parse_overrides(overrides)
         hydra_overrides = [o.input_line for o in parsed if o.is_hydra_override()]
@@ -142,6 +145,18 @@ def compose_sweep(overrides: List[str], multirun: bool = True) -> Sweep:
             except (HydraException, OmegaConfBaseException, ValueError) as exc:
                 points.append(ComposedPoint(own, None, " ".join(str(exc).split())))
     return Sweep(sweep_dir, points, config_folders(sweep_cfg.hydra.searchpath))
+
+
+def check_hydra_launcher(sweep_cfg: DictConfig) -> None:
+    """Hydra's launcher runs no point here: `hydra/launcher=submitit_slurm` (Hydra's submitit plugin, which a Hydra
+    user reaches for) was ignored, and the sweep trained on the machine it was launched from."""
+    launcher = sweep_cfg.hydra.launcher.get("_target_")
+    if launcher != BASIC_LAUNCHER:
+        raise HydraException(f"hydra/launcher ({launcher}): clustermask submits a sweep itself, as one graph (a "
+                             "training array, an evaluation array that waits on it, a report job), and would not use "
+                             "it; use launcher=slurm, whose launcher.train.*, launcher.eval.* and launcher.report.* "
+                             "take the submitit settings (partition, gpus_per_node, timeout_min, ...), or "
+                             "launcher=local")
 
 
 def config_folders(searchpath: List[str]) -> List[str]:

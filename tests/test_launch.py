@@ -163,6 +163,14 @@ def test_a_point_that_does_not_compose_carries_its_error(tmp_path):
         compose_sweep(["hydra.sweeper._target_=my.OptunaSweeper", "masking.ratio=0.3,0.5"])
     with pytest.raises(HydraException, match="INTERVAL"):
         compose_sweep(["train.lr=interval(0.1,0.2)"])
+    # Hydra's submitit plugin was ignored: the sweep trained where it was launched
+    for launcher in ("submitit_slurm", "submitit_local"):
+        for multirun in (True, False):
+            with pytest.raises(HydraException, match=rf"hydra/launcher \(hydra_plugins.hydra_submitit_launcher.*"
+                                                     r"Launcher\): clustermask submits a sweep itself.*; use "
+                                                     "launcher=slurm, whose launcher.train.*"):
+                compose_sweep([f"hydra/launcher={launcher}", f"masking.ratio={'0.3,0.5' if multirun else 0.3}"],
+                              multirun=multirun)
 
 
 # eval/benchmarks.yaml's roots, played by the synthetic sets of the same kind
