@@ -132,6 +132,9 @@ def compose_sweep(overrides: List[str], multirun: bool = True) -> Sweep:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3", job_name="clustermask"):
         composer = _Composer()
         sweep_cfg = composer.sweep_config(overrides, multirun)
+        if not multirun and sweep_cfg.hydra.mode == RunMode.MULTIRUN:  # as Hydra: a config's mode holds without -m
+            multirun = True
+            sweep_cfg = composer.sweep_config(overrides, multirun)
         check_hydra_launcher(sweep_cfg)
         sweep_dir = Path(str(sweep_cfg.hydra.sweep.dir if multirun else sweep_cfg.hydra.run.dir)).resolve()
         parsed = composer.parser.parse_overrides(overrides)

@@ -119,8 +119,12 @@ def test_sweeper_params_of_the_experiment_expand_and_the_command_line_wins(tmp_p
     narrowed = compose_sweep([f"paths.root={tmp_path}", "experiment=ratio_ablation", "masking.ratio=0.1,0.2"])
     assert sorted({p.config["masking"]["ratio"] for p in narrowed.points}) == [0.1, 0.2]
     assert len(narrowed.points) == 4 * 2
-    single = compose_sweep([f"paths.root={tmp_path}", "experiment=ratio_ablation"], multirun=False)
-    assert len(single.points) == 1  # without -m Hydra ignores the sweeper params
+    # the experiments say hydra.mode=MULTIRUN, which Hydra holds without -m: forgetting it submitted one point, of the
+    # defaults (random, 0.5), named point-da39a3ee
+    without_m = compose_sweep([f"paths.root={tmp_path}", "experiment=ratio_ablation"], multirun=False)
+    assert [p.overrides for p in without_m.points] == [p.overrides for p in sweep.points]
+    single = compose_sweep([f"paths.root={tmp_path}", "experiment=ratio_ablation", "hydra.mode=RUN"], multirun=False)
+    assert len(single.points) == 1  # in run mode Hydra ignores the sweeper params
 
 
 def test_a_researchers_own_experiment_folder_joins_through_hydra_searchpath(tmp_path):
