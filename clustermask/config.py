@@ -477,13 +477,25 @@ def layout_problem(task: EvalTask) -> str:
         needed[annotations] = (root / annotations).is_file()
         missing = [name for name, present in needed.items() if not present]
         if missing:
-            return f"lacks {', '.join(missing)} (SugarCrepe's layout: COCO's val2017/ images and the edit's json)"
+            return (f"lacks {', '.join(missing)} (SugarCrepe's layout: COCO's val2017/ images and the edit's json)"
+                    f"{folder_too_high(root, 'sugar_crepe')}")
         return images_problem(root, annotations, "val2017", sugar_crepe_images)
     if task.dataset.startswith("wds/"):
         return wds_layout_problem(task, root)
     if task.dataset in RAW_LAYOUTS:
         return raw_layout_problem(task, root)
     return ""  # another clip_benchmark dataset: evaluate.downloads_refused stops any fetch in the job
+
+
+def wds_folder(task: EvalTask) -> str:
+    """The folder a wds dataset is cloned into: `clip-benchmark/wds_<name>` on Hugging Face (`wds/vtab/cifar10`:
+    `wds_vtab-cifar10`)."""
+    return "wds_" + task.dataset.split("/", 1)[1].replace("/", "-")
+
+
+def folder_too_high(root: Path, folder: str) -> str:
+    """A hint where the root given is the folder above the dataset's (`data.eval_root` itself, say)."""
+    return f"; {folder}/ is in it: give {root / folder}?" if (root / folder).is_dir() else ""
 
 
 def splits_read(task: EvalTask) -> Tuple[str, ...]:
@@ -509,7 +521,7 @@ def wds_layout_problem(task: EvalTask, root: Path) -> str:
         needed += ["classnames.txt", "zeroshot_classification_templates.txt"]
     missing = [name for name in needed if not (root / name).is_file()]
     if missing:
-        return f"lacks {', '.join(missing)} (clip_benchmark's wds layout)"
+        return f"lacks {', '.join(missing)} (clip_benchmark's wds layout){folder_too_high(root, wds_folder(task))}"
     for split in splits:
         count = (root / split / "nshards.txt").read_text().strip()
         if not count.isdigit() or int(count) < 1:

@@ -194,6 +194,14 @@ def test_preflight_names_what_a_wds_root_lacks_for_its_task(tmp_path, synthetic_
     assert [re.match(r"eval.tasks\[(\d+)\]", line)[1] for line in lines] == ["0", "1", "3", "4", "5", "6", "7"]
     for line, (_, message) in zip(lines, cases):
         assert re.search(message, line), line
+    # the folder above the dataset's: data.eval_root itself, say
+    eval_root = tmp_path / "clip_benchmark"
+    shutil.copytree(shapes, eval_root / "wds_shapes")
+    shutil.copytree(synthetic_root / "eval" / "sugar_crepe", eval_root / "sugar_crepe")
+    for task, folder in ((EvalTask("linear_probe", "wds/shapes", str(eval_root)), "wds_shapes"),
+                         (EvalTask("image_caption_selection", "sugar_crepe/add_obj", str(eval_root)), "sugar_crepe")):
+        with pytest.raises(FileNotFoundError, match=rf"\); {folder}/ is in it: give {eval_root / folder}\?$"):
+            validate(EvalConfig(tasks=[task]))
     assert lines[-1].endswith("(wds/shapes) does not exist")
     for task in (EvalTask("zeroshot_classification", "wds/shapes", str(shapes)),
                  EvalTask("linear_probe", "wds/shapes", str(shapes)),
