@@ -57,7 +57,7 @@ class MaskingConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: str = "${paths.data}/train/{00000..00007}.tar"  # brace pattern, directory or glob
+    train_shards: str = "${paths.data}/train/{00000..00007}.tar"  # brace pattern, directory or glob; a::b both
     eval_root: str = "${paths.data}/eval"
     workers: int = 2
     shuffle_buffer: int = 1000

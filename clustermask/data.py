@@ -19,19 +19,14 @@ from .config import DataConfig, is_git_lfs_pointer, lfs_pull_hint, validate_data
 
 
 def shard_urls(spec: str) -> list:
-    """Expand a brace pattern (``a/{000..007}.tar``), a glob or a directory into a sorted list of shards."""
-    if os.path.isdir(spec):
-        urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
-    elif any(ch in spec for ch in "*?["):
-        urls = sorted(glob.glob(spec))
-    elif not any(ch in spec for ch in "{:") and not os.path.exists(spec):  # one path (not a brace pattern or URL)
-        raise FileNotFoundError(f"data.train_shards={spec!r}: no such folder or shard")
-    else:
-        import braceexpand
-
-        urls = list(braceexpand.braceexpand(spec))
-    if not urls:
-        raise FileNotFoundError(f"data.train_shards={spec!r} matches no shard")
+    """Expand a brace pattern (``a/{000..007}.tar``), a glob or a directory into a sorted list of shards; several
+    such sources joined by ``::`` (open_clip's ``--train-data a::b``) into one list, whose shards are drawn alike (a
+    source in proportion to its shards)."""
+    sources = spec.split("::")
+    urls = []
+    for source in sources:
+        where = f"data.train_shards={spec!r}" + (f" (its {source!r})" if len(sources) > 1 else "")
+        urls += source_urls(source, where)
     local = [u for u in urls if "://" not in u]
     missing = [u for u in local if not os.path.exists(u)]
     if missing:
@@ -39,6 +34,23 @@ def shard_urls(spec: str) -> list:
     pointers = [u for u in local if is_git_lfs_pointer(u)]
     if pointers:
         raise FileNotFoundError(f"data.train_shards={spec!r}: {lfs_pull_hint(pointers, 'their clone')}")
+    return urls
+
+
+def source_urls(source: str, where: str) -> list:
+    """The shards of one source (`where`: how errors name it)."""
+    if os.path.isdir(source):
+        urls = sorted(glob.glob(os.path.join(source, "*.tar")))
+    elif any(ch in source for ch in "*?["):
+        urls = sorted(glob.glob(source))
+    elif not any(ch in source for ch in "{:") and not os.path.exists(source):  # one path (not a brace pattern or URL)
+        raise FileNotFoundError(f"{where}: no such folder or shard")
+    else:
+        import braceexpand
+
+        urls = list(braceexpand.braceexpand(source))
+    if not urls:
+        raise FileNotFoundError(f"{where} matches no shard")
     return urls
 
 

@@ -176,7 +176,10 @@ def _path_settings(cfg) -> Iterator[tuple]:
 
 
 def pinned_path(value, base: Path):
-    """`value` made absolute against `base` if it is a relative path (not a URL, `pipe:` or `???`)."""
+    """`value` made absolute against `base` if it is a relative path (not a URL, `pipe:` or `???`); each of the
+    sources of `data.train_shards=a::b`."""
+    if isinstance(value, str) and "::" in value:
+        return "::".join(pinned_path(source, base) for source in value.split("::"))
     if not isinstance(value, str) or not value or value == "???" or ":" in value or os.path.isabs(value):
         return value
     return os.path.normpath(os.path.join(base, value))

@@ -300,6 +300,27 @@ def test_missing_shards_are_named(tmp_path):
         shard_urls(str(tmp_path / "empty"))
 
 
+def test_sources_joined_by_double_colons_are_read_together_as_open_clip_reads_them(synthetic_root, tmp_path):
+    """open_clip's `--train-data cc3m/{...}.tar::cc12m/{...}.tar`: brace-expanded whole, it named shards such as
+    `00000.tar::.../00002.tar`, "4 shard(s) missing"; a relative one was not made absolute for the jobs."""
+    from launch.graph import pinned_path
+
+    first, second = tmp_path / "cc3m", tmp_path / "cc12m"
+    for folder, names in ((first, ("00000.tar", "00001.tar")), (second, ("00002.tar", "00003.tar"))):
+        folder.mkdir()
+        for name in names:
+            shutil.copy(synthetic_root / "train" / name, folder / name)
+    spec = f"{first}/{{00000..00001}}.tar::{second}"
+    assert shard_urls(spec) == [str(first / "00000.tar"), str(first / "00001.tar"), str(second / "00002.tar"),
+                                str(second / "00003.tar")]
+    images, _ = next(stream(spec, workers=2))
+    assert images.shape == (16, 3, 64, 64)
+    with pytest.raises(FileNotFoundError, match=r"data.train_shards='.*' \(its '.*/nowhere'\): no such folder"):
+        shard_urls(f"{first}::{tmp_path / 'nowhere'}")
+    assert pinned_path("cc3m::cc12m/*.tar", tmp_path) == f"{first}::{second}/*.tar"
+    assert pinned_path("pipe:cat x.tar::/abs/{0..1}.tar", tmp_path) == "pipe:cat x.tar::/abs/{0..1}.tar"
+
+
 def test_shards_that_are_git_lfs_pointers_are_named(synthetic_root, tmp_path):
     """A Hugging Face dataset cloned without git lfs holds pointers in place of its shards. The training read them
     as truncated tars and skipped them with a warning each: it trained on the shards that were pulled, or, with
