@@ -23,7 +23,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
+from hydra.core.override_parser.types import Override, ValueType
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -112,7 +112,20 @@ class _Composer:
             raise HydraException(f"hydra.sweeper._target_={sweeper!r}: only Hydra's basic sweeper (a grid of "
                                  "points) is supported, as every point is submitted at once")
         params = [f"{k}={v}" for k, v in (sweep_cfg.hydra.sweeper.get("params") or {}).items()]
-        return BasicSweeper.split_arguments(self.parser.parse_overrides(params + task_overrides), None)[0]
+        overrides = [self.tidy_float_range(o) for o in self.parser.parse_overrides(params + task_overrides)]
+        return BasicSweeper.split_arguments(overrides, None)[0]
+
+    def tidy_float_range(self, override: Override) -> Override:
+        """A float `range()` sweep with its values as their shortest decimals. Hydra adds the step up, so that
+        `masking.ratio=range(0.1,0.6,0.1)` swept 0.30000000000000004: in the point's name, its run directory and
+        MLflow params, and a report that merged it with another sweep's 0.3 made two rows of one ratio."""
+        if override.value_type != ValueType.RANGE_SWEEP:
+            return override
+        values = list(override.sweep_string_iterator())
+        tidy = [repr(float(f"{float(v):.12g}")) if any(c in v for c in ".e") else v for v in values]
+        if tidy == values:
+            return override
+        return self.parser.parse_override(f"{override.get_key_element()}={','.join(tidy)}")
 
 
 def resolved(cfg: DictConfig) -> dict:

@@ -127,6 +127,16 @@ def test_sweeper_params_of_the_experiment_expand_and_the_command_line_wins(tmp_p
     assert len(single.points) == 1  # in run mode Hydra ignores the sweeper params
 
 
+def test_a_float_range_sweeps_the_decimals_it_names(tmp_path):
+    """Hydra adds a float range's step up: `range(0.1,0.6,0.1)` swept 0.30000000000000004, in the point's name, run
+    directory and params; merged with another sweep's 0.3, the report made two rows of one ratio."""
+    ranged = compose_sweep([f"paths.root={tmp_path}", "masking.ratio=range(0.1,0.6,0.1)", "train.seed=range(2)"])
+    listed = compose_sweep([f"paths.root={tmp_path}", "masking.ratio=0.1,0.2,0.3,0.4,0.5", "train.seed=0,1"])
+    assert [p.overrides for p in ranged.points] == [p.overrides for p in listed.points]
+    assert [p.config["masking"]["ratio"] for p in ranged.points] == [0.1, 0.1, 0.2, 0.2, 0.3, 0.3, 0.4, 0.4, 0.5, 0.5]
+    assert [p.config["train"]["seed"] for p in ranged.points][:2] == [0, 1]
+
+
 def test_a_researchers_own_experiment_folder_joins_through_hydra_searchpath(tmp_path):
     (tmp_path / "conf" / "experiment").mkdir(parents=True)
     (tmp_path / "conf" / "experiment" / "mine.yaml").write_text(
