@@ -149,6 +149,7 @@ def compose_sweep(overrides: List[str], multirun: bool = True) -> Sweep:
             multirun = True
             sweep_cfg = composer.sweep_config(overrides, multirun)
         check_hydra_launcher(sweep_cfg)
+        check_hydra_job_environment(sweep_cfg)
         sweep_dir = Path(str(sweep_cfg.hydra.sweep.dir if multirun else sweep_cfg.hydra.run.dir)).resolve()
         parsed = composer.parser.parse_overrides(overrides)
         hydra_overrides = [o.input_line for o in parsed if o.is_hydra_override()]
@@ -173,6 +174,17 @@ def check_hydra_launcher(sweep_cfg: DictConfig) -> None:
                              "it; use launcher=slurm, whose launcher.train.*, launcher.eval.* and launcher.report.* "
                              "take the submitit settings (partition, gpus_per_node, timeout_min, ...), or "
                              "launcher=local")
+
+
+def check_hydra_job_environment(sweep_cfg: DictConfig) -> None:
+    """Hydra sets `hydra.job.env_set` in the job it runs, which is not how a point runs here: it was ignored, and the
+    jobs ran without the variables (NCCL's, say)."""
+    names = list(sweep_cfg.hydra.job.get("env_set") or {})
+    if names:
+        raise HydraException(f"hydra.job.env_set ({', '.join(names)}) would not reach the jobs, which clustermask runs "
+                             "itself: set the variables in the shell you run clustermask-sweep from (the local tasks "
+                             "and sbatch take its environment), or for one SLURM stage in its setup lines, e.g. "
+                             f"'launcher.train.setup=[\"export {names[0]}=VALUE\"]'")
 
 
 def config_folders(searchpath: List[str]) -> List[str]:

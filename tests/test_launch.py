@@ -177,6 +177,10 @@ def test_a_point_that_does_not_compose_carries_its_error(tmp_path):
         compose_sweep(["hydra.sweeper._target_=my.OptunaSweeper", "masking.ratio=0.3,0.5"])
     with pytest.raises(HydraException, match="INTERVAL"):
         compose_sweep(["train.lr=interval(0.1,0.2)"])
+    # Hydra sets hydra.job.env_set in the job it runs, not in ours: the jobs ran without the variables
+    with pytest.raises(HydraException, match=r"hydra.job.env_set \(NCCL_DEBUG\) would not reach the jobs.*"
+                                             r"'launcher.train.setup=\[\"export NCCL_DEBUG=VALUE\"\]'$"):
+        compose_sweep(["+hydra.job.env_set.NCCL_DEBUG=INFO", "masking.ratio=0.3,0.5"])
     # Hydra's submitit plugin was ignored: the sweep trained where it was launched
     for launcher in ("submitit_slurm", "submitit_local"):
         for multirun in (True, False):
