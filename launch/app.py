@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import re
 import shutil
 import sys
@@ -325,9 +326,26 @@ def create_sweep(sweep_dir: Path, points: List[ComposedPoint], tracker: Tracking
     return manifest
 
 
+def take_tracking_uri_from_environment(points: List[ComposedPoint]) -> str:
+    """MLflow's own convention, which a lab with a tracking server sets once in a shell profile: where no tracking
+    URI is given, MLFLOW_TRACKING_URI names the store. Written into the points' `tracking.uri`, so that the jobs and
+    a resubmission use it as if given. '' where tracking.uri is given or the variable is not set."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    composed = [point.config for point in points if point.config is not None]
+    if not uri or not composed or composed[0]["tracking"]["uri"]:  # tracking.* is one per sweep
+        return ""
+    for config in composed:
+        config["tracking"]["uri"] = uri
+    return uri
+
+
 def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Registries,
                  tracker: TrackingInChild, config_folders: Sequence[str] = ()) -> None:
     """Preflight every point, then write the sweep and hand its graph to the executor."""
+    from_environment = take_tracking_uri_from_environment(points)
+    if from_environment:
+        print(f"note: tracking.uri is not given, so MLflow's MLFLOW_TRACKING_URI names the store: {from_environment} "
+              "(unset it for the sweep's own sqlite store, or give tracking.uri)", flush=True)
     errors = check_points(points, registries)
     if errors:
         print("error: preflight failed, nothing was submitted:\n" + "\n".join(errors), file=sys.stderr)
@@ -354,8 +372,9 @@ def submit_sweep(sweep_dir: Path, points: List[ComposedPoint], registries: Regis
 
     uri = points[0].config["tracking"]["uri"] or ""
     missing = server_missing(uri)
-    refused = [f"tracking.uri={uri!r}: no MLflow server answers there ({missing}); start it, or leave tracking.uri "
-               "empty for the sweep's own sqlite store"] if missing else []
+    instead = "unset MLFLOW_TRACKING_URI" if from_environment else "leave tracking.uri empty"
+    refused = [f"tracking.uri={uri!r}: no MLflow server answers there ({missing}); start it, or {instead} for the "
+               "sweep's own sqlite store"] if missing else []
     if launcher.executor == "slurm":
         refused += SlurmExecutor(launcher, sweep_dir, "preflight").refusals(Plan(train=list(range(len(points)))))
     if refused:

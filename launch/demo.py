@@ -102,8 +102,12 @@ def print_summary(sweep_dir: Path, seconds: float) -> None:
           "recall@k both ways")
     print(f"  plots           : {', '.join(sorted(p.name for p in report.glob('*.png') if not p.name.startswith('masks_')))}")
     print(f"  mask pictures   : {report}/masks_*.png")
-    print(f"  MLflow UI       : {script('mlflow')} ui --backend-store-uri sqlite:///{sweep_dir}/mlflow.db  (then open "
-          "http://127.0.0.1:5000)")
+    manifest = read_manifest_file(sweep_dir)
+    uri = manifest["tracking_uri"]
+    if uri.startswith("sqlite:///"):
+        print(f"  MLflow UI       : {script('mlflow')} ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
+    else:  # tracking.uri or MLFLOW_TRACKING_URI: a tracking server
+        print(f"  MLflow          : {uri}, experiment {manifest['experiment']}")
     print(f"  status          : {script('clustermask-status')} {sweep_dir}")
 
 

@@ -27,7 +27,7 @@ from launch.expand import ComposedPoint, compose_sweep
 from launch.executors import Plan, SlurmExecutor, executor_parameters, picks_its_gpu, visible_gpus
 from launch.status import plan_resubmission
 
-from conftest import REPO, free_port, interrupt_when
+from conftest import REPO, free_port, interrupt_when, one_eval_task
 
 CONFIGS = REPO / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
@@ -184,7 +184,7 @@ def test_a_point_that_does_not_compose_carries_its_error(tmp_path):
     # Hydra's submitit plugin was ignored: the sweep trained where it was launched
     for launcher in ("submitit_slurm", "submitit_local"):
         for multirun in (True, False):
-            with pytest.raises(HydraException, match=rf"hydra/launcher \(hydra_plugins.hydra_submitit_launcher.*"
+            with pytest.raises(HydraException, match=r"hydra/launcher \(hydra_plugins.hydra_submitit_launcher.*"
                                                      r"Launcher\): clustermask submits a sweep itself.*; use "
                                                      "launcher=slurm, whose launcher.train.*"):
                 compose_sweep([f"hydra/launcher={launcher}", f"masking.ratio={'0.3,0.5' if multirun else 0.3}"],
@@ -630,6 +630,49 @@ def test_a_tracking_server_that_is_not_there_or_fails_stops_the_sweep_with_a_lin
     assert result.stderr.strip().startswith(f"error: MLflow at {uri} did not record the sweep's runs, nothing was "
                                             "submitted: MlflowException: "), result.stderr[-3000:]
     assert not list(tmp_path.iterdir())  # not even the empty sweep folder, where a rerun would find its leftovers
+
+
+def test_mlflows_tracking_uri_variable_names_the_store_where_tracking_uri_is_not_given(tmp_path, synthetic_root):
+    """MLflow's convention, which a lab sets once in a shell profile: MLFLOW_TRACKING_URI names the store when no URI
+    is given. The sweep went to its own sqlite file instead, and its runs were not where the researcher looked."""
+    from mlflow.tracking import MlflowClient
+
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    port = free_port()
+    refused = subprocess.run([sys.executable, "-m", "launch.app", "-m", f"paths.root={tmp_path}",
+                              f"paths.data={synthetic_root}"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                             env={**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "note: tracking.uri is not given, so MLflow's MLFLOW_TRACKING_URI names the store: " in refused.stdout
+    assert f"tracking.uri='http://127.0.0.1:{port}': no MLflow server answers there (" in refused.stderr
+    assert "start it, or unset MLFLOW_TRACKING_URI for the sweep's own sqlite store" in refused.stderr
+    assert not list(tmp_path.iterdir())
+    lab = f"sqlite:///{tmp_path / 'lab' / 'mlflow.db'}"
+    (tmp_path / "lab").mkdir()
+    made = subprocess.run([sys.executable, "-m", "launch.app", "-m", f"paths.root={tmp_path}",
+                           f"paths.data={synthetic_root}", "sweep_name=lab", "train.steps=2", "train.batch_size=8",
+                           one_eval_task(synthetic_root)], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**env, "MLFLOW_TRACKING_URI": lab})
+    assert made.returncode == 0, made.stderr[-3000:]
+    manifest = graph.Manifest.load(tmp_path / "sweeps" / "lab")
+    assert manifest.tracking_uri == lab and not (tmp_path / "sweeps" / "lab" / "mlflow.db").exists()
+    run = MlflowClient(lab).get_run(manifest.points[0].mlflow_run_id)
+    assert run.data.params["tracking.uri"] == lab and run.info.status == "FINISHED"
+    assert "zeroshot_classification/wds/shapes/acc1" in run.data.metrics
+
+
+def test_the_demo_names_the_tracking_server_its_sweep_went_to(tmp_path, capsys):
+    """`clustermask-demo tracking.uri=http://...` (or MLFLOW_TRACKING_URI): its summary gave an `mlflow ui` command
+    for a sqlite file that was never written."""
+    from launch import demo
+
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "results.md").write_text("| label |\n")
+    manifest = {"tracking_uri": "http://mlflow.lab:5000", "experiment": "demo"}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    demo.print_summary(tmp_path, 1.0)
+    out = capsys.readouterr().out
+    assert "  MLflow          : http://mlflow.lab:5000, experiment demo\n" in out and "mlflow.db" not in out
 
 
 class HealthyThenSlow(http.server.BaseHTTPRequestHandler):
