@@ -16,6 +16,10 @@ if not torch.cuda.is_available():
 
 from clustermask.synthetic import SyntheticConfig, generate  # noqa: E402
 
+# a sweep without tracking.uri takes MLflow's MLFLOW_TRACKING_URI (a lab's server, set in a shell profile): the tests'
+# sweeps, and the jobs they start, keep to their own stores whatever the shell running pytest has set
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
 REPO = Path(__file__).resolve().parent.parent
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])  # a `device` parameter: CUDA tests run with -m gpu
