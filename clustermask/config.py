@@ -431,6 +431,7 @@ def path_problem(index: int, task: EvalTask) -> str:
 
 
 GIT_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+LFS_POINTER_MOST = 1024  # bytes: a pointer is about 130
 
 
 def is_git_lfs_pointer(path) -> bool:
@@ -438,6 +439,8 @@ def is_git_lfs_pointer(path) -> bool:
     `GIT_LFS_SKIP_SMUDGE=1`) holds these ~130-byte texts in place of its shards, which webdataset reads as truncated
     tars: the evaluation job fails on them ("truncated header"), the training skips them with a warning each."""
     try:
+        if os.path.getsize(path) > LFS_POINTER_MOST:  # a shard: not opened (a thousand of them on a shared disk)
+            return False
         with open(path, "rb") as file:
             return file.read(len(GIT_LFS_POINTER)) == GIT_LFS_POINTER
     except OSError:  # a folder, a file it may not read: the reader names those
@@ -574,20 +577,33 @@ NAMED_IMAGES = {"mscoco_captions": ("coco_test_karpathy.json", "val2014", karpat
                 "flickr30k": ("flickr30k_test_karpathy.txt", "", karpathy_flickr_images)}
 
 
+# Read once per version of the file or folder (its mtime): every point of a sweep is checked, with the same
+# evaluation; COCO's val2014/ holds 40,504 images, listed in a second or so on a shared disk.
+@functools.lru_cache(maxsize=64)
+def image_names(path: str, mtime_ns: int, size: int, read_names) -> Tuple[str, ...]:
+    return tuple(dict.fromkeys(read_names(Path(path))))
+
+
+@functools.lru_cache(maxsize=64)
+def folder_listing(path: str, mtime_ns: int) -> frozenset:
+    return frozenset(os.listdir(path))
+
+
 def images_problem(root: Path, annotations: str, folder: str, read_names) -> str:
     """What `root/folder` ('': the root) lacks of the images that `root/annotations` names: a failed fetch's empty
     file, COCO unzipped one folder too deep (`val2017/val2017/`), a copy cut short. The evaluation job would fail
     on the first one it misses, after the training."""
-    if (root / annotations).stat().st_size == 0:  # what a failed `wget --output-document` leaves
+    stat = (root / annotations).stat()
+    if stat.st_size == 0:  # what a failed `wget --output-document` leaves
         return f"{annotations} is empty (a download that failed?)"
     try:
-        names = list(dict.fromkeys(read_names(root / annotations)))
+        names = image_names(str(root / annotations), stat.st_mtime_ns, stat.st_size, read_names)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"{annotations} is not in the layout clip_benchmark reads ({exc!r})"
     if not names:
         return f"{annotations} names no image"
     images = root / folder
-    there = set(os.listdir(images))  # one listing, not a lookup per image
+    there = folder_listing(str(images), images.stat().st_mtime_ns)
     missing = [name for name in names if name not in there and not (images / name).is_file()]
     if not missing:
         return ""
