@@ -24,8 +24,8 @@ PRECISIONS = ("fp32", "amp_bf16", "bf16")
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # the share of its time a training may wait for its loader before `clustermask-status` and the report say so
 LOADER_BOUND = 0.2
-# the kind of wds dataset (its dataset_type.txt) each built-in evaluator reads
-WDS_KIND = {"zeroshot_classification": "classification", "linear_probe": "classification",
+# the kind of dataset each built-in evaluator reads (a wds one's dataset_type.txt says which it is)
+EVALUATOR_KIND = {"zeroshot_classification": "classification", "linear_probe": "classification",
             "zeroshot_retrieval": "retrieval"}
 
 
@@ -475,10 +475,8 @@ def layout_problem(task: EvalTask) -> str:
     download in the dataset directory, and reads a dataset only once that job starts, after the training."""
     root = Path(task.root)
     if task.dataset.startswith("sugar_crepe/"):
-        needed = {"val2017/": (root / "val2017").is_dir()}
         annotations = f"{task.dataset.split('/', 1)[1]}.json"
-        needed[annotations] = (root / annotations).is_file()
-        missing = [name for name, present in needed.items() if not present]
+        missing = entries_lacking(root, ["val2017/", annotations])
         if missing:
             return (f"lacks {', '.join(missing)} (SugarCrepe's layout: COCO's val2017/ images and the edit's json)"
                     f"{folder_too_high(root, 'sugar_crepe')}")
@@ -507,8 +505,8 @@ def splits_read(task: EvalTask) -> Tuple[str, ...]:
 
 def kind_problem(task: EvalTask, kind: str, says: str) -> str:
     """Where `task`'s built-in evaluator needs another kind of dataset (`says`: what tells the dataset's kind)."""
-    if task.name in WDS_KIND and (kind == "retrieval") != (WDS_KIND[task.name] == "retrieval"):
-        return f"{says} {kind!r}; {task.name} needs a {WDS_KIND[task.name]} dataset"
+    if task.name in EVALUATOR_KIND and (kind == "retrieval") != (EVALUATOR_KIND[task.name] == "retrieval"):
+        return f"{says} {kind!r}; {task.name} needs a {EVALUATOR_KIND[task.name]} dataset"
     return ""
 
 
@@ -522,7 +520,7 @@ def wds_layout_problem(task: EvalTask, root: Path) -> str:
     needed = [f"{split}/nshards.txt" for split in splits]
     if task.name == "zeroshot_classification":
         needed += ["classnames.txt", "zeroshot_classification_templates.txt"]
-    missing = [name for name in needed if not (root / name).is_file()]
+    missing = entries_lacking(root, needed)
     if missing:
         return f"lacks {', '.join(missing)} (clip_benchmark's wds layout){folder_too_high(root, wds_folder(task))}"
     for split in splits:
@@ -545,7 +543,7 @@ def raw_layout_problem(task: EvalTask, root: Path) -> str:
     if problem:
         return problem
     needed = dict.fromkeys(entry for split in splits_read(task) for entry in layout.get(split, ()))
-    missing = [entry for entry in needed if not any(layout_entry_there(root, name) for name in entry.split("|"))]
+    missing = entries_lacking(root, needed)
     if missing:
         return f"lacks {', '.join(missing)} (clip_benchmark's layout for {task.dataset})"
     if task.dataset not in NAMED_IMAGES:
@@ -553,8 +551,12 @@ def raw_layout_problem(task: EvalTask, root: Path) -> str:
     return images_problem(root, *NAMED_IMAGES[task.dataset])
 
 
-def layout_entry_there(root: Path, name: str) -> bool:
-    return (root / name).is_dir() if name.endswith("/") else (root / name).is_file()
+def entries_lacking(root: Path, entries: Iterable[str]) -> List[str]:
+    """Those of `entries` (`name/`: a folder, else a file; `a|b`: either) that `root` lacks."""
+    def there(name: str) -> bool:
+        return (root / name).is_dir() if name.endswith("/") else (root / name).is_file()
+
+    return [entry for entry in entries if not any(there(name) for name in entry.split("|"))]
 
 
 def sugar_crepe_images(annotations: Path) -> List[str]:

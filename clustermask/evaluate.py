@@ -99,8 +99,8 @@ def downloads_refused(task: EvalTask):
 
     def refuse(what):
         raise DownloadRefused(f"{task.name} on {task.dataset}: clip_benchmark would fetch what it did not find under "
-                              f"root={task.root!r} ({what}); the jobs download nothing: put the dataset there first, in "
-                              "clip_benchmark's layout for it or its wds layout (configs/eval/benchmarks.yaml)")
+                              f"root={task.root!r} ({what}); the jobs download nothing: put the dataset there first, "
+                              "in clip_benchmark's layout for it or its wds layout (configs/eval/benchmarks.yaml)")
 
     def refused_call(command, *args, **kwargs):
         refuse(f"`{command}`" if isinstance(command, str) else f"`{' '.join(map(str, command))}`")

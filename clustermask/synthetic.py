@@ -254,7 +254,8 @@ def write_sugarcrepe(cfg: SyntheticConfig, out: Path) -> None:
 
 def validate(cfg: SyntheticConfig, flag=lambda field: field) -> None:
     """Raise ValueError naming a negative seed, or a count that would leave a set or a shard empty (a linear probe
-    on no images, a retrieval of nothing: the evaluation would fail long after). `flag(field)`: how the message names a field."""
+    on no images, a retrieval of nothing: the evaluation would fail long after). `flag(field)`: how the message
+    names a field."""
     if cfg.seed < 0:  # numpy's generators take none: a ValueError that named no option, once generation began
         raise ValueError(f"{flag('seed')}={cfg.seed} must be at least 0")
     counts = {name: value for name, value in asdict(cfg).items() if name not in ("root", "seed")}

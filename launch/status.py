@@ -528,9 +528,9 @@ def _plan_and_submit(manifest: graph.Manifest, overrides: List[str], dry_run: bo
     check_checkpoints_there(manifest, [row for row in rows if row["index"] in trained])
     training_fixes = [o for o in overrides if changes_training(o)]
     if training_fixes and not plan.train:
-        raise ValueError(f"{' '.join(training_fixes)} would change no point: the {len(trained)} point(s) resubmitted are "
-                         "evaluated only, as their training is done, and a trained point's config keeps how it was "
-                         "trained; nothing changed")
+        raise ValueError(f"{' '.join(training_fixes)} would change no point: the {len(trained)} point(s) resubmitted "
+                         "are evaluated only, as their training is done, and a trained point's config keeps how it "
+                         "was trained; nothing changed")
     if not dry_run:
         from clustermask.tracking import require_server
 
