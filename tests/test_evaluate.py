@@ -101,6 +101,15 @@ def test_an_incomplete_sugarcrepe_root_fails_the_eval_job_before_clip_benchmark_
     assert sorted(os.listdir(root)) == before
 
 
+def refused_naming_the_root(cases) -> None:
+    """Each (task, message) of `cases`: the preflight refuses the task, naming its root, evaluator and dataset, then
+    `message` (a pattern)."""
+    for task, message in cases:
+        with pytest.raises(FileNotFoundError, match=rf"eval.tasks\[0\].root='{task.root}' \({task.name} on "
+                                                    rf"{task.dataset}\): {message}"):
+            validate(EvalConfig(tasks=[task]))
+
+
 def test_preflight_names_the_images_a_sugarcrepe_or_flickr_annotation_file_names_and_its_folder_lacks(
         tmp_path, synthetic_root):
     """COCO's val2017.zip unzipped into val2017/ (one folder too deep), a copy cut short, an annotation file left
@@ -138,10 +147,7 @@ def test_preflight_names_the_images_a_sugarcrepe_or_flickr_annotation_file_names
         (EvalTask("zeroshot_retrieval", "mscoco_captions", str(coco)),
          r"val2014/ lacks 1 of the 2 images coco_test_karpathy.json names, e.g. COCO_val2014_000000000002.jpg"),
     ]
-    for task, message in cases:
-        with pytest.raises(FileNotFoundError, match=rf"eval.tasks\[0\].root='{task.root}' \({task.name} on "
-                                                    rf"{task.dataset}\): {message}"):
-            validate(EvalConfig(tasks=[task]))
+    refused_naming_the_root(cases)
     validate(EvalConfig(tasks=[EvalTask("image_caption_selection", f"sugar_crepe/{edit}", str(cut_short))
                                for edit in ("add_att", "replace_rel")]))
 
@@ -412,10 +418,7 @@ def test_preflight_names_what_clip_benchmarks_own_layout_of_a_benchmark_lacks(tm
          "flickr8k is 'retrieval'; zeroshot_classification needs a classification dataset"),
         (EvalTask("linear_probe", "cifar10", str(coco)), r"lacks cifar-10-batches-py/ "),
     ]
-    for task, message in cases:
-        with pytest.raises(FileNotFoundError, match=rf"eval.tasks\[0\].root='{task.root}' \({task.name} on "
-                                                    rf"{task.dataset}\): {message}"):
-            validate(EvalConfig(tasks=[task]))
+    refused_naming_the_root(cases)
     validate(EvalConfig(tasks=[EvalTask("zeroshot_classification", "imagenet1k", str(imagenet))]))
     # clip_benchmark streams a wds dataset given as a Hugging Face URL
     url = "https://huggingface.co/datasets/clip-benchmark/wds_cifar10/tree/main"
